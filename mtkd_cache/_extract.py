@@ -1,0 +1,276 @@
+"""Teacher target extraction: full logits and hidden states in, compressed targets out.
+
+Everything here is pure torch with no I/O. It runs on the teacher's device right after the forward
+pass, so only the compressed results (top-k indices and log-probabilities, sampled token counts,
+pooled or int8 features) ever cross to the host.
+
+Position convention for causal LMs: row ``j`` of a sample's targets holds the teacher's
+distribution over the token at position ``j + 1``, i.e. it is computed from the raw logits at
+position ``j``. No shift is applied on the teacher side; the student shifts its labels exactly as
+in ordinary next-token training, and the last row of a sequence predicts the token after it.
+Classifiers produce one row per sample (position 0).
+
+Cost: ``topk_targets`` keeps one float32 copy of the real-vocabulary logits, (B, T, V), which it
+normalises, ranks and masks in place; ``torch.topk`` is O(B T V). ``sample_targets`` holds the
+(B T, V) float32 probabilities and draws ``n`` tokens per row in O(B T (V + n log n)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "NonFiniteLogitsError",
+    "TopKTooLargeError",
+    "check_finite",
+    "dequantize_int8_rows",
+    "pool_features",
+    "quantize_int8_rows",
+    "sample_targets",
+    "topk_targets",
+]
+
+
+class TopKTooLargeError(ValueError):
+    """More top-k entries were requested than the vocabulary has."""
+
+
+class NonFiniteLogitsError(ValueError):
+    """The teacher produced NaN or infinite logits for some samples."""
+
+
+def _real_vocab_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """Validate (B, T, V_padded) logits and return the (B, T, V) view over the real vocabulary."""
+    if logits.ndim != 3:
+        raise ValueError(
+            f"logits must have shape (batch, positions, vocab), got {tuple(logits.shape)}; "
+            "classifier outputs (B, V) need a position axis: logits.unsqueeze(1)"
+        )
+    padded = logits.shape[-1]
+    if vocab_size is None:
+        return logits
+    if not 1 <= vocab_size <= padded:
+        raise ValueError(
+            f"vocab_size={vocab_size} must be between 1 and the logits width {padded}; "
+            "pass the tokenizer's vocabulary size, not a larger number"
+        )
+    return logits[..., :vocab_size]
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def topk_targets(
+    logits: torch.Tensor,
+    k: int,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k log-probabilities of the teacher distribution, plus the mass left outside them.
+
+    The distribution is ``log_softmax(logits[..., :vocab_size] / temperature)`` in float32, so
+    columns a padded LM head adds beyond the real vocabulary take no probability mass. The tail
+    is ``exp(logsumexp(log p over the non-kept tokens))``: it is computed from the entries it
+    describes rather than as ``1 - sum(p_topk)``, so it keeps its relative precision when tiny and
+    is never negative.
+
+    Args:
+        logits: (B, T, V_padded) raw teacher logits, any float dtype.
+        k: Number of entries to keep per row, 1 <= k <= V.
+        temperature: Softmax temperature, > 0.
+        vocab_size: Real vocabulary size V; ``None`` means the full logits width.
+
+    Returns:
+        ``(indices, logp, tail)``: indices (B, T, k) int64 sorted ascending along the last axis
+        (sorted indices delta-code well), logp (B, T, k) float32 permuted with them, and
+        tail (B, T) float32 in [0, 1], the probability of all tokens outside the top k.
+
+    Raises:
+        TopKTooLargeError: ``k`` exceeds the vocabulary size.
+        ValueError: Bad shape, ``vocab_size`` or ``temperature``.
+    """
+    real = _real_vocab_logits(logits, vocab_size)  # (B, T, V)
+    vocab = real.shape[-1]
+    if not 1 <= k <= vocab:
+        raise TopKTooLargeError(
+            f"k={k} top-k entries were requested but the vocabulary has {vocab} tokens; "
+            f"pass a top-k between 1 and {vocab}"
+        )
+    _check_temperature(temperature)
+    # One owned float32 buffer, normalised, ranked and then masked in place.
+    logp = real.to(torch.float32, copy=True)  # (B, T, V)
+    if temperature != 1.0:
+        logp.div_(temperature)
+    logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
+    top_logp, top_idx = torch.topk(logp, k, dim=-1, sorted=False)  # (B, T, k) each
+    indices, order = torch.sort(top_idx, dim=-1)  # (B, T, k)
+    top_logp = torch.gather(top_logp, -1, order)  # (B, T, k)
+    logp.scatter_(-1, top_idx, float("-inf"))
+    tail = torch.logsumexp(logp, dim=-1).exp_().clamp_(0.0, 1.0)  # (B, T)
+    return indices, top_logp, tail
+
+
+def sample_targets(
+    logits: torch.Tensor,
+    n_draws: int,
+    temperature: float,
+    generator: torch.Generator,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled sparse targets: ``n_draws`` i.i.d. tokens per row, stored as unique tokens + counts.
+
+    ``count / n_draws`` is an unbiased estimate of ``softmax(logits / temperature)`` (random
+    sampling KD). Draws use ``torch.multinomial`` with replacement, so the result is a pure
+    function of the logits and the generator state. Duplicates are merged without a Python loop:
+    sort each row, mark where the value changes, and scatter-add ones into the group slots.
+
+    Args:
+        logits: (B, T, V_padded) raw teacher logits, any float dtype.
+        n_draws: Draws per row, >= 1.
+        temperature: Softmax temperature, > 0.
+        generator: Source of randomness; must live on ``logits.device``.
+        vocab_size: Real vocabulary size V; ``None`` means the full logits width.
+
+    Returns:
+        ``(indices, counts)``, each (B, T, n_draws). Per row the first ``u`` slots hold the ``u``
+        distinct drawn tokens in ascending order (int64) and their counts (int32, > 0); the
+        remaining slots have count 0 and repeat the last drawn token, so every index row is
+        non-decreasing. Counts sum to ``n_draws`` per row.
+
+    Raises:
+        ValueError: Bad shape, ``n_draws``, ``vocab_size`` or ``temperature``; torch raises if a
+            row contains NaN/inf (run ``check_finite`` first).
+    """
+    real = _real_vocab_logits(logits, vocab_size)  # (B, T, V)
+    if n_draws < 1:
+        raise ValueError(f"n_draws must be >= 1, got {n_draws}")
+    _check_temperature(temperature)
+    batch, positions, vocab = real.shape
+    probs = torch.softmax(real.reshape(-1, vocab).to(torch.float32) / temperature, dim=-1)
+    draws = torch.multinomial(probs, n_draws, replacement=True, generator=generator)  # (N, n)
+    draws, _ = torch.sort(draws, dim=-1)  # (N, n)
+    is_new = torch.ones_like(draws, dtype=torch.bool)  # (N, n)
+    is_new[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    group = torch.cumsum(is_new, dim=-1) - 1  # (N, n) slot of each draw's token
+    counts = torch.zeros_like(draws, dtype=torch.int32)
+    counts.scatter_add_(-1, group, torch.ones_like(counts))  # (N, n)
+    # Every draw in a group has the same token, so duplicate writes agree.
+    indices = torch.zeros_like(draws).scatter_(-1, group, draws)  # (N, n)
+    last = torch.gather(indices, -1, group[:, -1:])  # (N, 1) largest drawn token
+    indices = torch.where(counts > 0, indices, last)
+    shape = (batch, positions, n_draws)
+    return indices.reshape(shape), counts.reshape(shape)
+
+
+def check_finite(
+    logits: torch.Tensor,
+    sample_ids: Sequence[int] | torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+) -> None:
+    """Raise if any sample's logits contain NaN or inf.
+
+    One boolean per sample is reduced on the device; only that (B,) vector reaches the host,
+    and only its ``any`` when all rows are fine.
+
+    Args:
+        logits: (B, T, V) or (B, V) teacher logits.
+        sample_ids: (B,) dataset ids of the samples in the batch, used in the message.
+        mask: Optional (B, T) attention mask; positions where it is 0 (padding) are ignored.
+
+    Raises:
+        NonFiniteLogitsError: Naming every sample id whose rows contain NaN/inf.
+        ValueError: ``sample_ids`` does not have one id per sample.
+    """
+    if len(sample_ids) != logits.shape[0]:
+        raise ValueError(
+            f"sample_ids has {len(sample_ids)} ids for a batch of {logits.shape[0]} samples"
+        )
+    finite = torch.isfinite(logits)  # (B, T, V) or (B, V)
+    if mask is not None:
+        if logits.ndim != 3 or mask.shape != logits.shape[:2]:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not match logits {tuple(logits.shape)}; "
+                "expected (B, T) for (B, T, V) logits"
+            )
+        finite = finite | ~mask.bool().unsqueeze(-1)
+    bad = ~finite.flatten(1).all(dim=1)  # (B,)
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero().flatten().tolist()
+    ids = [int(sample_ids[i]) for i in rows]
+    raise NonFiniteLogitsError(
+        f"the teacher produced NaN/inf logits for sample ids {ids}; this usually means fp16 "
+        "overflow (re-run with --dtype bf16 or --dtype fp32) or broken inputs for those samples"
+    )
+
+
+def pool_features(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    how: Literal["none", "mean"],
+) -> torch.Tensor:
+    """Reduce one layer's hidden states to the features that get stored.
+
+    Args:
+        hidden: (B, T, D) hidden states of one layer.
+        mask: (B, T) attention mask, 1 for real tokens and 0 for padding.
+        how: ``"none"`` keeps every position; ``"mean"`` averages over the real tokens.
+
+    Returns:
+        ``"none"``: ``hidden`` unchanged, (B, T, D). ``"mean"``: (B, D) float32 masked mean; a
+        sample with no real tokens gets zeros.
+
+    Raises:
+        ValueError: Unknown ``how`` or mismatched shapes.
+    """
+    if hidden.ndim != 3 or mask.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and mask {tuple(mask.shape)} must be (B, T, D) "
+            "and (B, T)"
+        )
+    if how == "none":
+        return hidden
+    if how == "mean":
+        weights = mask.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
+        total = (hidden.to(torch.float32) * weights).sum(dim=1)  # (B, D)
+        return total / weights.sum(dim=1).clamp_min(1.0)  # (B, D)
+    raise ValueError(f"feature pooling {how!r} is not supported; expected 'none' or 'mean'")
+
+
+def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantisation: ``x ~= q * scale[..., None]``.
+
+    ``scale = max|x| / 127`` per row, so the row's largest magnitude maps to +-127 and every
+    element is off by at most ``scale / 2`` after ``dequantize_int8_rows``. All-zero rows get
+    ``scale = 0`` and ``q = 0``. ``x`` must be finite.
+
+    Args:
+        x: (..., D) floating tensor.
+
+    Returns:
+        ``(q, scale)``: q (..., D) int8 in [-127, 127], scale (...) float32.
+    """
+    x32 = x.to(torch.float32)  # (..., D)
+    scale = x32.abs().amax(dim=-1) / 127.0  # (...)
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))  # (...)
+    q = torch.round(x32 * inverse.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)  # (..., D)
+    return q, scale
+
+
+def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Invert ``quantize_int8_rows``.
+
+    Args:
+        q: (..., D) int8.
+        scale: (...) float32 per-row scales.
+
+    Returns:
+        (..., D) float32.
+    """
+    return q.to(torch.float32) * scale.to(torch.float32).unsqueeze(-1)

@@ -1,0 +1,57 @@
+"""Content fingerprints: of samples, of the dataset, of a tokenizer.
+
+All come from content (never from paths, times or random values) and a failure to compute one
+raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DatasetHasher", "sample_hash", "tokenizer_fingerprint"]
+
+
+def sample_hash(arrays: Iterable[np.ndarray]) -> str:
+    """blake2b-128 over each array's dtype, shape and bytes: the per-sample content hash."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+class DatasetHasher:
+    """Streams sample hashes (plus the settings that shape the inputs) into one fingerprint."""
+
+    def __init__(self, settings: dict[str, Any]):
+        self._h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+
+    def update(self, sample_hashes: Iterable[str]) -> None:
+        for s in sample_hashes:
+            self._h.update(bytes.fromhex(s))
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Fingerprint of what a tokenizer maps text to: its vocabulary and special tokens.
+
+    Two tokenizers with the same fingerprint produce the same ids for the same tokens, whatever
+    folder or library version they were saved from.
+    """
+    vocab = tokenizer.get_vocab()
+    if not vocab:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has an empty vocabulary")
+    payload = {
+        "vocab": sorted(vocab.items(), key=lambda kv: kv[1]),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "class": type(tokenizer).__name__.replace("Fast", ""),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:32]

@@ -1,0 +1,179 @@
+"""Chunked writing of a cache's inputs (token ids or fixed-shape arrays) and sample table."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mtkd_cache._fingerprint import DatasetHasher, sample_hash
+from mtkd_cache._layout import make_grid
+from mtkd_cache._meta import InputsMeta, Manifest, TokenizerInfo
+from mtkd_cache._store import CacheStore, now_iso
+from mtkd_cache._version import FORMAT_VERSION, __version__
+from mtkd_cache.encoding import array_checksum
+from mtkd_cache.errors import InputDataError
+
+__all__ = ["InputsWriter", "Sample", "SAMPLE_SCHEMA"]
+
+SAMPLE_SCHEMA = pa.schema([
+    ("sample_id", pa.int64()),
+    ("source_row", pa.int64()),
+    ("num_positions", pa.int32()),
+    ("offset", pa.int64()),
+    ("content_hash", pa.string()),
+    ("label", pa.int64()),
+    ("domain", pa.string()),
+    ("doc_starts", pa.list_(pa.int32())),
+])
+
+
+class Sample(NamedTuple):
+    source_row: int
+    arrays: tuple[np.ndarray, ...]
+    label: Any
+    domain: str | None
+    doc_starts: list[int] | None
+
+
+class InputsWriter:
+    """Accumulates samples, writes a chunk of zarr rows + table rows each `chunk_samples` samples."""
+
+    def __init__(self, store: CacheStore, *, kind: str, chunk_samples: int, positions_per_sample: int,
+                 token_dtype: str = "int32", array_specs: dict[str, tuple[tuple[int, ...], Any]] | None = None):
+        self.store, self.kind = store, kind
+        self.grid0 = make_grid(chunk_samples, chunk_samples, positions_per_sample)
+        self.S, self.C = self.grid0.chunk_samples, self.grid0.chunk_positions
+        self.L = positions_per_sample
+        root = store.open_group("", mode="a")
+        grp = root.require_group("inputs")
+        from zarr.codecs import ZstdCodec
+
+        self.arrays: dict[str, Any] = {}
+        if kind == "tokens":
+            self.arrays["token_ids"] = grp.create_array(
+                "token_ids", shape=(0,), dtype=token_dtype, chunks=(self.grid0.inner_positions,),
+                shards=(self.C,), compressors=ZstdCodec(level=3), fill_value=0, overwrite=True)
+        else:
+            ag = grp.require_group("arrays")
+            for name, (shape, dtype) in (array_specs or {}).items():
+                self.arrays[name] = ag.create_array(
+                    name, shape=(0, *shape), dtype=np.dtype(dtype), chunks=(self.grid0.inner_samples, *shape),
+                    shards=(self.S, *shape), compressors=ZstdCodec(level=3), fill_value=0, overwrite=True)
+        self.buffer: list[Sample] = []
+        self.n_chunks = 0
+        self.n_samples = 0
+        self.n_positions = 0
+        self.hashes: list[str] = []
+        self.label_names: dict[str, int] = {}
+        self.domains: set[str] = set()
+        self.has_labels = False
+        self.checksums: list[dict[str, Any]] = []
+        self._tmp = tempfile.NamedTemporaryFile(suffix=".parquet", delete=False)
+        self._tmp.close()
+        self._table = pq.ParquetWriter(self._tmp.name, SAMPLE_SCHEMA, compression="zstd")
+
+    def add(self, sample: Sample) -> None:
+        self.buffer.append(sample)
+        if len(self.buffer) == self.S:
+            self._flush()
+
+    def _label(self, value: Any) -> int | None:
+        if value is None:
+            return None
+        self.has_labels = True
+        if isinstance(value, (bool, np.bool_)):
+            value = int(value)
+        if isinstance(value, (int, np.integer)):
+            return int(value)
+        key = str(value)
+        return self.label_names.setdefault(key, len(self.label_names))
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        c = self.n_chunks
+        self.n_chunks += 1
+        rows: dict[str, list[Any]] = {f.name: [] for f in SAMPLE_SCHEMA}
+        if self.kind == "tokens":
+            block = np.zeros(self.C, dtype=self.arrays["token_ids"].dtype)
+            cursor = 0
+            for s in self.buffer:
+                ids = s.arrays[0]
+                block[cursor : cursor + len(ids)] = ids
+                rows["offset"].append(c * self.C + cursor)
+                rows["num_positions"].append(len(ids))
+                rows["content_hash"].append(sample_hash([ids.astype(np.int64)]))
+                cursor += len(ids)
+            arr = self.arrays["token_ids"]
+            arr.resize(((c + 1) * self.C,))
+            arr[c * self.C : (c + 1) * self.C] = block
+            self.checksums.append({"chunk": c, "array": "token_ids", "checksum": array_checksum(block)})
+        else:
+            for j, (name, arr) in enumerate(sorted(self.arrays.items())):
+                block = np.zeros((self.S, *arr.shape[1:]), dtype=arr.dtype)
+                block[: len(self.buffer)] = np.stack([s.arrays[j] for s in self.buffer])
+                arr.resize(((c + 1) * self.S, *arr.shape[1:]))
+                arr[c * self.S : (c + 1) * self.S] = block
+                self.checksums.append({"chunk": c, "array": f"arrays/{name}", "checksum": array_checksum(block)})
+            for i, s in enumerate(self.buffer):
+                rows["offset"].append(c * self.S + i)
+                rows["num_positions"].append(1)
+                lab = [] if s.label is None else [np.asarray(s.label)]
+                rows["content_hash"].append(sample_hash(list(s.arrays) + lab))
+        for i, s in enumerate(self.buffer):
+            rows["sample_id"].append(self.n_samples + i)
+            rows["source_row"].append(s.source_row)
+            rows["label"].append(self._label(s.label))
+            if s.domain is not None:
+                self.domains.add(str(s.domain))
+            rows["domain"].append(None if s.domain is None else str(s.domain))
+            rows["doc_starts"].append(s.doc_starts)
+        self.hashes.extend(rows["content_hash"])
+        self.n_samples += len(self.buffer)
+        self.n_positions += int(sum(rows["num_positions"]))
+        self._table.write_table(pa.table(rows, schema=SAMPLE_SCHEMA))
+        self.buffer = []
+
+    def finish(self, hasher: DatasetHasher, *, max_length: int, tokenizer: TokenizerInfo | None,
+               settings: dict[str, Any], source: str, packed: bool) -> InputsMeta:
+        self._flush()
+        self._table.close()
+        if self.n_samples == 0:
+            os.unlink(self._tmp.name)
+            raise InputDataError(f"--data {source!r} gave no usable samples (every row was empty?)")
+        with open(self._tmp.name, "rb") as f:
+            self.store.write_bytes("inputs/samples.parquet", f.read())
+        os.unlink(self._tmp.name)
+        self.store.write_table("inputs/chunks.parquet", pa.Table.from_pylist(self.checksums))
+        hasher.update(self.hashes)
+        grid = make_grid(self.n_samples, self.S, self.L)
+        meta = InputsMeta(
+            kind=self.kind,  # type: ignore[arg-type]
+            dataset_fingerprint=hasher.hexdigest(),
+            num_samples=self.n_samples,
+            num_positions=self.n_positions,
+            max_length=max_length,
+            grid=grid,
+            tokenizer=tokenizer,
+            arrays={k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in self.arrays.items()},
+            label_names=[k for k, _ in sorted(self.label_names.items(), key=lambda kv: kv[1])] or None,
+            domains=sorted(self.domains) or None,
+            has_labels=self.has_labels,
+            packed=packed,
+            source={"data": source, "settings": settings},
+            mtkd_version=__version__,
+            created=now_iso(),
+        )
+        self.store.write_json("inputs/inputs.json", meta.to_dict())
+        manifest = Manifest(format_version=FORMAT_VERSION, mtkd_version=__version__,
+                            dataset_fingerprint=meta.dataset_fingerprint, teachers=(), updated=now_iso())
+        self.store.write_json("manifest.json", manifest.to_dict())
+        return meta
+
+

@@ -1,0 +1,142 @@
+"""Where a cache lives: a local folder or any fsspec URL, seen through one small interface.
+
+JSON files are written whole (temporary name + rename on local disks, a single PUT on object
+stores), so a reader sees either the old or the new file, never half of one. Zarr arrays go
+through `zarr.storage.LocalStore` for local paths and `FsspecStore` for everything else.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+import zarr.storage
+
+from mtkd_cache.errors import CacheFormatError, CacheNotFoundError, CacheWriteError
+
+__all__ = ["CacheStore", "now_iso"]
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class CacheStore:
+    """A cache root: `url` is a path or an fsspec URL (`file://`, `memory://`, `s3://`, ...)."""
+
+    def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None):
+        self.url = str(url)
+        self.storage_options = dict(storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self.root = root.rstrip("/") if root != "/" else root
+        self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def __repr__(self) -> str:
+        return f"CacheStore({self.url!r})"
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    # -- files -----------------------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self.path(key)))
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return bytes(self.fs.cat_file(self.path(key)))
+        except FileNotFoundError as e:
+            raise CacheNotFoundError(f"{self.url}: {key} does not exist") from e
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self.path(key)
+        try:
+            if self.is_local:
+                parent = os.path.dirname(path)
+                os.makedirs(parent, exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            else:
+                self.fs.pipe_file(path, data)
+        except PermissionError as e:
+            raise CacheWriteError(
+                f"cannot write {key!r} under {self.url}: permission denied; choose a writable "
+                f"destination or fix its permissions"
+            ) from e
+        except OSError as e:
+            raise CacheWriteError(f"cannot write {key!r} under {self.url}: {e}") from e
+
+    def read_json(self, key: str) -> dict[str, Any]:
+        raw = self.read_bytes(key)
+        try:
+            value = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CacheFormatError(
+                f"{self.url}: {key} is not valid JSON ({e}); the file is corrupt — restore it or "
+                f"re-create the cache"
+            ) from e
+        if not isinstance(value, dict):
+            raise CacheFormatError(f"{self.url}: {key} holds {type(value).__name__}, expected an object")
+        return value
+
+    def write_json(self, key: str, value: Mapping[str, Any]) -> None:
+        self.write_bytes(key, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+    def remove(self, key: str) -> None:
+        if self.exists(key):
+            self.fs.rm(self.path(key), recursive=True)
+
+    def listdir(self, key: str) -> list[str]:
+        if not self.exists(key):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(key), detail=False))
+
+    def size_of(self, key: str) -> int:
+        """Total stored bytes under `key` (recursive)."""
+        if not self.exists(key):
+            return 0
+        return int(sum(self.fs.du(self.path(key), total=False).values()))
+
+    def check_writable(self) -> None:
+        """Fail early, before any work, if the destination cannot be written."""
+        probe = f".write-probe-{uuid.uuid4().hex[:8]}"
+        self.write_bytes(probe, b"")
+        self.remove(probe)
+
+    # -- tables ----------------------------------------------------------------------------------
+    def write_table(self, key: str, table: pa.Table) -> None:
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        self.write_bytes(key, sink.getvalue())
+
+    def read_table(self, key: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
+
+    # -- zarr ------------------------------------------------------------------------------------
+    def zarr_store(self, read_only: bool = False) -> zarr.abc.store.Store:
+        if self.is_local:
+            Path(self.root).mkdir(parents=True, exist_ok=True) if not read_only else None
+            return zarr.storage.LocalStore(self.root, read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(
+            self.url, storage_options=self.storage_options or None, read_only=read_only
+        )
+
+    def open_group(self, key: str, mode: str = "r") -> zarr.Group:
+        store = self.zarr_store(read_only=(mode == "r"))
+        try:
+            return zarr.open_group(store, path=key, mode=mode)  # type: ignore[arg-type]
+        except FileNotFoundError as e:
+            raise CacheNotFoundError(f"{self.url}: zarr group {key!r} does not exist") from e

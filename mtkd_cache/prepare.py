@@ -1,0 +1,251 @@
+"""`prepare`: tokenize a dataset once and write the inputs every teacher run will see.
+
+The source is streamed in batches and written chunk by chunk, so memory is bounded by the chunk
+size, not the dataset. Documents longer than `max_length` are split into consecutive windows
+(nothing is dropped); with `pack=True` short documents are joined (separated by EOS) into
+full-length sequences and their start offsets are recorded. The manifest is written last: a
+cache without one was never finished and is cleared by the next `prepare`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mtkd_cache._fingerprint import DatasetHasher, sample_hash, tokenizer_fingerprint
+from mtkd_cache._inputs_writer import InputsWriter, Sample
+from mtkd_cache._meta import InputsMeta, TokenizerInfo
+from mtkd_cache._sources import iter_source
+from mtkd_cache._store import CacheStore
+from mtkd_cache.errors import CacheExistsError, InputDataError
+
+__all__ = ["prepare", "prepare_arrays", "load_tokenizer"]
+
+
+def load_tokenizer(path: str | os.PathLike[str], trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise InputDataError(
+            f"--tokenizer {str(path)!r} could not be loaded ({e}); pass a folder holding tokenizer "
+            f"files (tokenizer.json or vocab files), e.g. the teacher's model folder"
+        ) from e
+
+
+def _windows(ids: list[int], max_length: int) -> Iterator[tuple[list[int], list[int]]]:
+    for start in range(0, len(ids), max_length):
+        yield ids[start : start + max_length], [0]
+
+
+def _packed(docs: Iterator[tuple[int, list[int]]], max_length: int, eos: int) -> Iterator[tuple[int, list[int], list[int]]]:
+    """Join documents (each followed by EOS) and cut into `max_length` sequences."""
+    buf: list[int] = []
+    starts: list[int] = []
+    first_row = -1
+    for row, ids in docs:
+        if first_row < 0:
+            first_row = row
+        starts.append(len(buf))
+        buf.extend(ids + [eos])
+        while len(buf) >= max_length:
+            yield first_row, buf[:max_length], [s for s in starts if s < max_length]
+            buf = buf[max_length:]
+            starts = [s - max_length for s in starts if s >= max_length]
+            first_row = row
+    if buf:
+        yield first_row, buf, starts
+
+
+def _claim(store: CacheStore, settings: dict[str, Any], overwrite: bool) -> InputsMeta | None:
+    """Return existing inputs if they match `settings`; clear the cache if allowed; else refuse."""
+    if store.exists("manifest.json") and store.exists("inputs/inputs.json"):
+        existing = InputsMeta.from_dict(store.read_json("inputs/inputs.json"))
+        if existing.source.get("settings") == settings and not overwrite:
+            return existing
+        if not overwrite:
+            raise CacheExistsError(
+                f"{store.url} already holds inputs prepared with other settings "
+                f"({existing.source.get('settings')}); pass --overwrite to replace them (this "
+                f"deletes every cached teacher) or choose another cache path"
+            )
+    for key in store.listdir(""):
+        store.remove(key)
+    return None
+
+
+def prepare(
+    cache: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    *,
+    tokenizer: str | os.PathLike[str],
+    max_length: int,
+    text_column: str = "text",
+    label_column: str | None = None,
+    domain_column: str | None = None,
+    split: str = "train",
+    pack: bool = False,
+    chunk_samples: int | None = None,
+    max_samples: int | None = None,
+    overwrite: bool = False,
+    batch_size: int = 1000,
+    storage_options: Mapping[str, Any] | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> InputsMeta:
+    """Tokenize `data` once and write it as the cache's inputs.
+
+    Args:
+        cache: Cache path or fsspec URL.
+        data: Local text/json/jsonl/parquet/csv file(s) or folder, a saved HF dataset, or a dataset id.
+        tokenizer: Tokenizer folder (or id); its files are copied into the cache.
+        max_length: Positions per sample; longer documents are split into windows.
+        text_column / label_column / domain_column: Source columns to read.
+        pack: Join short documents into full `max_length` sequences (boundaries recorded).
+        chunk_samples: Samples per chunk (the unit of work and commit); default ~32k positions.
+        max_samples: Stop after this many samples.
+        overwrite: Replace inputs prepared with other settings (and every teacher).
+
+    Returns:
+        The inputs metadata written to `inputs/inputs.json`.
+
+    Raises:
+        CacheExistsError: the cache holds inputs made with other settings and `overwrite` is off.
+        InputDataError: the source or tokenizer cannot be used as asked.
+        CacheWriteError: the destination is not writable.
+    """
+    if max_length <= 1:
+        raise InputDataError(f"--max-length must be > 1, got {max_length}")
+    if label_column is not None and pack:
+        raise InputDataError("--pack joins documents, so per-document --label-column cannot be kept; drop one")
+    store = CacheStore(cache, storage_options)
+    store.check_writable()
+    tok = load_tokenizer(tokenizer, trust_remote_code)
+    fp = tokenizer_fingerprint(tok)
+    settings = {
+        "data": str(data), "split": split, "tokenizer": fp, "max_length": max_length,
+        "text_column": text_column, "label_column": label_column, "domain_column": domain_column,
+        "pack": pack, "max_samples": max_samples,
+    }
+    existing = _claim(store, settings, overwrite)
+    if existing is not None:
+        return existing
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    if pack and eos is None:
+        raise InputDataError(f"--pack needs an EOS or SEP token; tokenizer {str(tokenizer)!r} has neither")
+    info = TokenizerInfo(fingerprint=fp, vocab_size=len(tok), name_or_path=str(tokenizer),
+                         eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    _copy_tokenizer(store, tok)
+
+    columns = [text_column] + [c for c in (label_column, domain_column) if c]
+    chunk_samples = chunk_samples or max(1, 32768 // max_length)
+    writer = InputsWriter(store, kind="tokens", chunk_samples=chunk_samples, positions_per_sample=max_length,
+                          token_dtype="int32" if len(tok) > 1 << 16 else "uint16")
+
+    def docs() -> Iterator[tuple[int, list[int], Any, Any]]:
+        row = 0
+        for batch in iter_source(data, split=split, columns=columns, batch_size=batch_size):
+            texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
+            enc = tok(texts, add_special_tokens=not pack, truncation=False)["input_ids"]
+            labels = batch[label_column] if label_column else [None] * len(texts)
+            domains = batch[domain_column] if domain_column else [None] * len(texts)
+            for ids, lab, dom in zip(enc, labels, domains):
+                yield row, list(ids), lab, dom
+                row += 1
+
+    def samples() -> Iterator[Sample]:
+        if pack:
+            src = ((row, ids) for row, ids, _, _ in docs() if ids)
+            for row, ids, starts in _packed(src, max_length, eos):
+                yield Sample(row, (np.asarray(ids, dtype=np.int64),), None, None, starts)
+            return
+        for row, ids, lab, dom in docs():
+            if len(ids) < 2 and label_column is None:
+                continue  # a single token teaches a causal LM nothing
+            pieces = [(ids[:max_length], [0])] if label_column else list(_windows(ids, max_length))
+            for piece, starts in pieces:
+                yield Sample(row, (np.asarray(piece, dtype=np.int64),), lab, dom, starts if pack else None)
+
+    hasher = DatasetHasher({"kind": "tokens", "tokenizer": fp, "max_length": max_length, "pack": pack})
+    bar = tqdm(desc="prepare", unit=" samples", disable=not progress)
+    for i, s in enumerate(samples()):
+        if max_samples is not None and i >= max_samples:
+            break
+        writer.add(s)
+        bar.update(1)
+    bar.close()
+    return writer.finish(hasher, max_length=max_length, tokenizer=info, settings=settings, source=str(data),
+                         packed=pack)
+
+
+def prepare_arrays(
+    cache: str | os.PathLike[str],
+    arrays: Mapping[str, np.ndarray],
+    *,
+    labels: Sequence[int] | np.ndarray | None = None,
+    domains: Sequence[str] | None = None,
+    chunk_samples: int = 4096,
+    overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    name: str = "arrays",
+) -> InputsMeta:
+    """Write fixed-shape inputs (images, features) as the cache's inputs: one position per sample.
+
+    Args:
+        cache: Cache path or fsspec URL.
+        arrays: Input name (the teacher's forward keyword, e.g. "pixel_values") -> array (N, ...).
+        labels: Optional integer class per sample. domains: optional domain name per sample.
+        chunk_samples: Samples per chunk.
+        overwrite: Replace inputs with other content.
+
+    Raises:
+        InputDataError: arrays of different lengths, or labels/domains of the wrong length.
+    """
+    if not arrays:
+        raise InputDataError("prepare_arrays needs at least one array")
+    lengths = {k: len(v) for k, v in arrays.items()}
+    n = next(iter(lengths.values()))
+    for what, seq in (("labels", labels), ("domains", domains)):
+        if seq is not None and len(seq) != n:
+            lengths[what] = len(seq)
+    if len(set(lengths.values())) != 1:
+        raise InputDataError(f"prepare_arrays: every array, labels and domains need the same length; got {lengths}")
+    store = CacheStore(cache, storage_options)
+    store.check_writable()
+    names = sorted(arrays)
+    hasher_settings = {"kind": "arrays", "names": names, "shapes": {k: list(arrays[k].shape[1:]) for k in names},
+                       "dtypes": {k: str(arrays[k].dtype) for k in names}}
+    content = DatasetHasher(hasher_settings)
+    for i in range(n):  # content fingerprint decides whether existing inputs can be kept
+        content.update([sample_hash([arrays[k][i] for k in names] + ([np.asarray(labels[i])] if labels is not None else []))])
+    settings = {**hasher_settings, "content": content.hexdigest(), "domains": domains is not None}
+    existing = _claim(store, settings, overwrite)
+    if existing is not None:
+        return existing
+    writer = InputsWriter(store, kind="arrays", chunk_samples=chunk_samples, positions_per_sample=1,
+                          array_specs={k: (arrays[k].shape[1:], arrays[k].dtype) for k in names})
+    for i in tqdm(range(n), desc="prepare", unit=" samples", mininterval=1.0, disable=n < 10000):
+        writer.add(Sample(i, tuple(np.asarray(arrays[k][i]) for k in names),
+                          None if labels is None else int(labels[i]),
+                          None if domains is None else domains[i], None))
+    return writer.finish(DatasetHasher(settings), max_length=1, tokenizer=None, settings=settings, source=name,
+                         packed=False)
+
+
+def _copy_tokenizer(store: CacheStore, tok: Any) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        for f in sorted(Path(d).iterdir()):
+            if f.is_file():
+                store.write_bytes(f"inputs/tokenizer/{f.name}", f.read_bytes())
+        shutil.rmtree(d, ignore_errors=True)
+
+
