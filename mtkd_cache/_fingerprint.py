@@ -30,6 +30,7 @@ class DatasetHasher:
     """Streams sample hashes (plus the settings that shape the inputs) into one fingerprint."""
 
     def __init__(self, settings: dict[str, Any]):
+        self.settings = dict(settings)
         self._h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
 
     def update(self, sample_hashes: Iterable[str]) -> None:

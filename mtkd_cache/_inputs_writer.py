@@ -166,7 +166,7 @@ class InputsWriter:
             domains=sorted(self.domains) or None,
             has_labels=self.has_labels,
             packed=packed,
-            source={"data": source, "settings": settings},
+            source={"data": source, "settings": settings, "fingerprint_settings": hasher.settings},
             mtkd_version=__version__,
             created=now_iso(),
         )

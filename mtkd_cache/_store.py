@@ -104,6 +104,13 @@ class CacheStore:
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(key), detail=False))
 
+    def subdirs(self, key: str) -> list[str]:
+        """Names of the folders directly under `key` (zarr's own `zarr.json` files are not folders)."""
+        if not self.exists(key):
+            return []
+        entries = self.fs.ls(self.path(key), detail=True)
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
     def size_of(self, key: str) -> int:
         """Total stored bytes under `key` (recursive)."""
         if not self.exists(key):

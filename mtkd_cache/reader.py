@@ -162,7 +162,7 @@ class CacheReader:
 
     def incomplete_teachers(self) -> list[str]:
         """Teacher groups on storage that are not (yet) complete."""
-        return [n for n in self.store.listdir("teachers") if n not in self.manifest.teachers]
+        return [n for n in self.store.subdirs("teachers") if n not in self.manifest.teachers]
 
     def teacher(self, name: str) -> TeacherReader:
         if name in self._teachers:

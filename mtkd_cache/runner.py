@@ -165,6 +165,8 @@ def _run_chunk(reader: CacheReader, teacher: LoadedTeacher, meta: TeacherMeta, c
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + chunk)
     stats = {"positions": 0.0, "tail_sum": 0.0, "entropy_sum": 0.0, "top1_prob_sum": 0.0}
     spec = meta.target
+    if spec.kind != "topk":
+        del stats["tail_sum"]
     for idx in length_grouped_batches(lengths, cfg.max_tokens, cfg.batch_size):
         batch = _batch_inputs(data, idx, pad_id)
         with autocast_context(device, dtype):
@@ -192,7 +194,8 @@ def _run_chunk(reader: CacheReader, teacher: LoadedTeacher, meta: TeacherMeta, c
             r = lengths[i] if meta.grid == "token" else 1
             per_sample[i] = {"t": [a[b, :r] for a in host[:-2]], "feat": {l: v[b, :r] if v.ndim == 3 else v[b] for l, v in feats.items()}}
             stats["positions"] += r
-            stats["tail_sum"] += float(host[2][b, :r].sum()) if spec.kind == "topk" else 0.0
+            if spec.kind == "topk":
+                stats["tail_sum"] += float(host[2][b, :r].sum())
             stats["entropy_sum"] += float(host[-2][b, :r].sum())
             stats["top1_prob_sum"] += float(host[-1][b, :r].sum())
     cat = [np.concatenate([s["t"][j] for s in per_sample]) for j in range(len(per_sample[0]["t"]))]

@@ -1,0 +1,67 @@
+"""mtkd_cache: precompute teacher soft labels once into a chunked, compressed, versioned cache.
+
+Public API (the CLI `mtkd-cache` calls the same functions):
+    prepare / prepare_arrays -> write the inputs; run_teacher -> store one teacher's targets;
+    open_cache -> read; verify_cache / inspect_cache -> check and describe.
+The on-disk format is specified in docs/FORMAT.md. This package never imports mtkd_train.
+"""
+
+from mtkd_cache._meta import (
+    ChunkGrid,
+    FeatureSpec,
+    InputsMeta,
+    Manifest,
+    TargetSpec,
+    TeacherMeta,
+    TokenizerInfo,
+    ValueEncoding,
+)
+from mtkd_cache._version import FORMAT_VERSION, __version__
+from mtkd_cache.errors import (
+    CacheCorruptError,
+    CacheExistsError,
+    CacheFormatError,
+    CacheIncompleteError,
+    CacheMismatchError,
+    CacheNotFoundError,
+    CacheWriteError,
+    InputDataError,
+)
+from mtkd_cache.inspection import inspect_cache
+from mtkd_cache.prepare import prepare, prepare_arrays
+from mtkd_cache.reader import CacheReader, ChunkData, SampledBlock, TopkBlock, open_cache
+from mtkd_cache.runner import RunConfig, run_teacher
+from mtkd_cache.verify import VerifyReport, verify_cache
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CacheCorruptError",
+    "CacheExistsError",
+    "CacheFormatError",
+    "CacheIncompleteError",
+    "CacheMismatchError",
+    "CacheNotFoundError",
+    "CacheReader",
+    "CacheWriteError",
+    "ChunkData",
+    "ChunkGrid",
+    "FeatureSpec",
+    "InputDataError",
+    "InputsMeta",
+    "Manifest",
+    "RunConfig",
+    "SampledBlock",
+    "TargetSpec",
+    "TeacherMeta",
+    "TokenizerInfo",
+    "TopkBlock",
+    "ValueEncoding",
+    "VerifyReport",
+    "__version__",
+    "inspect_cache",
+    "open_cache",
+    "prepare",
+    "prepare_arrays",
+    "run_teacher",
+    "verify_cache",
+]

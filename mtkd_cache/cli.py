@@ -1,0 +1,152 @@
+"""`mtkd-cache`: the command line of mtkd_cache. Thin: parse, call the library, report.
+
+Library errors become `click.ClickException` (a message and exit code 1, no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mtkd_cache import errors
+from mtkd_cache._version import __version__
+
+_USER_ERRORS = (errors.CacheNotFoundError, errors.CacheFormatError, errors.CacheIncompleteError,
+                errors.CacheMismatchError, errors.CacheExistsError, errors.CacheCorruptError,
+                errors.CacheWriteError, errors.InputDataError, ValueError, FileNotFoundError, PermissionError)
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _USER_ERRORS as e:
+            raise click.ClickException(f"{type(e).__name__}: {e}") from e
+
+    return wrapper
+
+
+def _layers(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r}: give comma-separated layer indices such as '6,-1'") from e
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mtkd-cache")
+def main() -> None:
+    """Precompute teacher soft labels into a versioned Zarr v3 + Parquet cache (docs/FORMAT.md)."""
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--data", required=True, help="Local text/json/jsonl/parquet/csv file or folder, a saved HF dataset, or a dataset id.")
+@click.option("--tokenizer", required=True, help="Tokenizer folder (e.g. the teacher's model folder).")
+@click.option("--max-length", type=click.IntRange(min=2), required=True, help="Positions per sample; longer documents are split.")
+@click.option("--text-column", default="text", show_default=True, help="Column holding the text.")
+@click.option("--label-column", default=None, help="Optional column with a class label per document.")
+@click.option("--domain-column", default=None, help="Optional column with a domain/task name per document.")
+@click.option("--split", default="train", show_default=True, help="Split to read from a dataset with splits.")
+@click.option("--pack", is_flag=True, help="Join short documents into full-length sequences (boundaries recorded).")
+@click.option("--chunk-samples", type=click.IntRange(min=1), default=None, help="Samples per chunk (unit of work/commit). Default: ~32k positions per chunk.")
+@click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Stop after this many samples.")
+@click.option("--overwrite", is_flag=True, help="Replace inputs prepared with other settings (deletes every teacher).")
+@_friendly
+def prepare(cache: str, **kw: Any) -> None:
+    """Tokenize a dataset once and write the inputs every teacher run will see."""
+    from mtkd_cache.prepare import prepare as _prepare
+
+    meta = _prepare(cache, kw.pop("data"), **kw)
+    click.echo(f"prepared {meta.num_samples:,} samples, {meta.num_positions:,} positions in "
+               f"{meta.grid.num_chunks} chunks; dataset fingerprint {meta.dataset_fingerprint}")
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--teacher", required=True, help="Name of the teacher group in the cache, e.g. 'qwen7b'.")
+@click.option("--model", required=True, help="HF model folder or id, or a 'package.module:function' factory.")
+@click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for a factory.")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep the k most likely tokens + exact tail mass (default 64).")
+@click.option("--samples", type=click.IntRange(min=1), default=None, help="Instead of top-k: draws per position, stored as tokens + counts.")
+@click.option("--features", callback=_layers, default=None, help="Hidden-state layers to store, e.g. '6,-1'.")
+@click.option("--pool", type=click.Choice(["none", "mean"]), default="none", show_default=True, help="Keep features per position or mean-pool per sample.")
+@click.option("--feature-dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True, help="Stored feature type (int8 has a per-row scale).")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Capture temperature of the stored distribution.")
+@click.option("--values", "value_codec", type=click.Choice(["u8log", "fp16", "fp32"]), default="u8log", show_default=True, help="Encoding of top-k log-probabilities.")
+@click.option("--logp-step", type=float, default=1.0 / 16.0, show_default=True, help="Grid step (nats) of the u8log code.")
+@click.option("--compression", type=click.Choice(["zstd", "blosc"]), default="zstd", show_default=True, help="Compressor.")
+@click.option("--compression-level", type=int, default=3, show_default=True, help="Compression level.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Samples per forward pass.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Budget of padded tokens per batch.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True, help="Teacher compute dtype.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampled targets.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the checkpoint (off by default).")
+@click.option("--overwrite", is_flag=True, help="Replace a teacher group stored with other settings.")
+@_friendly
+def run(cache: str, model_kwargs: str | None, **kw: Any) -> None:
+    """Run one teacher over the cache's inputs and store its targets (resumable; torchrun-shardable)."""
+    from mtkd_cache.runner import RunConfig, run_teacher
+
+    if kw["top_k"] is None and kw["samples"] is None:
+        kw["top_k"] = 64
+    try:
+        fkw = json.loads(model_kwargs) if model_kwargs else None
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON: {e}", param_hint="--model-kwargs") from e
+    meta = run_teacher(cache, RunConfig(**kw), factory_kwargs=fkw)
+    s = meta.stats
+    click.echo(f"teacher {meta.name!r}: {s.get('positions', 0):,} positions, "
+               f"{s.get('bytes_per_position', 0):.1f} B/position, mean tail {s.get('mean_tail', float('nan')):.4f}")
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write entropy/tail histograms and the agreement matrix to this PNG.")
+@click.option("--max-chunks", type=click.IntRange(min=1), default=8, show_default=True, help="Chunks sampled for histograms and agreement.")
+@_friendly
+def inspect(cache: str, as_json: bool, plot: Path | None, max_chunks: int) -> None:
+    """Report samples, positions, teachers, bytes per position, tail mass, entropy and agreement."""
+    from mtkd_cache.inspection import format_report, inspect_cache, plot_report
+
+    r = inspect_cache(cache, max_chunks=max_chunks)
+    if plot is not None:
+        plot_report(r, plot)
+    r.pop("_hist")
+    click.echo(json.dumps(r, indent=2) if as_json else format_report(r))
+    if plot is not None and not as_json:
+        click.echo(f"plot written to {plot}")
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_friendly
+def verify(cache: str, as_json: bool) -> None:
+    """Check completeness, per-chunk checksums and fingerprints; exit 1 naming any bad chunk."""
+    from mtkd_cache.verify import verify_cache
+
+    report = verify_cache(cache)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for p in report.problems:
+            click.echo(f"PROBLEM: {p}", err=True)
+        click.echo(f"{'OK' if report.ok else 'FAILED'}: {report.chunks_checked} chunks checked, teachers "
+                   f"{report.teachers_checked}, {len(report.problems)} problem(s)")
+    if not report.ok:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
