@@ -1,0 +1,197 @@
+"""`TrainConfig`: every setting of a distillation run, validated at the edge.
+
+Built from a TOML/YAML file and/or CLI flags (flags win); components receive flat, typed
+arguments taken from it. Each error names the config key / CLI flag, the value and what was
+expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "TrainConfig", "load_config_file"]
+
+_AGGREGATORS = ("mean", "loglinear", "entropy", "confidence", "label_aware", "gate", "routing", "mtbkd")
+_LOSSES = ("forward_kl", "reverse_kl", "js", "tv", "skew_kl")
+
+
+class ConfigError(ValueError):
+    """A configuration key has a value that cannot be used."""
+
+
+def _flag(key: str) -> str:
+    return f"`{key}` (--{key.replace('_', '-')})"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A distillation run. Every field is also a CLI flag (`--field-name`) and a config-file key."""
+
+    cache: str = ""
+    """Training cache path or fsspec URL."""
+    teachers: tuple[str, ...] = ()
+    """Teacher names in the cache to distil from."""
+    student: str = ""
+    """Student: HF folder (config.json, with or without weights) or `package.module:function`."""
+    out: str = "runs/mtkd"
+    """Run folder: checkpoints, metrics.jsonl, the final student."""
+    student_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Keyword arguments for a student factory."""
+    aggregate: str = "entropy"
+    """Aggregation operator: mean, loglinear, entropy, confidence, label_aware, gate, routing, mtbkd."""
+    aggregate_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    """Operator options, e.g. {weights = [0.5, 0.5]}, {tau = 1.0}, {domain_to_teacher = {0 = 1}}."""
+    loss: str = "forward_kl"
+    """KD divergence: forward_kl, reverse_kl, js, tv, skew_kl."""
+    tail_mode: str = "bucket"
+    """How each teacher's tail mass enters the loss: bucket (one extra outcome) or spread."""
+    alpha: float = 0.5
+    """loss = alpha * KD + (1 - alpha) * CE on hard labels."""
+    temperature: float = 1.0
+    """KD temperature T (loss scaled by T^2)."""
+    features: Mapping[str, Any] = field(default_factory=dict)
+    """Feature distillation: {teacher = {layer = -1, student_layer = -1, beta = 1.0, kind = "mse"}}."""
+    gate_entropy: float = 0.01
+    """Weight of the gate's entropy regulariser (gate aggregator only)."""
+    batch_size: int = 8
+    """Samples per step per rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    lr: float = 3e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 10
+    """Linear warm-up steps before cosine decay."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio."""
+    clip_grad: float = 1.0
+    """Max gradient norm (0 disables clipping)."""
+    seed: int = 0
+    """Seed of model init, data order and dropout."""
+    shuffle_chunks: int = 4
+    """Chunks mixed in the shuffle window (bounded shuffle buffer)."""
+    num_workers: int = 0
+    """DataLoader workers."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
+    amp: str = "auto"
+    """auto (bf16 on CUDA, off on CPU), bf16, fp16, off."""
+    checkpoint_every: int = 50
+    """Save a checkpoint every N optimizer steps (and on SIGTERM)."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    eval_cache: str | None = None
+    """Held-out cache (same tokenizer) for perplexity/accuracy and ECE."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    eval_max_samples: int | None = None
+    """Cap on evaluated samples."""
+    mc_samples: int = 0
+    """MC-dropout passes at evaluation for predictive uncertainty (MT-BKD); 0 disables."""
+    tensorboard: bool = False
+    """Also log to TensorBoard (needs the tensorboard package)."""
+    verify_cache: bool = False
+    """Run a full checksum verification of the cache before training."""
+
+    def __post_init__(self) -> None:
+        if not self.cache:
+            raise ConfigError(f"{_flag('cache')} is required: the cache to train from")
+        if not self.teachers:
+            raise ConfigError(f"{_flag('teachers')} is required: e.g. --teachers a,b")
+        if not self.student:
+            raise ConfigError(f"{_flag('student')} is required: an HF config folder or package.module:function")
+        if self.aggregate not in _AGGREGATORS:
+            raise ConfigError(f"{_flag('aggregate')} is {self.aggregate!r}; expected one of {_AGGREGATORS}")
+        if self.loss not in _LOSSES:
+            raise ConfigError(f"{_flag('loss')} is {self.loss!r}; expected one of {_LOSSES}")
+        if self.tail_mode not in ("bucket", "spread"):
+            raise ConfigError(f"{_flag('tail_mode')} is {self.tail_mode!r}; expected 'bucket' or 'spread'")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"{_flag('alpha')} is {self.alpha}; expected a value in [0, 1]")
+        if not self.temperature > 0:
+            raise ConfigError(f"{_flag('temperature')} is {self.temperature}; expected a value > 0")
+        for key in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{_flag(key)} is {getattr(self, key)}; expected an integer >= 1")
+        for key in ("lr", "weight_decay", "clip_grad", "gate_entropy", "warmup_steps", "eval_every", "mc_samples",
+                    "num_workers"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{_flag(key)} is {getattr(self, key)}; expected a value >= 0")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ConfigError(f"{_flag('amp')} is {self.amp!r}; expected auto, bf16, fp16 or off")
+        if len(set(self.teachers)) != len(self.teachers):
+            raise ConfigError(f"{_flag('teachers')} lists a teacher twice: {list(self.teachers)}")
+        unknown = set(self.features) - set(self.teachers)
+        if unknown:
+            raise ConfigError(f"`features` names teachers {sorted(unknown)} that are not in `teachers` {list(self.teachers)}")
+
+    # -- building --------------------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        unknown = sorted(set(d) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {cls.keys()}")
+        d = dict(d)
+        if isinstance(d.get("teachers"), str):
+            d["teachers"] = tuple(t.strip() for t in d["teachers"].split(",") if t.strip())
+        elif "teachers" in d:
+            d["teachers"] = tuple(d["teachers"])
+        for key, f in ((f.name, f) for f in dataclasses.fields(cls)):
+            if key in d and d[key] is not None and f.type in ("int", "float") and not isinstance(d[key], (int, float)):
+                raise ConfigError(f"config key {_flag(key)} is {d[key]!r}; expected a number")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["teachers"] = list(self.teachers)
+        d["student_kwargs"] = dict(self.student_kwargs)
+        d["aggregate_kwargs"] = dict(self.aggregate_kwargs)
+        d["features"] = dict(self.features)
+        return d
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that change what a step computes (not run length, logging, paths)."""
+        d = self.to_dict()
+        for volatile in ("out", "max_steps", "checkpoint_every", "log_every", "eval_cache", "eval_every",
+                         "eval_max_samples", "mc_samples", "tensorboard", "verify_cache", "num_workers", "device"):
+            d.pop(volatile)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) config file into a dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {str(p)!r} does not exist")
+    text = p.read_text()
+    if p.suffix == ".toml":
+        import tomllib
+
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config {str(p)!r} is not valid TOML: {e}") from e
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {str(p)!r} is not valid YAML: {e}") from e
+        if not isinstance(value, dict):
+            raise ConfigError(f"--config {str(p)!r} must hold a mapping of keys")
+        return value
+    raise ConfigError(f"--config {str(p)!r}: use a .toml, .yaml or .yml file")
