@@ -23,12 +23,15 @@ import importlib
 import inspect
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = [
     "LoadedTeacher",
@@ -43,12 +46,13 @@ TeacherTask = Literal["causal_lm", "sequence_classification", "image_classificat
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _HUB_ID_RE = re.compile(r"^[\w][\w.-]*(/[\w][\w.-]*)?$")
-_AUTO_CLASS = {
+_HFTask = Literal["causal_lm", "sequence_classification", "image_classification"]
+_AUTO_CLASS: dict[_HFTask, str] = {
     "causal_lm": "AutoModelForCausalLM",
     "sequence_classification": "AutoModelForSequenceClassification",
     "image_classification": "AutoModelForImageClassification",
 }
-_ARCH_SUFFIXES = {
+_ARCH_SUFFIXES: dict[_HFTask, tuple[str, ...]] = {
     "causal_lm": ("ForCausalLM", "LMHeadModel"),
     "sequence_classification": ("ForSequenceClassification",),
     "image_classification": ("ForImageClassification",),
@@ -130,14 +134,14 @@ def load_teacher(
                 f"teacher {model!r} is a file; pass the folder that holds config.json and the "
                 "weights (the output of save_pretrained)"
             )
-        module_kwargs = _reject_factory_kwargs(model, factory_kwargs)
-        return _load_hf_folder(model, path, device, dtype, trust_remote_code, revision, module_kwargs)
+        _reject_factory_kwargs(model, factory_kwargs)
+        return _load_hf_folder(model, path, device, dtype, trust_remote_code, revision)
     if _FACTORY_RE.match(model):
         return _load_factory(model, device, dtype, dict(factory_kwargs or {}))
     if _HUB_ID_RE.match(model):
-        module_kwargs = _reject_factory_kwargs(model, factory_kwargs)
+        _reject_factory_kwargs(model, factory_kwargs)
         folder, resolved = _fetch_hub_snapshot(model, revision, trust_remote_code)
-        return _load_hf_folder(model, folder, device, dtype, trust_remote_code, resolved, module_kwargs)
+        return _load_hf_folder(model, folder, device, dtype, trust_remote_code, resolved)
     raise TeacherLoadError(
         f"teacher path {str(path)!r} does not exist; pass an existing Hugging Face model folder "
         "(with config.json), a hub id such as 'org/name', or a factory 'package.module:function'"
@@ -164,9 +168,7 @@ def _fetch_hub_snapshot(
         patterns.append("*.py")
     try:
         folder = Path(
-            huggingface_hub.snapshot_download(
-                model_id, revision=revision, allow_patterns=patterns
-            )
+            huggingface_hub.snapshot_download(model_id, revision=revision, allow_patterns=patterns)
         )
     except (OSError, HfHubHTTPError, HFValidationError) as error:
         raise TeacherLoadError(
@@ -178,29 +180,26 @@ def _fetch_hub_snapshot(
     return folder, folder.name
 
 
-def _detect_task(config: Mapping[str, Any], where: str) -> Literal[
-    "causal_lm", "sequence_classification", "image_classification"
-]:
+def _detect_task(config: Mapping[str, Any], where: str) -> _HFTask:
+    """Task of a checkpoint from its config's ``architectures`` / ``auto_map``, without loading."""
     from transformers.models.auto import modeling_auto
 
-    known: dict[str, tuple[Any, ...]] = {
-        "causal_lm": tuple(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()),
-        "sequence_classification": tuple(
-            modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values()
-        ),
-        "image_classification": tuple(
-            modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.values()
-        ),
+    registered: dict[_HFTask, Mapping[str, str | Sequence[str]]] = {
+        "causal_lm": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        "sequence_classification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+        "image_classification": modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
     }
-    architectures = list(config.get("architectures") or [])
+    architectures = [str(arch) for arch in config.get("architectures") or []]
     auto_map = dict(config.get("auto_map") or {})
-    for task, names in known.items():
-        flat = {n for name in names for n in ((name,) if isinstance(name, str) else name)}
-        if any(arch in flat for arch in architectures) or _AUTO_CLASS[task] in auto_map:
-            return task  # type: ignore[return-value]
+    for task, mapping in registered.items():
+        names = {
+            n for value in mapping.values() for n in ([value] if isinstance(value, str) else value)
+        }
+        if names.intersection(architectures) or _AUTO_CLASS[task] in auto_map:
+            return task
     for task, suffixes in _ARCH_SUFFIXES.items():
         if any(arch.endswith(suffixes) for arch in architectures):
-            return task  # type: ignore[return-value]
+            return task
     raise UnsupportedTeacherError(
         f"{where} declares architectures {architectures} (auto_map {sorted(auto_map)}), none of "
         "which is a causal LM, sequence classifier or image classifier; save the model with a "
@@ -215,7 +214,6 @@ def _load_hf_folder(
     dtype: torch.dtype,
     trust_remote_code: bool,
     revision: str | None,
-    _: None,
 ) -> LoadedTeacher:
     import transformers
 
@@ -238,7 +236,7 @@ def _load_hf_folder(
     weight_files, use_safetensors = _weight_files(folder)
     weights_hash = _hash_files(weight_files)
     auto_class = getattr(transformers, _AUTO_CLASS[task])
-    module = auto_class.from_pretrained(
+    module: PreTrainedModel = auto_class.from_pretrained(
         str(folder),
         dtype=dtype,
         use_safetensors=use_safetensors,
@@ -246,7 +244,7 @@ def _load_hf_folder(
         trust_remote_code=trust_remote_code,
         local_files_only=True,
     )
-    module = _freeze(module.to(device))
+    _freeze(module).to(device)
     text_config = module.config.get_text_config()
     padded, vocab = _vocab_sizes(module, task, folder, trust_remote_code)
     has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
@@ -290,14 +288,25 @@ def _hash_files(files: list[Path]) -> str:
 
 
 def _vocab_sizes(
-    module: torch.nn.Module, task: str, folder: Path, trust_remote_code: bool
+    module: PreTrainedModel, task: str, folder: Path, trust_remote_code: bool
 ) -> tuple[int, int]:
     """(padded_vocab_size, vocab_size) of a Hugging Face model."""
     if task != "causal_lm":
-        labels = int(module.config.num_labels)
-        return labels, labels
+        labels = module.config.num_labels
+        if labels is None or labels < 1:
+            raise UnsupportedTeacherError(
+                f"teacher folder {str(folder)!r}: classifier config has num_labels={labels}; "
+                "set num_labels (or id2label) in config.json"
+            )
+        return int(labels), int(labels)
     head = module.get_output_embeddings()
-    padded = int(head.weight.shape[0]) if head is not None else int(module.config.vocab_size)
+    width = head.weight.shape[0] if head is not None else module.config.get_text_config().vocab_size
+    if width is None:
+        raise UnsupportedTeacherError(
+            f"teacher folder {str(folder)!r}: the causal LM has no output embedding and its config "
+            "has no vocab_size, so the logits width is unknown; set vocab_size in config.json"
+        )
+    padded = int(width)
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         return padded, padded
     from transformers import AutoTokenizer
@@ -428,7 +437,7 @@ def forward_teacher(
     device = parameter.device if parameter is not None else torch.device("cpu")
     model_dtype = parameter.dtype if parameter is not None else torch.float32
     inputs = {
-        key: value.to(device, dtype=model_dtype if value.is_floating_point() else None)
+        key: value.to(device, model_dtype) if value.is_floating_point() else value.to(device)
         for key, value in batch.items()
     }
     if want_hidden and teacher.task == "custom" and not _accepts_hidden_flag(module):
@@ -467,6 +476,3 @@ def _accepts_hidden_flag(module: torch.nn.Module) -> bool:
         p.name == "output_hidden_states" or p.kind is inspect.Parameter.VAR_KEYWORD
         for p in parameters
     )
-
-
-assert set(get_args(TeacherTask)) >= set(_AUTO_CLASS)

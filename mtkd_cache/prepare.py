@@ -202,7 +202,8 @@ def prepare_arrays(
     Args:
         cache: Cache path or fsspec URL.
         arrays: Input name (the teacher's forward keyword, e.g. "pixel_values") -> array (N, ...).
-        labels: Optional integer class per sample. domains: optional domain name per sample.
+        labels: Optional integer class per sample; None or a negative value marks an unlabelled
+            sample (transfer-set distillation: soft labels only). domains: optional name per sample.
         chunk_samples: Samples per chunk.
         overwrite: Replace inputs with other content.
 
@@ -224,8 +225,10 @@ def prepare_arrays(
     hasher_settings = {"kind": "arrays", "names": names, "shapes": {k: list(arrays[k].shape[1:]) for k in names},
                        "dtypes": {k: str(arrays[k].dtype) for k in names}}
     content = DatasetHasher(hasher_settings)
+    label_list = None if labels is None else [_label_or_none(v) for v in labels]
     for i in range(n):  # content fingerprint decides whether existing inputs can be kept
-        content.update([sample_hash([arrays[k][i] for k in names] + ([np.asarray(labels[i])] if labels is not None else []))])
+        lab = [] if label_list is None or label_list[i] is None else [np.asarray(label_list[i])]
+        content.update([sample_hash([arrays[k][i] for k in names] + lab)])
     settings = {**hasher_settings, "content": content.hexdigest(), "domains": domains is not None}
     existing = _claim(store, settings, overwrite)
     if existing is not None:
@@ -234,10 +237,17 @@ def prepare_arrays(
                           array_specs={k: (arrays[k].shape[1:], arrays[k].dtype) for k in names})
     for i in tqdm(range(n), desc="prepare", unit=" samples", mininterval=1.0, disable=n < 10000):
         writer.add(Sample(i, tuple(np.asarray(arrays[k][i]) for k in names),
-                          None if labels is None else int(labels[i]),
+                          None if label_list is None else label_list[i],
                           None if domains is None else domains[i], None))
     return writer.finish(DatasetHasher(settings), max_length=1, tokenizer=None, settings=settings, source=name,
                          packed=False)
+
+
+def _label_or_none(value: object) -> int | None:
+    if value is None:
+        return None
+    v = int(value)  # type: ignore[call-overload]
+    return None if v < 0 else v
 
 
 def _copy_tokenizer(store: CacheStore, tok: Any) -> None:
