@@ -103,7 +103,7 @@ def load_student(spec: str, kwargs: Mapping[str, Any] | None = None, *, seed: in
         if not isinstance(module, torch.nn.Module):
             raise StudentError(f"--student {spec!r} returned {type(module).__name__}, expected a torch.nn.Module")
         task = getattr(module, "task", "image_classification")
-        size = int(getattr(module, "num_classes", getattr(module, "output_size", 0)))
+        size = int(getattr(module, "num_labels", getattr(module, "num_classes", 0)))
         s = Student(module, task, spec, kwargs, size)
     else:
         raise StudentError(f"--student {spec!r} is neither a folder with config.json nor a 'package.module:function' "

@@ -303,12 +303,18 @@ def parse_classes(classes: Sequence[int]) -> tuple[int, ...]:
 def build_teacher(config: TeacherConfig) -> nn.Module:
     """Build an untrained teacher; specialists come wrapped in ClassSubsetClassifier."""
     model = ARCHITECTURES[config.arch](**config.kwargs)
-    return ClassSubsetClassifier(model, config.classes) if config.is_specialist else model
+    model = ClassSubsetClassifier(model, config.classes) if config.is_specialist else model
+    model.num_labels = NUM_LABELS  # tells mtkd how many classes to trust
+    return model
 
 
 def build_student(**kwargs: Any) -> nn.Module:
     """The student: `StudentMLP(hidden=128, dropout=0.2)`; kwargs override those defaults."""
-    return StudentMLP(**kwargs)
+    model = StudentMLP(**kwargs)
+    model.num_labels = model.head.out_features  # read by mtkd-train (output size)
+    model.hidden_size = model.fc.out_features  # read by mtkd-train (gate / feature projections)
+    model.task = "image_classification"
+    return model
 
 
 def save_teacher(model: nn.Module, config: TeacherConfig, path: str | Path) -> None:
