@@ -447,8 +447,6 @@ def forward_teacher(
             "feature targets for this teacher"
         )
     extra: dict[str, Any] = {"output_hidden_states": True} if want_hidden else {}
-    if teacher.task != "custom":
-        extra["return_dict"] = True
     with torch.inference_mode():
         output = module(**inputs, **extra)
     logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)

@@ -116,7 +116,7 @@ def sparse_divergence(
         u = torch.where(has, safe_log_u.exp(), 0.0)
         unkept_count = (~in_s).sum(1).to(logq.dtype)
         rest_logq = logq.masked_fill(in_s, 0.0).sum(1)  # (P,)
-        return kept_terms
+        return kept_terms + u * (unkept_count * safe_log_u - rest_logq)
     logp_dense = torch.where(in_s, logq.detach(), log_u.unsqueeze(1))  # (P, V)
     return kept_terms + _terms(kind, logp_dense, logq, skew).masked_fill(in_s, 0.0).sum(1)
 

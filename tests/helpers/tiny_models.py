@@ -135,9 +135,9 @@ def save_tiny_bert_classifier(
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=128,
-        num_labels=num_labels,
         pad_token_id=0,
     )
+    config.num_labels = num_labels  # a PretrainedConfig property, not a typed constructor field
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = BertForSequenceClassification(config)
@@ -171,8 +171,8 @@ def save_tiny_vit_classifier(
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
-        num_labels=num_labels,
     )
+    config.num_labels = num_labels
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = ViTForImageClassification(config)
