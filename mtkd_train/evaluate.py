@@ -153,7 +153,9 @@ def evaluate_teachers(reader: CacheReader, teachers: Sequence[str], max_samples:
         res = {"accuracy": correct / max(count, 1), "nll": nll / max(count, 1),
                "ece": expected_calibration_error(confidences=torch.as_tensor(np.concatenate(confs)),
                                                  correct=torch.as_tensor(np.concatenate(oks)))}
-        if meta.grid == "token":
+        if meta.target.kind == "sample":  # counts give 0 to undrawn tokens: the NLL is not a likelihood
+            res["nll"] = None
+        elif meta.grid == "token":
             res["perplexity"] = math.exp(res["nll"])
         out[name] = res
     return out

@@ -31,13 +31,18 @@ def make_aggregator(name: str, num_teachers: int, vocab_size: int, kwargs: Mappi
 
 
 def row_targets(target: Mapping[str, torch.Tensor], rows: torch.Tensor, capture_temperature: float,
-                vocab_size: int) -> SparseTargets:
-    """One teacher's batch targets (B, T, K) at the real rows `rows` (B, T) -> (P, K), at T=1."""
+                vocab_size: int, temperature: float = 1.0) -> SparseTargets:
+    """One teacher's batch targets (B, T, K) at the real rows `rows` (B, T) -> (P, K), tempered to `temperature`.
+
+    Every operator then aggregates distributions at the distillation temperature, whichever
+    loss path runs (tempering before mixing; see docs/LOSSES.md).
+    """
     if "logp" in target:
         t = SparseTargets(target["indices"][rows], target["logp"][rows], target["tail"][rows])
     else:
         t = from_samples(target["indices"][rows], target["counts"][rows])
-    return retemper(t, 1.0 / capture_temperature, vocab_size) if capture_temperature != 1.0 else t
+    ratio = temperature / capture_temperature
+    return retemper(t, ratio, vocab_size) if ratio != 1.0 else t
 
 
 def row_labels(batch: Mapping[str, Any], task: str) -> torch.Tensor:
@@ -79,7 +84,7 @@ class Objective(nn.Module):
             logits.shape[:2], dtype=torch.bool, device=logits.device)
         z = logits[rows]  # (P, V_s)
         labels = row_labels(batch, student_task)[rows]  # (P,)
-        targets = [row_targets(batch["targets"][n], rows, tc, self.vocab_size)
+        targets = [row_targets(batch["targets"][n], rows, tc, self.vocab_size, self.T)
                    for n, tc in zip(self.teachers, self.capture_t)]
         domains = batch.get("domains")
         ctx = AggregationContext(
@@ -90,12 +95,13 @@ class Objective(nn.Module):
         out: dict[str, torch.Tensor] = {}
         weights = self.aggregator.weights(targets, ctx)
         if weights is not None and self.loss_kind == "forward_kl" and self.tail_mode == "spread":
-            kd = weighted_forward_kl(z, targets, weights, temperature=self.T, tail_mode="spread",
+            kd = weighted_forward_kl(z, targets, weights, temperature=self.T, target_temperature=self.T,
+                                     tail_mode="spread",
                                      vocab_size=self.vocab_size,
                                      smoothing=float(getattr(self.aggregator, "prior_strength", 0.0)))
         else:
             merged = self.aggregator(targets, ctx, vocab_size=self.vocab_size, tail_mode=self.tail_mode)
-            kd = kd_loss(z, merged, kind=self.loss_kind, temperature=self.T, target_temperature=1.0,
+            kd = kd_loss(z, merged, kind=self.loss_kind, temperature=self.T, target_temperature=self.T,
                          tail_mode=self.tail_mode, vocab_size=self.vocab_size)
         ce = hard_label_loss(z, labels)
         out["kd"], out["ce"] = kd, ce

@@ -251,19 +251,28 @@ class DistillRecipe:
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self._stop = True
 
+    def _should_stop(self) -> bool:
+        """SIGTERM on any rank stops every rank at the same step (one all-reduce per step)."""
+        if self.world == 1:
+            return self._stop
+        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._stop = bool(flag.item() > 0)
+        return self._stop
+
     def train(self) -> list[float]:
         """Run until `max_steps`; return the per-step losses (all of the run, resumed ones included)."""
         c = self.cfg
-        prev = signal.signal(signal.SIGTERM, self._on_sigterm) if self.rank == 0 or True else None
+        prev = signal.signal(signal.SIGTERM, self._on_sigterm)
         self.out.mkdir(parents=True, exist_ok=True)
-        log = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
+        log = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None  # noqa: SIM115 - closed below
         tb = self._tensorboard() if (c.tensorboard and self.rank == 0) else None
         step_model = self.ddp or self.model
         step_model.train()
         it = iter(self._loader())
         bar = tqdm(total=c.max_steps, initial=self.step, desc="train", disable=self.rank != 0)
         t0, positions = time.perf_counter(), 0
-        while self.step < c.max_steps and not self._stop:
+        while self.step < c.max_steps and not self._should_stop():
             terms_sum: dict[str, float] = {}
             for micro in range(c.grad_accum):
                 batch = _to_device(next(it), self.device)
@@ -276,7 +285,7 @@ class DistillRecipe:
                 positions += int(batch["position_mask"].sum()) if "position_mask" in batch else len(batch["sample_ids"])
                 for k, v in terms.items():
                     if v.dim() == 0:
-                        terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / c.grad_accum
+                        terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / c.grad_accum
             if c.clip_grad > 0:
                 terms_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad))
             self.optimizer.step()
@@ -307,8 +316,7 @@ class DistillRecipe:
             self.save_checkpoint()
         if log is not None:
             log.close()
-        if prev is not None:
-            signal.signal(signal.SIGTERM, prev)
+        signal.signal(signal.SIGTERM, prev)
         return self.losses
 
     def _log_eval(self, log: Any) -> dict[str, Any]:

@@ -62,11 +62,10 @@ class GateNetwork(nn.Module):
         self.num_teachers = parse_num_teachers(num_teachers)
         self.pooled = pooled
         self.detach_input = detach_input
-        self.net = nn.Sequential(
-            nn.Linear(hidden_size, gate_hidden), nn.GELU(), nn.Linear(gate_hidden, num_teachers)
-        )
-        nn.init.zeros_(self.net[2].weight)
-        nn.init.zeros_(self.net[2].bias)
+        output = nn.Linear(gate_hidden, num_teachers)
+        nn.init.zeros_(output.weight)
+        nn.init.zeros_(output.bias)
+        self.net = nn.Sequential(nn.Linear(hidden_size, gate_hidden), nn.GELU(), output)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Gate logits.

@@ -155,6 +155,19 @@ def kd_loss(
     return _masked_mean(per_position)
 
 
+def _parse_mixture(
+    logits: torch.Tensor, targets: Sequence[SparseTargets], weights: torch.Tensor, smoothing: float
+) -> torch.Tensor:
+    """Check the mixture arguments of :func:`weighted_forward_kl`; returns ``(P, N)`` weights."""
+    n, p = len(targets), logits.shape[0]
+    w = weights if weights.dim() == 2 else weights.unsqueeze(0).expand(p, -1)
+    if tuple(w.shape) != (p, n):
+        raise LossConfigError(f"weights must be ({p}, {n}) or ({n},), got {tuple(weights.shape)}")
+    if not 0 <= smoothing < 1:
+        raise LossConfigError(f"smoothing must be in [0, 1), got {smoothing!r}")
+    return w
+
+
 def weighted_forward_kl(
     student_logits: torch.Tensor,
     targets: Sequence[SparseTargets],
@@ -165,6 +178,7 @@ def weighted_forward_kl(
     mask: torch.Tensor | None = None,
     vocab_size: int | None = None,
     smoothing: float = 0.0,
+    target_temperature: float = 1.0,
 ) -> torch.Tensor:
     """``T^2 * [sum_i w_i KL(p_i || q) + lam KL(U || q)]``, averaged over positions, no union.
 
@@ -185,6 +199,8 @@ def weighted_forward_kl(
         mask: ``(P,)`` bool positions to average over.
         vocab_size: As :func:`kd_loss_per_position`.
         smoothing: ``lam`` in ``[0, 1)``; the teacher weights are scaled by ``1 - lam``.
+        target_temperature: Temperature the targets are already at (no re-tempering when it
+            equals ``temperature``).
 
     Returns:
         Scalar.
@@ -192,13 +208,7 @@ def weighted_forward_kl(
     Raises:
         LossConfigError: bad options or a weight shape that does not match the teachers.
     """
-    n = len(targets)
-    p = student_logits.shape[0]
-    w = weights if weights.dim() == 2 else weights.unsqueeze(0).expand(p, -1)
-    if tuple(w.shape) != (p, n):
-        raise LossConfigError(f"weights must be ({p}, {n}) or ({n},), got {tuple(weights.shape)}")
-    if not 0 <= smoothing < 1:
-        raise LossConfigError(f"smoothing must be in [0, 1), got {smoothing!r}")
+    w = _parse_mixture(student_logits, targets, weights, smoothing)
     if mask is not None:  # drop masked rows first: their targets may be garbage
         keep = mask.to(torch.bool)
         student_logits, w = student_logits[keep], w[keep]
@@ -209,6 +219,7 @@ def weighted_forward_kl(
                 student_logits,
                 t,
                 temperature=temperature,
+                target_temperature=target_temperature,
                 tail_mode=tail_mode,
                 vocab_size=vocab_size,
             )

@@ -42,7 +42,9 @@ def _logits(seed: int = 1, width: int = V) -> torch.Tensor:
 
 
 def _kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.where(a > 0, a * (a.clamp(min=1e-300).log() - b.clamp(min=1e-300).log()), 0.0).sum(-1)
+    return torch.where(a > 0, a * (a.clamp(min=1e-300).log() - b.clamp(min=1e-300).log()), 0.0).sum(
+        -1
+    )
 
 
 def _dense_divergence(kind: str, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -101,7 +103,9 @@ def test_full_vocabulary_target_equals_plain_dense_formula(kind: str, mode: str)
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)
 @pytest.mark.parametrize("temperature", [0.5, 2.0, 4.0])
-def test_temperature_divides_logits_retempers_target_and_scales_by_t_squared(kind: str, temperature: float) -> None:
+def test_temperature_divides_logits_retempers_target_and_scales_by_t_squared(
+    kind: str, temperature: float
+) -> None:
     t, z = _target(3, pad=False), _logits()
     got = kd_loss(z, t, kind=kind, temperature=temperature, tail_mode="spread", skew=SKEW)
     dense_t = to_dense(t, V).double().pow(1 / temperature)
@@ -219,9 +223,13 @@ def test_weighted_forward_kl_bucket_matches_union_when_supports_agree() -> None:
     w = torch.tensor([0.3, 0.7])
     z = _logits()
     fast = weighted_forward_kl(z, [base, second], w, tail_mode="bucket")
-    merged = MeanAggregator(2, weights=[0.3, 0.7])([base, second], AggregationContext(), vocab_size=V, tail_mode="bucket")
+    merged = MeanAggregator(2, weights=[0.3, 0.7])(
+        [base, second], AggregationContext(), vocab_size=V, tail_mode="bucket"
+    )
     slow = kd_loss(z, merged, tail_mode="bucket")
-    torch.testing.assert_close(torch.autograd.grad(fast, z)[0], torch.autograd.grad(slow, z)[0], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.autograd.grad(fast, z)[0], torch.autograd.grad(slow, z)[0], atol=1e-6, rtol=1e-4
+    )
 
 
 def test_weighted_forward_kl_rejects_bad_weight_shape() -> None:

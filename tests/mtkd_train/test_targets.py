@@ -71,7 +71,9 @@ def test_kept_count_spread_value_and_is_empty() -> None:
     torch.testing.assert_close(spread_log_value(t, 5).exp(), torch.tensor([0.1, 0.1]))
     full = from_dense(_random_probs(1, 4), 4)
     assert spread_log_value(full, 4).item() == -INF  # nothing is unkept
-    empty = SparseTargets(torch.zeros(2, 2, dtype=torch.long), torch.full((2, 2), -INF), torch.tensor([0.0, 1.0]))
+    empty = SparseTargets(
+        torch.zeros(2, 2, dtype=torch.long), torch.full((2, 2), -INF), torch.tensor([0.0, 1.0])
+    )
     assert is_empty(empty).tolist() == [True, False]
 
 
@@ -91,7 +93,9 @@ def test_from_samples_gives_frequencies_and_zero_tail() -> None:
         (torch.tensor([[1, 2]]), torch.tensor([[1, 1, 1]]), "same shape"),
     ],
 )
-def test_from_samples_rejects_bad_counts(indices: torch.Tensor, counts: torch.Tensor, match: str) -> None:
+def test_from_samples_rejects_bad_counts(
+    indices: torch.Tensor, counts: torch.Tensor, match: str
+) -> None:
     with pytest.raises(TargetsError, match=match):
         from_samples(indices, counts)
 
@@ -152,10 +156,30 @@ def test_check_targets_accepts_padding_that_repeats_an_index() -> None:
 @pytest.mark.parametrize(
     ("targets", "match"),
     [
-        (SparseTargets(torch.tensor([[1, 1]]), torch.tensor([[-1.0, -2.0]]), torch.tensor([0.2])), "twice"),
-        (SparseTargets(torch.tensor([[1, 9]]), torch.tensor([[-1.0, -2.0]]), torch.tensor([0.2])), "outside"),
-        (SparseTargets(torch.tensor([[1, 2]]), torch.tensor([[-1.0, -2.0]]), torch.tensor([-0.2])), "tail"),
-        (SparseTargets(torch.tensor([[1, 2]]), torch.tensor([[-1.0, -2.0]]), torch.tensor([0.2, 0.1])), "shapes"),
+        (
+            SparseTargets(
+                torch.tensor([[1, 1]]), torch.tensor([[-1.0, -2.0]]), torch.tensor([0.2])
+            ),
+            "twice",
+        ),
+        (
+            SparseTargets(
+                torch.tensor([[1, 9]]), torch.tensor([[-1.0, -2.0]]), torch.tensor([0.2])
+            ),
+            "outside",
+        ),
+        (
+            SparseTargets(
+                torch.tensor([[1, 2]]), torch.tensor([[-1.0, -2.0]]), torch.tensor([-0.2])
+            ),
+            "tail",
+        ),
+        (
+            SparseTargets(
+                torch.tensor([[1, 2]]), torch.tensor([[-1.0, -2.0]]), torch.tensor([0.2, 0.1])
+            ),
+            "shapes",
+        ),
     ],
 )
 def test_check_targets_rejects_malformed(targets: SparseTargets, match: str) -> None:

@@ -32,8 +32,12 @@ def test_ece_from_probabilities_and_labels() -> None:
 def test_ece_perfectly_calibrated_is_zero_and_overconfident_is_positive() -> None:
     conf = torch.full((10,), 0.7)
     right = torch.tensor([True] * 7 + [False] * 3)
-    assert expected_calibration_error(confidences=conf, correct=right) == pytest.approx(0.0, abs=1e-6)
-    assert expected_calibration_error(confidences=conf, correct=torch.zeros(10, dtype=torch.bool)) == pytest.approx(0.7)
+    assert expected_calibration_error(confidences=conf, correct=right) == pytest.approx(
+        0.0, abs=1e-6
+    )
+    assert expected_calibration_error(
+        confidences=conf, correct=torch.zeros(10, dtype=torch.bool)
+    ) == pytest.approx(0.7)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +45,10 @@ def test_ece_perfectly_calibrated_is_zero_and_overconfident_is_positive() -> Non
     [
         ({"probs": torch.rand(3, 2)}, "either probs and labels"),
         ({"confidences": torch.tensor([1.2]), "correct": torch.tensor([True])}, r"\[0, 1\]"),
-        ({"confidences": torch.rand(3), "correct": torch.ones(3, dtype=torch.bool), "n_bins": 0}, "n_bins"),
+        (
+            {"confidences": torch.rand(3), "correct": torch.ones(3, dtype=torch.bool), "n_bins": 0},
+            "n_bins",
+        ),
     ],
 )
 def test_ece_rejects_bad_input(kwargs: dict, match: str) -> None:
@@ -57,7 +64,9 @@ def test_mc_dropout_deterministic_model_has_zero_mutual_information() -> None:
     torch.testing.assert_close(out.mean_probs, torch.softmax(model(x), -1).detach())
     torch.testing.assert_close(out.mutual_information, torch.zeros(5), atol=1e-6, rtol=0)
     torch.testing.assert_close(out.predictive_entropy, out.expected_entropy, atol=1e-6, rtol=0)
-    assert bool((out.predictive_entropy > 0).all()) and bool((out.predictive_entropy <= math.log(3)).all())
+    assert bool((out.predictive_entropy > 0).all()) and bool(
+        (out.predictive_entropy <= math.log(3)).all()
+    )
 
 
 def test_mc_dropout_model_has_positive_mutual_information() -> None:

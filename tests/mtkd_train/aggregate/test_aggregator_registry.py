@@ -14,7 +14,16 @@ from mtkd_train.aggregate import (
 )
 from mtkd_train.targets import from_dense, to_dense
 
-CONTRACT_NAMES = {"mean", "loglinear", "entropy", "confidence", "label_aware", "gate", "routing", "mtbkd"}
+CONTRACT_NAMES = {
+    "mean",
+    "loglinear",
+    "entropy",
+    "confidence",
+    "label_aware",
+    "gate",
+    "routing",
+    "mtbkd",
+}
 OPTIONS = {"routing": {"domain_to_teacher": {0: 1}}}
 
 
@@ -29,7 +38,9 @@ def test_every_operator_builds_and_merges_a_normalised_target(name: str) -> None
     g = torch.Generator().manual_seed(0)
     targets = [from_dense(torch.softmax(torch.randn(3, 9, generator=g), -1), k) for k in (2, 4)]
     ctx = AggregationContext(
-        labels=torch.tensor([1, 2, -100]), domains=torch.zeros(3, dtype=torch.long), gate_logits=torch.zeros(3, 2)
+        labels=torch.tensor([1, 2, -100]),
+        domains=torch.zeros(3, dtype=torch.long),
+        gate_logits=torch.zeros(3, 2),
     )
     out = agg(targets, ctx, vocab_size=9, tail_mode="spread")
     torch.testing.assert_close(to_dense(out, 9).sum(-1), torch.ones(3))
@@ -44,10 +55,15 @@ def test_options_are_passed_through() -> None:
 
 
 def test_unknown_name_lists_choices() -> None:
-    with pytest.raises(AggregationConfigError, match=r"unknown aggregator 'avg'; choose one of \['confidence'"):
+    with pytest.raises(
+        AggregationConfigError, match=r"unknown aggregator 'avg'; choose one of \['confidence'"
+    ):
         build_aggregator("avg", num_teachers=2)
 
 
 def test_unknown_option_lists_accepted_options() -> None:
-    with pytest.raises(AggregationConfigError, match=r"does not take option\(s\) \['temp'\]; it accepts \['weights', 'temperature'\]"):
+    with pytest.raises(
+        AggregationConfigError,
+        match=r"does not take option\(s\) \['temp'\]; it accepts \['weights', 'temperature'\]",
+    ):
         build_aggregator("loglinear", num_teachers=2, temp=2.0)

@@ -48,7 +48,9 @@ def test_pooled_gate_is_constant_over_time_and_ignores_masked_tokens() -> None:
         gate(torch.randn(4, H))
 
 
-def _gate_setup(detach: bool) -> tuple[GateNetwork, torch.Tensor, torch.Tensor, list[SparseTargets]]:
+def _gate_setup(
+    detach: bool,
+) -> tuple[GateNetwork, torch.Tensor, torch.Tensor, list[SparseTargets]]:
     torch.manual_seed(1)
     gate = GateNetwork(H, N, detach_input=detach)
     hidden = torch.randn(5, H, requires_grad=True)
@@ -60,7 +62,7 @@ def _gate_setup(detach: bool) -> tuple[GateNetwork, torch.Tensor, torch.Tensor, 
 def test_kd_loss_gradient_reaches_every_gate_parameter(path: str) -> None:
     gate, hidden, student, targets = _gate_setup(detach=True)
     opt = torch.optim.SGD(gate.parameters(), lr=1.0)
-    for step in range(2):  # the zero-initialised output layer blocks the first layer at step 0
+    for _step in range(2):  # the zero-initialised output layer blocks the first layer at step 0
         opt.zero_grad()
         ctx = AggregationContext(gate_logits=gate(hidden))
         if path == "union":

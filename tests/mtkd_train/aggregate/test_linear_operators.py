@@ -110,8 +110,16 @@ def test_confidence_weights_prefer_the_peaked_teacher() -> None:
 
 def _label_teachers() -> list[SparseTargets]:
     lg = math.log
-    t0 = SparseTargets(torch.tensor([[1, 2], [1, 2], [1, 2]]), torch.tensor([[lg(0.6), lg(0.2)]] * 3), torch.tensor([0.2] * 3))
-    t1 = SparseTargets(torch.tensor([[2, 3], [2, 3], [2, 3]]), torch.tensor([[lg(0.5), lg(0.4)]] * 3), torch.tensor([0.1] * 3))
+    t0 = SparseTargets(
+        torch.tensor([[1, 2], [1, 2], [1, 2]]),
+        torch.tensor([[lg(0.6), lg(0.2)]] * 3),
+        torch.tensor([0.2] * 3),
+    )
+    t1 = SparseTargets(
+        torch.tensor([[2, 3], [2, 3], [2, 3]]),
+        torch.tensor([[lg(0.5), lg(0.4)]] * 3),
+        torch.tensor([0.1] * 3),
+    )
     return [t0, t1]
 
 
@@ -136,11 +144,17 @@ def test_label_aware_falls_back_to_base_weights_when_no_teacher_allows_the_label
 
 @pytest.mark.parametrize(
     ("labels", "match"),
-    [(None, "needs ctx.labels of shape"), (torch.tensor([1, 2]), "shape"), (torch.tensor([1, 2, V]), r"\[0, 8\)")],
+    [
+        (None, "needs ctx.labels of shape"),
+        (torch.tensor([1, 2]), "shape"),
+        (torch.tensor([1, 2, V]), r"\[0, 8\)"),
+    ],
 )
 def test_label_aware_rejects_missing_or_bad_labels(labels: torch.Tensor | None, match: str) -> None:
     with pytest.raises(AggregationInputError, match=match):
-        LabelAwareAggregator(2, vocab_size=V).weights(_label_teachers(), AggregationContext(labels=labels))
+        LabelAwareAggregator(2, vocab_size=V).weights(
+            _label_teachers(), AggregationContext(labels=labels)
+        )
 
 
 def test_mtbkd_is_entropy_mixture_smoothed_toward_uniform() -> None:
@@ -163,7 +177,9 @@ def test_mtbkd_rejects_bad_prior_strength(bad: float) -> None:
         MTBKDAggregator(2, prior_strength=bad)
 
 
-@pytest.mark.parametrize("cls", [EntropyAggregator, ConfidenceAggregator, LabelAwareAggregator, MTBKDAggregator])
+@pytest.mark.parametrize(
+    "cls", [EntropyAggregator, ConfidenceAggregator, LabelAwareAggregator, MTBKDAggregator]
+)
 def test_tau_must_be_positive(cls: type) -> None:
     with pytest.raises(AggregationConfigError, match="tau must be a positive"):
         cls(2, tau=0.0)
@@ -175,4 +191,8 @@ def test_gradients_flow_into_targets_through_union() -> None:
     targets = [SparseTargets(t[0].indices, logp, t[0].tail), t[1]]
     out = MeanAggregator(2)(targets, CTX, vocab_size=V, tail_mode="spread")
     out.logp[out.logp > -math.inf].sum().backward()
-    assert logp.grad is not None and bool(torch.isfinite(logp.grad).all()) and float(logp.grad.abs().sum()) > 0
+    assert (
+        logp.grad is not None
+        and bool(torch.isfinite(logp.grad).all())
+        and float(logp.grad.abs().sum()) > 0
+    )

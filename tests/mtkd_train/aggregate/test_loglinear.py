@@ -27,7 +27,9 @@ def test_loglinear_matches_dense_normalised_weighted_geometric_mean(temperature:
         targets, CTX, vocab_size=V, tail_mode="spread"
     )
     logs = torch.stack([to_dense(t, V).double().log() for t in targets], dim=1)  # (P, N, V)
-    expected = torch.softmax((torch.tensor(w, dtype=torch.double)[:, None] * logs).sum(1) / temperature, -1)
+    expected = torch.softmax(
+        (torch.tensor(w, dtype=torch.double)[:, None] * logs).sum(1) / temperature, -1
+    )
     torch.testing.assert_close(to_dense(out, V).double(), expected, atol=1e-6, rtol=1e-5)
 
 
@@ -44,7 +46,9 @@ def test_zero_weight_teacher_cannot_veto_a_token() -> None:
     # teacher 1 gives token 0 probability zero, but with weight 0 it must not matter (0^0 = 1)
     t0 = from_samples(torch.tensor([[0, 1]]), torch.tensor([[1, 1]]))
     t1 = from_samples(torch.tensor([[1, 2]]), torch.tensor([[1, 1]]))
-    out = LogLinearAggregator(2, weights=[1.0, 0.0])([t0, t1], CTX, vocab_size=4, tail_mode="spread")
+    out = LogLinearAggregator(2, weights=[1.0, 0.0])(
+        [t0, t1], CTX, vocab_size=4, tail_mode="spread"
+    )
     torch.testing.assert_close(to_dense(out, 4)[0], torch.tensor([0.5, 0.5, 0.0, 0.0]))
 
 
@@ -60,7 +64,9 @@ def test_disjoint_zero_tail_teachers_fall_back_to_the_mixture() -> None:
 
 
 def test_loglinear_output_is_normalised_with_exact_tail() -> None:
-    out = LogLinearAggregator(3, temperature=2.0)(_teachers(2), CTX, vocab_size=V, tail_mode="spread")
+    out = LogLinearAggregator(3, temperature=2.0)(
+        _teachers(2), CTX, vocab_size=V, tail_mode="spread"
+    )
     total = out.logp.exp().sum(-1) + out.tail
     torch.testing.assert_close(total, torch.ones_like(total), atol=1e-6, rtol=0)
     assert bool((out.tail > 0).all())

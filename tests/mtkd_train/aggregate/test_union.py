@@ -57,12 +57,21 @@ def _naive_union(targets: list[SparseTargets], v: int) -> list[dict[int, list[fl
     rows = []
     for p in range(targets[0].logp.shape[0]):
         kept = [
-            {int(i): math.exp(float(lp)) for i, lp in zip(t.indices[p], t.logp[p], strict=True) if lp > -INF}
+            {
+                int(i): math.exp(float(lp))
+                for i, lp in zip(t.indices[p], t.logp[p], strict=True)
+                if lp > -INF
+            }
             for t in targets
         ]
-        spread = [float(t.tail[p]) / (v - len(k)) if v > len(k) else 0.0 for t, k in zip(targets, kept, strict=True)]
+        spread = [
+            float(t.tail[p]) / (v - len(k)) if v > len(k) else 0.0
+            for t, k in zip(targets, kept, strict=True)
+        ]
         tokens = sorted(set().union(*kept))
-        rows.append({tok: [k.get(tok, s) for k, s in zip(kept, spread, strict=True)] for tok in tokens})
+        rows.append(
+            {tok: [k.get(tok, s) for k, s in zip(kept, spread, strict=True)] for tok in tokens}
+        )
     return rows
 
 

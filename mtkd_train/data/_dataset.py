@@ -1,0 +1,362 @@
+"""`CachedDistillDataset`: the streaming, resumable batch reader the training loop consumes.
+
+The stream is the sample sequence of `SampleOrder` (epochs concatenated). Counting from the
+position P0 the iteration starts at, global batch j holds stream positions
+[P0 + j*B*R, P0 + (j+1)*B*R) for B samples per rank and R ranks; rank r takes the r-th contiguous
+slice of B; DataLoader worker w of W takes global batches j with j % W == w. The DataLoader
+takes results from its workers round-robin, so the batches come out in the same order for any W,
+and since the order depends only on the stream position, a stream resumed at a position with
+another R or W yields exactly the samples the uninterrupted one would have. A batch may hold the
+end of one epoch and the start of the next, so every batch of an endless stream is full; only a
+finite stream (`epochs=k`) can end on a partial batch, split as evenly as possible over ranks
+(or dropped with `drop_last`).
+
+Each reading process (main or DataLoader worker) decodes whole chunks into a count-bounded LRU
+and reads `prefetch` chunks ahead in a thread: memory is bounded by (cache_chunks + prefetch + 1)
+decoded chunks, never the whole cache. A global batch spans a whole shuffle window, so every
+rank and every worker decodes (nearly) every chunk: workers overlap decoding with training but
+do not split it.
+
+Resume state is owned by the consumer: the trainer calls `consumed(n)` for every batch it has
+actually used (workers prefetching ahead do not move it), and `state_dict()` saves the global
+position; `load_state_dict()` makes the next iteration start there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mtkd_cache import CacheReader, open_cache
+from mtkd_train.data._chunks import ChunkCache, ChunkCacheStats
+from mtkd_train.data._collate import BatchBuilder, BatchSpec
+from mtkd_train.data._errors import StreamConfigError, StreamStateError
+from mtkd_train.data._order import SampleOrder
+from mtkd_train.data._validate import validate_teachers
+
+__all__ = ["BatchStream", "CachedDistillDataset", "StreamState"]
+
+Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """Where a stream is: `samples_consumed` global samples (all ranks) into epoch `epoch`."""
+
+    epoch: int = 0
+    samples_consumed: int = 0
+
+    def position(self, num_samples: int) -> int:
+        """Stream position `epoch * num_samples + samples_consumed`."""
+        return self.epoch * num_samples + self.samples_consumed
+
+    @classmethod
+    def at(cls, position: int, num_samples: int) -> StreamState:
+        """The state at stream `position`."""
+        epoch, offset = divmod(position, num_samples)
+        return cls(epoch, offset)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "samples_consumed": self.samples_consumed}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StreamState:
+        for key in ("epoch", "samples_consumed"):
+            if not isinstance(d.get(key), int) or d[key] < 0:
+                raise StreamStateError(
+                    f"stream state field {key!r} is {d.get(key)!r}, expected an integer >= 0; the "
+                    f"checkpoint is corrupt or not from CachedDistillDataset.state_dict()"
+                )
+        return cls(int(d["epoch"]), int(d["samples_consumed"]))
+
+
+class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
+    """Batches of inputs and cached teacher targets, streamed chunk by chunk from a cache.
+
+    Use with `DataLoader(ds, batch_size=None, num_workers=W)`. Each batch is a dict:
+
+    * `sample_ids` (B,) int64;
+    * token inputs: `input_ids` (B, L) int64 right-padded, `attention_mask` (B, L) int64 and
+      `position_mask` (B, L) bool (real positions); array inputs: each array (B, ...);
+    * `labels` (B,) int64 (-100 = unlabelled) if the cache has labels; `domains` (B,) int64
+      (codes into `reader.inputs.domains`, -1 = none) if it has domains;
+    * `targets[teacher]`: top-k {"indices" (B, T, K) int64, "logp" (B, T, K) float32 (-inf on
+      padding), "tail" (B, T) float32} or sampled {"indices" (B, T, n) int64, "counts" (B, T, n)
+      int32}; T = L for per-token teachers, 1 for per-sample ones. Row t of a causal LM holds
+      the teacher's distribution over token t + 1 (the trainer shifts the labels itself);
+    * `features[teacher][name]`: (B, L, D) float32 per position or (B, D) pooled.
+
+    Args:
+        cache: An open `CacheReader`, or a cache path / fsspec URL.
+        teachers: Teacher names (validated with `validate_teachers`); may be empty.
+        features: Teacher -> hidden-state layers to read (HF indices, as cached).
+        batch_size: Samples per rank per batch (B).
+        seed: Seed of the order (>= 0).
+        shuffle: Permute chunks and samples within windows; off reads 0..N-1.
+        shuffle_chunks: Chunks per shuffle window.
+        drop_last: Drop the final partial batch of a finite stream.
+        epochs: Stream length in epochs counted from epoch 0; None streams forever.
+        rank / world_size: This rank and the number of ranks; default from `torch.distributed`
+            when it is initialised, else 0 / 1.
+        prefetch: Chunks read ahead in a background thread (0 = none).
+        cache_chunks: Most decoded chunks kept per reading process; default one shuffle window.
+        pad_to_max_length: Pad token inputs to the cache's `max_length`, not the batch's longest.
+        storage_options: fsspec options when `cache` is a URL.
+
+    Raises:
+        StreamConfigError: an argument is out of range.
+        TeacherNotFoundError, IncompleteTeacherError, TeacherMismatchError: see `validate_teachers`.
+    """
+
+    def __init__(
+        self,
+        cache: CacheReader | str | os.PathLike[str],
+        teachers: Sequence[str] = (),
+        *,
+        features: Mapping[str, Sequence[int]] | None = None,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_chunks: int = 4,
+        drop_last: bool = False,
+        epochs: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        prefetch: int = 2,
+        cache_chunks: int | None = None,
+        pad_to_max_length: bool = False,
+        storage_options: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.reader = (
+            cache if isinstance(cache, CacheReader) else open_cache(cache, storage_options)
+        )
+        self.teachers, self.features = (
+            tuple(teachers),
+            {t: tuple(ls) for t, ls in (features or {}).items()},
+        )
+        if self.teachers or self.features:
+            validate_teachers(self.reader, self.teachers, features=self.features)
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        _check_positive(batch_size=batch_size, epochs=epochs, cache_chunks=cache_chunks)
+        if prefetch < 0:
+            raise StreamConfigError(f"prefetch must be >= 0, got {prefetch}")
+        self.batch_size, self.drop_last, self.epochs, self.prefetch = (
+            batch_size,
+            drop_last,
+            epochs,
+            prefetch,
+        )
+        self.order = SampleOrder.from_grid(
+            self.reader.inputs.grid, seed=seed, shuffle=shuffle, shuffle_chunks=shuffle_chunks
+        )
+        self.cache_chunks = cache_chunks or self.order.window_chunks
+        self.spec = self._batch_spec(pad_to_max_length)
+        self._lengths = self.reader.samples.column("num_positions").to_numpy().astype(np.int64)
+        self._state = StreamState()
+
+    def __repr__(self) -> str:
+        return (
+            f"CachedDistillDataset({self.reader.url!r}, teachers={list(self.teachers)}, "
+            f"batch_size={self.batch_size}, rank={self.rank}/{self.world_size}, state={self._state})"
+        )
+
+    def _batch_spec(self, pad_to_max_length: bool) -> BatchSpec:
+        inputs = self.reader.inputs
+        tok = inputs.tokenizer
+        metas = {t: self.reader.teacher(t).meta for t in self.teachers}
+        feature_grids = {}
+        for t, layers in self.features.items():
+            specs = [self.reader.teacher(t).feature_spec(layer) for layer in layers]
+            feature_grids[t] = {
+                s.name: "token" if (s.pool == "none" and metas[t].grid == "token") else "sample"
+                for s in specs
+            }
+        return BatchSpec(
+            token_inputs=inputs.kind == "tokens",
+            pad_id=tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0,
+            target_grids={t: m.grid for t, m in metas.items()},
+            feature_grids=feature_grids,
+            pad_to=inputs.max_length if pad_to_max_length else None,
+        )
+
+    # -- resume state ----------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return self.order.num_samples
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per step over all ranks (B * R)."""
+        return self.batch_size * self.world_size
+
+    @property
+    def end(self) -> int | None:
+        """Stream position where the stream ends (None = endless)."""
+        return None if self.epochs is None else self.epochs * self.num_samples
+
+    @property
+    def state(self) -> StreamState:
+        """Position after the batches reported by `consumed`."""
+        return self._state
+
+    def consumed(self, num_batches: int = 1) -> StreamState:
+        """Record that the trainer used `num_batches` more batches (on every rank); returns the state."""
+        if num_batches < 0:
+            raise StreamConfigError(f"num_batches must be >= 0, got {num_batches}")
+        pos = self._state.position(self.num_samples) + num_batches * self.global_batch_size
+        self._state = StreamState.at(
+            pos if self.end is None else min(pos, self.end), self.num_samples
+        )
+        return self._state
+
+    advance = consumed
+
+    def state_dict(self) -> dict[str, Any]:
+        """Resume state: the global position and the settings the order depends on."""
+        return {
+            **self._state.to_dict(),
+            **self._order_settings(),
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Make the next iteration start at the saved position (any batch size, ranks or workers).
+
+        Raises:
+            StreamStateError: the state comes from a stream with another order (seed, shuffle,
+                shuffle_chunks) or other data, or is malformed.
+        """
+        for key, want in self._order_settings().items():
+            if key in state and state[key] != want:
+                raise StreamStateError(
+                    f"the saved stream has {key}={state[key]!r} but this stream has {want!r}; resume "
+                    f"with {key}={state[key]!r} to continue the same sample order, or start afresh"
+                )
+        new = StreamState.from_dict(state)
+        if new.samples_consumed > self.num_samples:
+            raise StreamStateError(
+                f"samples_consumed={new.samples_consumed} exceeds this cache's "
+                f"{self.num_samples} samples; the state is from another cache"
+            )
+        self._state = StreamState.at(new.position(self.num_samples), self.num_samples)
+
+    def _order_settings(self) -> dict[str, Any]:
+        o = self.order
+        return {
+            "seed": o.seed,
+            "shuffle": o.shuffle,
+            "shuffle_chunks": o.shuffle_chunks,
+            "num_samples": o.num_samples,
+            "dataset_fingerprint": self.reader.inputs.dataset_fingerprint,
+        }
+
+    # -- iteration -------------------------------------------------------------------------------
+    def __iter__(self) -> BatchStream:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return BatchStream(self, self._state.position(self.num_samples), worker, workers)
+
+    def read_chunk(self, chunk: int) -> Any:
+        """One decoded chunk with this stream's teachers and features (`CacheReader.read_chunk`)."""
+        return self.reader.read_chunk(chunk, self.teachers, self.features)
+
+
+class BatchStream(Iterator[Batch]):
+    """One process's iterator over its batches; `stats` counts its chunk reads and cache use."""
+
+    def __init__(self, ds: CachedDistillDataset, start: int, worker: int, workers: int):
+        self.ds, self.start, self.worker, self.workers = ds, start, worker, workers
+        self._j = worker
+        order = ds.order
+        self._cache = ChunkCache(
+            ds.read_chunk,
+            order.scheduled_chunk,
+            capacity=ds.cache_chunks,
+            prefetch=ds.prefetch,
+            lookahead=order.window_chunks + ds.prefetch,
+            end=None if ds.epochs is None else ds.epochs * order.num_chunks,
+        )
+
+    @property
+    def stats(self) -> ChunkCacheStats:
+        return self._cache.stats
+
+    @property
+    def cache(self) -> ChunkCache:
+        return self._cache
+
+    def positions(self, j: int) -> tuple[int, int] | None:
+        """This rank's stream positions [a, b) in global batch `j` counted from the start; None past the end."""
+        ds = self.ds
+        g0, size = self.start + j * ds.global_batch_size, ds.global_batch_size
+        end = ds.end
+        if end is not None and g0 + size > end:
+            size = end - g0
+            if size <= 0 or ds.drop_last:
+                return None
+        lo, hi = _rank_slice(size, ds.batch_size, ds.world_size, ds.rank)
+        return (g0 + lo, g0 + hi) if hi > lo else None
+
+    def __next__(self) -> Batch:
+        span = self.positions(self._j)
+        if span is None:
+            self.close()
+            raise StopIteration
+        self._j += self.workers
+        return self._assemble(*span)
+
+    def _assemble(self, a: int, b: int) -> Batch:
+        ds, order = self.ds, self.ds.order
+        ids = order.stream_samples(a, b)  # (n,)
+        self._cache.release_before(order.schedule_index(a))
+        chunk_of = ids // order.chunk_samples
+        _, first = np.unique(chunk_of, return_index=True)
+        builder = BatchBuilder(ds.spec, len(ids), int(ds._lengths[ids].max()))
+        for c in chunk_of[np.sort(first)].tolist():
+            slots = np.flatnonzero(chunk_of == c)
+            builder.add(self._cache.get(c), ids[slots] - c * order.chunk_samples, slots)
+        self._cache.fill()
+        return builder.finish()
+
+    def close(self) -> None:
+        """Stop read-ahead and drop decoded chunks."""
+        self._cache.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def _rank_slice(size: int, batch: int, world: int, rank: int) -> tuple[int, int]:
+    """Rank's [lo, hi) of a global batch of `size` <= batch * world samples (even split if short)."""
+    if size == batch * world:
+        return rank * batch, (rank + 1) * batch
+    base, extra = divmod(size, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    initialised = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else 1
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise StreamConfigError(
+            f"rank={rank}, world_size={world_size}: need world_size >= 1 and 0 <= rank < world_size"
+        )
+    return rank, world_size
+
+
+def _check_positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise StreamConfigError(f"{name} must be >= 1, got {value}")
