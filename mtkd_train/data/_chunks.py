@@ -67,12 +67,8 @@ class ChunkCache:
         if prefetch < 0:
             raise StreamConfigError(f"prefetch must be >= 0, got {prefetch}")
         self._read, self._schedule = read, schedule
-        self.capacity, self.prefetch, self._lookahead, self._end = (
-            capacity,
-            prefetch,
-            lookahead,
-            end,
-        )
+        self.capacity, self.prefetch = capacity, prefetch
+        self._lookahead, self._end = lookahead, end
         self._lru: OrderedDict[int, ChunkData] = OrderedDict()
         self._pending: OrderedDict[int, tuple[int, Future[ChunkData]]] = OrderedDict()
         self._abandoned: list[Future[ChunkData]] = []

@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mtkd_cache import CacheReader, open_cache
+from mtkd_cache import CacheReader, ChunkData, open_cache
 from mtkd_train.data._chunks import ChunkCache, ChunkCacheStats
 from mtkd_train.data._collate import BatchBuilder, BatchSpec
 from mtkd_train.data._errors import StreamConfigError, StreamStateError
@@ -100,7 +102,9 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
         seed: Seed of the order (>= 0).
         shuffle: Permute chunks and samples within windows; off reads 0..N-1.
         shuffle_chunks: Chunks per shuffle window.
-        drop_last: Drop the final partial batch of a finite stream.
+        drop_last: Drop the final partial batch of a finite stream. Without it that batch is split
+            as evenly as possible over ranks, so some ranks may get one batch less: under DDP use
+            drop_last or an endless stream.
         epochs: Stream length in epochs counted from epoch 0; None streams forever.
         rank / world_size: This rank and the number of ranks; default from `torch.distributed`
             when it is initialised, else 0 / 1.
@@ -134,31 +138,26 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
         storage_options: Mapping[str, Any] | None = None,
     ):
         super().__init__()
-        self.reader = (
-            cache if isinstance(cache, CacheReader) else open_cache(cache, storage_options)
-        )
-        self.teachers, self.features = (
-            tuple(teachers),
-            {t: tuple(ls) for t, ls in (features or {}).items()},
-        )
+        if not isinstance(cache, CacheReader):
+            cache = open_cache(cache, storage_options)
+        self.reader = cache
+        self.teachers = tuple(teachers)
+        self.features = {t: tuple(layers) for t, layers in (features or {}).items()}
         if self.teachers or self.features:
             validate_teachers(self.reader, self.teachers, features=self.features)
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         _check_positive(batch_size=batch_size, epochs=epochs, cache_chunks=cache_chunks)
         if prefetch < 0:
             raise StreamConfigError(f"prefetch must be >= 0, got {prefetch}")
-        self.batch_size, self.drop_last, self.epochs, self.prefetch = (
-            batch_size,
-            drop_last,
-            epochs,
-            prefetch,
-        )
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.epochs = epochs
+        self.prefetch = prefetch
         self.order = SampleOrder.from_grid(
             self.reader.inputs.grid, seed=seed, shuffle=shuffle, shuffle_chunks=shuffle_chunks
         )
         self.cache_chunks = cache_chunks or self.order.window_chunks
         self.spec = self._batch_spec(pad_to_max_length)
-        self._lengths = self.reader.samples.column("num_positions").to_numpy().astype(np.int64)
         self._state = StreamState()
 
     def __repr__(self) -> str:
@@ -264,7 +263,7 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         return BatchStream(self, self._state.position(self.num_samples), worker, workers)
 
-    def read_chunk(self, chunk: int) -> Any:
+    def read_chunk(self, chunk: int) -> ChunkData:
         """One decoded chunk with this stream's teachers and features (`CacheReader.read_chunk`)."""
         return self.reader.read_chunk(chunk, self.teachers, self.features)
 
@@ -294,7 +293,7 @@ class BatchStream(Iterator[Batch]):
         return self._cache
 
     def positions(self, j: int) -> tuple[int, int] | None:
-        """This rank's stream positions [a, b) in global batch `j` counted from the start; None past the end."""
+        """This rank's stream positions [a, b) in global batch `j` after the start (None: past the end)."""
         ds = self.ds
         g0, size = self.start + j * ds.global_batch_size, ds.global_batch_size
         end = ds.end
@@ -319,7 +318,8 @@ class BatchStream(Iterator[Batch]):
         self._cache.release_before(order.schedule_index(a))
         chunk_of = ids // order.chunk_samples
         _, first = np.unique(chunk_of, return_index=True)
-        builder = BatchBuilder(ds.spec, len(ids), int(ds._lengths[ids].max()))
+        lengths = ds.reader.samples.column("num_positions").take(pa.array(ids))  # no O(N) copy
+        builder = BatchBuilder(ds.spec, len(ids), int(pc.max(lengths).as_py()))
         for c in chunk_of[np.sort(first)].tolist():
             slots = np.flatnonzero(chunk_of == c)
             builder.add(self._cache.get(c), ids[slots] - c * order.chunk_samples, slots)
@@ -331,7 +331,8 @@ class BatchStream(Iterator[Batch]):
         self._cache.close()
 
     def __del__(self) -> None:
-        self.close()
+        if hasattr(self, "_cache"):
+            self.close()
 
 
 def _rank_slice(size: int, batch: int, world: int, rank: int) -> tuple[int, int]:

@@ -80,7 +80,7 @@ def test_drop_last_drops_only_the_final_partial_global_batch(token_reader: Cache
 
 def test_epochs_follow_each_other_with_new_permutations(token_reader: CacheReader) -> None:
     batches = [b["sample_ids"].tolist() for b in _stream(token_reader, epochs=2, batch_size=5)]
-    seq = sum(batches, [])
+    seq: list[int] = sum(batches, [])
     assert all(len(b) == 5 for b in batches[:-1])  # a batch spans the epoch boundary: stays full
     assert sorted(seq[:N]) == list(range(N)) and sorted(seq[N:]) == list(range(N))
     assert seq[:N] != seq[N:]

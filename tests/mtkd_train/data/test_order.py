@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -68,6 +70,6 @@ def test_schedule_index_covers_the_window_of_every_position(shuffle: bool) -> No
 
 @pytest.mark.parametrize("kwargs", [{"seed": -1}, {"shuffle_chunks": 0}, {"chunk_samples": 0}])
 def test_bad_arguments_name_the_field(kwargs: dict[str, int]) -> None:
-    args = {"num_samples": 10, "chunk_samples": 4, **kwargs}
+    args: dict[str, Any] = {"num_samples": 10, "chunk_samples": 4, **kwargs}
     with pytest.raises(StreamConfigError, match=next(iter(kwargs))):
         SampleOrder(**args)
