@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -74,7 +73,7 @@ class InputsWriter:
         self.domains: set[str] = set()
         self.has_labels = False
         self.checksums: list[dict[str, Any]] = []
-        self._tmp = tempfile.NamedTemporaryFile(suffix=".parquet", delete=False)
+        self._tmp = tempfile.NamedTemporaryFile(suffix=".parquet", delete=False)  # noqa: SIM115 - path reused
         self._tmp.close()
         self._table = pq.ParquetWriter(self._tmp.name, SAMPLE_SCHEMA, compression="zstd")
 

@@ -139,8 +139,8 @@ def _probe_dims(reader: CacheReader, teacher: LoadedTeacher, layers: Sequence[in
 def _teacher_meta(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig, dtype: torch.dtype,
                   dims: Mapping[int, int]) -> TeacherMeta:
     grid = "token" if teacher.task == "causal_lm" and reader.inputs.kind == "tokens" else "sample"
-    feats = tuple(FeatureSpec(layer=l, pool=cfg.pool if grid == "token" else "mean",  # type: ignore[arg-type]
-                              dtype=cfg.feature_dtype, dim=dims[l]) for l in cfg.features)  # type: ignore[arg-type]
+    feats = tuple(FeatureSpec(layer=layer, pool=cfg.pool if grid == "token" else "mean",  # type: ignore[arg-type]
+                              dtype=cfg.feature_dtype, dim=dims[layer]) for layer in cfg.features)  # type: ignore[arg-type]
     tok = reader.inputs.tokenizer
     return TeacherMeta(
         name=cfg.teacher, model=cfg.model, task=teacher.task, weights_hash=teacher.weights_hash,
@@ -192,7 +192,7 @@ def _run_chunk(reader: CacheReader, teacher: LoadedTeacher, meta: TeacherMeta, c
             feats[f.layer] = h.float().cpu().numpy()
         for b, i in enumerate(idx):
             r = lengths[i] if meta.grid == "token" else 1
-            per_sample[i] = {"t": [a[b, :r] for a in host[:-2]], "feat": {l: v[b, :r] if v.ndim == 3 else v[b] for l, v in feats.items()}}
+            per_sample[i] = {"t": [a[b, :r] for a in host[:-2]], "feat": {k: v[b, :r] if v.ndim == 3 else v[b] for k, v in feats.items()}}
             stats["positions"] += r
             if spec.kind == "topk":
                 stats["tail_sum"] += float(host[2][b, :r].sum())

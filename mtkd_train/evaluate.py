@@ -83,7 +83,8 @@ def evaluate_student(student: Student, reader: CacheReader, *, batch_size: int =
         labels_all.append(t.cpu())
         if mc_samples > 0:
             student.module.train()
-            pred = mc_dropout_predict(lambda: student.forward(batch)[0][..., : z.shape[-1]][keep].float(), mc_samples)
+            pred = mc_dropout_predict(lambda b=batch, k=keep, v=z.shape[-1]: student.forward(b)[0][..., :v][k].float(),
+                                      mc_samples)
             student.module.eval()
             pe_all.append(pred.predictive_entropy.cpu())
             mi_all.append(pred.mutual_information.cpu())

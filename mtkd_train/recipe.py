@@ -27,7 +27,12 @@ from tqdm.auto import tqdm
 
 from mtkd_cache import CacheReader, open_cache, verify_cache
 from mtkd_train.aggregate import GateNetwork
-from mtkd_train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from mtkd_train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mtkd_train.config import ConfigError, TrainConfig
 from mtkd_train.data import CachedDistillDataset, validate_teachers
 from mtkd_train.evaluate import evaluate_student, evaluate_teachers

@@ -54,7 +54,7 @@ def check_topk_rows(block: TopkBlock, ref: torch.Tensor, *, value_atol: float, t
     k = block.indices.shape[1]
     assert block.indices.shape == (ref.shape[0], k)
     assert np.all(np.diff(block.indices, axis=1) > 0), "indices must be distinct and ascending per row"
-    assert 0 <= block.indices.min() and block.indices.max() < ref.shape[1], "index outside the real vocabulary"
+    assert block.indices.min() >= 0 and block.indices.max() < ref.shape[1], "index outside the real vocabulary"
     ranked = torch.sort(ref, dim=-1, descending=True).values  # (R, V)
     ref_idx = torch.topk(ref, k, dim=-1).indices.numpy()  # (R, k)
     compared = 0
