@@ -7,13 +7,14 @@ refused.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mtkd_train.config import TrainConfig
+from mtkd_train.config import RUN_ONLY_KEYS, TrainConfig
 
 __all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -26,7 +27,7 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], cfg: TrainCo
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step_{step:08d}.pt"
     tmp = path.with_suffix(".pt.tmp")
-    torch.save({**state, "config_fingerprint": cfg.fingerprint(), "config": cfg.to_dict().__repr__()}, tmp)
+    torch.save({**state, "config_fingerprint": cfg.fingerprint(), "config": _config_json(cfg)}, tmp)
     os.replace(tmp, path)
     return path
 
@@ -45,7 +46,21 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} cannot be read ({e}); delete it to resume from an earlier one") from e
     if state.get("config_fingerprint") != cfg.fingerprint():
         raise CheckpointError(
-            f"checkpoint {path} was written with another configuration (fingerprint "
-            f"{state.get('config_fingerprint')} vs {cfg.fingerprint()}); its config was {state.get('config')}. "
+            f"checkpoint {path} was written with another configuration: {_differences(state.get('config'), cfg)}. "
             f"Resume with the same settings, or start a new run with another --out")
     return state
+
+
+def _config_json(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+
+
+def _differences(saved: Any, cfg: TrainConfig) -> str:
+    """The keys that change the fingerprint, with the checkpoint's and the current value."""
+    try:
+        old = json.loads(saved)
+    except (TypeError, json.JSONDecodeError):  # written before configs were stored as JSON
+        return f"its config was {saved}"
+    new = json.loads(_config_json(cfg))
+    keys = [k for k in new if k not in RUN_ONLY_KEYS and old.get(k) != new[k]]
+    return "; ".join(f"`{k}` was {old.get(k)!r}, now {new[k]!r}" for k in keys) or f"its config was {saved}"

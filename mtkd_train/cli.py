@@ -77,6 +77,8 @@ def build_config(cache: str | None, config: str | None, flags: dict[str, Any]) -
 def main(cache: str | None, config: str | None, resume: bool, eval_teachers: bool, **flags: Any) -> None:
     """Distil a student from the cached targets of several teachers (no teacher is loaded).
 
+    CACHE: Training cache path or fsspec URL. (In a --config file: the `cache` key.)
+
     Example: mtkd-train CACHE --teachers a,b,c --aggregate entropy --loss forward_kl --alpha 0.5
     --temperature 2 --student PATH --out RUN
     """

@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "TrainConfig", "load_config_file"]
+__all__ = ["RUN_ONLY_KEYS", "ConfigError", "TrainConfig", "load_config_file"]
 
 _AGGREGATORS = ("mean", "loglinear", "entropy", "confidence", "label_aware", "gate", "routing", "mtbkd")
 _LOSSES = ("forward_kl", "reverse_kl", "js", "tv", "skew_kl")
+RUN_ONLY_KEYS = ("out", "max_steps", "checkpoint_every", "log_every", "eval_cache", "eval_every", "eval_max_samples",
+                 "mc_samples", "tensorboard", "verify_cache", "num_workers", "device")
+"""Keys that do not change what a training step computes: left out of `TrainConfig.fingerprint`."""
 
 
 class ConfigError(ValueError):
@@ -165,8 +168,7 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Hash of the fields that change what a step computes (not run length, logging, paths)."""
         d = self.to_dict()
-        for volatile in ("out", "max_steps", "checkpoint_every", "log_every", "eval_cache", "eval_every",
-                         "eval_max_samples", "mc_samples", "tensorboard", "verify_cache", "num_workers", "device"):
+        for volatile in RUN_ONLY_KEYS:
             d.pop(volatile)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -134,9 +134,14 @@ class DistillRecipe:
             raise ConfigError(f"`student` {self.cfg.student!r} has {self.student.output_size} outputs but the teachers "
                               f"{list(self.cfg.teachers)} have a vocabulary of {self.vocab_size}; use a student with "
                               f"the teachers' tokenizer / classes")
-        want = "causal_lm" if self.metas[0].grid == "token" else None
-        if want and self.student.task != want:
+        if self.metas[0].grid == "token" and self.student.task != "causal_lm":
             raise ConfigError(f"`student` is a {self.student.task} but the teachers store per-token targets; use a causal LM")
+        if self.metas[0].grid == "sample" and self.student.task == "causal_lm":
+            raise ConfigError(f"`student` {self.cfg.student!r} is a causal LM but the teachers {list(self.cfg.teachers)} "
+                              f"store one target per sample ({self.vocab_size} classes); use a classifier student")
+        if self.metas[0].grid == "sample" and self.student.output_size not in (0, self.vocab_size):
+            raise ConfigError(f"`student` {self.cfg.student!r} has {self.student.output_size} classes but the teachers "
+                              f"{list(self.cfg.teachers)} have {self.vocab_size}; give the student {self.vocab_size} outputs")
         self.student.module.to(self.device)
 
     def _hidden_size(self) -> int:
@@ -293,6 +298,7 @@ class DistillRecipe:
                         terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / c.grad_accum
             if c.clip_grad > 0:
                 terms_sum["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad))
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step used; step() moves to the next one
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -301,7 +307,7 @@ class DistillRecipe:
             bar.update(1)
             bar.set_postfix(loss=f"{terms_sum['loss']:.4f}")
             if log is not None and self.step % c.log_every == 0:
-                rec = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], **terms_sum,
+                rec = {"step": self.step, "lr": lr, **terms_sum,
                        "positions_per_s": positions / max(time.perf_counter() - t0, 1e-9)}
                 if "gate_weights" in terms:
                     rec["gate_weights"] = terms["gate_weights"].tolist()

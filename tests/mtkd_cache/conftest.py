@@ -43,26 +43,27 @@ BERT_LABELS = 5
 NUM_DOCS = 32
 
 FACTORY_SOURCE = '''
-"""Factories for tests: a classifier that returns NaN logits for samples holding one token."""
+"""Test factories: a classifier whose logits are NaN for samples that start with given tokens."""
 import torch
 from helpers.tiny_models import TinyFactoryClassifier, tiny_factory_classifier
 
 
-class NanOnToken(torch.nn.Module):
-    def __init__(self, inner: TinyFactoryClassifier, nan_token: int) -> None:
+class NanOnPrefix(torch.nn.Module):
+    def __init__(self, inner: TinyFactoryClassifier, prefix: list[int]) -> None:
         super().__init__()
         self.inner = inner
         self.num_classes = inner.num_classes
-        self.nan_token = nan_token
+        self.prefix = prefix
 
     def forward(self, input_ids, attention_mask=None):
         logits = self.inner(input_ids, attention_mask)  # (B, C)
-        bad = (input_ids == self.nan_token).any(dim=1, keepdim=True)  # (B, 1)
+        n = len(self.prefix)
+        bad = (input_ids[:, :n] == torch.tensor(self.prefix)).all(dim=1, keepdim=True)  # (B, 1)
         return torch.where(bad, torch.full_like(logits, float("nan")), logits)
 
 
-def nan_classifier(vocab_size: int, num_classes: int, nan_token: int) -> NanOnToken:
-    return NanOnToken(tiny_factory_classifier(vocab_size, num_classes), nan_token)
+def nan_classifier(vocab_size: int, num_classes: int, prefix: list[int]) -> NanOnPrefix:
+    return NanOnPrefix(tiny_factory_classifier(vocab_size, num_classes), prefix)
 '''
 
 
@@ -74,7 +75,11 @@ def _write_corpus(path: Path) -> None:
     with path.open("w") as f:
         for i, n in enumerate(lengths):
             text = " ".join(rng.choice(words) for _ in range(n))
-            row = {"text": text, "label": ("neg", "pos", "neu")[i % 3], "domain": ("news", "chat")[i % 2]}
+            row = {
+                "text": text,
+                "label": ("neg", "pos", "neu")[i % 3],
+                "domain": ("news", "chat")[i % 2],
+            }
             f.write(json.dumps(row) + "\n")
 
 
@@ -114,7 +119,9 @@ def lm_logp(lm_model: LlamaForCausalLM) -> Callable[[np.ndarray], torch.Tensor]:
 @pytest.fixture(scope="session")
 def bert_dir(assets: Path) -> Path:
     """Tiny BERT sequence classifier with BERT_LABELS classes and the LM's tokenizer."""
-    return save_tiny_bert_classifier(assets / "bert", num_labels=BERT_LABELS, vocab_size=TOKENIZER_SIZE)
+    return save_tiny_bert_classifier(
+        assets / "bert", num_labels=BERT_LABELS, vocab_size=TOKENIZER_SIZE
+    )
 
 
 @pytest.fixture(scope="session")
@@ -133,8 +140,15 @@ def corpus(assets: Path) -> Path:
 def inputs_template(assets: Path, corpus: Path, lm_dir: Path) -> Path:
     """Prepared inputs only (no teacher): ~50 samples, max_length 16, chunks of 8 samples."""
     cache = assets / "inputs_template"
-    prepare(cache, corpus, tokenizer=lm_dir, max_length=MAX_LENGTH, chunk_samples=CHUNK_SAMPLES,
-            domain_column="domain", progress=False)
+    prepare(
+        cache,
+        corpus,
+        tokenizer=lm_dir,
+        max_length=MAX_LENGTH,
+        chunk_samples=CHUNK_SAMPLES,
+        domain_column="domain",
+        progress=False,
+    )
     return cache
 
 
@@ -184,8 +198,14 @@ def subprocess_env() -> dict[str, str]:
     """Environment for child processes: this checkout first on the path, one thread, offline."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
+    env.update(
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        TQDM_DISABLE="1",
+    )
     return env
 
 

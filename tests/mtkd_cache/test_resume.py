@@ -82,18 +82,40 @@ def test_sigkill_mid_run_then_resume_recomputes_only_uncommitted_chunks(
     many_chunks: Path, tmp_path: Path, lm_dir: Path, subprocess_env: dict[str, str]
 ) -> None:
     reference = Path(shutil.copytree(many_chunks, tmp_path / "reference"))
-    run_teacher(reference, RunConfig(teacher="lm", model=str(lm_dir), top_k=8, features=(-1,)), progress=False)
-    args = ["run", str(many_chunks), "--teacher", "lm", "--model", str(lm_dir), "--top-k", "8",
-            "--features", "-1", "--device", "cpu"]
+    run_teacher(
+        reference,
+        RunConfig(teacher="lm", model=str(lm_dir), top_k=8, features=(-1,)),
+        progress=False,
+    )
+    args = [
+        "run",
+        str(many_chunks),
+        "--teacher",
+        "lm",
+        "--model",
+        str(lm_dir),
+        "--top-k",
+        "8",
+        "--features",
+        "-1",
+        "--device",
+        "cpu",
+    ]
     num_chunks = open_cache(many_chunks).num_chunks
     commits = many_chunks / "teachers" / "lm" / "_commits"
 
-    proc = subprocess.Popen([sys.executable, str(KILL_TARGET), "0.2", *args], env=subprocess_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(KILL_TARGET), "0.2", *args],
+        env=subprocess_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while len(list(commits.glob("*.json"))) < 2:
-            assert proc.poll() is None, f"run ended before the kill: {proc.communicate()[1].decode()[-2000:]}"
+            assert proc.poll() is None, (
+                f"run ended before the kill: {proc.communicate()[1].decode()[-2000:]}"
+            )
             assert time.monotonic() < deadline, "no chunk was committed within 120 s"
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
@@ -113,7 +135,9 @@ def test_sigkill_mid_run_then_resume_recomputes_only_uncommitted_chunks(
     assert "lm" not in reader.teacher_names and "lm" in reader.incomplete_teachers()
     with pytest.raises(CacheIncompleteError, match="'lm' is incomplete"):
         reader.teacher("lm")
-    assert any("'lm' is incomplete" in p for p in verify_cache(many_chunks, progress=False).problems)
+    assert any(
+        "'lm' is incomplete" in p for p in verify_cache(many_chunks, progress=False).problems
+    )
 
     # The same command again, without the slow-down (in this process, to save a start-up).
     resumed = CliRunner().invoke(main, args)
@@ -124,7 +148,10 @@ def test_sigkill_mid_run_then_resume_recomputes_only_uncommitted_chunks(
     assert {c: after[c] for c in done} == before, "a chunk committed before the kill was recomputed"
     assert shard_mtimes(many_chunks, "lm", done) == shards_before
     assert_same_arrays(teacher_arrays(many_chunks, "lm"), teacher_arrays(reference, "lm"))
-    assert open_cache(many_chunks).teacher("lm").meta.stats["positions"] == open_cache(many_chunks).inputs.num_positions
+    assert (
+        open_cache(many_chunks).teacher("lm").meta.stats["positions"]
+        == open_cache(many_chunks).inputs.num_positions
+    )
     assert verify_cache(many_chunks, progress=False).ok
 
 
@@ -163,7 +190,10 @@ def test_run_that_failed_mid_way_resumes_where_it_stopped(
 
 
 def test_rerun_of_a_complete_teacher_changes_nothing(
-    copy_cache: Callable[..., Path], lm_template: Path, lm_dir: Path, snapshot: Callable[[Path], dict[str, str]]
+    copy_cache: Callable[..., Path],
+    lm_template: Path,
+    lm_dir: Path,
+    snapshot: Callable[[Path], dict[str, str]],
 ) -> None:
     cache = copy_cache(lm_template)
     before = snapshot(cache)
@@ -173,7 +203,10 @@ def test_rerun_of_a_complete_teacher_changes_nothing(
 
 
 def test_rerun_re_registers_a_teacher_missing_from_the_manifest_without_recomputing(
-    copy_cache: Callable[..., Path], lm_template: Path, lm_dir: Path, snapshot: Callable[[Path], dict[str, str]]
+    copy_cache: Callable[..., Path],
+    lm_template: Path,
+    lm_dir: Path,
+    snapshot: Callable[[Path], dict[str, str]],
 ) -> None:
     """Two teachers finishing at once may lose one manifest entry; its command re-registers it."""
     cache = copy_cache(lm_template)
@@ -188,7 +221,10 @@ def test_rerun_re_registers_a_teacher_missing_from_the_manifest_without_recomput
 
 
 def test_half_done_run_with_other_settings_is_refused(
-    many_chunks: Path, lm_dir: Path, monkeypatch: pytest.MonkeyPatch, snapshot: Callable[[Path], dict[str, str]]
+    many_chunks: Path,
+    lm_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    snapshot: Callable[[Path], dict[str, str]],
 ) -> None:
     real_run_chunk = mtkd_cache.runner._run_chunk
 
@@ -199,9 +235,13 @@ def test_half_done_run_with_other_settings_is_refused(
 
     monkeypatch.setattr(mtkd_cache.runner, "_run_chunk", failing)
     with pytest.raises(RuntimeError):
-        run_teacher(many_chunks, RunConfig(teacher="lm", model=str(lm_dir), top_k=8), progress=False)
+        run_teacher(
+            many_chunks, RunConfig(teacher="lm", model=str(lm_dir), top_k=8), progress=False
+        )
     monkeypatch.setattr(mtkd_cache.runner, "_run_chunk", real_run_chunk)
     before = snapshot(many_chunks)
     with pytest.raises(CacheExistsError, match=r"'lm'.*target.*--overwrite"):
-        run_teacher(many_chunks, RunConfig(teacher="lm", model=str(lm_dir), top_k=4), progress=False)
+        run_teacher(
+            many_chunks, RunConfig(teacher="lm", model=str(lm_dir), top_k=4), progress=False
+        )
     assert snapshot(many_chunks) == before

@@ -42,7 +42,9 @@ FP32_ATOL = 2e-6
 """fp32 values carry no quantisation: only the float32 round-off of a batched vs unbatched forward."""
 
 
-def check_topk_rows(block: TopkBlock, ref: torch.Tensor, *, value_atol: float, tail_atol: float) -> int:
+def check_topk_rows(
+    block: TopkBlock, ref: torch.Tensor, *, value_atol: float, tail_atol: float
+) -> int:
     """Compare cached top-k rows with reference log-probs ``ref`` (R, V).
 
     Indices as sets per row (except near-ties), values at the cached indices within
@@ -53,8 +55,12 @@ def check_topk_rows(block: TopkBlock, ref: torch.Tensor, *, value_atol: float, t
     """
     k = block.indices.shape[1]
     assert block.indices.shape == (ref.shape[0], k)
-    assert np.all(np.diff(block.indices, axis=1) > 0), "indices must be distinct and ascending per row"
-    assert block.indices.min() >= 0 and block.indices.max() < ref.shape[1], "index outside the real vocabulary"
+    assert np.all(np.diff(block.indices, axis=1) > 0), (
+        "indices must be distinct and ascending per row"
+    )
+    assert block.indices.min() >= 0 and block.indices.max() < ref.shape[1], (
+        "index outside the real vocabulary"
+    )
     ranked = torch.sort(ref, dim=-1, descending=True).values  # (R, V)
     ref_idx = torch.topk(ref, k, dim=-1).indices.numpy()  # (R, k)
     compared = 0
@@ -69,10 +75,17 @@ def check_topk_rows(block: TopkBlock, ref: torch.Tensor, *, value_atol: float, t
 
 
 @pytest.fixture(scope="module")
-def fp32_cache(tmp_path_factory: pytest.TempPathFactory, inputs_template: Path, lm_dir: Path) -> Path:
+def fp32_cache(
+    tmp_path_factory: pytest.TempPathFactory, inputs_template: Path, lm_dir: Path
+) -> Path:
     cache = Path(shutil.copytree(inputs_template, tmp_path_factory.mktemp("fp32") / "cache"))
-    run_teacher(cache, RunConfig(teacher="f32", model=str(lm_dir), top_k=TOP_K, value_codec="fp32",
-                                 tail_dtype="float32"), progress=False)
+    run_teacher(
+        cache,
+        RunConfig(
+            teacher="f32", model=str(lm_dir), top_k=TOP_K, value_codec="fp32", tail_dtype="float32"
+        ),
+        progress=False,
+    )
     return cache
 
 
@@ -95,11 +108,15 @@ def test_topk_u8log_equals_teacher_log_softmax_over_real_vocab(
         ref = lm_logp(s["token_ids"])  # (T, V)
         assert ref.min() > -255 * step, "no code is clipped, so every value obeys the step/2 bound"
         # u8log rounds to a grid of `step` nats: the error bound is step / 2. fp16 tail: 1e-3.
-        compared += check_topk_rows(s["targets"]["lm"], ref, value_atol=step / 2 + 1e-6, tail_atol=1e-3)
+        compared += check_topk_rows(
+            s["targets"]["lm"], ref, value_atol=step / 2 + 1e-6, tail_atol=1e-3
+        )
         rows += len(ref)
         with torch.no_grad():
             full = lm_model(torch.as_tensor(s["token_ids"])[None]).logits[0]  # (T, 72)
-        padded_in_full_topk += int((full.topk(TOP_K, dim=-1).indices >= TOKENIZER_SIZE).any(-1).sum())
+        padded_in_full_topk += int(
+            (full.topk(TOP_K, dim=-1).indices >= TOKENIZER_SIZE).any(-1).sum()
+        )
     assert rows == reader.inputs.num_positions
     assert compared >= 0.9 * rows
     # The head's padding columns would be in most top-k rows if they were not cut off.
@@ -114,7 +131,9 @@ def test_fp32_values_and_tail_carry_no_quantisation(
     assert (group["values"].dtype, group["tail"].dtype) == (np.float32, np.float32)
     for sid in range(reader.inputs.num_samples):
         s = reader.sample(sid, teachers=["f32"])
-        check_topk_rows(s["targets"]["f32"], lm_logp(s["token_ids"]), value_atol=FP32_ATOL, tail_atol=FP32_ATOL)
+        check_topk_rows(
+            s["targets"]["f32"], lm_logp(s["token_ids"]), value_atol=FP32_ATOL, tail_atol=FP32_ATOL
+        )
 
 
 def test_row_j_is_the_teacher_distribution_over_token_j_plus_1(
@@ -131,7 +150,11 @@ def test_row_j_is_the_teacher_distribution_over_token_j_plus_1(
         ref = lm_logp(ids)
         for j in range(len(ids)):
             with torch.no_grad():  # the model's own next-token prediction from the prefix 0..j
-                nxt = int(lm_model(torch.as_tensor(ids[: j + 1])[None]).logits[0, -1, :TOKENIZER_SIZE].argmax())
+                nxt = int(
+                    lm_model(torch.as_tensor(ids[: j + 1])[None])
+                    .logits[0, -1, :TOKENIZER_SIZE]
+                    .argmax()
+                )
             top2 = torch.topk(ref[j], 2).values
             if top2[0] - top2[1] > TIE_GAP:
                 assert cached_top1[j] == nxt, f"sample {sid} row {j}"
@@ -153,17 +176,27 @@ def test_index_dtype_is_16_bit_up_to_65536_tokens_then_32_bit() -> None:
 
 def test_wide_vocabulary_round_trips_indices_above_65535(tmp_path: Path) -> None:
     vocab = 140_000
-    lm = save_tiny_causal_lm(tmp_path / "wide", vocab_size=vocab, hidden_size=16, num_layers=1,
-                             tokenizer_size=vocab)
+    lm = save_tiny_causal_lm(
+        tmp_path / "wide", vocab_size=vocab, hidden_size=16, num_layers=1, tokenizer_size=vocab
+    )
     rng = random.Random(1)
     with (tmp_path / "wide.jsonl").open("w") as f:
         for _ in range(6):
-            words = [f"w{rng.randrange(65_600, vocab - 4)}" for _ in range(rng.randint(4, 16))] + ["w7"]
+            words = [f"w{rng.randrange(65_600, vocab - 4)}" for _ in range(rng.randint(4, 16))] + [
+                "w7"
+            ]
             f.write(json.dumps({"text": " ".join(words)}) + "\n")
     cache = tmp_path / "cache"
-    prepare(cache, tmp_path / "wide.jsonl", tokenizer=lm, max_length=16, chunk_samples=4, progress=False)
-    meta = run_teacher(cache, RunConfig(teacher="wide", model=str(lm), top_k=16, value_codec="fp32",
-                                        tail_dtype="float32"), progress=False)
+    prepare(
+        cache, tmp_path / "wide.jsonl", tokenizer=lm, max_length=16, chunk_samples=4, progress=False
+    )
+    meta = run_teacher(
+        cache,
+        RunConfig(
+            teacher="wide", model=str(lm), top_k=16, value_codec="fp32", tail_dtype="float32"
+        ),
+        progress=False,
+    )
     assert meta.index_dtype == "uint32" and meta.vocab_size == vocab
     assert zarr.open_array(str(cache / "teachers/wide/indices"), mode="r").dtype == np.uint32
     assert zarr.open_array(str(cache / "inputs/token_ids"), mode="r").dtype == np.int32
@@ -174,7 +207,9 @@ def test_wide_vocabulary_round_trips_indices_above_65535(tmp_path: Path) -> None
         s = reader.sample(sid, teachers=["wide"])
         big_inputs += int((s["token_ids"] > 0xFFFF).sum())
         with torch.no_grad():
-            ref = torch.log_softmax(model(torch.as_tensor(s["token_ids"])[None]).logits[0, :, :vocab], -1)
+            ref = torch.log_softmax(
+                model(torch.as_tensor(s["token_ids"])[None]).logits[0, :, :vocab], -1
+            )
         check_topk_rows(s["targets"]["wide"], ref, value_atol=FP32_ATOL, tail_atol=FP32_ATOL)
         big_indices += int((s["targets"]["wide"].indices > 0xFFFF).sum())
     assert big_inputs > 0 and big_indices > 0, "ids above 65535 must actually be exercised"
@@ -189,12 +224,23 @@ TEMPERATURE = 0.05
 
 
 @pytest.fixture(scope="module")
-def sampled_cache(tmp_path_factory: pytest.TempPathFactory, inputs_template: Path, lm_dir: Path) -> Path:
+def sampled_cache(
+    tmp_path_factory: pytest.TempPathFactory, inputs_template: Path, lm_dir: Path
+) -> Path:
     cache = Path(shutil.copytree(inputs_template, tmp_path_factory.mktemp("sampled") / "cache"))
     for name, seed in (("s", 0), ("s_again", 0), ("s_seed1", 1)):
-        run_teacher(cache, RunConfig(teacher=name, model=str(lm_dir), top_k=None, samples=DRAWS, seed=seed,
-                                     temperature=TEMPERATURE),
-                    progress=False)
+        run_teacher(
+            cache,
+            RunConfig(
+                teacher=name,
+                model=str(lm_dir),
+                top_k=None,
+                samples=DRAWS,
+                seed=seed,
+                temperature=TEMPERATURE,
+            ),
+            progress=False,
+        )
     return cache
 
 
@@ -218,7 +264,9 @@ def test_sampled_counts_sum_to_draws_and_estimate_the_teacher_softmax(
         for r in range(len(block.indices)):
             assert np.all(np.diff(block.indices[r, used[r]]) > 0)
         dense = np.zeros((len(block.indices), TOKENIZER_SIZE))
-        np.add.at(dense, (np.arange(len(block.indices))[:, None], block.indices), block.counts / DRAWS)
+        np.add.at(
+            dense, (np.arange(len(block.indices))[:, None], block.indices), block.counts / DRAWS
+        )
         estimate.append(dense)
         logp = lm_logp(s["token_ids"])  # (T, V) at temperature 1
         probs.append(torch.softmax(logp / TEMPERATURE, -1).numpy())
@@ -231,7 +279,9 @@ def test_sampled_counts_sum_to_draws_and_estimate_the_teacher_softmax(
     # alarm has probability < 1e-4).
     std = np.sqrt((p * (1 - p)).sum(0) / DRAWS) / rows  # (V,)
     z = (est.mean(0) - p.mean(0)) / std
-    assert np.abs(z).max() < 5.0, f"worst token {int(np.abs(z).argmax())}: z = {np.abs(z).max():.2f}"
+    assert np.abs(z).max() < 5.0, (
+        f"worst token {int(np.abs(z).argmax())}: z = {np.abs(z).max():.2f}"
+    )
     # The same bound rejects the untempered softmax by a wide margin (the test has power).
     assert np.abs((est.mean(0) - np.concatenate(untempered).mean(0)) / std).max() > 10.0
 
@@ -252,28 +302,43 @@ def test_sampled_targets_are_deterministic_given_the_seed(sampled_cache: Path) -
 @pytest.mark.parametrize("pool", ["none", "mean"])
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_features_equal_hidden_states_within_encoding_tolerance(
-    pool: str, dtype: str, copy_cache: Callable[..., Path], inputs_template: Path, lm_dir: Path,
+    pool: str,
+    dtype: str,
+    copy_cache: Callable[..., Path],
+    inputs_template: Path,
+    lm_dir: Path,
     lm_model: LlamaForCausalLM,
 ) -> None:
     cache = copy_cache(inputs_template)
     layers = (0, -1)
-    run_teacher(cache, RunConfig(teacher="t", model=str(lm_dir), top_k=4, features=layers, pool=pool,
-                                 feature_dtype=dtype), progress=False)
+    run_teacher(
+        cache,
+        RunConfig(
+            teacher="t", model=str(lm_dir), top_k=4, features=layers, pool=pool, feature_dtype=dtype
+        ),
+        progress=False,
+    )
     reader = open_cache(cache)
     specs = reader.teacher("t").meta.features
-    assert [(f.layer, f.pool, f.dtype, f.dim) for f in specs] == [(li, pool, dtype, 32) for li in layers]
+    assert [(f.layer, f.pool, f.dtype, f.dim) for f in specs] == [
+        (li, pool, dtype, 32) for li in layers
+    ]
     for c in range(reader.num_chunks):
         data = reader.read_chunk(c, features={"t": list(layers)})
         for i, sid in enumerate(data.sample_ids):
             ids = data.inputs["token_ids"][data.offsets[i] : data.offsets[i] + data.lengths[i]]
             with torch.no_grad():
-                hidden = lm_model(torch.as_tensor(ids)[None], output_hidden_states=True).hidden_states
+                hidden = lm_model(
+                    torch.as_tensor(ids)[None], output_hidden_states=True
+                ).hidden_states
             for layer, fname in zip(layers, ("layer_0", "layer_m1"), strict=True):
                 ref = hidden[layer][0].numpy()  # (T, D)
                 if pool == "mean":
                     ref, got = ref.mean(0, keepdims=True), data.features["t"][fname][i : i + 1]
                 else:
-                    got = data.features["t"][fname][data.offsets[i] : data.offsets[i] + data.lengths[i]]
+                    got = data.features["t"][fname][
+                        data.offsets[i] : data.offsets[i] + data.lengths[i]
+                    ]
                 if dtype == "float16":  # half precision: relative error <= 2^-11
                     tol = np.abs(ref) * 2.0**-11 + 1e-5
                 else:  # symmetric int8 per row: error <= scale / 2, scale = max|x| / 127
@@ -286,16 +351,26 @@ def test_features_equal_hidden_states_within_encoding_tolerance(
 
 
 def test_sequence_classifier_stores_one_row_per_sample(
-    copy_cache: Callable[..., Path], inputs_template: Path, bert_dir: Path,
+    copy_cache: Callable[..., Path],
+    inputs_template: Path,
+    bert_dir: Path,
     bert_model: BertForSequenceClassification,
 ) -> None:
     cache = copy_cache(inputs_template)
-    meta = run_teacher(cache, RunConfig(teacher="bert", model=str(bert_dir), top_k=3), progress=False)
-    assert (meta.task, meta.grid, meta.vocab_size) == ("sequence_classification", "sample", BERT_LABELS)
+    meta = run_teacher(
+        cache, RunConfig(teacher="bert", model=str(bert_dir), top_k=3), progress=False
+    )
+    assert (meta.task, meta.grid, meta.vocab_size) == (
+        "sequence_classification",
+        "sample",
+        BERT_LABELS,
+    )
     reader = open_cache(cache)
     grid = reader.inputs.grid
     assert zarr.open_array(str(cache / "teachers/bert/indices"), mode="r").shape == (
-        grid.num_chunks * grid.chunk_samples, 3)
+        grid.num_chunks * grid.chunk_samples,
+        3,
+    )
     for c in range(reader.num_chunks):
         data = reader.read_chunk(c, teachers=["bert"])
         block = data.targets["bert"]
@@ -305,7 +380,9 @@ def test_sequence_classifier_stores_one_row_per_sample(
             ids = data.inputs["token_ids"][data.offsets[i] : data.offsets[i] + data.lengths[i]]
             with torch.no_grad():
                 refs.append(torch.log_softmax(bert_model(torch.as_tensor(ids)[None]).logits[0], -1))
-        check_topk_rows(block, torch.stack(refs), value_atol=meta.values.step / 2 + 1e-5, tail_atol=1e-3)
+        check_topk_rows(
+            block, torch.stack(refs), value_atol=meta.values.step / 2 + 1e-5, tail_atol=1e-3
+        )
 
 
 def test_image_classifier_on_array_inputs(tmp_path: Path) -> None:
@@ -313,16 +390,31 @@ def test_image_classifier_on_array_inputs(tmp_path: Path) -> None:
     pixels = np.random.default_rng(0).standard_normal((20, 3, 16, 16)).astype(np.float32)
     cache = tmp_path / "cache"
     prepare_arrays(cache, {"pixel_values": pixels}, labels=np.arange(20) % 5, chunk_samples=8)
-    meta = run_teacher(cache, RunConfig(teacher="vit", model=str(vit_dir), top_k=3, value_codec="fp32",
-                                        tail_dtype="float32", features=(-1,)), progress=False)
+    meta = run_teacher(
+        cache,
+        RunConfig(
+            teacher="vit",
+            model=str(vit_dir),
+            top_k=3,
+            value_codec="fp32",
+            tail_dtype="float32",
+            features=(-1,),
+        ),
+        progress=False,
+    )
     assert (meta.task, meta.grid) == ("image_classification", "sample")
     assert [(f.pool, f.dim) for f in meta.features] == [("mean", 32)]
     model = ViTForImageClassification.from_pretrained(vit_dir).eval()
     with torch.no_grad():
         out = model(pixel_values=torch.from_numpy(pixels), output_hidden_states=True)
     reader = open_cache(cache)
-    blocks = [reader.read_chunk(c, teachers=["vit"], features={"vit": [-1]}) for c in range(reader.num_chunks)]
-    block = TopkBlock(*(np.concatenate([getattr(b.targets["vit"], f) for b in blocks]) for f in TopkBlock._fields))
+    blocks = [
+        reader.read_chunk(c, teachers=["vit"], features={"vit": [-1]})
+        for c in range(reader.num_chunks)
+    ]
+    block = TopkBlock(
+        *(np.concatenate([getattr(b.targets["vit"], f) for b in blocks]) for f in TopkBlock._fields)
+    )
     check_topk_rows(block, torch.log_softmax(out.logits, -1), value_atol=1e-5, tail_atol=1e-5)
     pooled = np.concatenate([b.features["vit"]["layer_m1"] for b in blocks])  # (N, D)
     ref = out.hidden_states[-1].mean(1).numpy()  # mean over patches + CLS
@@ -336,25 +428,40 @@ def test_factory_teacher_on_array_inputs(tmp_path: Path) -> None:
     prepare_arrays(cache, {"input_ids": ids}, chunk_samples=8)
     spec = f"{tiny_models.__name__}:tiny_factory_classifier"
     kwargs = {"vocab_size": 64, "num_classes": 4, "seed": 3}
-    meta = run_teacher(cache, RunConfig(teacher="fac", model=spec, top_k=2, value_codec="fp32",
-                                        tail_dtype="float32"), factory_kwargs=kwargs, progress=False)
+    meta = run_teacher(
+        cache,
+        RunConfig(teacher="fac", model=spec, top_k=2, value_codec="fp32", tail_dtype="float32"),
+        factory_kwargs=kwargs,
+        progress=False,
+    )
     assert (meta.task, meta.grid, meta.vocab_size, meta.model) == ("custom", "sample", 4, spec)
     with torch.no_grad():
-        ref = torch.log_softmax(tiny_models.tiny_factory_classifier(**kwargs)(torch.from_numpy(ids)), -1)
+        ref = torch.log_softmax(
+            tiny_models.tiny_factory_classifier(**kwargs)(torch.from_numpy(ids)), -1
+        )
     reader = open_cache(cache)
-    blocks = [reader.read_chunk(c, teachers=["fac"]).targets["fac"] for c in range(reader.num_chunks)]
+    blocks = [
+        reader.read_chunk(c, teachers=["fac"]).targets["fac"] for c in range(reader.num_chunks)
+    ]
     block = TopkBlock(*(np.concatenate([getattr(b, f) for b in blocks]) for f in TopkBlock._fields))
     check_topk_rows(block, ref, value_atol=FP32_ATOL, tail_atol=FP32_ATOL)
 
 
-@pytest.mark.xfail(strict=True, reason="runner gives every non-causal_lm task a sample grid, so a "
-                   "factory LM returning (B, L, V) logits keeps only position 0 of each sample")
+@pytest.mark.xfail(
+    strict=True,
+    reason="runner gives every non-causal_lm task a sample grid, so a "
+    "factory LM returning (B, L, V) logits keeps only position 0 of each sample",
+)
 def test_factory_language_model_on_tokens_gets_a_token_grid(
     copy_cache: Callable[..., Path], inputs_template: Path
 ) -> None:
     cache = copy_cache(inputs_template)
-    meta = run_teacher(cache, RunConfig(teacher="flm", model=f"{tiny_models.__name__}:tiny_factory_lm",
-                                        top_k=4), factory_kwargs={"vocab_size": TOKENIZER_SIZE}, progress=False)
+    meta = run_teacher(
+        cache,
+        RunConfig(teacher="flm", model=f"{tiny_models.__name__}:tiny_factory_lm", top_k=4),
+        factory_kwargs={"vocab_size": TOKENIZER_SIZE},
+        progress=False,
+    )
     reader = open_cache(cache)
     data = reader.read_chunk(0, teachers=["flm"])
     assert meta.grid == "token"
