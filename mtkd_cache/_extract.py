@@ -10,14 +10,18 @@ position ``j``. No shift is applied on the teacher side; the student shifts its 
 in ordinary next-token training, and the last row of a sequence predicts the token after it.
 Classifiers produce one row per sample (position 0).
 
-Cost: ``topk_targets`` keeps one float32 copy of the real-vocabulary logits, (B, T, V), which it
-normalises, ranks and masks in place; ``torch.topk`` is O(B T V). ``sample_targets`` holds the
-(B T, V) float32 probabilities and draws ``n`` tokens per row in O(B T (V + n log n)).
+Cost: ``topk_targets``, ``distribution_stats`` and ``check_finite`` are O(B T V) and work through
+the rows in blocks of about ``_BLOCK_ELEMENTS`` logits: each block's float32 copy is normalised,
+ranked and masked in place while it is still in cache, instead of streaming several (B, T, V)
+temporaries through memory (on a 2-core CPU with SmolLM2's 49k vocabulary that is ~3x less CPU
+time than whole-tensor ops; ``benchmarks/precompute_overhead.py``). Every reduction is per row,
+so the block size changes results by float rounding at most. ``sample_targets`` holds the (B T, V) float32
+probabilities and draws ``n`` tokens per row in O(B T (V + n log n)).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -27,6 +31,7 @@ __all__ = [
     "TopKTooLargeError",
     "check_finite",
     "dequantize_int8_rows",
+    "distribution_stats",
     "pool_features",
     "quantize_int8_rows",
     "sample_targets",
@@ -58,6 +63,18 @@ def _real_vocab_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Te
             "pass the tokenizer's vocabulary size, not a larger number"
         )
     return logits[..., :vocab_size]
+
+
+# Logits per row block of the O(V) reductions: 4 MiB of float32 stays in a CPU core's cache; on a
+# GPU, large blocks keep the launches few while bounding the float32 working copy.
+_BLOCK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
+
+
+def _row_blocks(rows: int, vocab: int, device: torch.device) -> Iterator[slice]:
+    """Consecutive slices over ``rows`` rows of ``vocab`` logits, each about one block."""
+    step = max(1, _BLOCK_ELEMENTS.get(device.type, 1 << 26) // max(1, vocab))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
 
 
 def _check_temperature(temperature: float) -> None:
@@ -102,17 +119,62 @@ def topk_targets(
             f"pass a top-k between 1 and {vocab}"
         )
     _check_temperature(temperature)
-    # One owned float32 buffer, normalised, ranked and then masked in place.
-    logp = real.to(torch.float32, copy=True)  # (B, T, V)
-    if temperature != 1.0:
-        logp.div_(temperature)
-    logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
-    top_logp, top_idx = torch.topk(logp, k, dim=-1, sorted=False)  # (B, T, k) each
-    indices, order = torch.sort(top_idx, dim=-1)  # (B, T, k)
-    top_logp = torch.gather(top_logp, -1, order)  # (B, T, k)
-    logp.scatter_(-1, top_idx, float("-inf"))
-    tail = torch.logsumexp(logp, dim=-1).exp_().clamp_(0.0, 1.0)  # (B, T)
-    return indices, top_logp, tail
+    batch, positions, _ = real.shape
+    flat = real.reshape(batch * positions, vocab)  # (N, V), a view when the logits are contiguous
+    indices = torch.empty(batch * positions, k, dtype=torch.int64, device=real.device)  # (N, k)
+    top_logp = torch.empty(batch * positions, k, dtype=torch.float32, device=real.device)  # (N, k)
+    tail = torch.empty(batch * positions, dtype=torch.float32, device=real.device)  # (N,)
+    for rows in _row_blocks(flat.shape[0], vocab, real.device):
+        # One owned float32 block, normalised, ranked and then masked in place.
+        logp = flat[rows].to(torch.float32, copy=True)  # (n, V)
+        if temperature != 1.0:
+            logp.div_(temperature)
+        logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
+        block_logp, block_idx = torch.topk(logp, k, dim=-1, sorted=False)  # (n, k) each
+        block_sorted, order = torch.sort(block_idx, dim=-1)  # (n, k)
+        indices[rows] = block_sorted
+        top_logp[rows] = torch.gather(block_logp, -1, order)
+        logp.scatter_(-1, block_idx, float("-inf"))
+        tail[rows] = torch.logsumexp(logp, dim=-1).exp_().clamp_(0.0, 1.0)
+    return (indices.reshape(batch, positions, k), top_logp.reshape(batch, positions, k),
+            tail.reshape(batch, positions))
+
+
+def distribution_stats(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy and top-1 probability of the full teacher distribution, per position.
+
+    The distribution is the one ``topk_targets`` stores: ``softmax(logits[..., :vocab_size] /
+    temperature)`` in float32.
+
+    Args:
+        logits: (B, T, V_padded) raw teacher logits, any float dtype.
+        temperature: Softmax temperature, > 0.
+        vocab_size: Real vocabulary size V; ``None`` means the full logits width.
+
+    Returns:
+        ``(entropy, top1)``, each (B, T) float32: ``-sum(p log p)`` in nats and ``max(p)``.
+
+    Raises:
+        ValueError: Bad shape, ``vocab_size`` or ``temperature``.
+    """
+    real = _real_vocab_logits(logits, vocab_size)  # (B, T, V)
+    _check_temperature(temperature)
+    batch, positions, vocab = real.shape
+    flat = real.reshape(batch * positions, vocab)  # (N, V)
+    entropy = torch.empty(batch * positions, dtype=torch.float32, device=real.device)  # (N,)
+    top1 = torch.empty(batch * positions, dtype=torch.float32, device=real.device)  # (N,)
+    for rows in _row_blocks(flat.shape[0], vocab, real.device):
+        logp = flat[rows].to(torch.float32, copy=True)  # (n, V)
+        if temperature != 1.0:
+            logp.div_(temperature)
+        logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
+        top1[rows] = logp.amax(dim=-1).exp_()
+        entropy[rows] = logp.exp().mul_(logp).sum(dim=-1).neg_()
+    return entropy.reshape(batch, positions), top1.reshape(batch, positions)
 
 
 def sample_targets(
@@ -191,22 +253,28 @@ def check_finite(
         raise ValueError(
             f"sample_ids has {len(sample_ids)} ids for a batch of {logits.shape[0]} samples"
         )
-    finite = torch.isfinite(logits)  # (B, T, V) or (B, V)
+    if mask is not None and (logits.ndim != 3 or mask.shape != logits.shape[:2]):
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not match logits {tuple(logits.shape)}; "
+            "expected (B, T) for (B, T, V) logits"
+        )
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)  # (B T, V) or (B, V)
+    finite = torch.empty(flat.shape[0], dtype=torch.bool, device=logits.device)  # one per row
+    for rows in _row_blocks(flat.shape[0], vocab, logits.device):
+        finite[rows] = torch.isfinite(flat[rows]).all(dim=-1)
+    finite = finite.reshape(logits.shape[:-1])  # (B, T) or (B,)
     if mask is not None:
-        if logits.ndim != 3 or mask.shape != logits.shape[:2]:
-            raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not match logits {tuple(logits.shape)}; "
-                "expected (B, T) for (B, T, V) logits"
-            )
-        finite = finite | ~mask.bool().unsqueeze(-1)
-    bad = ~finite.flatten(1).all(dim=1)  # (B,)
+        finite = finite | ~mask.to(finite.device).bool()
+    bad = ~finite.reshape(logits.shape[0], -1).all(dim=1)  # (B,)
     if not bool(bad.any()):
         return
     rows = bad.nonzero().flatten().tolist()
     ids = [int(sample_ids[i]) for i in rows]
     raise NonFiniteLogitsError(
         f"the teacher produced NaN/inf logits for sample ids {ids}; this usually means fp16 "
-        "overflow (re-run with --dtype bf16 or --dtype fp32) or broken inputs for those samples"
+        "overflow (re-run with --dtype bf16 or --dtype fp32, plus --overwrite since the dtype is part of "
+        "the stored settings) or broken inputs for those samples"
     )
 
 

@@ -190,7 +190,7 @@ class ValueEncoding:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ValueEncoding:
-        w = "teacher.json encodings.values"
+        w = "teacher.json values"
         codec = _choice(_req(d, "codec", str, w), ("u8log", "fp16", "fp32"), w)
         return cls(codec=codec, step=float(d.get("step", 1.0 / 16.0)))  # type: ignore[arg-type]
 

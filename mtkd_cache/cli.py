@@ -6,6 +6,7 @@ Library errors become `click.ClickException` (a message and exit code 1, no trac
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -51,7 +52,7 @@ def main() -> None:
 @click.argument("cache")
 @click.option("--data", required=True, help="Local text/json/jsonl/parquet/csv file or folder, a saved HF dataset, or a dataset id.")
 @click.option("--tokenizer", required=True, help="Tokenizer folder (e.g. the teacher's model folder).")
-@click.option("--max-length", type=click.IntRange(min=2), required=True, help="Positions per sample; longer documents are split.")
+@click.option("--max-length", type=click.IntRange(min=2), required=True, help="Positions per sample; longer documents are split into windows (labelled documents are truncated).")
 @click.option("--text-column", default="text", show_default=True, help="Column holding the text.")
 @click.option("--label-column", default=None, help="Optional column with a class label per document.")
 @click.option("--domain-column", default=None, help="Optional column with a domain/task name per document.")
@@ -104,6 +105,8 @@ def run(cache: str, model_kwargs: str | None, **kw: Any) -> None:
     except json.JSONDecodeError as e:
         raise click.BadParameter(f"not valid JSON: {e}", param_hint="--model-kwargs") from e
     meta = run_teacher(cache, RunConfig(**kw), factory_kwargs=fkw)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 reports for the whole torchrun job
     s = meta.stats
     click.echo(f"teacher {meta.name!r}: {s.get('positions', 0):,} positions, "
                f"{s.get('bytes_per_position', 0):.1f} B/position, mean tail {s.get('mean_tail', float('nan')):.4f}")

@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 from mtkd_cache._fingerprint import DatasetHasher, sample_hash, tokenizer_fingerprint
 from mtkd_cache._inputs_writer import InputsWriter, Sample
-from mtkd_cache._meta import InputsMeta, TokenizerInfo
+from mtkd_cache._meta import InputsMeta, Manifest, TokenizerInfo
 from mtkd_cache._sources import iter_source
 from mtkd_cache._store import CacheStore
-from mtkd_cache.errors import CacheExistsError, InputDataError
+from mtkd_cache.errors import CacheExistsError, CacheFormatError, InputDataError
 
 __all__ = ["prepare", "prepare_arrays", "load_tokenizer"]
 
@@ -39,6 +39,11 @@ def load_tokenizer(path: str | os.PathLike[str], trust_remote_code: bool = False
             f"--tokenizer {str(path)!r} could not be loaded ({e}); pass a folder holding tokenizer "
             f"files (tokenizer.json or vocab files), e.g. the teacher's model folder"
         ) from e
+
+
+def _source_key(data: str | os.PathLike[str]) -> str:
+    """The source as recorded in settings: local paths absolute, so ./x and /abs/x are the same input."""
+    return os.path.abspath(data) if os.path.exists(data) else str(data)
 
 
 def _windows(ids: list[int], max_length: int) -> Iterator[tuple[list[int], list[int]]]:
@@ -68,10 +73,16 @@ def _packed(docs: Iterator[tuple[int, list[int]]], max_length: int, eos: int) ->
 def _claim(store: CacheStore, settings: dict[str, Any], overwrite: bool) -> InputsMeta | None:
     """Return existing inputs if they match `settings`; clear the cache if allowed; else refuse."""
     if store.exists("manifest.json") and store.exists("inputs/inputs.json"):
-        existing = InputsMeta.from_dict(store.read_json("inputs/inputs.json"))
-        if existing.source.get("settings") == settings and not overwrite:
+        try:
+            Manifest.from_dict(store.read_json("manifest.json"))  # corrupt / unknown version: never "already done"
+            existing = InputsMeta.from_dict(store.read_json("inputs/inputs.json"))
+        except CacheFormatError:
+            if not overwrite:
+                raise
+            existing = None
+        if existing is not None and existing.source.get("settings") == settings and not overwrite:
             return existing
-        if not overwrite:
+        if existing is not None and not overwrite:
             raise CacheExistsError(
                 f"{store.url} already holds inputs prepared with other settings "
                 f"({existing.source.get('settings')}); pass --overwrite to replace them (this "
@@ -131,7 +142,7 @@ def prepare(
     tok = load_tokenizer(tokenizer, trust_remote_code)
     fp = tokenizer_fingerprint(tok)
     settings = {
-        "data": str(data), "split": split, "tokenizer": fp, "max_length": max_length,
+        "data": _source_key(data), "split": split, "tokenizer": fp, "max_length": max_length,
         "text_column": text_column, "label_column": label_column, "domain_column": domain_column,
         "pack": pack, "max_samples": max_samples,
     }

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from mtkd_cache._batching import length_grouped_batches, pad_batch
 from mtkd_cache._device import autocast_context, resolve_device, resolve_dtype
 from mtkd_cache._distributed import barrier, dist_info, shutdown
-from mtkd_cache._extract import check_finite, pool_features, sample_targets, topk_targets
+from mtkd_cache._extract import check_finite, distribution_stats, pool_features, sample_targets, topk_targets
 from mtkd_cache._fingerprint import tokenizer_fingerprint
 from mtkd_cache._meta import FeatureSpec, TargetSpec, TeacherMeta, ValueEncoding
 from mtkd_cache._models import LoadedTeacher, forward_teacher, load_teacher
@@ -129,16 +129,20 @@ def _batch_inputs(data: ChunkData, idx: Sequence[int], pad_id: int) -> dict[str,
     return {k: torch.from_numpy(np.ascontiguousarray(v[list(idx)])) for k, v in data.inputs.items()}
 
 
-def _probe_dims(reader: CacheReader, teacher: LoadedTeacher, layers: Sequence[int], pad_id: int) -> dict[int, int]:
+def _probe(reader: CacheReader, teacher: LoadedTeacher, layers: Sequence[int], pad_id: int
+           ) -> tuple[dict[int, int], bool]:
+    """One forward on the first sample: feature widths, and whether the logits are per token."""
     data = reader.read_chunk(0)
-    _, hidden = forward_teacher(teacher, _batch_inputs(data, [0], pad_id), want_hidden=True)
-    assert hidden is not None
-    return {layer: int(hidden[layer].shape[-1]) for layer in layers}
+    logits, hidden = forward_teacher(teacher, _batch_inputs(data, [0], pad_id), want_hidden=bool(layers))
+    per_token = reader.inputs.kind == "tokens" and (
+        teacher.task == "causal_lm" or (teacher.task == "custom" and int(logits.shape[1]) == int(data.lengths[0]) > 1))
+    dims = {layer: int(hidden[layer].shape[-1]) for layer in layers} if hidden is not None else {}
+    return dims, per_token
 
 
 def _teacher_meta(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig, dtype: torch.dtype,
-                  dims: Mapping[int, int]) -> TeacherMeta:
-    grid = "token" if teacher.task == "causal_lm" and reader.inputs.kind == "tokens" else "sample"
+                  dims: Mapping[int, int], per_token: bool) -> TeacherMeta:
+    grid = "token" if per_token else "sample"
     feats = tuple(FeatureSpec(layer=layer, pool=cfg.pool if grid == "token" else "mean",  # type: ignore[arg-type]
                               dtype=cfg.feature_dtype, dim=dims[layer]) for layer in cfg.features)  # type: ignore[arg-type]
     tok = reader.inputs.tokenizer
@@ -174,10 +178,7 @@ def _run_chunk(reader: CacheReader, teacher: LoadedTeacher, meta: TeacherMeta, c
         mask = batch.get("attention_mask")
         rows_mask = mask.to(logits.device).bool() if (mask is not None and meta.grid == "token") else None
         check_finite(logits, data.sample_ids[idx].tolist(), mask=rows_mask)
-        logp_full = torch.log_softmax(logits[..., : teacher.vocab_size].float() / spec.temperature, dim=-1)
-        ent = -(logp_full.exp() * logp_full).sum(-1)  # (B, T)
-        top1 = logp_full.max(-1).values.exp()  # (B, T)
-        del logp_full
+        ent, top1 = distribution_stats(logits, spec.temperature, teacher.vocab_size)  # (B, T) each
         if spec.kind == "topk":
             out = topk_targets(logits, spec.k, spec.temperature, teacher.vocab_size)  # type: ignore[arg-type]
         else:
@@ -238,8 +239,8 @@ def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_option
         _check_vocab(reader, teacher, cfg)
         tok = reader.inputs.tokenizer
         pad_id = tok.pad_token_id if tok and tok.pad_token_id is not None else 0
-        dims = _probe_dims(reader, teacher, cfg.features, pad_id) if cfg.features else {}
-        meta = _teacher_meta(reader, teacher, cfg, dtype, dims)
+        dims, per_token = _probe(reader, teacher, cfg.features, pad_id)
+        meta = _teacher_meta(reader, teacher, cfg, dtype, dims, per_token)
         if info.rank == 0:
             store.check_writable()
             writer = TeacherWriter(store, meta, reader.inputs, overwrite=cfg.overwrite, create=True)

@@ -44,6 +44,8 @@ def update_manifest(store: CacheStore, add: Iterable[str] = (), remove: Iterable
     """Read-modify-write the manifest's teacher list (the manifest is always written last)."""
     m = Manifest.from_dict(store.read_json("manifest.json"))
     names = (set(m.teachers) | set(add)) - set(remove)
+    if names == set(m.teachers):
+        return m  # nothing changes: no rewrite, so a no-op cannot race another writer's update
     new = replace(m, teachers=tuple(sorted(names)), updated=now_iso(), mtkd_version=__version__)
     store.write_json("manifest.json", new.to_dict())
     return new

@@ -43,7 +43,7 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/corrupt files
-        raise CheckpointError(f"checkpoint {path} cannot be read ({e}); delete it to resume from an earlier one") from e
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to resume from an earlier one") from e
     if state.get("config_fingerprint") != cfg.fingerprint():
         raise CheckpointError(
             f"checkpoint {path} was written with another configuration: {_differences(state.get('config'), cfg)}. "

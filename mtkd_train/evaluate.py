@@ -131,15 +131,19 @@ def evaluate_teachers(reader: CacheReader, teachers: Sequence[str], max_samples:
         for c in range(reader.num_chunks):
             data = reader.read_chunk(c, teachers=[name])
             idx, p, spread = _teacher_rows(data.targets[name], meta.vocab_size)
+            # the same samples as `evaluate_student`: the first `max_samples`, labelled ones only
+            take = len(data.sample_ids) if max_samples is None else min(len(data.sample_ids), max_samples - seen)
             if meta.grid == "token":
                 toks = data.inputs["token_ids"]
                 rows, ys = [], []
-                for o, n_i in zip(data.offsets, data.lengths):
+                for o, n_i in zip(data.offsets[:take], data.lengths[:take]):
                     rows.extend(range(int(o), int(o + n_i - 1)))
                     ys.extend(toks[int(o) + 1 : int(o + n_i)].tolist())
                 rows_a, y = np.asarray(rows, dtype=np.int64), np.asarray(ys, dtype=np.int64)
             else:
-                rows_a, y = np.arange(len(data.sample_ids)), data.labels
+                labels = data.labels[:take] if data.labels is not None else np.full(take, -100)
+                rows_a = np.flatnonzero(labels >= 0)
+                y = labels[rows_a]
             hit = idx[rows_a] == y[:, None]
             py = np.where(hit.any(-1), (p[rows_a] * hit).sum(-1), spread[rows_a])
             nll += float(-np.log(np.maximum(py, 1e-12)).sum())
@@ -148,7 +152,7 @@ def evaluate_teachers(reader: CacheReader, teachers: Sequence[str], max_samples:
             correct += int((top == y).sum())
             confs.append(p[rows_a].max(-1))
             oks.append(top == y)
-            seen += len(data.sample_ids)
+            seen += take
             if max_samples is not None and seen >= max_samples:
                 break
         res = {"accuracy": correct / max(count, 1), "nll": nll / max(count, 1),

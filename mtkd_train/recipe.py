@@ -203,6 +203,15 @@ class DistillRecipe:
                                         for k, v in akw["domain_to_teacher"].items()}
         if "domain_weights" in akw:
             akw["domain_weights"] = {dom(k): list(v) for k, v in akw["domain_weights"].items()}
+        # an unrouted domain would only fail at the first batch that holds it, mid-run
+        if not domains:
+            raise ConfigError(f"`aggregate` routing needs a cache with domains; {self.cfg.cache} has none "
+                              f"(prepare it with a domain column)")
+        routed = set(akw.get("domain_to_teacher") or {}) | set(akw.get("domain_weights") or {})
+        missing = [d for i, d in enumerate(domains) if i not in routed]
+        if missing:
+            raise ConfigError(f"`aggregate_kwargs`: the cache's domains {missing} have no route; add them to "
+                              f"domain_to_teacher or domain_weights (the cache's domains are {domains})")
         return akw
 
     def _setup_optimizer(self) -> None:

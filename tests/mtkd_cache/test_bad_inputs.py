@@ -82,7 +82,6 @@ def test_nan_logits_name_the_sample(
         i for i in range(10, len(starts)) if len(starts[i]) == 3 and starts.count(starts[i]) == 1
     )
     before = snapshot(cache)
-    manifest = json.loads((cache / "manifest.json").read_text())
     kwargs = {"vocab_size": TOKENIZER_SIZE, "num_classes": 4, "prefix": list(starts[bad])}
     with pytest.raises(NonFiniteLogitsError, match=rf"NaN/inf logits for sample ids \[{bad}\]"):
         run_teacher(
@@ -91,15 +90,11 @@ def test_nan_logits_name_the_sample(
             factory_kwargs=kwargs,
             progress=False,
         )
-    # The failure happens mid-run, after the teacher group was claimed (which rewrites the
-    # manifest's `updated` time): everything else that existed is unchanged, and the new group is
-    # incomplete (never readable) until a successful run.
+    # The failure happens mid-run, after the teacher group was claimed: every file that existed
+    # is unchanged, and the new group is incomplete (never readable) until a successful run.
     after = snapshot(cache)
-    unchanged = {k for k in before if k != "manifest.json"}
-    assert {k: after[k] for k in unchanged} == {k: before[k] for k in unchanged}
-    assert set(after) - set(before) == {k for k in after if k.startswith("teachers/nan/")}
-    new_manifest = json.loads((cache / "manifest.json").read_text())
-    assert {**new_manifest, "updated": None} == {**manifest, "updated": None}
+    assert {k: after[k] for k in before} == before
+    assert all(k.startswith("teachers/nan/") for k in set(after) - set(before))
     reader = open_cache(cache)
     assert reader.teacher_names == ["lm"] and "nan" in reader.incomplete_teachers()
     with pytest.raises(CacheIncompleteError):

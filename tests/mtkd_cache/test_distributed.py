@@ -36,37 +36,30 @@ def test_torchrun_two_processes_equal_one_process_array_for_array(
 ) -> None:
     single = copy_cache(inputs_template, "single")
     sharded = copy_cache(inputs_template, "sharded")
-    options = [
-        "--teacher",
-        "lm",
-        "--model",
-        str(lm_dir),
-        "--top-k",
-        "8",
-        "--features",
-        "0,-1",
-        "--device",
-        "cpu",
-    ]
-    run_teacher(
-        single,
-        RunConfig(teacher="lm", model=str(lm_dir), top_k=8, features=(0, -1), device="cpu"),
-        progress=False,
+    options = ["--teacher", "lm", "--top-k", "8", "--features", "0,-1", "--device", "cpu"]
+    options += ["--model", str(lm_dir)]
+    cmd = [str(venv_bin / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "mtkd_cache.cli"]
+    cmd += ["run", str(sharded), *options]
+    proc = subprocess.Popen(
+        cmd,
+        env=subprocess_env,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    cmd = [
-        str(venv_bin / "torchrun"),
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "mtkd_cache.cli",
-        "run",
-        str(sharded),
-        *options,
-    ]
-    done = subprocess.run(
-        cmd, env=subprocess_env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    try:  # the 1-process run, computed while torchrun starts its workers
+        run_teacher(
+            single,
+            RunConfig(teacher="lm", model=str(lm_dir), top_k=8, features=(0, -1), device="cpu"),
+            progress=False,
+        )
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
 
     a, b = teacher_arrays(single, "lm"), teacher_arrays(sharded, "lm")
     assert (

@@ -200,7 +200,7 @@ Mutate = Callable[[dict[str, Any]], None]
             TeacherMeta,
             TEACHER,
             lambda d: d["values"].update(codec="u4"),
-            "encodings.values: 'u4' is not one of",
+            "teacher.json values: 'u4' is not one of",
         ),
         (
             TeacherMeta,

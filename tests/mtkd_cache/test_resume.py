@@ -82,25 +82,8 @@ def test_sigkill_mid_run_then_resume_recomputes_only_uncommitted_chunks(
     many_chunks: Path, tmp_path: Path, lm_dir: Path, subprocess_env: dict[str, str]
 ) -> None:
     reference = Path(shutil.copytree(many_chunks, tmp_path / "reference"))
-    run_teacher(
-        reference,
-        RunConfig(teacher="lm", model=str(lm_dir), top_k=8, features=(-1,)),
-        progress=False,
-    )
-    args = [
-        "run",
-        str(many_chunks),
-        "--teacher",
-        "lm",
-        "--model",
-        str(lm_dir),
-        "--top-k",
-        "8",
-        "--features",
-        "-1",
-        "--device",
-        "cpu",
-    ]
+    options = ["--teacher", "lm", "--top-k", "8", "--features", "-1", "--device", "cpu"]
+    args = ["run", str(many_chunks), *options, "--model", str(lm_dir)]
     num_chunks = open_cache(many_chunks).num_chunks
     commits = many_chunks / "teachers" / "lm" / "_commits"
 
@@ -111,6 +94,12 @@ def test_sigkill_mid_run_then_resume_recomputes_only_uncommitted_chunks(
         stderr=subprocess.PIPE,
     )
     try:
+        # The uninterrupted reference run, computed while the child starts up.
+        run_teacher(
+            reference,
+            RunConfig(teacher="lm", model=str(lm_dir), top_k=8, features=(-1,)),
+            progress=False,
+        )
         deadline = time.monotonic() + 120
         while len(list(commits.glob("*.json"))) < 2:
             assert proc.poll() is None, (

@@ -8,6 +8,7 @@
   one checkpoint and well before the run ends. The delay sits where the trainer marks a batch as
   consumed (mid-step), so a signal usually arrives inside a step. Nothing else differs.
 * ``read_metrics`` / ``step_losses``: the records of ``metrics.jsonl``.
+* ``LMCache`` / ``ImageCache`` and the sizes of the session caches that ``conftest.py`` builds.
 """
 
 from __future__ import annotations
@@ -20,6 +21,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+VOCAB = 32
+"""Tokenizer size and the teachers' LM-head width."""
+STUDENT_HEAD = 40
+"""The LM student's head is padded past the tokenizer, like real LMs'."""
+IMAGE_CLASSES = 4
+IMAGE_STUDENT = "tests.mtkd_train._train_target:tiny_image_student"
+
+
+@dataclass(frozen=True)
+class LMCache:
+    """A token cache with teachers ``a``, ``b`` (causal LMs) and ``cls`` (sequence classifier)."""
+
+    cache: Path
+    student: Path
+    """Config-only tiny Llama (1 layer, head of STUDENT_HEAD)."""
+    small_student: Path
+    """Config-only tiny Llama whose head (16) is narrower than the teachers' vocabulary."""
+    deleted_teachers: tuple[Path, ...]
+    """Model folders the teachers were cached from; removed after caching."""
+
+
+@dataclass(frozen=True)
+class ImageCache:
+    """An array cache of images with two ViT teachers ``v1``, ``v2``."""
+
+    cache: Path
+    deleted_teachers: tuple[Path, ...]
 
 
 @dataclass(frozen=True)

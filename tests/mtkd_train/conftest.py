@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,34 +28,13 @@ from tests.helpers.tiny_models import (
     save_tiny_causal_lm,
     save_tiny_vit_classifier,
 )
-
-VOCAB = 32
-"""Tokenizer size and the teachers' LM-head width."""
-STUDENT_HEAD = 40
-"""The LM student's head is padded past the tokenizer, like real LMs'."""
-IMAGE_CLASSES = 4
-IMAGE_STUDENT = "tests.mtkd_train._train_target:tiny_image_student"
-
-
-@dataclass(frozen=True)
-class LMCache:
-    """A token cache with teachers ``a``, ``b`` (causal LMs) and ``cls`` (sequence classifier)."""
-
-    cache: Path
-    student: Path
-    """Config-only tiny Llama (1 layer, head of STUDENT_HEAD)."""
-    small_student: Path
-    """Config-only tiny Llama whose head (16) is narrower than the teachers' vocabulary."""
-    deleted_teachers: tuple[Path, ...]
-    """Model folders the teachers were cached from; removed after caching."""
-
-
-@dataclass(frozen=True)
-class ImageCache:
-    """An array cache of images with two ViT teachers ``v1``, ``v2``."""
-
-    cache: Path
-    deleted_teachers: tuple[Path, ...]
+from tests.mtkd_train._train_target import (
+    IMAGE_CLASSES,
+    STUDENT_HEAD,
+    VOCAB,
+    ImageCache,
+    LMCache,
+)
 
 
 def _write_corpus(path: Path, n: int) -> None:
@@ -98,7 +76,9 @@ def lm_cache(tmp_path_factory: pytest.TempPathFactory) -> LMCache:
         domain_column="dom",
         progress=False,
     )
-    run_teacher(cache, RunConfig(teacher="a", model=str(ta), top_k=8, features=(-1,)), progress=False)
+    run_teacher(
+        cache, RunConfig(teacher="a", model=str(ta), top_k=8, features=(-1,)), progress=False
+    )
     run_teacher(cache, RunConfig(teacher="b", model=str(tb), top_k=8), progress=False)
     run_teacher(cache, RunConfig(teacher="cls", model=str(tc), top_k=3), progress=False)
     for folder in (ta, tb, tc):
@@ -123,4 +103,3 @@ def image_cache(tmp_path_factory: pytest.TempPathFactory) -> ImageCache:
         run_teacher(cache, RunConfig(teacher=name, model=str(folder), top_k=3), progress=False)
         shutil.rmtree(folder)
     return ImageCache(cache, tuple(teachers))
-

@@ -6,6 +6,7 @@ offending key or teacher, and leave no checkpoint or metrics behind.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -15,8 +16,7 @@ from click.testing import CliRunner
 
 from mtkd_train.cli import _field_docs, main
 from mtkd_train.config import TrainConfig
-from tests.mtkd_train._train_target import read_metrics
-from tests.mtkd_train.conftest import LMCache
+from tests.mtkd_train._train_target import IMAGE_STUDENT, ImageCache, LMCache, read_metrics
 
 
 def _base(lm: LMCache, out: Path, *extra: str) -> list[str]:
@@ -32,20 +32,28 @@ def _base(lm: LMCache, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _refused(args: list[str], out: Path) -> str:
-    """Run the CLI, check it refused cleanly and wrote nothing; return the error line."""
+def _error_line(args: list[str]) -> str:
+    """Run the CLI, check it failed with one `Error:` line and no traceback; return that line."""
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), result.exception  # a ClickException, not a crash
+    assert isinstance(result.exception, SystemExit), (
+        result.exception
+    )  # a ClickException, not a crash
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("Error: ")]
     # a bad flag value is a click usage error: the one line comes after click's usage hint
     hint = [line for line in lines if line.startswith(("Usage: ", "Try "))]
     assert len(errors) == 1 and len(errors) + len(hint) == len(lines), result.output
+    return errors[0]
+
+
+def _refused(args: list[str], out: Path) -> str:
+    """`_error_line`, and nothing was written: no checkpoint, no metrics."""
+    line = _error_line(args)
     assert not (out / "metrics.jsonl").exists()
     assert not (out / "checkpoints").exists()
-    return errors[0]
+    return line
 
 
 def test_help_documents_every_config_key() -> None:
@@ -53,7 +61,7 @@ def test_help_documents_every_config_key() -> None:
     assert result.exit_code == 0
     text = re.sub(r"\s+", "", result.output)
     docs = _field_docs()
-    for key in TrainConfig.keys():
+    for key in (f.name for f in dataclasses.fields(TrainConfig)):
         flag = "CACHE" if key == "cache" else "--" + key.replace("_", "-")
         assert flag in text, key
         assert re.sub(r"\s+", "", docs[key]) in text, f"{key}: {docs[key]!r} is not in --help"
@@ -76,11 +84,14 @@ def test_help_documents_every_config_key() -> None:
         (["--features", '{"a": {"layer": 1}}'], ["'a'", "feature layer 1"]),
         (["--features", '{"b": {"layer": -1}}'], ["'b'", "feature layer -1"]),
         (["--aggregate", "routing", "--aggregate-kwargs", '{"domain_to_teacher": {"zz": "a"}}'], ["'zz'", "domain"]),
+        (["--aggregate", "routing", "--aggregate-kwargs", '{"domain_to_teacher": {"x": "a"}}'], ["['y']", "no route"]),
+        (["--aggregate", "routing", "--aggregate-kwargs", '{"domain_to_teacher": {"x": "a", "y": "zz"}}'], ["'zz'"]),
     ],
     ids=[
         "unknown-teacher", "classifier-with-lm", "weights-count", "weights-negative",
         "unknown-option", "bad-json", "alpha-high", "alpha-low", "temperature-zero",
         "temperature-negative", "feature-layer", "feature-teacher", "routing-domain",
+        "routing-unrouted-domain", "routing-teacher",
     ],
 )  # fmt: skip
 def test_bad_input_is_refused_before_any_step(
@@ -111,11 +122,8 @@ def test_resume_with_another_configuration_is_refused(lm_cache: LMCache, tmp_pat
     checkpoints = sorted((out / "checkpoints").iterdir())
     metrics = read_metrics(out)
 
-    result = CliRunner().invoke(main, [*_base(lm_cache, out, "--alpha", "0.3"), "--resume"])
-    assert result.exit_code == 1 and "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and "another configuration" in lines[0], result.output
-    assert "alpha" in lines[0] and "0.5" in lines[0] and "0.3" in lines[0], lines[0]
+    line = _error_line([*_base(lm_cache, out, "--alpha", "0.3"), "--resume"])
+    assert "another configuration: `alpha` was 0.5, now 0.3" in line, line
     assert sorted((out / "checkpoints").iterdir()) == checkpoints
     assert read_metrics(out) == metrics
 
@@ -130,3 +138,47 @@ def test_cache_failing_verification_is_refused(lm_cache: LMCache, tmp_path: Path
     args = [str(cache), *_base(lm_cache, out, "--verify-cache")[1:]]
     line = _refused(args, out)
     assert "verification" in line and "b" in line and "chunk 2" in line, line
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (["--student-kwargs", '{"num_labels": 5}'], ["student", "5 classes", "4"]),
+        (["--aggregate", "routing", "--aggregate-kwargs", '{"domain_to_teacher": {"0": "v1"}}'], ["routing", "domains"]),
+    ],
+    ids=["class-count", "routing-without-domains"],
+)  # fmt: skip
+def test_bad_classifier_setup_is_refused(
+    image_cache: ImageCache, tmp_path: Path, extra: list[str], needles: list[str]
+) -> None:
+    out = tmp_path / "run"
+    args = [str(image_cache.cache), "--teachers", "v1,v2", "--student", IMAGE_STUDENT,
+            "--out", str(out), "--max-steps", "1", *extra]  # fmt: skip
+    line = _refused(args, out)
+    for needle in needles:
+        assert needle in line, line
+
+
+def test_unreadable_checkpoint_is_refused(lm_cache: LMCache, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert CliRunner().invoke(main, _base(lm_cache, out)).exit_code == 0
+    latest = sorted((out / "checkpoints").iterdir())[-1]
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated, as by a full disk
+    line = _error_line([*_base(lm_cache, out, "--max-steps", "3"), "--resume"])
+    assert latest.name in line and "cannot be read" in line, line
+
+
+def test_config_file_then_flags(lm_cache: LMCache, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        f'teachers = ["a", "b"]\nstudent = "{lm_cache.student}"\nout = "{out}"\nbatch_size = 4\n'
+        'max_steps = 5\naggregate = "mean"\n[aggregate_kwargs]\nweights = [1, 3]\n'
+    )
+    result = CliRunner().invoke(
+        main, [str(lm_cache.cache), "--config", str(cfg), "--max-steps", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2]  # the flag wins over the file
+    assert records[0]["teacher_weights"] == pytest.approx([0.25, 0.75])  # the file's operator

@@ -24,12 +24,11 @@ from click.testing import CliRunner
 import mtkd_cache.runner
 from mtkd_train.checkpoint import latest_checkpoint
 from mtkd_train.cli import main
-from tests.mtkd_train._train_target import read_metrics, step_losses
-from tests.mtkd_train.conftest import LMCache
+from tests.mtkd_train._train_target import LMCache, read_metrics, step_losses
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 30
-DELAY = 0.3  # seconds per training batch in the interrupted runs
+DELAY = 0.4  # seconds per training batch in the interrupted runs: 12 s from start to end
 
 
 def _args(lm: LMCache, out: Path) -> list[str]:
@@ -97,7 +96,7 @@ def runs(lm_cache: LMCache, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     kill = _start_slowed(_args(lm_cache, outs["kill"]))
     term = _start_slowed(_args(lm_cache, outs["term"]))
     try:
-        _invoke(_args(lm_cache, outs["full"]))
+        _invoke(_args(lm_cache, outs["full"]))  # while the others start up
         _signal_after_first_checkpoint(
             {signal.SIGKILL: (kill, outs["kill"]), signal.SIGTERM: (term, outs["term"])}
         )

@@ -17,7 +17,7 @@ from mtkd_cache import open_cache
 from mtkd_train.cli import main
 from mtkd_train.evaluate import eval_batches, evaluate_student, evaluate_teachers
 from mtkd_train.student import load_student
-from tests.mtkd_train.conftest import IMAGE_CLASSES, IMAGE_STUDENT, VOCAB, ImageCache, LMCache
+from tests.mtkd_train._train_target import IMAGE_CLASSES, IMAGE_STUDENT, VOCAB, ImageCache, LMCache
 
 
 def _direct_lm_scores(lm: LMCache, max_samples: int | None = None) -> tuple[float, float, int]:
@@ -65,7 +65,7 @@ def test_eval_batches_cover_every_sample_once_in_order(lm_cache: LMCache) -> Non
     assert capped.tolist() == list(range(7))
 
 
-def _direct_teacher_accuracy(cache: Path, name: str) -> float:
+def _direct_teacher_accuracy(cache: Path, name: str, max_samples: int | None = None) -> float:
     """Top-1 of the cached targets against the true next token / label (labelled rows only)."""
     reader = open_cache(cache)
     hits: list[bool] = []
@@ -73,21 +73,27 @@ def _direct_teacher_accuracy(cache: Path, name: str) -> float:
         data = reader.read_chunk(c, teachers=[name])
         block = data.targets[name]
         top = block.indices[np.arange(len(block.indices)), block.logp.argmax(-1)]  # (R,)
+        first = int(data.sample_ids[0])
         if reader.teacher(name).meta.grid == "token":
-            for o, n in zip(data.offsets, data.lengths):
-                toks = data.inputs["token_ids"][o : o + n]
-                hits.extend((top[o : o + n - 1] == toks[1:]).tolist())
+            for i, (o, n) in enumerate(zip(data.offsets, data.lengths)):
+                if max_samples is None or first + i < max_samples:
+                    toks = data.inputs["token_ids"][o : o + n]
+                    hits.extend((top[o : o + n - 1] == toks[1:]).tolist())
         else:
             assert data.labels is not None
-            labelled = data.labels >= 0
-            hits.extend((top[labelled] == data.labels[labelled]).tolist())
+            keep = (data.labels >= 0) & (max_samples is None or data.sample_ids < max_samples)
+            hits.extend((top[keep] == data.labels[keep]).tolist())
     return float(np.mean(hits))
 
 
-def test_teacher_scores_come_from_the_cached_targets(lm_cache: LMCache) -> None:
-    res = evaluate_teachers(open_cache(lm_cache.cache), ["a", "b"])
+@pytest.mark.parametrize("max_samples", [None, 5])
+def test_teacher_scores_come_from_the_cached_targets(
+    lm_cache: LMCache, max_samples: int | None
+) -> None:
+    res = evaluate_teachers(open_cache(lm_cache.cache), ["a", "b"], max_samples=max_samples)
     for name in ("a", "b"):
-        assert res[name]["accuracy"] == pytest.approx(_direct_teacher_accuracy(lm_cache.cache, name))
+        want = _direct_teacher_accuracy(lm_cache.cache, name, max_samples)
+        assert res[name]["accuracy"] == pytest.approx(want)
         assert res[name]["perplexity"] == pytest.approx(math.exp(res[name]["nll"]))
         # a random tiny LM is close to uniform over the 32 tokens
         assert 0.5 * VOCAB < res[name]["perplexity"] < 2 * VOCAB
@@ -107,7 +113,9 @@ def image_eval(image_cache: ImageCache, tmp_path_factory: pytest.TempPathFactory
     return {"out": out, "res": json.loads((out / "eval.json").read_text())}
 
 
-def test_classifier_student_reports_accuracy_and_ece(image_eval: dict, image_cache: ImageCache) -> None:
+def test_classifier_student_reports_accuracy_and_ece(
+    image_eval: dict, image_cache: ImageCache
+) -> None:
     student = image_eval["res"]["student"]
     labelled = sum(1 for i in range(24) if i % 5 != 0)
     assert student["samples"] == labelled  # unlabelled images are not scored
@@ -116,7 +124,9 @@ def test_classifier_student_reports_accuracy_and_ece(image_eval: dict, image_cac
     # the saved factory student reproduces the reported accuracy
     saved = load_student(str(image_eval["out"] / "student"))
     again = evaluate_student(saved, open_cache(image_cache.cache), batch_size=5)
-    assert again["accuracy"] == student["accuracy"] and again["nll"] == pytest.approx(student["nll"])
+    assert again["accuracy"] == student["accuracy"] and again["nll"] == pytest.approx(
+        student["nll"]
+    )
 
 
 def test_mc_dropout_reports_predictive_entropy_and_mutual_information(image_eval: dict) -> None:
@@ -133,5 +143,7 @@ def test_classifier_teachers_are_scored_on_labelled_samples(
     teachers = image_eval["res"]["teachers"]
     assert set(teachers) == {"v1", "v2"}
     for name, scores in teachers.items():
-        assert scores["accuracy"] == pytest.approx(_direct_teacher_accuracy(image_cache.cache, name))
+        assert scores["accuracy"] == pytest.approx(
+            _direct_teacher_accuracy(image_cache.cache, name)
+        )
         assert math.isfinite(scores["nll"]) and "perplexity" not in scores

@@ -17,9 +17,18 @@ from mtkd_train.aggregate import GateNetwork
 from mtkd_train.data import CachedDistillDataset
 from mtkd_train.losses import FeatureDistiller
 from mtkd_train.objective import Objective, row_labels, row_targets
-from tests.mtkd_train.conftest import VOCAB, LMCache
+from tests.mtkd_train._train_target import VOCAB, LMCache
 
-OPERATORS = ("mean", "loglinear", "entropy", "confidence", "label_aware", "gate", "routing", "mtbkd")
+OPERATORS = (
+    "mean",
+    "loglinear",
+    "entropy",
+    "confidence",
+    "label_aware",
+    "gate",
+    "routing",
+    "mtbkd",
+)
 LOSSES = ("forward_kl", "reverse_kl", "js", "tv", "skew_kl")
 TAILS = ("bucket", "spread")
 HIDDEN = 8

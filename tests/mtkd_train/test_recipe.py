@@ -17,8 +17,7 @@ from mtkd_train.data import CachedDistillDataset
 from mtkd_train.evaluate import eval_batches
 from mtkd_train.recipe import DistillRecipe
 from mtkd_train.student import load_student
-from tests.mtkd_train._train_target import read_metrics
-from tests.mtkd_train.conftest import LMCache
+from tests.mtkd_train._train_target import LMCache, read_metrics
 
 
 def _cfg(lm: LMCache, out: Path, **kw: Any) -> TrainConfig:

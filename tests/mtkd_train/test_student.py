@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtkd_train.student import StudentError, load_student, save_student
-from tests.mtkd_train.conftest import IMAGE_STUDENT, STUDENT_HEAD, LMCache
+from tests.mtkd_train._train_target import IMAGE_STUDENT, STUDENT_HEAD, LMCache
 
 
 def _tokens() -> dict[str, torch.Tensor]:
@@ -84,6 +84,8 @@ def test_bad_student_spec_is_named(spec: str, needle: str, tmp_path: Path) -> No
 
 
 def test_folder_without_known_architecture_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaModel"]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llama", "architectures": ["LlamaModel"]})
+    )
     with pytest.raises(StudentError, match="architectures"):
         load_student(str(tmp_path))
