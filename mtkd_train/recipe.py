@@ -359,6 +359,11 @@ class DistillRecipe:
         if not self.cfg.eval_cache:
             raise ConfigError("evaluation needs `eval_cache` (--eval-cache): a held-out cache with the same tokenizer")
         reader = open_cache(self.cfg.eval_cache)
+        train_tok, eval_tok = self.reader.inputs.tokenizer, reader.inputs.tokenizer
+        if (train_tok is None) != (eval_tok is None) or (
+                train_tok is not None and eval_tok is not None and train_tok.fingerprint != eval_tok.fingerprint):
+            raise ConfigError(f"`eval_cache` {self.cfg.eval_cache} was prepared with another tokenizer (or input kind) "
+                              f"than `cache` {self.cfg.cache}; prepare it with the same --tokenizer")
         res: dict[str, Any] = {"student": evaluate_student(
             self.student, reader, batch_size=self.cfg.batch_size, max_samples=self.cfg.eval_max_samples,
             mc_samples=self.cfg.mc_samples, device=self.device, vocab_size=self.vocab_size)}

@@ -137,7 +137,7 @@ def test_cache_failing_verification_is_refused(lm_cache: LMCache, tmp_path: Path
     out = tmp_path / "run"
     args = [str(cache), *_base(lm_cache, out, "--verify-cache")[1:]]
     line = _refused(args, out)
-    assert "verification" in line and "b" in line and "chunk 2" in line, line
+    assert "fails verification" in line and "teacher 'b' chunk 2" in line, line
 
 
 @pytest.mark.parametrize(
