@@ -1,6 +1,6 @@
 """Training-step benchmarks of the streaming trainer: streaming overhead, distillation tax, cached vs online.
 
-    python -m benchmarks.train_step                       # ~7 min on 2 shared CPU cores
+    python -m benchmarks.train_step                       # ~8 min on 2 shared CPU cores
 
 Setting: `benchmarks.train_loader.TrainSetting` (built once by `ensure_setting`): V = 8,192,
 K = 64, L = 128, B = 4 samples (512 positions) per step, student a Llama of width 128 and
@@ -16,9 +16,9 @@ Measurements, every one a ratio of arms run interleaved in the same process (A, 
    (8 steps), the unit in which the stream decodes chunks; a streaming block also waits for its
    read-ahead to finish before the next arm starts, so every decode is charged to streaming.
 2. **Distillation tax**: plain training (hard labels only, no targets read, same stream of
-   inputs) / distilling from 4 cached teachers, as student throughput; for `tail_mode` bucket
-   (the default) and spread. A per-component breakdown of the objective on one batch says where
-   the time goes.
+   inputs) / distilling from 4 cached teachers, as student throughput (`tail_mode` bucket, the
+   default). A per-component breakdown on one batch (pieces timed interleaved, as fractions of
+   a plain step) says where the time goes, for both tail modes.
 3. **Cached vs online**: throughput distilling from the `online` cache / throughput of online KD
    with the same N teachers (T0..T3, 10.1M parameters each) resident and run at every step, for
    N = 1, 2, 4 (`benchmarks._online`).
@@ -144,28 +144,29 @@ def overhead_and_tax(paths: SettingPaths, rounds: int, tmp: Path) -> dict[str, A
     s = paths.setting
     w = s.window_steps
     bucket = _recipe(paths, "main", s.teachers, tmp / "bucket")
-    spread = _recipe(paths, "main", s.teachers, tmp / "spread", tail_mode="spread")
     twin = CachedDistillDataset(bucket.reader, s.teachers, batch_size=s.batch_size, seed=bucket.cfg.seed,
                                 shuffle_chunks=s.shuffle_chunks)
     in_memory = iter(InMemoryTargets.from_stream(twin, max_batches=(rounds + 1) * w))
     plain_ds = CachedDistillDataset(bucket.reader, (), batch_size=s.batch_size, seed=bucket.cfg.seed,
                                     shuffle_chunks=s.shuffle_chunks)
+    streams = [iter(bucket.dataset), iter(plain_ds)]
     arms: dict[str, Block] = {
-        "stream": _stream_block(lambda b: _step(bucket, b), iter(bucket.dataset), w),
+        "stream": _stream_block(lambda b: _step(bucket, b), streams[0], w),
         "memory": _list_block(lambda b: _step(bucket, b), in_memory, w),
-        "plain": _stream_block(lambda b: _plain_step(bucket, b), iter(plain_ds), w),
-        "stream_spread": _stream_block(lambda b: _step(spread, b), iter(spread.dataset), w),
+        "plain": _stream_block(lambda b: _plain_step(bucket, b), streams[1], w),
     }
-    for arm in arms.values():  # warm-up window, not recorded
-        arm(-1)
-    raw = interleave(arms, rounds)
+    try:
+        for arm in arms.values():  # warm-up window, not recorded
+            arm(-1)
+        raw = interleave(arms, rounds)
+    finally:
+        for st in streams:
+            st.close()
     return {
         "streaming_overhead": {**_compare(raw, "memory", "stream"), "target": "<= 1.05",
                                "meaning": "step time streaming / step time in memory (= memory rate / stream rate)"},
         "distillation_tax_bucket": {**_compare(raw, "stream", "plain"), "target": ">= 0.9",
                                     "meaning": "throughput distilling from 4 cached teachers / plain training"},
-        "distillation_tax_spread": {**_compare(raw, "stream_spread", "plain"), "target": ">= 0.9",
-                                    "meaning": "as above with tail_mode=spread (weighted_forward_kl path)"},
         "raw": raw,
     }
 
@@ -176,7 +177,9 @@ def breakdown(paths: SettingPaths, repeats: int, tmp: Path) -> dict[str, Any]:
     s = paths.setting
     recipe = _recipe(paths, "main", s.teachers, tmp / "breakdown")
     obj = recipe.objective
-    batch = next(iter(recipe.dataset))
+    stream = iter(recipe.dataset)
+    batch = next(stream)
+    stream.close()
     rows = batch["position_mask"]
     labels = row_labels(batch, "causal_lm")[rows]
     with torch.no_grad():
@@ -205,16 +208,18 @@ def breakdown(paths: SettingPaths, repeats: int, tmp: Path) -> dict[str, Any]:
         z = leaf()
         hard_label_loss(z, labels).backward()
 
-    plain_ds = iter(CachedDistillDataset(recipe.reader, (), batch_size=s.batch_size, shuffle_chunks=s.shuffle_chunks))
-    plain_batch = next(plain_ds)
+    plain_stream = iter(CachedDistillDataset(recipe.reader, (), batch_size=s.batch_size,
+                                             shuffle_chunks=s.shuffle_chunks))
+    plain_batch = next(plain_stream)
+    plain_stream.close()
     pieces: dict[str, Callable[[], Any]] = {
         "plain step (reference)": lambda: _plain_step(recipe, plain_batch),
         "distill step, bucket (whole)": lambda: _step(recipe, batch),
         "row_targets x N (gather + renorm)": targets,
         "entropy weights": lambda: obj.aggregator.weights(tg, ctx),
         "union + linear pool (bucket)": lambda: obj.aggregator(tg, ctx, vocab_size=obj.vocab_size, tail_mode="bucket"),
-        "KD loss fwd+bwd, bucket (1 x (P,V))": kd_bucket,
-        "KD loss fwd+bwd, spread (N x (P,V))": kd_spread,
+        "KD loss fwd+bwd, bucket (merged target)": kd_bucket,
+        "KD loss fwd+bwd, spread (weighted_forward_kl, N teachers)": kd_spread,
         "CE fwd+bwd (in both steps)": ce,
     }
     times: dict[str, list[float]] = {k: [] for k in pieces}
@@ -235,10 +240,12 @@ def cached_vs_online(paths: SettingPaths, rounds: int, online_steps: int, tmp: P
     w = s.window_steps
     reader = open_cache(paths.cache("online"))
     arms: dict[str, Block] = {}
+    streams: list[BatchStream] = []
     for n in (1, 2, 4):
         teachers = s.online_teachers[:n]
         recipe = _recipe(paths, "online", teachers, tmp / f"cached{n}")
-        arms[f"cached N={n}"] = _stream_block(lambda b, r=recipe: _step(r, b), iter(recipe.dataset), w)
+        streams.append(iter(recipe.dataset))
+        arms[f"cached N={n}"] = _stream_block(lambda b, r=recipe: _step(r, b), streams[-1], w)
         student: Student = load_student(str(paths.model("student")), seed=0)
         opt = torch.optim.AdamW(student.module.parameters(), lr=recipe.cfg.lr, weight_decay=recipe.cfg.weight_decay)
         resident = OnlineTeachers([paths.model(t) for t in teachers], s.vocab)
@@ -247,10 +254,15 @@ def cached_vs_online(paths: SettingPaths, rounds: int, online_steps: int, tmp: P
         def online(b: Batch, st: Student = student, o: torch.optim.Optimizer = opt, t: OnlineTeachers = resident) -> float:
             return _update(list(st.module.parameters()), online_step_loss(st, t, b, alpha=0.5), o, None, 1.0)
 
-        arms[f"online N={n}"] = _stream_block(online, iter(inputs), online_steps)
-    for arm in arms.values():
-        arm(-1)
-    raw = interleave(arms, rounds)
+        streams.append(iter(inputs))
+        arms[f"online N={n}"] = _stream_block(online, streams[-1], online_steps)
+    try:
+        for arm in arms.values():
+            arm(-1)
+        raw = interleave(arms, rounds)
+    finally:
+        for st in streams:
+            st.close()
     out: dict[str, Any] = {f"N={n}": _compare(raw, f"cached N={n}", f"online N={n}") for n in (1, 2, 4)}
     cfg = lambda size: llama_config(vocab=s.vocab, hidden=size.hidden, layers=size.layers,  # noqa: E731
                                     intermediate=size.intermediate, max_length=s.max_length)
@@ -283,7 +295,7 @@ def _table(res: dict[str, Any]) -> str:
     lines = ["| measurement | ratio (per-round min-max) | target |", "|---|---:|---|",
              f"| streaming overhead: step time stream / in memory (N=4) | {_fmt(o['streaming_overhead'])} | <= 1.05 |",
              f"| distillation tax, bucket: throughput 4 teachers / plain | {_fmt(o['distillation_tax_bucket'])} | >= 0.9 |",
-             f"| distillation tax, spread: throughput 4 teachers / plain | {_fmt(o['distillation_tax_spread'])} | >= 0.9 |"]
+             ]
     for n in (1, 2, 4):
         lines.append(f"| cached / online throughput, N={n} | {_fmt(res['cached_vs_online'][f'N={n}'])} | > 1 |")
     lines += ["", "| piece of one step (one batch, P positions) | time / plain step |", "|---|---:|"]
@@ -295,11 +307,11 @@ def _table(res: dict[str, Any]) -> str:
 @click.command()
 @click.option("--work", type=click.Path(path_type=Path), default=DEFAULT_WORK, show_default=True,
               help="Folder of the shared setting (built once by benchmarks.train_loader.ensure_setting).")
-@click.option("--rounds", type=int, default=4, show_default=True,
+@click.option("--rounds", type=int, default=3, show_default=True,
               help="Interleaved rounds for the overhead/tax arms (each block = one 8-step shuffle window).")
 @click.option("--online-rounds", type=int, default=3, show_default=True, help="Interleaved rounds for cached vs online.")
 @click.option("--online-steps", type=int, default=2, show_default=True, help="Steps per online block.")
-@click.option("--repeats", type=int, default=5, show_default=True, help="Repeats of the per-component breakdown.")
+@click.option("--repeats", type=int, default=7, show_default=True, help="Repeats of the per-component breakdown.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "train_step.json", show_default=True,
               help="JSON results file.")
 def main(work: Path, rounds: int, online_rounds: int, online_steps: int, repeats: int, out: Path) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DatasetHasher", "sample_hash", "tokenizer_fingerprint"]
+__all__ = ["DatasetHasher", "sample_content", "sample_hash", "tokenizer_fingerprint"]
 
 
 def sample_hash(arrays: Iterable[np.ndarray]) -> str:
@@ -24,6 +24,19 @@ def sample_hash(arrays: Iterable[np.ndarray]) -> str:
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+def sample_content(arrays: Iterable[np.ndarray], label: int | None, domain: str | None) -> list[np.ndarray]:
+    """What a sample's content hash covers: its arrays, then its label and domain when present.
+
+    The label is an int64 0-d array; the domain the uint8 array of its UTF-8 bytes (docs/FORMAT.md).
+    """
+    out = [np.asarray(a) for a in arrays]
+    if label is not None:
+        out.append(np.asarray(int(label), dtype=np.int64))
+    if domain is not None:
+        out.append(np.frombuffer(str(domain).encode(), dtype=np.uint8))
+    return out
 
 
 class DatasetHasher:

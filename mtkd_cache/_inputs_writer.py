@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mtkd_cache._fingerprint import DatasetHasher, sample_hash
+from mtkd_cache._fingerprint import DatasetHasher, sample_content, sample_hash
 from mtkd_cache._layout import make_grid
 from mtkd_cache._meta import InputsMeta, Manifest, TokenizerInfo
 from mtkd_cache._store import CacheStore, now_iso
@@ -107,7 +107,7 @@ class InputsWriter:
                 block[cursor : cursor + len(ids)] = ids
                 rows["offset"].append(c * self.C + cursor)
                 rows["num_positions"].append(len(ids))
-                rows["content_hash"].append(sample_hash([ids.astype(np.int64)]))
+                rows["content_hash"].append(sample_hash(sample_content([ids.astype(np.int64)], self._label(s.label), s.domain)))
                 cursor += len(ids)
             arr = self.arrays["token_ids"]
             arr.resize(((c + 1) * self.C,))
@@ -123,8 +123,7 @@ class InputsWriter:
             for i, s in enumerate(self.buffer):
                 rows["offset"].append(c * self.S + i)
                 rows["num_positions"].append(1)
-                lab = [] if s.label is None else [np.asarray(s.label)]
-                rows["content_hash"].append(sample_hash(list(s.arrays) + lab))
+                rows["content_hash"].append(sample_hash(sample_content(s.arrays, self._label(s.label), s.domain)))
         for i, s in enumerate(self.buffer):
             rows["sample_id"].append(self.n_samples + i)
             rows["source_row"].append(s.source_row)

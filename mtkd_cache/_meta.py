@@ -178,7 +178,8 @@ class InputsMeta:
 class ValueEncoding:
     """How top-k log-probabilities are stored.
 
-    `u8log`: code = clip(round(-logp / step), 0, 255) as uint8, decoded as -code * step.
+    `u8log`: code = clip(round(-logp / step), 0, 254) as uint8, decoded as -code * step; code
+    255 means probability exactly 0 (log p = -inf).
     `fp16`: logp as IEEE half. `fp32`: logp as float.
     """
 

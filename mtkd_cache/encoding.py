@@ -1,7 +1,8 @@
 """Encodings of stored targets: value codes, index widths, compressors and checksums.
 
 Top-k log-probabilities are stored as 8-bit codes on a fixed log grid by default
-(`code = clip(round(-logp / step), 0, 255)`, decoded as `-code * step`), or as fp16/fp32. With
+(`code = clip(round(-logp / step), 0, 254)`, decoded as `-code * step`; code 255 is an exact
+zero, log p = -inf), or as fp16/fp32. With
 step 1/16 the largest per-entry error in log space is 1/32 nat, and the KL it adds to a
 renormalised top-k distribution is about step**2 / 24 ≈ 1.6e-4 nats (measured in
 benchmarks/). Indices use 16 bits when the vocabulary fits (<= 65,536 entries) and 32 bits
@@ -45,16 +46,18 @@ def value_dtype(enc: ValueEncoding) -> str:
 def encode_values(logp: np.ndarray, enc: ValueEncoding) -> np.ndarray:
     """Encode log-probabilities (any shape, <= 0) for storage."""
     if enc.codec == "u8log":
-        codes = np.rint(-np.asarray(logp, dtype=np.float32) / enc.step)
-        codes = np.nan_to_num(codes, nan=_U8_MAX, posinf=_U8_MAX, neginf=0)
-        return np.clip(codes, 0, _U8_MAX).astype(np.uint8)
+        x = np.asarray(logp, dtype=np.float32)
+        codes = np.clip(np.rint(-np.nan_to_num(x, neginf=0.0) / enc.step), 0, _U8_MAX - 1)
+        return np.where(np.isneginf(x), _U8_MAX, codes).astype(np.uint8)  # 255 = probability exactly 0
     return np.asarray(logp, dtype=value_dtype(enc))
 
 
 def decode_values(stored: np.ndarray, enc: ValueEncoding) -> np.ndarray:
     """Decode stored values back to float32 log-probabilities."""
     if enc.codec == "u8log":
-        return stored.astype(np.float32) * np.float32(-enc.step)
+        out = stored.astype(np.float32) * np.float32(-enc.step)
+        out[stored == _U8_MAX] = -np.inf
+        return out
     return stored.astype(np.float32)
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtkd_cache._fingerprint import DatasetHasher, sample_hash, tokenizer_fingerprint
+from mtkd_cache._fingerprint import DatasetHasher, sample_content, sample_hash, tokenizer_fingerprint
 from mtkd_cache._inputs_writer import InputsWriter, Sample
 from mtkd_cache._meta import InputsMeta, Manifest, TokenizerInfo
 from mtkd_cache._sources import iter_source
@@ -238,8 +238,9 @@ def prepare_arrays(
     content = DatasetHasher(hasher_settings)
     label_list = None if labels is None else [_label_or_none(v) for v in labels]
     for i in range(n):  # content fingerprint decides whether existing inputs can be kept
-        lab = [] if label_list is None or label_list[i] is None else [np.asarray(label_list[i])]
-        content.update([sample_hash([arrays[k][i] for k in names] + lab)])
+        lab = None if label_list is None else label_list[i]
+        dom = None if domains is None else domains[i]
+        content.update([sample_hash(sample_content([arrays[k][i] for k in names], lab, dom))])
     settings = {**hasher_settings, "content": content.hexdigest(), "domains": domains is not None}
     existing = _claim(store, settings, overwrite)
     if existing is not None:

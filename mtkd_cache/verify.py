@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtkd_cache._fingerprint import DatasetHasher, sample_hash
+from mtkd_cache._fingerprint import DatasetHasher, sample_content, sample_hash
 from mtkd_cache._meta import TeacherMeta
 from mtkd_cache._store import CacheStore
 from mtkd_cache.encoding import array_checksum
@@ -79,16 +79,17 @@ def _check_inputs(reader: CacheReader, report: VerifyReport, bar: Any) -> None:
         return
     hashes = reader.samples.column("content_hash").to_pylist()
     labels = reader.samples.column("label").to_pylist()
+    domains = reader.samples.column("domain").to_pylist()
     recomputed: list[str] = []
     for c in range(g.num_chunks):
         data = reader.read_chunk(c)
         for j, sid in enumerate(data.sample_ids):
             if inputs.kind == "tokens":
                 toks = data.inputs["token_ids"][data.offsets[j] : data.offsets[j] + data.lengths[j]]
-                h = sample_hash([toks.astype(np.int64)])
+                arrays = [toks.astype(np.int64)]
             else:
-                lab = [] if labels[sid] is None else [np.asarray(labels[sid])]
-                h = sample_hash([data.inputs[k][j] for k in sorted(data.inputs)] + lab)
+                arrays = [data.inputs[k][j] for k in sorted(data.inputs)]
+            h = sample_hash(sample_content(arrays, labels[sid], domains[sid]))
             recomputed.append(h)
             if h != hashes[sid]:
                 report.problems.append(f"inputs chunk {c} sample {int(sid)}: content hash mismatch")

@@ -20,7 +20,7 @@ __all__ = ["RUN_ONLY_KEYS", "ConfigError", "TrainConfig", "load_config_file"]
 _AGGREGATORS = ("mean", "loglinear", "entropy", "confidence", "label_aware", "gate", "routing", "mtbkd")
 _LOSSES = ("forward_kl", "reverse_kl", "js", "tv", "skew_kl")
 RUN_ONLY_KEYS = ("out", "max_steps", "checkpoint_every", "log_every", "eval_cache", "eval_every", "eval_max_samples",
-                 "mc_samples", "tensorboard", "verify_cache", "num_workers", "device")
+                 "mc_samples", "tensorboard", "verify_cache", "num_workers", "device", "progress")
 """Keys that do not change what a training step computes: left out of `TrainConfig.fingerprint`."""
 
 
@@ -89,7 +89,7 @@ class TrainConfig:
     amp: str = "auto"
     """auto (bf16 on CUDA, off on CPU), bf16, fp16, off."""
     checkpoint_every: int = 50
-    """Save a checkpoint every N optimizer steps (and on SIGTERM)."""
+    """Save a checkpoint every N optimizer steps (0: only on SIGTERM); always at the end of the run."""
     log_every: int = 1
     """Write metrics every N steps."""
     eval_cache: str | None = None
@@ -104,6 +104,8 @@ class TrainConfig:
     """Also log to TensorBoard (needs the tensorboard package)."""
     verify_cache: bool = False
     """Run a full checksum verification of the cache before training."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
 
     def __post_init__(self) -> None:
         if not self.cache:
@@ -122,11 +124,11 @@ class TrainConfig:
             raise ConfigError(f"{_flag('alpha')} is {self.alpha}; expected a value in [0, 1]")
         if not self.temperature > 0:
             raise ConfigError(f"{_flag('temperature')} is {self.temperature}; expected a value > 0")
-        for key in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every"):
+        for key in ("batch_size", "grad_accum", "max_steps", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{_flag(key)} is {getattr(self, key)}; expected an integer >= 1")
         for key in ("lr", "weight_decay", "clip_grad", "gate_entropy", "warmup_steps", "eval_every", "mc_samples",
-                    "num_workers"):
+                    "num_workers", "checkpoint_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{_flag(key)} is {getattr(self, key)}; expected a value >= 0")
         if self.amp not in ("auto", "bf16", "fp16", "off"):

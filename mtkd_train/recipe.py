@@ -289,7 +289,7 @@ class DistillRecipe:
         step_model = self.ddp or self.model
         step_model.train()
         it = iter(self._loader())
-        bar = tqdm(total=c.max_steps, initial=self.step, desc="train", disable=self.rank != 0)
+        bar = tqdm(total=c.max_steps, initial=self.step, desc="train", disable=self.rank != 0 or not c.progress)
         t0, positions = time.perf_counter(), 0
         while self.step < c.max_steps and not self._should_stop():
             terms_sum: dict[str, float] = {}
@@ -327,13 +327,13 @@ class DistillRecipe:
                 if tb is not None:
                     for k, v in terms_sum.items():
                         tb.add_scalar(f"train/{k}", v, self.step)
-            if self.step % c.checkpoint_every == 0:
+            if c.checkpoint_every and self.step % c.checkpoint_every == 0:
                 self.save_checkpoint()
             if c.eval_every and self.step % c.eval_every == 0 and c.eval_cache and self.rank == 0:
                 self._log_eval(log)
         bar.close()
-        if self._stop:
-            self.save_checkpoint()
+        if self._stop or not c.checkpoint_every or self.step % c.checkpoint_every:
+            self.save_checkpoint()  # the run's last step is always resumable
         if log is not None:
             log.close()
         signal.signal(signal.SIGTERM, prev)

@@ -14,8 +14,9 @@ is SmolLM2 cached with ``--samples N`` on the transfer set, N chosen so its byte
 the top-64 run's (simulated from the top-64 targets, then measured with ``inspect_cache``).
 
 Student: Llama (2 layers, width ``--student-hidden``, SmolLM2's vocabulary, tied head), random init per
-seed, ``--steps`` AdamW steps of ``--batch`` passages (lr 3e-3, 4 warm-up steps, cosine), loss
-0.5 forward-KL (T = 1, spread tail) + 0.5 CE on the next token. Runs per seed: ``no_kd`` (alpha = 0);
+seed, ``--steps`` AdamW steps of ``--batch`` passages (lr 1e-2, 1 warm-up step, cosine), loss
+0.5 forward-KL (T = 1, tail as one bucket: the operators merge the teachers on the union of their
+supports and the loss makes one pass over the vocabulary) + 0.5 CE on the next token. Runs per seed: ``no_kd`` (alpha = 0);
 the number of teachers 1 -> 4 with the entropy operator (SmolLM2, + each specialist in turn); every
 operator over all 4 teachers (mean, entropy, confidence, routing domain -> its specialist, loglinear,
 label_aware); and SmolLM2 sampled vs top-k at equal bytes. Nothing is tuned: every setting above was
@@ -65,28 +66,36 @@ OPERATORS = ("mean", "entropy", "confidence", "routing", "loglinear", "label_awa
 
 @dataclass(frozen=True)
 class Settings:
-    """Sizes and hyper-parameters of the experiment (CLI flags of the same names)."""
+    """Sizes and hyper-parameters of the experiment (CLI flags of the same names).
 
-    n_train: int = 48
+    The defaults fit ~35 min on 2 shared CPU cores at the throughput measured while sizing it
+    (SmolLM2 ~20 tokens/s, one student step of 4 passages ~15 s; see the README section).
+    """
+
+    n_train: int = 8
     """Transfer passages per domain (the mixed train cache holds 3x this)."""
-    n_eval: int = 24
+    n_eval: int = 6
     """Held-out passages per domain."""
-    n_specialist: int = 512
-    """Train-document passages per domain a specialist is trained on."""
-    spec_steps: int = 60
+    n_specialist: int = 256
+    """Train-document passages per domain a specialist samples its batches from."""
+    spec_steps: int = 8
     """Optimizer steps of each specialist (batch `batch`)."""
-    steps: int = 36
+    steps: int = 6
     """Student optimizer steps per run."""
-    batch: int = 8
+    batch: int = 4
     """Passages per step (student and specialists)."""
     student_hidden: int = 128
     """Student width (2 layers, head tied to the 49,152-token embedding)."""
     alpha: float = 0.5
     """KD weight of every KD run (1 - alpha on the next-token CE)."""
-    lr: float = 3e-3
-    """Peak learning rate of students and specialists."""
+    lr: float = 1e-2
+    """Peak learning rate of students and specialists (1 warm-up step, cosine to 10%)."""
     seeds: tuple[int, ...] = (0,)
-    """Student seeds (init and data order); teachers and data use seed 0."""
+    """Student seeds (init and data order); data, teachers and specialists use seed 0."""
+
+
+# Settings that change the data, the specialists or the caches (the rest only change student runs).
+_CACHE_KEYS = ("n_train", "n_eval", "n_specialist", "spec_steps", "batch", "lr")
 
 
 # -- teachers ------------------------------------------------------------------------------------
@@ -120,7 +129,7 @@ def train_specialist(dest: Path, smol: Path, texts: Sequence[str], s: Settings, 
     model = LlamaForCausalLM.from_pretrained(str(init)).train()
     ids = [tok(t, add_special_tokens=False)["input_ids"][:MAX_LENGTH] for t in texts]
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 4) * (
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 1) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, k / max(1, s.spec_steps))))))
     torch.manual_seed(seed)
     losses = []
@@ -131,20 +140,29 @@ def train_specialist(dest: Path, smol: Path, texts: Sequence[str], s: Settings, 
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.save_pretrained(str(dest), safe_serialization=True)
     tok.save_pretrained(str(dest))
     info = {"steps": s.spec_steps, "batch": s.batch, "passages": len(ids), "tokens_seen": s.spec_steps * s.batch
-            * int(np.mean([len(i) for i in ids])), "final_train_loss": float(np.mean(losses[-5:])),
+            * int(np.mean([len(i) for i in ids])), "first_train_loss": losses[0], "final_train_loss": losses[-1],
             "seconds": time.perf_counter() - t0}
     done.write_text(json.dumps(info))
     return info
 
 
-def _cache_teacher(cache: Path, name: str, model: Path, **kw: Any) -> float:
+def _cache_teacher(cache: Path, name: str, model: Path, **kw: Any) -> dict[str, float]:
+    """Run one teacher over `cache`; wall time and tokens/s of the run that computed it (kept in the cache folder)."""
+    log = cache / "lm_teacher_timings.json"
+    timings = json.loads(log.read_text()) if log.is_file() else {}
+    if name in timings and name in open_cache(cache).teacher_names:
+        return timings[name]
     t0 = time.perf_counter()
     run_teacher(cache, RunConfig(teacher=name, model=str(model), batch_size=8, **kw), progress=False)
-    return time.perf_counter() - t0
+    sec = time.perf_counter() - t0
+    pos = open_cache(cache).inputs.num_positions
+    timings[name] = {"seconds": sec, "positions": pos, "tokens_per_s": pos / sec}
+    log.write_text(json.dumps(timings, indent=2))
+    return timings[name]
 
 
 def simulate_sampled_bpp(cache: Path, teacher: str, draws: Sequence[int], seed: int = 0) -> dict[int, float]:
@@ -183,18 +201,18 @@ def simulate_sampled_bpp(cache: Path, teacher: str, draws: Sequence[int], seed: 
 
 def build_teachers(out: Path, smol: Path, s: Settings, caches: Mapping[str, Path], data: Path) -> dict[str, Any]:
     """Train the specialists and cache every teacher on the transfer set and each eval cache."""
-    info: dict[str, Any] = {"seconds": {}}
+    info: dict[str, Any] = {"cache_runs": {}}
     for d, name in zip(DOMAINS, SPECIALISTS):
         texts = [json.loads(line)["text"] for line in (data / f"specialist_{d}.jsonl").open()]
         info[name] = {"train": train_specialist(out / "teachers" / name, smol, texts[: s.n_specialist], s)}
     models = {GENERALIST: smol, **{n: out / "teachers" / n for n in SPECIALISTS}}
     for name, model in models.items():
         for split, cache in caches.items():
-            info["seconds"][f"{name}@{split}"] = _cache_teacher(cache, name, model, top_k=TOP_K)
+            info["cache_runs"][f"{name}@{split}"] = _cache_teacher(cache, name, model, top_k=TOP_K)
     topk_bpp = inspect_cache(caches["train"])["teachers"][GENERALIST]["bytes_per_position"]
-    sim = simulate_sampled_bpp(caches["train"], GENERALIST, (16, 24, 32, 40, 48, 64, 80, 96, 128))
+    sim = simulate_sampled_bpp(caches["train"], GENERALIST, (16, 24, 32, 48, 64, 96, 128))
     draws = min(sim, key=lambda n: abs(sim[n] - topk_bpp))
-    info["seconds"][f"{SAMPLED}@train"] = _cache_teacher(caches["train"], SAMPLED, smol, top_k=None, samples=draws)
+    info["cache_runs"][f"{SAMPLED}@train"] = _cache_teacher(caches["train"], SAMPLED, smol, top_k=None, samples=draws)
     rep = inspect_cache(caches["train"])["teachers"]
     info["bytes"] = {"topk_bytes_per_position": topk_bpp, "simulated_sampled_bpp": sim, "draws": draws,
                      "sampled_bytes_per_position": rep[SAMPLED]["bytes_per_position"],
@@ -250,8 +268,8 @@ def student_run(run_dir: Path, spec: Mapping[str, Any], student: Path, caches: M
     t0 = time.perf_counter()
     cfg = TrainConfig(cache=str(caches["train"]), teachers=tuple(spec["teachers"]), student=str(student),
                       out=str(run_dir), aggregate=spec["aggregate"], aggregate_kwargs=spec.get("akw", {}),
-                      loss="forward_kl", tail_mode="spread", alpha=s.alpha if spec["kd"] else 0.0, temperature=1.0,
-                      batch_size=s.batch, max_steps=s.steps, lr=s.lr, warmup_steps=4, checkpoint_every=s.steps,
+                      loss="forward_kl", tail_mode="bucket", alpha=s.alpha if spec["kd"] else 0.0, temperature=1.0,
+                      batch_size=s.batch, max_steps=s.steps, lr=s.lr, warmup_steps=1, checkpoint_every=s.steps,
                       seed=seed, eval_cache=str(caches[DOMAINS[0]]))
     recipe = DistillRecipe(cfg).setup()
     losses = recipe.train()
@@ -260,7 +278,8 @@ def student_run(run_dir: Path, spec: Mapping[str, Any], student: Path, caches: M
                                 vocab_size=recipe.vocab_size) for d in DOMAINS}
     res = {k: v for k, v in spec.items() if k != "akw"} | {
         "aggregate_kwargs": spec.get("akw", {}), "seed": seed, "alpha": cfg.alpha, "steps": s.steps,
-        "final_loss": float(np.mean(losses[-5:])), "train_seconds": train_s,
+        "first_loss": losses[0], "final_loss": losses[-1], "train_seconds": train_s,
+        "seconds_per_step": train_s / s.steps,
         "eval_seconds": time.perf_counter() - t0 - train_s,
         "held_out": {**{d: {k: held[d][k] for k in ("positions", "nll", "perplexity", "accuracy", "ece")}
                         for d in DOMAINS}, "overall": _pooled(held)}}
@@ -391,17 +410,21 @@ def prepare_caches(out: Path, smol: Path, s: Settings) -> tuple[dict[str, Path],
 
 
 def _claim_workdir(out: Path, s: Settings) -> None:
-    """Reuse `out` only if it was made with the same settings (seeds aside); otherwise start it afresh.
+    """Reuse what `out` holds only where it was made with the same settings.
 
-    `prepare` reuses a cache whose settings (including the source *path*) match without re-reading
-    the file, so data written with other sizes under the same path must not meet old caches.
+    Other data/teacher settings wipe `out` (`prepare` reuses a cache whose settings, including the
+    source *path*, match, without re-reading the file); other student settings wipe `out/runs`.
     """
     want = {k: v for k, v in asdict(s).items() if k != "seeds"}
     marker = out / "settings.json"
     if out.exists() and not marker.is_file() and any(out.iterdir()):
         raise SystemExit(f"--out {out} is not empty and was not made by lm_experiment; choose another folder")
-    if marker.is_file() and json.loads(marker.read_text()) != want:
-        shutil.rmtree(out)
+    if marker.is_file():
+        old = json.loads(marker.read_text())
+        if any(old.get(k) != want[k] for k in _CACHE_KEYS):
+            shutil.rmtree(out)
+        elif old != want:
+            shutil.rmtree(out / "runs", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(want, indent=2))
 
@@ -430,9 +453,14 @@ def run_experiment(out: Path, s: Settings, results_dir: Path = RESULTS_DIR) -> d
     seconds["students"] = time.perf_counter() - t2
     summary = summarize(runs)
     seconds["total"] = time.perf_counter() - t0
+    seconds["specialists_train"] = sum(teacher_info[n]["train"]["seconds"] for n in SPECIALISTS)
+    seconds["teacher_caching"] = sum(r["seconds"] for r in teacher_info["cache_runs"].values())
+    seconds["student_runs"] = sum(r["train_seconds"] + r["eval_seconds"] for r in runs)
     report = {"settings": asdict(s), "splits": splits, "teachers": {"held_out": teachers, **teacher_info},
               "runs": runs, "summary": summary, "seconds": seconds,
-              "note": "seconds of stages reused from an earlier invocation are not included"}
+              "note": "data_and_prepare/teachers/students/total: this invocation's wall time (stages reused from "
+                      "an earlier invocation take ~0 s); specialists_train/teacher_caching/student_runs: the "
+                      "recorded cost of computing them, whichever invocation did"}
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "lm_results.json").write_text(json.dumps(report, indent=2))
     text = tables(summary, teachers, labels())

@@ -228,14 +228,14 @@ class MTBKDAggregator(LinearOperator):
     Attributes:
         num_teachers: ``N``.
         tau: Softmax temperature over teachers (> 0).
-        prior_strength: ``lam`` in ``[0, 1)``.
+        prior_strength: ``lam`` in ``[0, 1)``; default 0.1 (0 makes the operator ``entropy``).
         base_weights: Optional static per-teacher trust, default uniform.
         vocab_size: ``V``; required only to call :meth:`weights` outside ``__call__``.
     """
 
     num_teachers: int
     tau: float = 1.0
-    prior_strength: float = 0.0
+    prior_strength: float = 0.1
     base_weights: tuple[float, ...] | None = None
     vocab_size: int | None = None
 

@@ -32,7 +32,7 @@ import torch
 
 from mtkd_train.targets import SparseTargets, TailMode, spread_log_value
 
-__all__ = ["LOSS_KINDS", "LossKind", "sparse_divergence", "support_mask"]
+__all__ = ["LOSS_KINDS", "LossKind", "sparse_divergence", "sparse_divergence_from_log_probs", "support_mask"]
 
 LossKind = Literal["forward_kl", "reverse_kl", "js", "tv", "skew_kl", "skew_reverse_kl"]
 LOSS_KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "js", "tv", "skew_kl", "skew_reverse_kl")
@@ -67,12 +67,11 @@ def _terms(kind: str, logp: torch.Tensor, logq: torch.Tensor, skew: float) -> to
 
 def support_mask(target: SparseTargets, vocab_size: int) -> torch.Tensor:
     """``(P, V)`` bool: token kept (non-padding) by the target row. Duplicate-safe."""
-    kept = (target.logp > -math.inf).to(target.logp.dtype)  # (P, K)
-    idx = torch.where(kept > 0, target.indices, torch.zeros_like(target.indices))
-    hits = torch.zeros(
-        (target.logp.shape[0], vocab_size), dtype=kept.dtype, device=kept.device
-    ).scatter_add(1, idx, kept)
-    return hits > 0
+    kept = target.logp > -math.inf  # (P, K)
+    # Padding entries write to a spare column V, so a True is never overwritten by padding.
+    idx = torch.where(kept, target.indices, vocab_size)
+    hits = torch.zeros((target.logp.shape[0], vocab_size + 1), dtype=torch.bool, device=kept.device)
+    return hits.scatter_(1, idx, True)[:, :vocab_size]
 
 
 def sparse_divergence(
@@ -95,8 +94,31 @@ def sparse_divergence(
     Returns:
         ``(P,)`` divergences (``+inf`` where the divergence is infinite).
     """
-    vocab = logits.shape[1]
-    logq = torch.log_softmax(logits, dim=1)  # (P, V)
+    return sparse_divergence_from_log_probs(
+        torch.log_softmax(logits, dim=1), target, kind=kind, tail_mode=tail_mode, skew=skew
+    )
+
+
+def sparse_divergence_from_log_probs(
+    logq: torch.Tensor,
+    target: SparseTargets,
+    *,
+    kind: str,
+    tail_mode: TailMode,
+    skew: float = 0.1,
+) -> torch.Tensor:
+    """:func:`sparse_divergence` from the student's log-probabilities ``log_softmax(logits)``.
+
+    Several targets (one per teacher) can then share one ``(P, V)`` log-softmax and its backward.
+
+    Args:
+        logq: ``(P, V)`` float32 student log-probabilities (at the distillation temperature).
+        target, kind, tail_mode, skew: as :func:`sparse_divergence`.
+
+    Returns:
+        ``(P,)`` divergences.
+    """
+    vocab = logq.shape[1]
     kept = target.logp > -math.inf  # (P, K)
     safe_idx = torch.where(kept, target.indices, torch.zeros_like(target.indices))
     logq_kept = logq.gather(1, safe_idx)  # (P, K)
@@ -107,7 +129,7 @@ def sparse_divergence(
     if tail_mode == "bucket":
         tail = target.tail.to(logq.dtype)
         log_tail = torch.where(tail > 0, tail.clamp(min=1e-45).log(), -math.inf)  # (P,)
-        return kept_terms + _terms(kind, log_tail, _log_rest_mass(logits, in_s), skew)
+        return kept_terms + _terms(kind, log_tail, _log_rest_mass(logq, in_s), skew)
     log_u = spread_log_value(target, vocab).to(logq.dtype)  # (P,)
     if kind == "forward_kl":
         # sum_{v not kept} u (log u - log q_v) = tail_eff * log u - u * sum_{v not kept} log q_v
@@ -121,9 +143,12 @@ def sparse_divergence(
     return kept_terms + _terms(kind, logp_dense, logq, skew).masked_fill(in_s, 0.0).sum(1)
 
 
-def _log_rest_mass(logits: torch.Tensor, in_s: torch.Tensor) -> torch.Tensor:
-    """``(P,)`` log of the student's mass outside the kept set, ``-inf`` if nothing is outside."""
+def _log_rest_mass(logq: torch.Tensor, in_s: torch.Tensor) -> torch.Tensor:
+    """``(P,)`` log of the student's mass outside the kept set, ``-inf`` if nothing is outside.
+
+    A log-sum-exp of the masked log-probabilities (no ``1 - sum_kept q``, which cancels when the
+    rest is tiny); ``logq`` is already normalised, so no second log-sum-exp over the logits.
+    """
     full = in_s.all(dim=1)  # (P,) every token kept: no rest (and no NaN gradient from it)
-    masked = logits.masked_fill(in_s & ~full.unsqueeze(1), -math.inf)
-    log_rest = torch.logsumexp(masked, dim=1) - torch.logsumexp(logits, dim=1)
-    return torch.where(full, -math.inf, log_rest)
+    masked = logq.masked_fill(in_s & ~full.unsqueeze(1), -math.inf)  # (P, V)
+    return torch.where(full, -math.inf, torch.logsumexp(masked, dim=1))

@@ -15,7 +15,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from mtkd_train.losses._divergence import LOSS_KINDS, sparse_divergence
+from mtkd_train.losses._divergence import (
+    LOSS_KINDS,
+    sparse_divergence,
+    sparse_divergence_from_log_probs,
+)
 from mtkd_train.targets import SparseTargets, TailMode, parse_tail_mode, retemper
 
 __all__ = [
@@ -42,10 +46,8 @@ def _parse(kind: str, temperature: float, target_temperature: float, skew: float
         raise LossConfigError(f"skew must be in [0, 1), got {skew!r}")
 
 
-def _flatten(
-    logits: torch.Tensor, target: SparseTargets, vocab_size: int | None
-) -> tuple[torch.Tensor, SparseTargets, int]:
-    """Flatten ``(..., V)`` / ``(..., K)`` to 2-D, cut padded vocabulary columns, upcast."""
+def _flatten_logits(logits: torch.Tensor, vocab_size: int | None) -> tuple[torch.Tensor, int]:
+    """Flatten ``(..., V_s)`` logits to ``(P, V)``: padded vocabulary columns cut, upcast."""
     width = logits.shape[-1]
     vocab = width if vocab_size is None else vocab_size
     if not isinstance(vocab, int) or not 0 < vocab <= width:
@@ -53,17 +55,28 @@ def _flatten(
             f"vocab_size={vocab_size!r} must be a positive int no larger than the logits' last "
             f"dimension ({width}); padded vocabulary columns beyond it are dropped"
         )
+    return logits[..., :vocab].reshape(-1, vocab).float(), vocab  # (P, V)
+
+
+def _flatten_target(logits: torch.Tensor, target: SparseTargets) -> SparseTargets:
+    """Flatten a ``(..., K)`` target to ``(P, K)`` after checking it has the logits' positions."""
     if target.logp.shape[:-1] != logits.shape[:-1]:
         raise LossConfigError(
             f"target positions {tuple(target.logp.shape[:-1])} do not match logits positions "
             f"{tuple(logits.shape[:-1])}"
         )
-    z = logits[..., :vocab].reshape(-1, vocab).float()  # (P, V)
     k = target.logp.shape[-1]
-    flat = SparseTargets(
+    return SparseTargets(
         target.indices.reshape(-1, k), target.logp.reshape(-1, k).float(), target.tail.reshape(-1)
     )
-    return z, flat, vocab
+
+
+def _flatten(
+    logits: torch.Tensor, target: SparseTargets, vocab_size: int | None
+) -> tuple[torch.Tensor, SparseTargets, int]:
+    """Flatten ``(..., V)`` / ``(..., K)`` to 2-D, cut padded vocabulary columns, upcast."""
+    z, vocab = _flatten_logits(logits, vocab_size)
+    return z, _flatten_target(logits, target), vocab
 
 
 def kd_loss_per_position(
@@ -213,24 +226,21 @@ def weighted_forward_kl(
         keep = mask.to(torch.bool)
         student_logits, w = student_logits[keep], w[keep]
         targets = [SparseTargets(t.indices[keep], t.logp[keep], t.tail[keep]) for t in targets]
-    per_teacher = torch.stack(
-        [
-            kd_loss_per_position(
-                student_logits,
-                t,
-                temperature=temperature,
-                target_temperature=target_temperature,
-                tail_mode=tail_mode,
-                vocab_size=vocab_size,
-            )
-            for t in targets
-        ],
-        dim=1,
-    )  # (P, N)
-    loss = (1 - smoothing) * (w.to(per_teacher.dtype) * per_teacher).sum(dim=1)  # (P,)
+    _parse("forward_kl", temperature, target_temperature, 0.1)
+    parse_tail_mode(tail_mode)
+    z, vocab = _flatten_logits(student_logits, vocab_size)  # (P, V)
+    # One student log-softmax (and one backward through it) for all N teachers.
+    logq = torch.log_softmax(z / temperature, dim=1)  # (P, V)
+    per_teacher = []
+    for t in targets:
+        flat = _flatten_target(student_logits, t)
+        if temperature != target_temperature:
+            flat = retemper(flat, temperature / target_temperature, vocab)
+        kl = sparse_divergence_from_log_probs(logq, flat, kind="forward_kl", tail_mode=tail_mode)
+        per_teacher.append(kl * temperature**2)  # (P,)
+    per_teacher_t = torch.stack(per_teacher, dim=1)  # (P, N)
+    loss = (1 - smoothing) * (w.to(per_teacher_t.dtype) * per_teacher_t).sum(dim=1)  # (P,)
     if smoothing > 0:
-        vocab = student_logits.shape[-1] if vocab_size is None else vocab_size
-        logq = torch.log_softmax(student_logits[:, :vocab].float() / temperature, dim=1)
         loss = loss + smoothing * temperature**2 * (-math.log(vocab) - logq.mean(dim=1))
     return _masked_mean(loss)
 

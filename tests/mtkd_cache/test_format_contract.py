@@ -45,7 +45,9 @@ def _blake(arrays: list[np.ndarray]) -> str:
 
 def _decode_values(raw: np.ndarray, values: dict[str, Any]) -> np.ndarray:
     if values["codec"] == "u8log":
-        return -raw.astype(np.float32) * np.float32(values.get("step", 1 / 16))
+        out = -raw.astype(np.float32) * np.float32(values.get("step", 1 / 16))
+        out[raw == 255] = -np.inf  # code 255: probability exactly 0
+        return out
     assert values["codec"] in ("fp16", "fp32")
     return raw.astype(np.float32)
 
@@ -90,7 +92,12 @@ def read_plain(root: Path) -> dict[str, np.ndarray]:
     hashes = []
     for s in samples:
         ids = token_ids[s["offset"] : s["offset"] + s["num_positions"]].astype(np.int64)
-        assert _blake([ids]) == s["content_hash"]
+        content = [ids]  # FORMAT.md: arrays, then the label (int64 0-d), then the domain (UTF-8 bytes)
+        if s["label"] is not None:
+            content.append(np.asarray(s["label"], dtype=np.int64))
+        if s["domain"] is not None:
+            content.append(np.frombuffer(s["domain"].encode(), dtype=np.uint8))
+        assert _blake(content) == s["content_hash"]
         hashes.append(bytes.fromhex(s["content_hash"]))
         out[f"{s['sample_id']}/token_ids"] = ids
         out[f"{s['sample_id']}/label"] = np.asarray(-100 if s["label"] is None else s["label"])

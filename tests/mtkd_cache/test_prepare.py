@@ -200,11 +200,16 @@ def test_dataset_fingerprint_comes_from_content(
         tokenizer=lm_dir,
         max_length=MAX_LENGTH,
         chunk_samples=3,
+        domain_column="domain",
         progress=False,
     )
     assert rechunked.dataset_fingerprint == reference, (
         "chunking and source path do not change the content"
     )
+    no_domains = prepare(
+        tmp_path / "d", corpus, tokenizer=lm_dir, max_length=MAX_LENGTH, progress=False
+    )
+    assert no_domains.dataset_fingerprint != reference, "domains are part of the content"
     rows = corpus_rows(corpus)
     rows[5]["text"] = "w0 " + rows[5]["text"]  # one more token in one document
     edited = tmp_path / "edited.jsonl"

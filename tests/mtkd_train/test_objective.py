@@ -109,12 +109,13 @@ def test_loss_is_alpha_mix_of_kd_and_next_token_ce(batch: dict[str, Any]) -> Non
     kd, ce = terms[0.3]["kd"], terms[0.3]["ce"]
     assert torch.allclose(terms[0.3]["loss"], 0.3 * kd + 0.7 * ce)
     assert torch.allclose(terms[1.0]["loss"], kd) and torch.allclose(terms[0.0]["loss"], ce)
-    # CE is on the next real token of each real position
+    # CE is on the next real token of each real position, over the real vocabulary only
+    # (the padded head columns are not tokens)
     ids, real = batch["input_ids"], batch["position_mask"]
     z, y = [], []
     for b in range(ids.shape[0]):
         n = int(real[b].sum())
-        z.append(logits[b, : n - 1])
+        z.append(logits[b, : n - 1, :VOCAB])
         y.append(ids[b, 1:n])
     assert torch.allclose(ce, F.cross_entropy(torch.cat(z), torch.cat(y)))
 
