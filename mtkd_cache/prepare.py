@@ -19,7 +19,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtkd_cache._fingerprint import DatasetHasher, sample_content, sample_hash, tokenizer_fingerprint
+from mtkd_cache._fingerprint import (
+    DatasetHasher,
+    sample_content,
+    sample_hash,
+    tokenizer_fingerprint,
+)
 from mtkd_cache._inputs_writer import InputsWriter, Sample
 from mtkd_cache._meta import InputsMeta, Manifest, TokenizerInfo
 from mtkd_cache._sources import iter_source

@@ -22,7 +22,13 @@ from tqdm.auto import tqdm
 from mtkd_cache._batching import length_grouped_batches, pad_batch
 from mtkd_cache._device import autocast_context, resolve_device, resolve_dtype
 from mtkd_cache._distributed import barrier, dist_info, shutdown
-from mtkd_cache._extract import check_finite, distribution_stats, pool_features, sample_targets, topk_targets
+from mtkd_cache._extract import (
+    check_finite,
+    distribution_stats,
+    pool_features,
+    sample_targets,
+    topk_targets,
+)
 from mtkd_cache._fingerprint import tokenizer_fingerprint
 from mtkd_cache._meta import FeatureSpec, TargetSpec, TeacherMeta, ValueEncoding
 from mtkd_cache._models import LoadedTeacher, forward_teacher, load_teacher
