@@ -9,8 +9,9 @@ Models (all random Llamas built from configs; nothing is downloaded or trained):
 * `save_llama` writes a Llama-style causal LM with an untied head. Its LM head is scaled so the
   logits have standard deviation `logit_std`: a randomly initialised head gives near-uniform
   next-token distributions (entropy ~ log V), whose top-k codes compress unrealistically well and
-  whose tail holds almost all the mass. With `logit_std` 4-6 the teachers have a mean entropy of
-  ~2-3.5 nats and a top-64 tail of a few percent, like trained LMs.
+  whose tail holds almost all the mass. With `logit_std` 4.0-5.5 the teachers have a mean entropy
+  of 2.0-3.5 nats, a top-1 probability of 0.29-0.50 and a top-64 tail of 2-12% (V = 8,192), in
+  the range of trained LMs.
 * `save_student_config` writes the student as a config-only folder; `mtkd_train.student.load_student`
   initialises it from the config, exactly as `mtkd-train --student DIR` does.
 

@@ -139,10 +139,13 @@ def time_run(cache: Path, cfg: runner.RunConfig, *, stages: bool = False) -> dic
     with contextlib.ExitStack() as patches:
         patches.enter_context(_timing(runner, "load_teacher", acc, "load"))
         if stages:
-            for owner, name, key in ((runner, "_process", "process"), (runner, "_run_chunk", "run_chunk"),
-                                     (CacheReader, "read_chunk", "read_inputs"), (runner, "forward_teacher", "forward"),
-                                     (runner, "check_finite", "check_finite"), (runner, "topk_targets", "topk"),
-                                     (runner, "_commit", "writer_thread"), (runner.TeacherWriter, "finish", "finish")):
+            targets = [(runner, "_process", "process"), (runner, "_run_chunk", "run_chunk"),
+                       (CacheReader, "read_chunk", "read_inputs"), (runner, "forward_teacher", "forward"),
+                       (runner, "check_finite", "check_finite"), (runner, "topk_targets", "topk"),
+                       (runner, "_commit", "writer_thread"), (runner.TeacherWriter, "finish", "finish")]
+            if hasattr(runner, "distribution_stats"):  # the reductions of this version run through _reduce_batch
+                targets += [(runner, "_reduce_batch", "reductions"), (runner, "distribution_stats", "stats")]
+            for owner, name, key in targets:
                 patches.enter_context(_timing(owner, name, acc, key))
         t0 = time.perf_counter()
         meta = runner.run_teacher(cache, cfg, progress=False)
@@ -153,16 +156,29 @@ def time_run(cache: Path, cfg: runner.RunConfig, *, stages: bool = False) -> dic
 
 
 def stage_table(acc: dict[str, float]) -> dict[str, float]:
-    """Main-thread stages of an instrumented run (seconds); they add up to `total`."""
-    in_loop = acc["run_chunk"] - acc["read_inputs"] - acc["forward"] - acc["check_finite"] - acc["topk"]
+    """Stages of an instrumented run (seconds). The main-thread stages add up to `total`.
+
+    The reductions are the finiteness check, entropy/top-1 stats and top-k + tail. In runners
+    without `_reduce_batch` (before the blocked reductions) the stats ran inline and are counted
+    under "other in-loop"; with it, the reductions run in worker threads and their per-function
+    times are thread-seconds, summed over workers.
+    """
+    if "reductions" in acc:
+        reductions = acc["reductions"]
+        parts = {"  check_finite (thread-s)": acc["check_finite"], "  entropy/top1 stats (thread-s)": acc["stats"],
+                 "  top-k + tail (thread-s)": acc["topk"]}
+    else:
+        reductions = acc["check_finite"] + acc["topk"]
+        parts = {"  check_finite": acc["check_finite"], "  top-k + tail": acc["topk"]}
     return {
         "load_teacher": acc["load"],
         "setup (tokenizer check, claim)": acc["total"] - acc["load"] - acc["process"] - acc["finish"],
         "read inputs": acc["read_inputs"],
         "forward": acc["forward"],
-        "check_finite": acc["check_finite"],
-        "entropy/top1 stats + host copy + split": in_loop,
-        "top-k + log-softmax + tail": acc["topk"],
+        "reductions": reductions,
+        **parts,
+        "other in-loop (host copy, split; old: inline entropy stats)":
+            acc["run_chunk"] - acc["read_inputs"] - acc["forward"] - reductions,
         "wait for writer (last chunk's commit)": acc["process"] - acc["run_chunk"],
         "finish (parquet, teacher.json, manifest)": acc["finish"],
         "writer thread, overlapped (encode+compress+checksum+write)": acc["writer_thread"],

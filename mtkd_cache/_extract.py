@@ -261,8 +261,8 @@ def check_finite(
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)  # (B T, V) or (B, V)
     finite = torch.empty(flat.shape[0], dtype=torch.bool, device=logits.device)  # one per row
-    for rows in _row_blocks(flat.shape[0], vocab, logits.device):
-        finite[rows] = torch.isfinite(flat[rows]).all(dim=-1)
+    for block in _row_blocks(flat.shape[0], vocab, logits.device):
+        finite[block] = torch.isfinite(flat[block]).all(dim=-1)
     finite = finite.reshape(logits.shape[:-1])  # (B, T) or (B,)
     if mask is not None:
         finite = finite | ~mask.to(finite.device).bool()

@@ -66,6 +66,13 @@ class TeacherReader:
     def __init__(self, store: CacheStore, meta: TeacherMeta, inputs: InputsMeta):
         self.store, self.meta, self.inputs = store, meta, inputs
         self.group = store.open_group(f"teachers/{meta.name}", mode="r")
+        self._arrays: dict[str, Any] = {}
+
+    def _array(self, key: str) -> Any:
+        """The group's array `key`, opened once (opening reads metadata, which is then fixed)."""
+        if key not in self._arrays:
+            self._arrays[key] = self.group[key]
+        return self._arrays[key]
 
     def rows_of_chunk(self, chunk: int, grid: str | None = None) -> tuple[int, int]:
         g = self.inputs.grid
@@ -76,11 +83,11 @@ class TeacherReader:
 
     def read_targets(self, start: int, stop: int) -> TopkBlock | SampledBlock:
         """Decoded targets for rows [start, stop) of this teacher's grid."""
-        idx = self.group["indices"][start:stop].astype(np.int64)
+        idx = self._array("indices")[start:stop].astype(np.int64)
         if self.meta.target.kind == "sample":
-            return SampledBlock(idx, self.group["counts"][start:stop].astype(np.int32))
-        logp = decode_values(self.group["values"][start:stop], self.meta.values)
-        tail = self.group["tail"][start:stop].astype(np.float32)
+            return SampledBlock(idx, self._array("counts")[start:stop].astype(np.int32))
+        logp = decode_values(self._array("values")[start:stop], self.meta.values)
+        tail = self._array("tail")[start:stop].astype(np.float32)
         return TopkBlock(idx, logp, tail)
 
     def feature_spec(self, layer: int) -> FeatureSpec:
@@ -95,9 +102,9 @@ class TeacherReader:
     def read_feature(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Feature rows [start, stop) as float32 (int8 codes are dequantised with their row scale)."""
         spec = self.feature_spec(layer)
-        raw = self.group[f"features/{spec.name}"][start:stop]
+        raw = self._array(f"features/{spec.name}")[start:stop]
         if spec.dtype == "int8":
-            scale = self.group[f"features/{spec.name}_scale"][start:stop].astype(np.float32)
+            scale = self._array(f"features/{spec.name}_scale")[start:stop].astype(np.float32)
             return raw.astype(np.float32) * scale[:, None]
         return raw.astype(np.float32)
 
@@ -119,6 +126,7 @@ class CacheReader:
                 f"inputs' {self.inputs.dataset_fingerprint}; the inputs were replaced mid-way — re-run prepare"
             )
         self._teachers: dict[str, TeacherReader] = {}
+        self._input_arrays: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return (f"CacheReader({self.store.url!r}, samples={self.inputs.num_samples}, "
@@ -221,14 +229,19 @@ class CacheReader:
                 data.features[name][spec.name] = tr.read_feature(layer, r0, r0 + n)
         return data
 
+    def _input_array(self, key: str) -> Any:
+        """The inputs group's array `key`, opened once (finished inputs never change)."""
+        if key not in self._input_arrays:
+            self._input_arrays[key] = self.store.open_group("inputs", mode="r")[key]
+        return self._input_arrays[key]
+
     def _read_inputs(self, chunk: int, used: int, n: int) -> dict[str, np.ndarray]:
         g = self.inputs.grid
-        grp = self.store.open_group("inputs", mode="r")
         if self.inputs.kind == "tokens":
             p0 = chunk * g.chunk_positions
-            return {"token_ids": grp["token_ids"][p0 : p0 + used].astype(np.int64)}
+            return {"token_ids": self._input_array("token_ids")[p0 : p0 + used].astype(np.int64)}
         s0 = chunk * g.chunk_samples
-        return {name: grp[f"arrays/{name}"][s0 : s0 + n] for name in self.inputs.arrays}
+        return {k: self._input_array(f"arrays/{k}")[s0 : s0 + n] for k in self.inputs.arrays}
 
     def sample(self, sample_id: int, teachers: Sequence[str] = ()) -> dict[str, Any]:
         """Random access to one sample: its inputs, label, domain and each teacher's targets."""
@@ -236,12 +249,11 @@ class CacheReader:
             raise IndexError(f"sample id {sample_id} is out of range [0, {self.inputs.num_samples})")
         cols = self._columns
         off, n = int(cols["offset"][sample_id]), int(cols["num_positions"][sample_id])
-        grp = self.store.open_group("inputs", mode="r")
         out: dict[str, Any] = {"sample_id": sample_id, "num_positions": n}
         if self.inputs.kind == "tokens":
-            out["token_ids"] = grp["token_ids"][off : off + n].astype(np.int64)
+            out["token_ids"] = self._input_array("token_ids")[off : off + n].astype(np.int64)
         else:
-            out.update({k: grp[f"arrays/{k}"][off] for k in self.inputs.arrays})
+            out.update({k: self._input_array(f"arrays/{k}")[off] for k in self.inputs.arrays})
         out["label"] = None if cols["label"] is None else int(cols["label"][sample_id])
         out["targets"] = {}
         for name in teachers:

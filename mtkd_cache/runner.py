@@ -9,8 +9,9 @@ while the next one runs. Cost: one teacher forward per position plus O(V) reduct
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from mtkd_cache._batching import length_grouped_batches, pad_batch
 from mtkd_cache._device import autocast_context, resolve_device, resolve_dtype
 from mtkd_cache._distributed import barrier, dist_info, shutdown
 from mtkd_cache._extract import (
+    NonFiniteLogitsError,
     check_finite,
     distribution_stats,
     pool_features,
@@ -165,8 +167,66 @@ def _teacher_meta(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig, d
     )
 
 
+@dataclass(frozen=True)
+class _Reducers:
+    """Single-threaded CPU workers for the per-batch reductions (see `_reduce_batch`)."""
+
+    pool: ThreadPoolExecutor
+    workers: int
+
+
+def _reduce(logits: torch.Tensor, sample_ids: list[int], rows_mask: torch.Tensor | None,
+            spec: TargetSpec, vocab_size: int) -> list[torch.Tensor]:
+    """Finiteness check, then [indices, logp, tail] (top-k only) + [entropy, top1] of a batch."""
+    check_finite(logits, sample_ids, mask=rows_mask)
+    stats = distribution_stats(logits, spec.temperature, vocab_size)  # (B, T) each
+    if spec.kind != "topk":
+        return list(stats)
+    return [*topk_targets(logits, spec.k, spec.temperature, vocab_size), *stats]  # type: ignore[arg-type]
+
+
+def _reduce_batch(reducers: _Reducers | None, logits: torch.Tensor, sample_ids: list[int],
+                  rows_mask: torch.Tensor | None, spec: TargetSpec, vocab_size: int) -> list[torch.Tensor]:
+    """`_reduce` on the device, or on the CPU split by samples over the single-threaded `reducers`.
+
+    The O(V) reductions are many short passes over cache-sized row blocks. Under torch's
+    intra-op threads each pass is a parallel region whose barrier waits for every thread, and on
+    a shared CPU a descheduled thread stalls each of the ~10^3 barriers per batch (5x slower than
+    one thread at load 6 on 2 cores; benchmarks/precompute_overhead.py). Slices of the batch on
+    workers with one intra-op thread each never wait for one another.
+    """
+    if reducers is None:
+        return _reduce(logits, sample_ids, rows_mask, spec, vocab_size)
+    parts = np.array_split(np.arange(logits.shape[0]), min(reducers.workers, logits.shape[0]))
+    futures = [reducers.pool.submit(_reduce, logits[p[0]: p[-1] + 1], sample_ids[p[0]: p[-1] + 1],
+                                    None if rows_mask is None else rows_mask[p[0]: p[-1] + 1], spec, vocab_size)
+               for p in parts]
+    try:
+        results = [f.result() for f in futures]
+    except NonFiniteLogitsError:
+        check_finite(logits, sample_ids, mask=rows_mask)  # name every bad sample, not one slice's
+        raise
+    return [torch.cat(pieces) for pieces in zip(*results)]
+
+
+@contextlib.contextmanager
+def _cpu_reducers(device: torch.device) -> Iterator[_Reducers | None]:
+    """One single-threaded reduction worker per intra-op thread on the CPU; None elsewhere."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2:
+        yield None
+        return
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="mtkd-reduce", initializer=torch.set_num_threads,
+                                initargs=(1,)) as pool:
+            yield _Reducers(pool, threads)
+    finally:
+        torch.set_num_threads(threads)  # the workers' setting also lowered the default of new threads
+
+
 def _run_chunk(reader: CacheReader, teacher: LoadedTeacher, meta: TeacherMeta, cfg: RunConfig,
-               chunk: int, device: torch.device, dtype: torch.dtype, pad_id: int) -> dict[str, Any]:
+               chunk: int, device: torch.device, dtype: torch.dtype, pad_id: int,
+               reducers: _Reducers | None = None) -> dict[str, Any]:
     """Forward every sample of `chunk`; return host arrays in sample order plus stats."""
     data = reader.read_chunk(chunk)
     n = len(data.sample_ids)
@@ -183,11 +243,10 @@ def _run_chunk(reader: CacheReader, teacher: LoadedTeacher, meta: TeacherMeta, c
             logits, hidden = forward_teacher(teacher, batch, want_hidden=bool(meta.features))
         mask = batch.get("attention_mask")
         rows_mask = mask.to(logits.device).bool() if (mask is not None and meta.grid == "token") else None
-        check_finite(logits, data.sample_ids[idx].tolist(), mask=rows_mask)
-        ent, top1 = distribution_stats(logits, spec.temperature, teacher.vocab_size)  # (B, T) each
-        if spec.kind == "topk":
-            out = topk_targets(logits, spec.k, spec.temperature, teacher.vocab_size)  # type: ignore[arg-type]
-        else:
+        *reduced, ent, top1 = _reduce_batch(reducers, logits, data.sample_ids[idx].tolist(), rows_mask, spec,
+                                            teacher.vocab_size)
+        out = tuple(reduced)
+        if spec.kind != "topk":
             out = sample_targets(logits, spec.draws, spec.temperature, gen, teacher.vocab_size)  # type: ignore[arg-type]
         host = [t.cpu().numpy() for t in (*out, ent, top1)]
         feats = {}
@@ -274,9 +333,10 @@ def _process(reader: CacheReader, teacher: LoadedTeacher, meta: TeacherMeta, wri
     total = sum(int(reader._columns["num_positions"][slice(*g.sample_range(c))].sum()) for c in pending)
     bar = tqdm(total=total, desc=f"run {cfg.teacher}", unit=" pos", unit_scale=True, disable=not progress)
     in_flight: list[Future[None]] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtkd-writer") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtkd-writer") as pool, \
+            _cpu_reducers(device) as reducers:
         for c in pending:
-            out = _run_chunk(reader, teacher, meta, cfg, c, device, dtype, pad_id)
+            out = _run_chunk(reader, teacher, meta, cfg, c, device, dtype, pad_id, reducers)
             while len(in_flight) >= 1:  # keep one chunk compressing while the next one computes
                 in_flight.pop(0).result()
             in_flight.append(pool.submit(_commit, writer, c, out))

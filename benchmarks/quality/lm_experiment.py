@@ -72,15 +72,15 @@ class Settings:
     (SmolLM2 ~20 tokens/s, one student step of 4 passages ~15 s; see the README section).
     """
 
-    n_train: int = 8
+    n_train: int = 11
     """Transfer passages per domain (the mixed train cache holds 3x this)."""
-    n_eval: int = 6
+    n_eval: int = 8
     """Held-out passages per domain."""
     n_specialist: int = 256
     """Train-document passages per domain a specialist samples its batches from."""
-    spec_steps: int = 8
+    spec_steps: int = 10
     """Optimizer steps of each specialist (batch `batch`)."""
-    steps: int = 6
+    steps: int = 8
     """Student optimizer steps per run."""
     batch: int = 4
     """Passages per step (student and specialists)."""
@@ -90,7 +90,7 @@ class Settings:
     """KD weight of every KD run (1 - alpha on the next-token CE)."""
     lr: float = 1e-2
     """Peak learning rate of students and specialists (1 warm-up step, cosine to 10%)."""
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2)
     """Student seeds (init and data order); data, teachers and specialists use seed 0."""
 
 
@@ -210,7 +210,7 @@ def build_teachers(out: Path, smol: Path, s: Settings, caches: Mapping[str, Path
         for split, cache in caches.items():
             info["cache_runs"][f"{name}@{split}"] = _cache_teacher(cache, name, model, top_k=TOP_K)
     topk_bpp = inspect_cache(caches["train"])["teachers"][GENERALIST]["bytes_per_position"]
-    sim = simulate_sampled_bpp(caches["train"], GENERALIST, (16, 24, 32, 48, 64, 96, 128))
+    sim = simulate_sampled_bpp(caches["train"], GENERALIST, (32, 64, 128, 192, 256, 384))
     draws = min(sim, key=lambda n: abs(sim[n] - topk_bpp))
     info["cache_runs"][f"{SAMPLED}@train"] = _cache_teacher(caches["train"], SAMPLED, smol, top_k=None, samples=draws)
     rep = inspect_cache(caches["train"])["teachers"]
@@ -331,8 +331,9 @@ def tables(summary: Mapping[str, Any], teachers: Mapping[str, Any], label: Mappi
                                                         for o in OPERATORS]])):
         lines += [f"\n{title}\n\n", head]
         for n in names:
+            name = "entropy (4 teachers)" if (n == "teachers_4" and "operator" in title) else label[n]
             if n in summary:
-                lines.append(f"| {label[n]} | " + " | ".join(_cell(summary[n][d]) for d in cols) + " |\n")
+                lines.append(f"| {name} | " + " | ".join(_cell(summary[n][d]) for d in cols) + " |\n")
     return "".join(lines)
 
 
@@ -367,16 +368,17 @@ def plot(summary: Mapping[str, Any], teachers: Mapping[str, Any], results_dir: P
     p1 = results_dir / "lm_teachers.png"
     fig.savefig(p1, dpi=100)
     plt.close(fig)
-    names = ["no_kd", "teachers_1", "sampled_smollm2", *[f"op_{o}" if o != "entropy" else "teachers_4"
-                                                         for o in OPERATORS]]
-    lab = labels()
+    names = ["teachers_1", "sampled_smollm2", *[f"op_{o}" if o != "entropy" else "teachers_4" for o in OPERATORS]]
+    lab = labels() | {"teachers_4": "entropy (4 teachers)"}
     fig, ax = plt.subplots(figsize=(13, 4.5))
     w = 0.8 / len(names)
-    for i, n in enumerate(names):
-        ax.bar(np.arange(len(cols)) + i * w, [summary[n][d]["mean"] for d in cols], w,
-               yerr=[summary[n][d]["std"] for d in cols], label=lab[n], capsize=2)
-    ax.set(xticks=np.arange(len(cols)) + 0.4 - w / 2, xticklabels=cols, ylabel="held-out perplexity",
-           title="Student held-out perplexity per operator (all 4 teachers) and baselines")
+    for i, n in enumerate(names):  # change of held-out perplexity relative to the no-KD student
+        rel = [100 * (summary[n][d]["mean"] / summary["no_kd"][d]["mean"] - 1) for d in cols]
+        ax.bar(np.arange(len(cols)) + i * w, rel, w, label=lab[n])
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(xticks=np.arange(len(cols)) + 0.4 - w / 2, xticklabels=cols,
+           ylabel="held-out perplexity vs no-KD student (%)",
+           title="Student per operator (all 4 teachers) and SmolLM2 alone, top-64 vs sampled; below 0 = better than no KD")
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     p2 = results_dir / "lm_operators.png"
@@ -481,8 +483,13 @@ def main() -> None:
         else:
             ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
                             help=f"default {f.default}")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plots from RESULTS/lm_results.json")
     a = vars(ap.parse_args())
     out, results = a.pop("out"), a.pop("results")
+    if a.pop("plot_only"):
+        rep = json.loads((results / "lm_results.json").read_text())
+        plot(rep["summary"], rep["teachers"]["held_out"], results)
+        return
     a["seeds"] = tuple(a["seeds"])
     run_experiment(out, Settings(**a), results)
 
