@@ -17,7 +17,7 @@ stage runs in a thread, overlapped with the next chunk's forward.
     python -m benchmarks.precompute_overhead                    # SmolLM2-135M and a 16.8M random Llama
     python -m benchmarks.precompute_overhead --teachers smollm2 --repeats 5
 
-Cost: (2 x repeats + 1) passes of each teacher over its cache; ~10 min on 2 CPU cores.
+Cost: (2 x repeats + 2) passes of each teacher over its cache; 15-30 min on 2 shared CPU cores.
 """
 
 from __future__ import annotations
@@ -102,18 +102,27 @@ def time_bare(teacher: LoadedTeacher, batches: list[dict[str, torch.Tensor]]) ->
 
 
 @contextlib.contextmanager
-def _timing(owner: Any, name: str, acc: dict[str, float], key: str) -> Iterator[None]:
-    """Patch `owner.name` with a wrapper that adds its wall time to `acc[key]` (thread-safe)."""
+def _timing(owner: Any, name: str, acc: dict[str, float], key: str, *, in_chunk: bool = False) -> Iterator[None]:
+    """Patch `owner.name` with a wrapper that adds its wall time to `acc[key]` (thread-safe).
+
+    With `in_chunk`, only calls made while `_run_chunk` runs count (not the runner's set-up probe).
+    """
     original = getattr(owner, name)
     lock = threading.Lock()
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        counted = not in_chunk or acc.get("_inside", 0.0) > 0
+        if key == "run_chunk":
+            acc["_inside"] = 1.0
         t0 = time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
             with lock:
-                acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+                if counted:
+                    acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+                if key == "run_chunk":
+                    acc["_inside"] = 0.0
 
     setattr(owner, name, wrapper)
     try:
@@ -141,12 +150,14 @@ def time_run(cache: Path, cfg: runner.RunConfig, *, stages: bool = False) -> dic
         if stages:
             targets = [(runner, "_process", "process"), (runner, "_run_chunk", "run_chunk"),
                        (CacheReader, "read_chunk", "read_inputs"), (runner, "forward_teacher", "forward"),
-                       (runner, "check_finite", "check_finite"), (runner, "topk_targets", "topk"),
-                       (runner, "_commit", "writer_thread"), (runner.TeacherWriter, "finish", "finish")]
-            if hasattr(runner, "distribution_stats"):  # the reductions of this version run through _reduce_batch
-                targets += [(runner, "_reduce_batch", "reductions"), (runner, "distribution_stats", "stats")]
+                       (runner, "check_finite", "check_finite"), (runner, "_commit", "writer_thread"),
+                       (runner.TeacherWriter, "finish", "finish")]
+            if hasattr(runner, "topk_targets_with_stats"):  # blocked reductions in worker threads, stats fused
+                targets += [(runner, "_reduce_batch", "reductions"), (runner, "topk_targets_with_stats", "topk")]
+            else:  # the runner before: whole-tensor top-k, entropy stats inline
+                targets += [(runner, "topk_targets", "topk")]
             for owner, name, key in targets:
-                patches.enter_context(_timing(owner, name, acc, key))
+                patches.enter_context(_timing(owner, name, acc, key, in_chunk=key in ("read_inputs", "forward")))
         t0 = time.perf_counter()
         meta = runner.run_teacher(cache, cfg, progress=False)
         acc["total"] = time.perf_counter() - t0
@@ -158,21 +169,21 @@ def time_run(cache: Path, cfg: runner.RunConfig, *, stages: bool = False) -> dic
 def stage_table(acc: dict[str, float]) -> dict[str, float]:
     """Stages of an instrumented run (seconds). The main-thread stages add up to `total`.
 
-    The reductions are the finiteness check, entropy/top-1 stats and top-k + tail. In runners
+    The reductions are the finiteness check, entropy/top-1 stats and top-k + tail. In the runner
     without `_reduce_batch` (before the blocked reductions) the stats ran inline and are counted
     under "other in-loop"; with it, the reductions run in worker threads and their per-function
     times are thread-seconds, summed over workers.
     """
     if "reductions" in acc:
         reductions = acc["reductions"]
-        parts = {"  check_finite (thread-s)": acc["check_finite"], "  entropy/top1 stats (thread-s)": acc["stats"],
-                 "  top-k + tail (thread-s)": acc["topk"]}
+        parts = {"  check_finite (thread-s)": acc["check_finite"],
+                 "  top-k + tail + entropy/top1 stats (thread-s)": acc["topk"]}
     else:
         reductions = acc["check_finite"] + acc["topk"]
         parts = {"  check_finite": acc["check_finite"], "  top-k + tail": acc["topk"]}
     return {
         "load_teacher": acc["load"],
-        "setup (tokenizer check, claim)": acc["total"] - acc["load"] - acc["process"] - acc["finish"],
+        "setup (tokenizer check, probe, claim)": acc["total"] - acc["load"] - acc["process"] - acc["finish"],
         "read inputs": acc["read_inputs"],
         "forward": acc["forward"],
         "reductions": reductions,
@@ -244,9 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--teachers", default="smollm2,tiny", help="comma list of smollm2, tiny")
     ap.add_argument("--repeats", type=int, default=3, help="bare/run pairs per teacher")
     ap.add_argument("--max-length", type=int, default=256, help="tokens per sample")
-    ap.add_argument("--smollm2-samples", type=int, default=32, help="samples in SmolLM2's cache")
-    ap.add_argument("--tiny-samples", type=int, default=160, help="samples in the tiny teacher's cache")
-    ap.add_argument("--chunk-samples", type=int, default=32, help="samples per chunk (commit unit)")
+    ap.add_argument("--smollm2-samples", type=int, default=24, help="samples in SmolLM2's cache")
+    ap.add_argument("--tiny-samples", type=int, default=64, help="samples in the tiny teacher's cache")
+    ap.add_argument("--chunk-samples", type=int, default=8, help="samples per chunk (commit unit)")
     ap.add_argument("--batch-size", type=int, default=8, help="RunConfig.batch_size")
     ap.add_argument("--model-dir", type=Path, default=None, help="SmolLM2 folder (default ~/.cache/mtkd/smollm2-135m)")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "mtkd" / "bench", help="scratch folder")

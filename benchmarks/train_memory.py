@@ -1,6 +1,6 @@
 """Peak memory of a training run against cache size: the 10x cache / the 1x cache, same steps.
 
-    python -m benchmarks.train_memory                     # ~2 min on 2 shared CPU cores
+    python -m benchmarks.train_memory                     # ~5 min on 2 shared CPU cores
 
 Each run is a fresh `python -m benchmarks.train_memory --child ...` process that builds a
 `DistillRecipe` (4 cached teachers, `entropy` + forward KL, B = 4, the settings of

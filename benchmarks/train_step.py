@@ -1,6 +1,6 @@
 """Training-step benchmarks of the streaming trainer: streaming overhead, distillation tax, cached vs online.
 
-    python -m benchmarks.train_step                       # ~8 min on 2 shared CPU cores
+    python -m benchmarks.train_step                       # ~2.5 min on 2 shared CPU cores
 
 Setting: `benchmarks.train_loader.TrainSetting` (built once by `ensure_setting`): V = 8,192,
 K = 64, L = 128, B = 4 samples (512 positions) per step, student a Llama of width 128 and
@@ -46,7 +46,13 @@ from typing import Any
 import click
 import torch
 
-from benchmarks._online import OnlineTeachers, llama_config, matmul_params, online_step_loss, save_student_config
+from benchmarks._online import (
+    OnlineTeachers,
+    llama_config,
+    matmul_params,
+    online_step_loss,
+    save_student_config,
+)
 from benchmarks.train_loader import (
     DEFAULT_WORK,
     RESULTS,
@@ -328,7 +334,7 @@ def _params(folder: Path) -> int:
     from safetensors import safe_open
 
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - not iterable
 
 
 # -- report ---------------------------------------------------------------------------------------

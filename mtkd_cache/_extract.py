@@ -10,13 +10,14 @@ position ``j``. No shift is applied on the teacher side; the student shifts its 
 in ordinary next-token training, and the last row of a sequence predicts the token after it.
 Classifiers produce one row per sample (position 0).
 
-Cost: ``topk_targets``, ``distribution_stats`` and ``check_finite`` are O(B T V) and work through
-the rows in blocks of about ``_BLOCK_ELEMENTS`` logits: each block's float32 copy is normalised,
-ranked and masked in place while it is still in cache, instead of streaming several (B, T, V)
-temporaries through memory (on a 2-core CPU with SmolLM2's 49k vocabulary that is ~3x less CPU
-time than whole-tensor ops; ``benchmarks/precompute_overhead.py``). Every reduction is per row,
-so the block size changes results by float rounding at most. ``sample_targets`` holds the (B T, V) float32
-probabilities and draws ``n`` tokens per row in O(B T (V + n log n)).
+Cost: ``topk_targets[_with_stats]``, ``distribution_stats`` and ``check_finite`` (one row sum)
+are O(B T V) and work through the rows in blocks of about ``_BLOCK_ELEMENTS`` logits: each
+block's float32 copy is normalised, ranked and masked in place while it is still in cache,
+instead of streaming several (B, T, V) temporaries through memory (on a 2-core CPU with
+SmolLM2's 49k vocabulary, ~3x less CPU time than whole-tensor ops;
+``benchmarks/precompute_overhead.py``). Every reduction is per row, so the block size changes
+results by float rounding at most. ``sample_targets`` holds the (B T, V) float32 probabilities
+and draws ``n`` tokens per row in O(B T (V + n log n)).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "quantize_int8_rows",
     "sample_targets",
     "topk_targets",
+    "topk_targets_with_stats",
 ]
 
 
@@ -119,25 +121,69 @@ def topk_targets(
             f"pass a top-k between 1 and {vocab}"
         )
     _check_temperature(temperature)
-    batch, positions, _ = real.shape
-    flat = real.reshape(batch * positions, vocab)  # (N, V), a view when the logits are contiguous
-    indices = torch.empty(batch * positions, k, dtype=torch.int64, device=real.device)  # (N, k)
-    top_logp = torch.empty(batch * positions, k, dtype=torch.float32, device=real.device)  # (N, k)
-    tail = torch.empty(batch * positions, dtype=torch.float32, device=real.device)  # (N,)
-    for rows in _row_blocks(flat.shape[0], vocab, real.device):
+    indices, top_logp, tail, _, _ = _topk_blocks(real, k, temperature, with_stats=False)
+    return indices, top_logp, tail
+
+
+def topk_targets_with_stats(
+    logits: torch.Tensor,
+    k: int,
+    temperature: float = 1.0,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``topk_targets`` plus ``distribution_stats`` in one pass over the logits.
+
+    Same arguments, values and errors as ``topk_targets``; the stats reuse its normalised block,
+    which saves a copy, a log-sum-exp and a pass over the vocabulary per row.
+
+    Returns:
+        ``(indices, logp, tail, entropy, top1)``: the first three as ``topk_targets``, then
+        entropy (B, T) float32 in nats and top1 (B, T) float32, the largest probability.
+    """
+    real = _real_vocab_logits(logits, vocab_size)  # (B, T, V)
+    vocab = real.shape[-1]
+    if not 1 <= k <= vocab:
+        raise TopKTooLargeError(
+            f"k={k} top-k entries were requested but the vocabulary has {vocab} tokens; "
+            f"pass a top-k between 1 and {vocab}"
+        )
+    _check_temperature(temperature)
+    indices, top_logp, tail, entropy, top1 = _topk_blocks(real, k, temperature, with_stats=True)
+    assert entropy is not None and top1 is not None
+    return indices, top_logp, tail, entropy, top1
+
+
+def _topk_blocks(
+    real: torch.Tensor, k: int, temperature: float, *, with_stats: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The block loop of ``topk_targets[_with_stats]`` over validated (B, T, V) logits."""
+    batch, positions, vocab = real.shape
+    rows_total = batch * positions
+    flat = real.reshape(rows_total, vocab)  # (N, V), a view when the logits are contiguous
+    indices = torch.empty(rows_total, k, dtype=torch.int64, device=real.device)  # (N, k)
+    top_logp = torch.empty(rows_total, k, dtype=torch.float32, device=real.device)  # (N, k)
+    tail = torch.empty(rows_total, dtype=torch.float32, device=real.device)  # (N,)
+    entropy = torch.empty(rows_total, dtype=torch.float32, device=real.device) if with_stats else None  # (N,)
+    top1 = torch.empty(rows_total, dtype=torch.float32, device=real.device) if with_stats else None  # (N,)
+    for rows in _row_blocks(rows_total, vocab, real.device):
         # One owned float32 block, normalised, ranked and then masked in place.
         logp = flat[rows].to(torch.float32, copy=True)  # (n, V)
         if temperature != 1.0:
             logp.div_(temperature)
         logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
+        if entropy is not None:
+            entropy[rows] = logp.exp().mul_(logp).sum(dim=-1).neg_()
         block_logp, block_idx = torch.topk(logp, k, dim=-1, sorted=False)  # (n, k) each
+        if top1 is not None:
+            top1[rows] = block_logp.amax(dim=-1).exp_()
         block_sorted, order = torch.sort(block_idx, dim=-1)  # (n, k)
         indices[rows] = block_sorted
         top_logp[rows] = torch.gather(block_logp, -1, order)
         logp.scatter_(-1, block_idx, float("-inf"))
         tail[rows] = torch.logsumexp(logp, dim=-1).exp_().clamp_(0.0, 1.0)
-    return (indices.reshape(batch, positions, k), top_logp.reshape(batch, positions, k),
-            tail.reshape(batch, positions))
+    shape = (batch, positions)
+    return (indices.reshape(*shape, k), top_logp.reshape(*shape, k), tail.reshape(shape),
+            None if entropy is None else entropy.reshape(shape), None if top1 is None else top1.reshape(shape))
 
 
 def distribution_stats(
@@ -262,7 +308,11 @@ def check_finite(
     flat = logits.reshape(-1, vocab)  # (B T, V) or (B, V)
     finite = torch.empty(flat.shape[0], dtype=torch.bool, device=logits.device)  # one per row
     for block in _row_blocks(flat.shape[0], vocab, logits.device):
-        finite[block] = torch.isfinite(flat[block]).all(dim=-1)
+        # A finite row sum implies finite entries (inf and NaN propagate): one read, no temporaries.
+        finite[block] = torch.isfinite(flat[block].sum(dim=-1, dtype=torch.float32))
+    suspect = (~finite).nonzero().flatten()
+    if suspect.numel():  # exact re-check: huge finite logits can overflow the float32 sum
+        finite[suspect] = torch.isfinite(flat[suspect]).all(dim=-1)
     finite = finite.reshape(logits.shape[:-1])  # (B, T) or (B,)
     if mask is not None:
         finite = finite | ~mask.to(finite.device).bool()

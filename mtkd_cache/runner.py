@@ -29,7 +29,7 @@ from mtkd_cache._extract import (
     distribution_stats,
     pool_features,
     sample_targets,
-    topk_targets,
+    topk_targets_with_stats,
 )
 from mtkd_cache._fingerprint import tokenizer_fingerprint
 from mtkd_cache._meta import FeatureSpec, TargetSpec, TeacherMeta, ValueEncoding
@@ -140,6 +140,8 @@ def _batch_inputs(data: ChunkData, idx: Sequence[int], pad_id: int) -> dict[str,
 def _probe(reader: CacheReader, teacher: LoadedTeacher, layers: Sequence[int], pad_id: int
            ) -> tuple[dict[int, int], bool]:
     """One forward on the first sample: feature widths, and whether the logits are per token."""
+    if not layers and teacher.task != "custom":  # known without a forward (a full sample's worth of compute)
+        return {}, reader.inputs.kind == "tokens" and teacher.task == "causal_lm"
     data = reader.read_chunk(0)
     logits, hidden = forward_teacher(teacher, _batch_inputs(data, [0], pad_id), want_hidden=bool(layers))
     per_token = reader.inputs.kind == "tokens" and (
@@ -179,10 +181,9 @@ def _reduce(logits: torch.Tensor, sample_ids: list[int], rows_mask: torch.Tensor
             spec: TargetSpec, vocab_size: int) -> list[torch.Tensor]:
     """Finiteness check, then [indices, logp, tail] (top-k only) + [entropy, top1] of a batch."""
     check_finite(logits, sample_ids, mask=rows_mask)
-    stats = distribution_stats(logits, spec.temperature, vocab_size)  # (B, T) each
     if spec.kind != "topk":
-        return list(stats)
-    return [*topk_targets(logits, spec.k, spec.temperature, vocab_size), *stats]  # type: ignore[arg-type]
+        return list(distribution_stats(logits, spec.temperature, vocab_size))  # (B, T) each
+    return list(topk_targets_with_stats(logits, spec.k, spec.temperature, vocab_size))  # type: ignore[arg-type]
 
 
 def _reduce_batch(reducers: _Reducers | None, logits: torch.Tensor, sample_ids: list[int],

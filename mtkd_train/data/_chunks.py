@@ -130,11 +130,13 @@ class ChunkCache:
 
     def close(self) -> None:
         """Cancel read-aheads and stop the thread; the cache can no longer read ahead."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        pool = getattr(self, "_pool", None)  # may run from __del__ at interpreter exit
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
-        self._pending.clear()
-        self._lru.clear()
+        for name in ("_pending", "_lru"):
+            if hasattr(self, name):
+                getattr(self, name).clear()
 
     def _counted_read(self, chunk: int) -> ChunkData:
         data = self._read(chunk)
