@@ -68,8 +68,9 @@ OPERATORS = ("mean", "entropy", "confidence", "routing", "loglinear", "label_awa
 class Settings:
     """Sizes and hyper-parameters of the experiment (CLI flags of the same names).
 
-    The defaults fit ~35 min on 2 shared CPU cores at the throughput measured while sizing it
-    (SmolLM2 ~20 tokens/s, one student step of 4 passages ~15 s; see the README section).
+    The defaults were sized to ~35 min on 2 CPU cores shared with other jobs (load average 4-11),
+    from the throughput measured first: SmolLM2 caching 20-67 tokens/s, one student step of 4
+    passages (~450 tokens) 1.2-15 s. Measured with them: 34 min (see benchmarks/README.md).
     """
 
     n_train: int = 11
