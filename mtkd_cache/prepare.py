@@ -51,6 +51,18 @@ def _source_key(data: str | os.PathLike[str]) -> str:
     return os.path.abspath(data) if os.path.exists(data) else str(data)
 
 
+def _source_signature(data: str | os.PathLike[str]) -> list[list[Any]] | None:
+    """Size and mtime of each local source file: a changed file is not "already prepared"."""
+    p = Path(data)
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+    else:
+        return None  # a dataset id: its revision is the hub's business
+    return [[str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def _windows(ids: list[int], max_length: int) -> Iterator[tuple[list[int], list[int]]]:
     for start in range(0, len(ids), max_length):
         yield ids[start : start + max_length], [0]
@@ -88,10 +100,13 @@ def _claim(store: CacheStore, settings: dict[str, Any], overwrite: bool) -> Inpu
         if existing is not None and existing.source.get("settings") == settings and not overwrite:
             return existing
         if existing is not None and not overwrite:
+            old = existing.source.get("settings") or {}
+            diff = ", ".join(f"{k}: stored {old.get(k)!r} vs now {settings.get(k)!r}"
+                             for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k))
             raise CacheExistsError(
-                f"{store.url} already holds inputs prepared with other settings "
-                f"({existing.source.get('settings')}); pass --overwrite to replace them (this "
-                f"deletes every cached teacher) or choose another cache path"
+                f"{store.url} already holds inputs prepared with other settings or source content "
+                f"({diff}); pass --overwrite to replace them (this deletes every cached teacher) "
+                f"or choose another cache path"
             )
     for key in store.listdir(""):
         store.remove(key)
@@ -147,7 +162,7 @@ def prepare(
     tok = load_tokenizer(tokenizer, trust_remote_code)
     fp = tokenizer_fingerprint(tok)
     settings = {
-        "data": _source_key(data), "split": split, "tokenizer": fp, "max_length": max_length,
+        "data": _source_key(data), "source_files": _source_signature(data), "split": split, "tokenizer": fp, "max_length": max_length,
         "text_column": text_column, "label_column": label_column, "domain_column": domain_column,
         "pack": pack, "max_samples": max_samples,
     }

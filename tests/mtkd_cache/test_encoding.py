@@ -31,3 +31,24 @@ def test_domains_are_part_of_array_content(tmp_path: Path) -> None:
     b = prepare_arrays(tmp_path / "c", {"x": x}, labels=np.arange(10) % 2, domains=["b"] * 10, overwrite=True)
     assert a.dataset_fingerprint != b.dataset_fingerprint
     assert open_cache(tmp_path / "c").samples.column("domain").to_pylist() == ["b"] * 10
+
+
+def test_prepare_refuses_a_changed_source_file(tmp_path: Path) -> None:
+    import os
+
+    import pytest
+
+    from helpers.tiny_models import build_word_tokenizer
+    from mtkd_cache import CacheExistsError, prepare
+
+    tok_dir = tmp_path / "tok"
+    build_word_tokenizer(24).save_pretrained(tok_dir)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "w1 w2 w3"}\n')
+    first = prepare(tmp_path / "c", data, tokenizer=tok_dir, max_length=8, progress=False)
+    data.write_text('{"text": "w1 w2 w3"}\n{"text": "w4 w5 w6"}\n')
+    os.utime(data, ns=(1, 1))  # a different mtime even on coarse clocks
+    with pytest.raises(CacheExistsError, match="source_files"):
+        prepare(tmp_path / "c", data, tokenizer=tok_dir, max_length=8, progress=False)
+    again = prepare(tmp_path / "c", data, tokenizer=tok_dir, max_length=8, overwrite=True, progress=False)
+    assert again.num_samples == 2 and first.num_samples == 1
