@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
+from helpers.tiny_models import build_word_tokenizer
 
-from mtkd_cache import ValueEncoding, open_cache, prepare_arrays
+from mtkd_cache import CacheExistsError, ValueEncoding, open_cache, prepare, prepare_arrays
 from mtkd_cache.encoding import decode_values, encode_values, index_dtype_for
 
 
@@ -34,13 +37,6 @@ def test_domains_are_part_of_array_content(tmp_path: Path) -> None:
 
 
 def test_prepare_refuses_a_changed_source_file(tmp_path: Path) -> None:
-    import os
-
-    import pytest
-
-    from helpers.tiny_models import build_word_tokenizer
-    from mtkd_cache import CacheExistsError, prepare
-
     tok_dir = tmp_path / "tok"
     build_word_tokenizer(24).save_pretrained(tok_dir)
     data = tmp_path / "d.jsonl"
