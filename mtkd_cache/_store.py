@@ -133,7 +133,7 @@ class CacheStore:
         return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
 
     # -- zarr ------------------------------------------------------------------------------------
-    def zarr_store(self, read_only: bool = False) -> zarr.abc.store.Store:
+    def zarr_store(self, read_only: bool = False) -> Any:
         if self.is_local:
             Path(self.root).mkdir(parents=True, exist_ok=True) if not read_only else None
             return zarr.storage.LocalStore(self.root, read_only=read_only)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import zarr
 from tqdm.auto import tqdm
 
 from mtkd_cache._fingerprint import DatasetHasher, sample_content, sample_hash
@@ -55,7 +56,9 @@ def _check_arrays(store: CacheStore, group_key: str, table_key: str, region: Any
         c, name = int(row["chunk"]), str(row["array"])
         r0, r1 = region(c, name)
         try:
-            block = group[name][r0:r1]
+            arr = group[name]
+            assert isinstance(arr, zarr.Array), f"{name} is a group, expected an array"
+            block = arr[r0:r1]
             got = array_checksum(np.asarray(block))
         except Exception as e:  # a corrupt shard surfaces as a codec error of any type
             report.problems.append(f"{what} chunk {c} array {name!r}: unreadable ({type(e).__name__}: {e})")

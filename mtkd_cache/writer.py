@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import zarr
 
 from mtkd_cache._meta import InputsMeta, Manifest, TeacherMeta
 from mtkd_cache._store import CacheStore, now_iso
@@ -141,6 +142,7 @@ class TeacherWriter:
 
     def _put(self, name: str, chunk: int, grid: str, rows: np.ndarray, checks: dict[str, str]) -> None:
         arr = self.group[name]
+        assert isinstance(arr, zarr.Array), f"{name} is a group, expected an array"
         r0, r1 = self._region(chunk, grid)
         block = np.zeros((r1 - r0, *arr.shape[1:]), dtype=arr.dtype)
         block[: len(rows)] = rows
@@ -158,7 +160,8 @@ class TeacherWriter:
             features: layer -> (R, D) per-position or (n_samples, D) pooled rows, float.
             stats: additive per-chunk statistics (e.g. positions, tail_sum, entropy_sum).
         """
-        m, checks = self.meta, {}
+        m = self.meta
+        checks: dict[str, str] = {}
         self._put("indices", chunk, m.grid, indices.astype(m.index_dtype), checks)
         if m.target.kind == "topk":
             assert logp is not None and tail is not None
@@ -189,7 +192,8 @@ class TeacherWriter:
             raise CacheIncompleteError(
                 f"teacher {self.meta.name!r}: chunks {missing[:10]}{'...' if len(missing) > 10 else ''} are not "
                 f"committed; re-run `mtkd-cache run` with the same arguments to finish them")
-        rows, totals = [], {}
+        rows: list[dict[str, Any]] = []
+        totals: dict[str, float] = {}
         for c in range(n):
             marker = self.store.read_json(f"{self.key}/_commits/{c:08d}.json")
             for arr, cs in sorted(marker["checksums"].items()):

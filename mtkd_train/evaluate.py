@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -83,8 +84,7 @@ def evaluate_student(student: Student, reader: CacheReader, *, batch_size: int =
         labels_all.append(t.cpu())
         if mc_samples > 0:
             student.module.train()
-            pred = mc_dropout_predict(lambda b=batch, k=keep, v=z.shape[-1]: student.forward(b)[0][..., :v][k].float(),
-                                      mc_samples)
+            pred = mc_dropout_predict(partial(_rows_logits, student, batch, keep, z.shape[-1]), mc_samples)
             student.module.eval()
             pe_all.append(pred.predictive_entropy.cpu())
             mi_all.append(pred.mutual_information.cpu())
@@ -105,6 +105,11 @@ def evaluate_student(student: Student, reader: CacheReader, *, batch_size: int =
                      "predictive_entropy": float(torch.cat(pe_all).mean()),
                      "mutual_information": float(torch.cat(mi_all).mean())}
     return out
+
+
+def _rows_logits(student: Student, batch: dict[str, torch.Tensor], keep: torch.Tensor, vocab: int) -> torch.Tensor:
+    """One stochastic forward (dropout on): logits of the scored rows, (P, V)."""
+    return student.forward(batch)[0][..., :vocab][keep].float()
 
 
 def _teacher_rows(block: TopkBlock | SampledBlock, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -135,7 +140,8 @@ def evaluate_teachers(reader: CacheReader, teachers: Sequence[str], max_samples:
             take = len(data.sample_ids) if max_samples is None else min(len(data.sample_ids), max_samples - seen)
             if meta.grid == "token":
                 toks = data.inputs["token_ids"]
-                rows, ys = [], []
+                rows: list[int] = []
+                ys: list[int] = []
                 for o, n_i in zip(data.offsets[:take], data.lengths[:take]):
                     rows.extend(range(int(o), int(o + n_i - 1)))
                     ys.extend(toks[int(o) + 1 : int(o + n_i)].tolist())
@@ -155,7 +161,7 @@ def evaluate_teachers(reader: CacheReader, teachers: Sequence[str], max_samples:
             seen += take
             if max_samples is not None and seen >= max_samples:
                 break
-        res = {"accuracy": correct / max(count, 1), "nll": nll / max(count, 1),
+        res: dict[str, Any] = {"accuracy": correct / max(count, 1), "nll": nll / max(count, 1),
                "ece": expected_calibration_error(confidences=torch.as_tensor(np.concatenate(confs)),
                                                  correct=torch.as_tensor(np.concatenate(oks)))}
         if meta.target.kind == "sample":  # counts give 0 to undrawn tokens: the NLL is not a likelihood

@@ -102,7 +102,7 @@ class Objective(nn.Module):
         else:
             merged = self.aggregator(targets, ctx, vocab_size=self.vocab_size, tail_mode=self.tail_mode)
             kd = kd_loss(z, merged, kind=self.loss_kind, temperature=self.T, target_temperature=self.T,
-                         tail_mode=self.tail_mode, vocab_size=self.vocab_size)
+                         tail_mode=self.tail_mode, vocab_size=self.vocab_size)  # type: ignore[arg-type]
         ce = hard_label_loss(z[..., : self.vocab_size], labels)  # padded head columns are not tokens
         out["kd"], out["ce"] = kd, ce
         total = combine(kd, ce, self.alpha)

@@ -117,7 +117,7 @@ def save_student(student: Student, folder: str | Path) -> Path:
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(student.module, "save_pretrained"):
-        student.module.save_pretrained(str(out), safe_serialization=True)
+        student.module.save_pretrained(str(out), safe_serialization=True)  # type: ignore[operator]
     else:
         state = {k: v.detach().contiguous() for k, v in student.module.state_dict().items()}
         save_file(state, str(out / "model.safetensors"))
