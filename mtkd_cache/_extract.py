@@ -134,7 +134,9 @@ def topk_targets_with_stats(
     """``topk_targets`` plus ``distribution_stats`` in one pass over the logits.
 
     Same arguments, values and errors as ``topk_targets``; the stats reuse its normalised block,
-    which saves a copy, a log-sum-exp and a pass over the vocabulary per row.
+    which saves a copy and two log-sum-exps per row. The tail is the float32 sum of the non-kept
+    probabilities (still computed from the entries it describes, so never negative and precise
+    when tiny); it can differ from ``topk_targets``' log-sum-exp by float rounding.
 
     Returns:
         ``(indices, logp, tail, entropy, top1)``: the first three as ``topk_targets``, then
@@ -171,16 +173,20 @@ def _topk_blocks(
         if temperature != 1.0:
             logp.div_(temperature)
         logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
-        if entropy is not None:
-            entropy[rows] = logp.exp().mul_(logp).sum(dim=-1).neg_()
+        probs = logp.exp() if with_stats else None  # (n, V)
+        if entropy is not None and probs is not None:
+            entropy[rows] = torch.mul(probs, logp).sum(dim=-1).neg_()
         block_logp, block_idx = torch.topk(logp, k, dim=-1, sorted=False)  # (n, k) each
         if top1 is not None:
             top1[rows] = block_logp.amax(dim=-1).exp_()
         block_sorted, order = torch.sort(block_idx, dim=-1)  # (n, k)
         indices[rows] = block_sorted
         top_logp[rows] = torch.gather(block_logp, -1, order)
-        logp.scatter_(-1, block_idx, float("-inf"))
-        tail[rows] = torch.logsumexp(logp, dim=-1).exp_().clamp_(0.0, 1.0)
+        if probs is not None:  # the non-kept probabilities are at hand: sum them, no second exp pass
+            tail[rows] = probs.scatter_(-1, block_idx, 0.0).sum(dim=-1).clamp_(0.0, 1.0)
+        else:
+            logp.scatter_(-1, block_idx, float("-inf"))
+            tail[rows] = torch.logsumexp(logp, dim=-1).exp_().clamp_(0.0, 1.0)
     shape = (batch, positions)
     return (indices.reshape(*shape, k), top_logp.reshape(*shape, k), tail.reshape(shape),
             None if entropy is None else entropy.reshape(shape), None if top1 is None else top1.reshape(shape))
