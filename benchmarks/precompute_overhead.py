@@ -42,6 +42,7 @@ from mtkd_cache import runner
 from mtkd_cache._batching import length_grouped_batches
 from mtkd_cache._models import LoadedTeacher, load_teacher
 from mtkd_cache._store import CacheStore
+from mtkd_cache.errors import CacheExistsError
 from mtkd_cache.prepare import prepare
 from mtkd_cache.reader import CacheReader
 from mtkd_cache.writer import update_manifest
@@ -72,8 +73,12 @@ def prepare_cache(work: Path, model_dir: Path, *, max_length: int, samples: int,
     if not data.exists():
         shakespeare_jsonl(data)
     cache = work / f"cache_L{max_length}_n{samples}_c{chunk_samples}"
-    prepare(cache, data, tokenizer=model_dir, max_length=max_length, max_samples=samples,
-            chunk_samples=chunk_samples, progress=False)
+    try:
+        prepare(cache, data, tokenizer=model_dir, max_length=max_length, max_samples=samples,
+                chunk_samples=chunk_samples, progress=False)
+    except CacheExistsError:  # made by another mtkd version; it is scratch, so rebuild it
+        prepare(cache, data, tokenizer=model_dir, max_length=max_length, max_samples=samples,
+                chunk_samples=chunk_samples, progress=False, overwrite=True)
     return cache
 
 
@@ -255,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--teachers", default="smollm2,tiny", help="comma list of smollm2, tiny")
     ap.add_argument("--repeats", type=int, default=3, help="bare/run pairs per teacher")
     ap.add_argument("--max-length", type=int, default=256, help="tokens per sample")
-    ap.add_argument("--smollm2-samples", type=int, default=24, help="samples in SmolLM2's cache")
+    ap.add_argument("--smollm2-samples", type=int, default=48, help="samples in SmolLM2's cache")
     ap.add_argument("--tiny-samples", type=int, default=64, help="samples in the tiny teacher's cache")
     ap.add_argument("--chunk-samples", type=int, default=8, help="samples per chunk (commit unit)")
     ap.add_argument("--batch-size", type=int, default=8, help="RunConfig.batch_size")

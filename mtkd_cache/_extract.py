@@ -94,7 +94,7 @@ def topk_targets(
 
     The distribution is ``log_softmax(logits[..., :vocab_size] / temperature)`` in float32, so
     columns a padded LM head adds beyond the real vocabulary take no probability mass. The tail
-    is ``exp(logsumexp(log p over the non-kept tokens))``: it is computed from the entries it
+    is the sum of the probabilities of the non-kept tokens: it is computed from the entries it
     describes rather than as ``1 - sum(p_topk)``, so it keeps its relative precision when tiny and
     is never negative.
 
@@ -133,10 +133,9 @@ def topk_targets_with_stats(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``topk_targets`` plus ``distribution_stats`` in one pass over the logits.
 
-    Same arguments, values and errors as ``topk_targets``; the stats reuse its normalised block,
-    which saves a copy and two log-sum-exps per row. The tail is the float32 sum of the non-kept
-    probabilities (still computed from the entries it describes, so never negative and precise
-    when tiny); it can differ from ``topk_targets``' log-sum-exp by float rounding.
+    Same arguments, values and errors as ``topk_targets`` (the first three outputs are equal);
+    the stats reuse its normalised block and probabilities, so they cost one dot product per row
+    instead of a second pass over the logits (``distribution_stats``).
 
     Returns:
         ``(indices, logp, tail, entropy, top1)``: the first three as ``topk_targets``, then
@@ -158,7 +157,12 @@ def topk_targets_with_stats(
 def _topk_blocks(
     real: torch.Tensor, k: int, temperature: float, *, with_stats: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The block loop of ``topk_targets[_with_stats]`` over validated (B, T, V) logits."""
+    """The block loop of ``topk_targets[_with_stats]`` over validated (B, T, V) logits.
+
+    Per block: one float32 log-softmax, one exp, then top-k; the tail is the sum of the non-kept
+    probabilities (computed from the entries it describes, so never negative and precise when
+    tiny), and the stats reuse the same two buffers.
+    """
     batch, positions, vocab = real.shape
     rows_total = batch * positions
     flat = real.reshape(rows_total, vocab)  # (N, V), a view when the logits are contiguous
@@ -168,25 +172,20 @@ def _topk_blocks(
     entropy = torch.empty(rows_total, dtype=torch.float32, device=real.device) if with_stats else None  # (N,)
     top1 = torch.empty(rows_total, dtype=torch.float32, device=real.device) if with_stats else None  # (N,)
     for rows in _row_blocks(rows_total, vocab, real.device):
-        # One owned float32 block, normalised, ranked and then masked in place.
-        logp = flat[rows].to(torch.float32, copy=True)  # (n, V)
+        block = flat[rows].to(torch.float32)  # (n, V)
         if temperature != 1.0:
-            logp.div_(temperature)
-        logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
-        probs = logp.exp() if with_stats else None  # (n, V)
-        if entropy is not None and probs is not None:
-            entropy[rows] = torch.mul(probs, logp).sum(dim=-1).neg_()
+            block = block / temperature
+        logp = torch.log_softmax(block, dim=-1)  # (n, V)
+        probs = logp.exp()  # (n, V)
+        if entropy is not None:
+            entropy[rows] = torch.linalg.vecdot(probs, logp).neg_()
         block_logp, block_idx = torch.topk(logp, k, dim=-1, sorted=False)  # (n, k) each
         if top1 is not None:
             top1[rows] = block_logp.amax(dim=-1).exp_()
         block_sorted, order = torch.sort(block_idx, dim=-1)  # (n, k)
         indices[rows] = block_sorted
         top_logp[rows] = torch.gather(block_logp, -1, order)
-        if probs is not None:  # the non-kept probabilities are at hand: sum them, no second exp pass
-            tail[rows] = probs.scatter_(-1, block_idx, 0.0).sum(dim=-1).clamp_(0.0, 1.0)
-        else:
-            logp.scatter_(-1, block_idx, float("-inf"))
-            tail[rows] = torch.logsumexp(logp, dim=-1).exp_().clamp_(0.0, 1.0)
+        tail[rows] = probs.scatter_(-1, block_idx, 0.0).sum(dim=-1).clamp_(0.0, 1.0)
     shape = (batch, positions)
     return (indices.reshape(*shape, k), top_logp.reshape(*shape, k), tail.reshape(shape),
             None if entropy is None else entropy.reshape(shape), None if top1 is None else top1.reshape(shape))
@@ -220,12 +219,12 @@ def distribution_stats(
     entropy = torch.empty(batch * positions, dtype=torch.float32, device=real.device)  # (N,)
     top1 = torch.empty(batch * positions, dtype=torch.float32, device=real.device)  # (N,)
     for rows in _row_blocks(flat.shape[0], vocab, real.device):
-        logp = flat[rows].to(torch.float32, copy=True)  # (n, V)
+        block = flat[rows].to(torch.float32)  # (n, V)
         if temperature != 1.0:
-            logp.div_(temperature)
-        logp.sub_(torch.logsumexp(logp, dim=-1, keepdim=True))
+            block = block / temperature
+        logp = torch.log_softmax(block, dim=-1)  # (n, V)
         top1[rows] = logp.amax(dim=-1).exp_()
-        entropy[rows] = logp.exp().mul_(logp).sum(dim=-1).neg_()
+        entropy[rows] = torch.linalg.vecdot(logp.exp(), logp).neg_()
     return entropy.reshape(batch, positions), top1.reshape(batch, positions)
 
 
