@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -114,6 +115,15 @@ def _parse_vocab(value: int | None) -> int | None:
     return value
 
 
+def _parse_scored(op: Any) -> None:
+    """Validate the options every scored operator shares: N, tau, base weights (and V if it has one)."""
+    n = parse_num_teachers(op.num_teachers)
+    object.__setattr__(op, "tau", parse_positive("tau", op.tau))
+    object.__setattr__(op, "base_weights", _parse_base(op.base_weights, n))
+    if hasattr(op, "vocab_size"):
+        object.__setattr__(op, "vocab_size", _parse_vocab(op.vocab_size))
+
+
 @dataclass(frozen=True)
 class EntropyAggregator(LinearOperator):
     """``entropy``: ``w_i = softmax_i(-H_i / tau) * b_i`` (confident teachers weigh more).
@@ -131,10 +141,7 @@ class EntropyAggregator(LinearOperator):
     vocab_size: int | None = None
 
     def __post_init__(self) -> None:
-        n = parse_num_teachers(self.num_teachers)
-        object.__setattr__(self, "tau", parse_positive("tau", self.tau))
-        object.__setattr__(self, "base_weights", _parse_base(self.base_weights, n))
-        object.__setattr__(self, "vocab_size", _parse_vocab(self.vocab_size))
+        _parse_scored(self)
 
     def _weights(
         self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int | None
@@ -160,9 +167,7 @@ class ConfidenceAggregator(LinearOperator):
     base_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        n = parse_num_teachers(self.num_teachers)
-        object.__setattr__(self, "tau", parse_positive("tau", self.tau))
-        object.__setattr__(self, "base_weights", _parse_base(self.base_weights, n))
+        _parse_scored(self)
 
     def _weights(
         self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int | None
@@ -191,10 +196,7 @@ class LabelAwareAggregator(LinearOperator):
     vocab_size: int | None = None
 
     def __post_init__(self) -> None:
-        n = parse_num_teachers(self.num_teachers)
-        object.__setattr__(self, "tau", parse_positive("tau", self.tau))
-        object.__setattr__(self, "base_weights", _parse_base(self.base_weights, n))
-        object.__setattr__(self, "vocab_size", _parse_vocab(self.vocab_size))
+        _parse_scored(self)
 
     def _weights(
         self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int | None
@@ -240,14 +242,11 @@ class MTBKDAggregator(LinearOperator):
     vocab_size: int | None = None
 
     def __post_init__(self) -> None:
-        n = parse_num_teachers(self.num_teachers)
-        object.__setattr__(self, "tau", parse_positive("tau", self.tau))
+        _parse_scored(self)
         lam = self.prior_strength
         if not (isinstance(lam, int | float) and 0 <= lam < 1):
             raise AggregationConfigError(f"prior_strength must be in [0, 1), got {lam!r}")
         object.__setattr__(self, "prior_strength", float(lam))
-        object.__setattr__(self, "base_weights", _parse_base(self.base_weights, n))
-        object.__setattr__(self, "vocab_size", _parse_vocab(self.vocab_size))
 
     def _weights(
         self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int | None
