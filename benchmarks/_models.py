@@ -132,7 +132,7 @@ def shakespeare_files() -> list[Path]:
 
 
 def shakespeare_jsonl(dest: str | os.PathLike[str], files: list[Path] | None = None) -> Path:
-    """Write one JSON line ``{"text": ...}`` per play, for ``mtkd_cache.prepare`` to window.
+    """Write one JSON line ``{"text": ...}`` per play, for ``mtkd_cache.precompute.prepare`` to window.
 
     Whole plays rather than lines: ``prepare`` splits long documents into ``max_length`` windows,
     so every sample is full-length real text (one line per sample would give ~10-token samples).

@@ -39,13 +39,13 @@ import torch
 
 from benchmarks._models import default_smollm2_dir, ensure_smollm2, shakespeare_jsonl, tiny_llama
 from mtkd_cache import runner
-from mtkd_cache._batching import length_grouped_batches
-from mtkd_cache._models import LoadedTeacher, load_teacher
-from mtkd_cache._store import CacheStore
 from mtkd_cache.errors import CacheExistsError
-from mtkd_cache.prepare import prepare
-from mtkd_cache.reader import CacheReader
-from mtkd_cache.writer import update_manifest
+from mtkd_cache.format.reader import CacheReader
+from mtkd_cache.format.store import CacheStore
+from mtkd_cache.format.targets import update_manifest
+from mtkd_cache.precompute.batching import length_grouped_batches
+from mtkd_cache.precompute.models import LoadedTeacher, load_teacher
+from mtkd_cache.precompute.prepare import prepare
 
 __all__ = ["TeacherCase", "main", "measure_case"]
 

@@ -43,13 +43,13 @@ from zarr.storage import MemoryStore
 
 from benchmarks._models import default_smollm2_dir, ensure_smollm2
 from benchmarks.precompute_overhead import prepare_cache
-from mtkd_cache._batching import length_grouped_batches, pad_batch
-from mtkd_cache._meta import TargetSpec, TeacherMeta, ValueEncoding
-from mtkd_cache._models import forward_teacher, load_teacher
-from mtkd_cache._store import CacheStore
-from mtkd_cache.encoding import decode_values, encode_values
-from mtkd_cache.reader import CacheReader
-from mtkd_cache.writer import TeacherWriter, update_manifest
+from mtkd_cache.format.codecs import decode_values, encode_values
+from mtkd_cache.format.meta import TargetSpec, TeacherMeta, ValueEncoding
+from mtkd_cache.format.reader import CacheReader
+from mtkd_cache.format.store import CacheStore
+from mtkd_cache.format.targets import TeacherWriter, update_manifest
+from mtkd_cache.precompute.batching import length_grouped_batches, pad_batch
+from mtkd_cache.precompute.models import forward_teacher, load_teacher
 
 __all__ = ["Codec", "main", "teacher_pass"]
 

@@ -6,16 +6,6 @@ Public API (the CLI `mtkd-cache` calls the same functions):
 The on-disk format is specified in docs/FORMAT.md. This package never imports mtkd_train.
 """
 
-from mtkd_cache._meta import (
-    ChunkGrid,
-    FeatureSpec,
-    InputsMeta,
-    Manifest,
-    TargetSpec,
-    TeacherMeta,
-    TokenizerInfo,
-    ValueEncoding,
-)
 from mtkd_cache._version import FORMAT_VERSION, __version__
 from mtkd_cache.errors import (
     CacheCorruptError,
@@ -27,11 +17,21 @@ from mtkd_cache.errors import (
     CacheWriteError,
     InputDataError,
 )
-from mtkd_cache.inspection import inspect_cache
-from mtkd_cache.prepare import prepare, prepare_arrays
-from mtkd_cache.reader import CacheReader, ChunkData, SampledBlock, TopkBlock, open_cache
-from mtkd_cache.runner import RunConfig, run_teacher
-from mtkd_cache.verify import VerifyReport, verify_cache
+from mtkd_cache.format.meta import (
+    ChunkGrid,
+    FeatureSpec,
+    InputsMeta,
+    Manifest,
+    TargetSpec,
+    TeacherMeta,
+    TokenizerInfo,
+    ValueEncoding,
+)
+from mtkd_cache.format.reader import CacheReader, ChunkData, SampledBlock, TopkBlock, open_cache
+from mtkd_cache.ops.inspect import inspect_cache
+from mtkd_cache.ops.verify import VerifyReport, verify_cache
+from mtkd_cache.precompute.prepare import prepare, prepare_arrays
+from mtkd_cache.precompute.run import RunConfig, run_teacher
 
 __all__ = [
     "FORMAT_VERSION",

@@ -64,7 +64,7 @@ def main() -> None:
 @_friendly
 def prepare(cache: str, **kw: Any) -> None:
     """Tokenize a dataset once and write the inputs every teacher run will see."""
-    from mtkd_cache.prepare import prepare as _prepare
+    from mtkd_cache.precompute.prepare import prepare as _prepare
 
     meta = _prepare(cache, kw.pop("data"), **kw)
     click.echo(f"prepared {meta.num_samples:,} samples, {meta.num_positions:,} positions in "
@@ -96,7 +96,7 @@ def prepare(cache: str, **kw: Any) -> None:
 @_friendly
 def run(cache: str, model_kwargs: str | None, **kw: Any) -> None:
     """Run one teacher over the cache's inputs and store its targets (resumable; torchrun-shardable)."""
-    from mtkd_cache.runner import RunConfig, run_teacher
+    from mtkd_cache.precompute.run import RunConfig, run_teacher
 
     if kw["top_k"] is None and kw["samples"] is None:
         kw["top_k"] = 64
@@ -120,7 +120,7 @@ def run(cache: str, model_kwargs: str | None, **kw: Any) -> None:
 @_friendly
 def inspect(cache: str, as_json: bool, plot: Path | None, max_chunks: int) -> None:
     """Report samples, positions, teachers, bytes per position, tail mass, entropy and agreement."""
-    from mtkd_cache.inspection import format_report, inspect_cache, plot_report
+    from mtkd_cache.ops.inspect import format_report, inspect_cache, plot_report
 
     r = inspect_cache(cache, max_chunks=max_chunks)
     if plot is not None:
@@ -137,7 +137,7 @@ def inspect(cache: str, as_json: bool, plot: Path | None, max_chunks: int) -> No
 @_friendly
 def verify(cache: str, as_json: bool) -> None:
     """Check completeness, per-chunk checksums and fingerprints; exit 1 naming any bad chunk."""
-    from mtkd_cache.verify import verify_cache
+    from mtkd_cache.ops.verify import verify_cache
 
     report = verify_cache(cache)
     if as_json:

@@ -14,7 +14,13 @@ __all__ = [
     "CacheMismatchError",
     "CacheNotFoundError",
     "CacheWriteError",
+    "DeviceError",
+    "DtypeError",
     "InputDataError",
+    "NonFiniteLogitsError",
+    "TeacherLoadError",
+    "TopKTooLargeError",
+    "UnsupportedTeacherError",
 ]
 
 
@@ -48,3 +54,33 @@ class CacheWriteError(PermissionError):
 
 class InputDataError(ValueError):
     """The source data given to `prepare` cannot be used as asked (missing column, empty, ...)."""
+
+
+class TopKTooLargeError(ValueError):
+    """More top-k entries were requested than the vocabulary has."""
+
+
+
+class NonFiniteLogitsError(ValueError):
+    """The teacher produced NaN or infinite logits for some samples."""
+
+
+
+class TeacherLoadError(FileNotFoundError):
+    """The teacher path, hub id, factory module or weight files could not be found."""
+
+
+
+class UnsupportedTeacherError(ValueError):
+    """The teacher exists but is not a kind precompute can run, or lacks a requested feature."""
+
+
+
+class DeviceError(ValueError):
+    """A ``--device`` value that is malformed or names a device this machine does not have."""
+
+
+
+class DtypeError(ValueError):
+    """A ``--dtype`` value that is not one of the supported precisions."""
+

@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e ".[test]"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ $# -eq 0 ]; then  # the full check: lint and types, then the tests
-  .venv/bin/ruff check mtkd_cache mtkd_train tests tools
+  .venv/bin/ruff check mtkd_cache mtkd_train tests tools examples
   .venv/bin/mypy mtkd_cache mtkd_train
 fi
 exec .venv/bin/python -m pytest -q "$@"

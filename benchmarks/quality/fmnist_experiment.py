@@ -55,9 +55,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.quality.fmnist_data import fmnist_split, load_fmnist, pixel_values, transfer_split
-from benchmarks.quality.fmnist_models import read_teacher_config
-from benchmarks.quality.train_teachers import REPORT_FILE, train_teachers
+from examples.fmnist.data import fmnist_split, load_fmnist, pixel_values, transfer_split
+from examples.fmnist.models import read_teacher_config
+from examples.fmnist.train_teachers import REPORT_FILE, train_teachers
 from mtkd_cache import RunConfig, TopkBlock, open_cache, prepare_arrays, run_teacher
 from mtkd_train.config import TrainConfig
 from mtkd_train.evaluate import evaluate_student, evaluate_teachers
@@ -73,8 +73,8 @@ OPERATORS = ("mean", "loglinear", "entropy", "confidence", "label_aware", "gate"
 MTBKD_PRIOR = 0.1
 MC_SAMPLES = 8
 NUM_CLASSES = 10
-LOADER = "benchmarks.quality.fmnist_models:load_teacher"
-STUDENT = "benchmarks.quality.fmnist_models:build_student"
+LOADER = "examples.fmnist.models:load_teacher"
+STUDENT = "examples.fmnist.models:build_student"
 RESULTS_FILE = "fmnist_results.json"
 
 

@@ -13,7 +13,7 @@ Domains and their documents (the unit of the train / held-out split):
 Each domain's documents are shuffled with a fixed seed; the first ``heldout_fraction`` of them
 (at least enough for ``n_eval`` passages) are held out. Documents are cut at line boundaries into
 passages of at most ``max_tokens`` tokens (a line longer than that is cut by tokens), so that
-``mtkd_cache.prepare`` with the same ``max_length`` turns each passage into exactly one sample.
+``mtkd_cache.precompute.prepare`` with the same ``max_length`` turns each passage into exactly one sample.
 Train and held-out passages are then sampled (same seed) from their own documents; no document,
 and no identical passage, is in both splits. Cost: one cheap character pass over the corpora
 (~25 MB) plus tokenizing only the sampled passages.

@@ -7,7 +7,7 @@ loss and steps; the only difference is where the teacher distribution of each ba
 The quality ratio offline/online on the 10k test split measures what the cache loses.
 
 Run: python -m benchmarks.quality.offline_online --out benchmarks/quality/_work/offline_online --seeds 0 1 2
-(needs the generalist teachers: python -m benchmarks.quality.train_teachers --regime generalists ...)
+(needs the generalist teachers: python -m examples.fmnist.train_teachers --regime generalists ...)
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.quality.fmnist_data import load_fmnist, transfer_split
-from benchmarks.quality.fmnist_models import load_teacher
+from examples.fmnist.data import load_fmnist, transfer_split
+from examples.fmnist.models import load_teacher
 from mtkd_cache import RunConfig, prepare_arrays, run_teacher
 from mtkd_train.config import TrainConfig
 from mtkd_train.recipe import DistillRecipe
 
 TEACHERS = ("mlp", "cnn_small")
-FACTORY = "benchmarks.quality.fmnist_models:load_teacher"
+FACTORY = "examples.fmnist.models:load_teacher"
 
 
 class OnlineRecipe(DistillRecipe):
@@ -78,7 +78,7 @@ def run(out: Path, teacher_dir: Path, seed: int, steps: int) -> dict[str, Any]:
     train_cache, test_cache = build_caches(out, teacher_dir, seed)
     results: dict[str, Any] = {}
     for mode, cls in (("offline", DistillRecipe), ("online", OnlineRecipe)):
-        cfg = TrainConfig(cache=str(train_cache), teachers=TEACHERS, student="benchmarks.quality.fmnist_models:build_student",
+        cfg = TrainConfig(cache=str(train_cache), teachers=TEACHERS, student="examples.fmnist.models:build_student",
                           out=str(out / f"{mode}_s{seed}"), aggregate="mean", loss="forward_kl", tail_mode="spread",
                           alpha=0.9, temperature=2.0, batch_size=128, max_steps=steps, lr=3e-3, warmup_steps=20,
                           checkpoint_every=steps, eval_cache=str(test_cache), seed=seed)

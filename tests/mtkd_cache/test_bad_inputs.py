@@ -29,8 +29,8 @@ from mtkd_cache import (
     run_teacher,
     verify_cache,
 )
-from mtkd_cache._extract import NonFiniteLogitsError
-from mtkd_cache._models import TeacherLoadError
+from mtkd_cache.precompute.extract import NonFiniteLogitsError
+from mtkd_cache.precompute.models import TeacherLoadError
 from tests.mtkd_cache.conftest import LM_VOCAB, TOKENIZER_SIZE
 
 Snapshot = Callable[[Path], dict[str, str]]

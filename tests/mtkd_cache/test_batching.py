@@ -1,4 +1,4 @@
-"""Tests for mtkd_cache._batching: length-grouped batch plans and right padding."""
+"""Tests for mtkd_cache.precompute.batching: length-grouped batch plans and right padding."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtkd_cache._batching import length_grouped_batches, pad_batch
+from mtkd_cache.precompute.batching import length_grouped_batches, pad_batch
 
 
 def _padded_tokens(batches: list[list[int]], lengths: np.ndarray) -> int:

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import zarr
 
 from mtkd_cache import RunConfig, open_cache, run_teacher
-from mtkd_cache._store import CacheStore
-from mtkd_cache.reader import CacheReader
-from mtkd_cache.writer import TeacherWriter
+from mtkd_cache.format.reader import CacheReader
+from mtkd_cache.format.store import CacheStore
+from mtkd_cache.format.targets import TeacherWriter
 from tests.mtkd_cache.conftest import REPO_ROOT
 
 

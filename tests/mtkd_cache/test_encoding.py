@@ -8,7 +8,7 @@ import pytest
 from helpers.tiny_models import build_word_tokenizer
 
 from mtkd_cache import CacheExistsError, ValueEncoding, open_cache, prepare, prepare_arrays
-from mtkd_cache.encoding import decode_values, encode_values, index_dtype_for
+from mtkd_cache.format.codecs import decode_values, encode_values, index_dtype_for
 
 
 def test_u8log_round_trip_bound_and_exact_zero() -> None:

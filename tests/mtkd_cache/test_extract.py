@@ -1,4 +1,4 @@
-"""Tests for mtkd_cache._extract: top-k and sampled targets, finiteness, pooling, int8 rows."""
+"""Tests for mtkd_cache.precompute.extract: top-k and sampled targets, finiteness, pooling, int8 rows."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mtkd_cache._extract import (
+from mtkd_cache.precompute.extract import (
     NonFiniteLogitsError,
     TopKTooLargeError,
     check_finite,

@@ -12,7 +12,7 @@ import torch
 from helpers.tiny_models import save_tiny_causal_lm
 
 from mtkd_cache import RunConfig, inspect_cache, open_cache, run_teacher
-from mtkd_cache.inspection import format_report
+from mtkd_cache.ops.inspect import format_report
 from tests.mtkd_cache.conftest import LM_VOCAB, TOKENIZER_SIZE
 
 

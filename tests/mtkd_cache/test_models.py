@@ -1,4 +1,4 @@
-"""Tests for mtkd_cache._models (teacher loading and forward) and mtkd_cache._device.
+"""Tests for mtkd_cache.precompute.models (teacher loading and forward) and mtkd_cache.precompute.device.
 
 Teachers are tiny real models saved with ``save_pretrained`` and loaded back through
 ``from_pretrained``; nothing is downloaded.
@@ -27,14 +27,14 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from mtkd_cache._device import (
+from mtkd_cache.precompute.device import (
     DeviceError,
     DtypeError,
     autocast_context,
     resolve_device,
     resolve_dtype,
 )
-from mtkd_cache._models import (
+from mtkd_cache.precompute.models import (
     LoadedTeacher,
     TeacherLoadError,
     UnsupportedTeacherError,

@@ -31,7 +31,7 @@ from mtkd_cache import (
     prepare_arrays,
     run_teacher,
 )
-from mtkd_cache.encoding import index_dtype_for
+from mtkd_cache.format.codecs import index_dtype_for
 from tests.mtkd_cache.conftest import BERT_LABELS, LM_VOCAB, TOKENIZER_SIZE, TOP_K
 
 TIE_GAP = 1e-4

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import mtkd_cache.runner
+import mtkd_cache.precompute.run
 from mtkd_train.checkpoint import latest_checkpoint
 from mtkd_train.cli import main
 from tests.mtkd_train._train_target import LMCache, read_metrics, step_losses
@@ -178,7 +178,7 @@ def test_training_and_evaluation_never_load_a_teacher(
     def no_teacher(*args: object, **kwargs: object) -> None:
         raise AssertionError("a teacher was loaded")
 
-    monkeypatch.setattr(mtkd_cache.runner, "load_teacher", no_teacher)
+    monkeypatch.setattr(mtkd_cache.precompute.run, "load_teacher", no_teacher)
     out = tmp_path / "run"
     args = [*_args(lm_cache, out), "--max-steps", "3", "--eval-cache", str(lm_cache.cache)]
     _invoke(args)

@@ -19,17 +19,17 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtkd_cache._fingerprint import (
+from mtkd_cache.errors import CacheExistsError, CacheFormatError, InputDataError
+from mtkd_cache.format.fingerprint import (
     DatasetHasher,
     sample_content,
     sample_hash,
     tokenizer_fingerprint,
 )
-from mtkd_cache._inputs_writer import InputsWriter, Sample
-from mtkd_cache._meta import InputsMeta, Manifest, TokenizerInfo
-from mtkd_cache._sources import iter_source
-from mtkd_cache._store import CacheStore
-from mtkd_cache.errors import CacheExistsError, CacheFormatError, InputDataError
+from mtkd_cache.format.inputs import InputsWriter, Sample
+from mtkd_cache.format.meta import InputsMeta, Manifest, TokenizerInfo
+from mtkd_cache.format.store import CacheStore
+from mtkd_cache.precompute.sources import iter_source
 
 __all__ = ["prepare", "prepare_arrays", "load_tokenizer"]
 

@@ -16,12 +16,12 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
-from mtkd_cache._fingerprint import DatasetHasher, sample_content, sample_hash
-from mtkd_cache._meta import TeacherMeta
-from mtkd_cache._store import CacheStore
-from mtkd_cache.encoding import array_checksum
 from mtkd_cache.errors import CacheFormatError, CacheNotFoundError
-from mtkd_cache.reader import CacheReader
+from mtkd_cache.format.codecs import array_checksum
+from mtkd_cache.format.fingerprint import DatasetHasher, sample_content, sample_hash
+from mtkd_cache.format.meta import TeacherMeta
+from mtkd_cache.format.reader import CacheReader
+from mtkd_cache.format.store import CacheStore
 
 __all__ = ["VerifyReport", "verify_cache"]
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from mtkd_cache._meta import ValueEncoding
+from mtkd_cache.format.meta import ValueEncoding
 
 __all__ = [
     "array_checksum",

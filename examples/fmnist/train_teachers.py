@@ -1,6 +1,6 @@
 """Train the Fashion-MNIST teachers for the student-quality experiments.
 
-    python -m benchmarks.quality.train_teachers --out benchmarks/quality/_work/fmnist_generalists_s0 \
+    python -m examples.fmnist.train_teachers --out benchmarks/quality/_work/fmnist_generalists_s0 \
         --regime generalists --seed 0
 
 Regimes (data: the ``teacher_train`` part of `fmnist_data.fmnist_split`, 25,000 images):
@@ -19,7 +19,7 @@ The last epoch's weights are kept; there is no early stopping, so ``val`` is onl
 Output: ``OUT/<teacher>/config.json + model.safetensors`` per teacher, then ``OUT/teachers.json``
 (written last) with each teacher's val and test accuracy over all 10 classes and over its own classes
 only (the two differ for specialists), epochs and training seconds. Load a teacher with
-``benchmarks.quality.fmnist_models:load_teacher``.
+``examples.fmnist.models:load_teacher``.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from benchmarks.quality.fmnist_data import SPLIT_SEED, fmnist_split, load_fmnist, pixel_values
-from benchmarks.quality.fmnist_models import TeacherConfig, build_teacher, save_teacher
+from examples.fmnist.data import SPLIT_SEED, fmnist_split, load_fmnist, pixel_values
+from examples.fmnist.models import TeacherConfig, build_teacher, save_teacher
 
 __all__ = ["EPOCHS", "SPECIALIST_CLASSES", "TeacherRecipe", "recipes", "train_teachers"]
 
@@ -187,7 +187,7 @@ def train_teachers(
         "split_seed": SPLIT_SEED,
         "split_sizes": split.sizes(),
         "recipe": {"optimizer": "adam", "lr": lr, "schedule": "cosine", "batch_size": batch_size},
-        "factory": "benchmarks.quality.fmnist_models:load_teacher",
+        "factory": "examples.fmnist.models:load_teacher",
         "teachers": [],
     }
     start_all = time.perf_counter()

@@ -27,6 +27,8 @@ from typing import Literal
 
 import torch
 
+from mtkd_cache.errors import NonFiniteLogitsError, TopKTooLargeError
+
 __all__ = [
     "NonFiniteLogitsError",
     "TopKTooLargeError",
@@ -39,14 +41,6 @@ __all__ = [
     "topk_targets",
     "topk_targets_with_stats",
 ]
-
-
-class TopKTooLargeError(ValueError):
-    """More top-k entries were requested than the vocabulary has."""
-
-
-class NonFiniteLogitsError(ValueError):
-    """The teacher produced NaN or infinite logits for some samples."""
 
 
 def _real_vocab_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:

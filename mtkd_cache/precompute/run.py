@@ -20,10 +20,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mtkd_cache._batching import length_grouped_batches, pad_batch
-from mtkd_cache._device import autocast_context, resolve_device, resolve_dtype
-from mtkd_cache._distributed import barrier, dist_info, shutdown
-from mtkd_cache._extract import (
+from mtkd_cache._version import __version__
+from mtkd_cache.errors import CacheMismatchError
+from mtkd_cache.format.codecs import index_dtype_for
+from mtkd_cache.format.fingerprint import tokenizer_fingerprint
+from mtkd_cache.format.meta import FeatureSpec, TargetSpec, TeacherMeta, ValueEncoding
+from mtkd_cache.format.reader import CacheReader, ChunkData
+from mtkd_cache.format.store import CacheStore
+from mtkd_cache.format.targets import TeacherWriter
+from mtkd_cache.precompute.batching import length_grouped_batches, pad_batch
+from mtkd_cache.precompute.device import autocast_context, resolve_device, resolve_dtype
+from mtkd_cache.precompute.distributed import barrier, dist_info, shutdown
+from mtkd_cache.precompute.extract import (
     NonFiniteLogitsError,
     check_finite,
     distribution_stats,
@@ -31,15 +39,7 @@ from mtkd_cache._extract import (
     sample_targets,
     topk_targets_with_stats,
 )
-from mtkd_cache._fingerprint import tokenizer_fingerprint
-from mtkd_cache._meta import FeatureSpec, TargetSpec, TeacherMeta, ValueEncoding
-from mtkd_cache._models import LoadedTeacher, forward_teacher, load_teacher
-from mtkd_cache._store import CacheStore
-from mtkd_cache._version import __version__
-from mtkd_cache.encoding import index_dtype_for
-from mtkd_cache.errors import CacheMismatchError
-from mtkd_cache.reader import CacheReader, ChunkData
-from mtkd_cache.writer import TeacherWriter
+from mtkd_cache.precompute.models import LoadedTeacher, forward_teacher, load_teacher
 
 __all__ = ["RunConfig", "run_teacher"]
 
@@ -112,7 +112,7 @@ def _check_vocab(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig) ->
     inputs = reader.inputs
     if inputs.tokenizer is not None and teacher.task in ("causal_lm", "sequence_classification"):
         if teacher.tokenizer_path is not None:
-            from mtkd_cache.prepare import load_tokenizer
+            from mtkd_cache.precompute.prepare import load_tokenizer
 
             fp = tokenizer_fingerprint(load_tokenizer(teacher.tokenizer_path, cfg.trust_remote_code))
             if fp != inputs.tokenizer.fingerprint:

@@ -7,7 +7,7 @@ the 10,000-image test set; a small student is distilled from the cache (entropy-
 aggregation, no teacher loaded) and compared with the same student trained on the 1,000 labels
 alone. Prints a report and writes it to OUT/report.json.
 
-Run: `bash tools/main_job.sh` (sets up .venv first) or `python -m tools.main_job --out runs/main`.
+Run: `bash tools/main_job.sh` (sets up .venv first) or `python -m examples.fmnist.main_job --out runs/main`.
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.quality.fmnist_data import fmnist_split, load_fmnist, transfer_split
-from benchmarks.quality.fmnist_models import build_teacher, save_teacher
-from benchmarks.quality.train_teachers import fit, recipes
+from examples.fmnist.data import fmnist_split, load_fmnist, transfer_split
+from examples.fmnist.models import build_teacher, save_teacher
+from examples.fmnist.train_teachers import fit, recipes
 from mtkd_cache import RunConfig, inspect_cache, open_cache, prepare_arrays, run_teacher
 from mtkd_train.config import TrainConfig
 from mtkd_train.evaluate import evaluate_teachers
 from mtkd_train.recipe import DistillRecipe
 
 TEACHERS = ("mlp", "cnn_small")
-STUDENT = "benchmarks.quality.fmnist_models:build_student"
+STUDENT = "examples.fmnist.models:build_student"
 
 
 def _images(x: np.ndarray) -> np.ndarray:
@@ -91,7 +91,7 @@ def main() -> None:
     prepare_arrays(test_cache, {"pixel_values": _images(xt)}, labels=yt, chunk_samples=4096)
     for name in TEACHERS:
         for cache in (train_cache, test_cache):
-            run_teacher(cache, RunConfig(teacher=name, model="benchmarks.quality.fmnist_models:load_teacher",
+            run_teacher(cache, RunConfig(teacher=name, model="examples.fmnist.models:load_teacher",
                                          top_k=10, batch_size=512, features=(-1,), feature_dtype="int8"),
                         factory_kwargs={"path": str(args.out / "teachers" / name)}, progress=False)
     timings["precompute"] = time.perf_counter() - t1

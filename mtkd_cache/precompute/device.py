@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from mtkd_cache.errors import DeviceError, DtypeError
+
 __all__ = [
     "DeviceError",
     "DtypeError",
@@ -35,14 +37,6 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
-
-
-class DeviceError(ValueError):
-    """A ``--device`` value that is malformed or names a device this machine does not have."""
-
-
-class DtypeError(ValueError):
-    """A ``--dtype`` value that is not one of the supported precisions."""
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mtkd_cache.reader import CacheReader, SampledBlock, TopkBlock, open_cache
+from mtkd_cache.format.reader import CacheReader, SampledBlock, TopkBlock, open_cache
 
 __all__ = ["inspect_cache", "plot_report", "format_report"]
 

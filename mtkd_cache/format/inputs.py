@@ -10,13 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mtkd_cache._fingerprint import DatasetHasher, sample_content, sample_hash
-from mtkd_cache._layout import make_grid
-from mtkd_cache._meta import InputsMeta, Manifest, TokenizerInfo
-from mtkd_cache._store import CacheStore, now_iso
 from mtkd_cache._version import FORMAT_VERSION, __version__
-from mtkd_cache.encoding import array_checksum
 from mtkd_cache.errors import InputDataError
+from mtkd_cache.format.codecs import array_checksum
+from mtkd_cache.format.fingerprint import DatasetHasher, sample_content, sample_hash
+from mtkd_cache.format.layout import make_grid
+from mtkd_cache.format.meta import InputsMeta, Manifest, TokenizerInfo
+from mtkd_cache.format.store import CacheStore, now_iso
 
 __all__ = ["InputsWriter", "Sample", "SAMPLE_SCHEMA"]
 

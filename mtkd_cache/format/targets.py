@@ -21,17 +21,17 @@ import numpy as np
 import pyarrow as pa
 import zarr
 
-from mtkd_cache._meta import InputsMeta, Manifest, TeacherMeta
-from mtkd_cache._store import CacheStore, now_iso
 from mtkd_cache._version import __version__
-from mtkd_cache.encoding import (
+from mtkd_cache.errors import CacheExistsError, CacheIncompleteError
+from mtkd_cache.format.codecs import (
     array_checksum,
     compressor_from_dict,
     encode_values,
     quantize_rows_int8,
     value_dtype,
 )
-from mtkd_cache.errors import CacheExistsError, CacheIncompleteError
+from mtkd_cache.format.meta import InputsMeta, Manifest, TeacherMeta
+from mtkd_cache.format.store import CacheStore, now_iso
 
 __all__ = ["TeacherWriter", "update_manifest"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mtkd_cache._meta import ChunkGrid
+from mtkd_cache.format.meta import ChunkGrid
 
 __all__ = ["make_grid", "inner_divisor"]
 

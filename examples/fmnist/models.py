@@ -345,7 +345,7 @@ def read_teacher_config(path: str | Path) -> TeacherConfig:
     if not config_path.is_file():
         raise FileNotFoundError(
             f"{config_path} not found: a teacher folder holds {CONFIG_FILE} and {WEIGHTS_FILE} "
-            "(written by `python -m benchmarks.quality.train_teachers`)"
+            "(written by `python -m examples.fmnist.train_teachers`)"
         )
     try:
         data = json.loads(config_path.read_text())

@@ -17,10 +17,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from mtkd_cache._meta import FeatureSpec, InputsMeta, Manifest, TeacherMeta
-from mtkd_cache._store import CacheStore
-from mtkd_cache.encoding import decode_values
 from mtkd_cache.errors import CacheIncompleteError, CacheMismatchError, CacheNotFoundError
+from mtkd_cache.format.codecs import decode_values
+from mtkd_cache.format.meta import FeatureSpec, InputsMeta, Manifest, TeacherMeta
+from mtkd_cache.format.store import CacheStore
 
 __all__ = ["CacheReader", "ChunkData", "SampledBlock", "TeacherReader", "TopkBlock", "open_cache"]
 

@@ -17,8 +17,8 @@ _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from benchmarks.quality import fmnist_data  # noqa: E402
-from benchmarks.quality.fmnist_models import (  # noqa: E402
+from examples.fmnist import data as fmnist_data  # noqa: E402
+from examples.fmnist.models import (  # noqa: E402
     ARCHITECTURES,
     UNSEEN_LOGIT,
     TeacherConfig,

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from mtkd_cache.errors import TeacherLoadError, UnsupportedTeacherError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -59,14 +61,6 @@ _ARCH_SUFFIXES: dict[_HFTask, tuple[str, ...]] = {
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
 _HASH_CHUNK = 1 << 22
-
-
-class TeacherLoadError(FileNotFoundError):
-    """The teacher path, hub id, factory module or weight files could not be found."""
-
-
-class UnsupportedTeacherError(ValueError):
-    """The teacher exists but is not a kind precompute can run, or lacks a requested feature."""
 
 
 @dataclass(frozen=True)

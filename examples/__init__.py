@@ -1,0 +1,1 @@
+"""Worked examples a user can copy; importable without benchmarks/."""

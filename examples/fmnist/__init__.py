@@ -1,0 +1,1 @@
+"""Fashion-MNIST: the README main job (two real teachers -> cache -> student) and its models."""

@@ -1,0 +1,1 @@
+"""Operations on a finished cache: verify (checksums, fingerprints) and inspect (report, plot)."""
