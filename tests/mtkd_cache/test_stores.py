@@ -1,0 +1,110 @@
+"""One store contract, every backend: a local folder, memory://, a real S3-API server and HTTP.
+
+The S3 server (moto) and the HTTP server (python -m http.server) are real processes on loopback,
+started and stopped by the fixtures in tests/services.py. A cache written to (or served from)
+each backend must read back array for array equal to the local one, pass verify, and opening it
+for reading must not write a single object.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pytest
+from helpers import tiny_models
+from services import http_server, s3_server  # noqa: F401 - fixtures
+
+from mtkd_cache import (
+    RunConfig,
+    inspect_cache,
+    open_cache,
+    prepare_arrays,
+    run_teacher,
+    verify_cache,
+)
+
+FACTORY = f"{tiny_models.__name__}:tiny_factory_classifier"
+IDS = np.random.default_rng(0).integers(4, 64, size=(20, 6)).astype(np.int64)
+LABELS = list(np.arange(20) % 4)
+
+
+def _build(url: str, storage_options: dict[str, Any] | None = None) -> None:
+    prepare_arrays(url, {"input_ids": IDS}, labels=LABELS, chunk_samples=8, storage_options=storage_options)
+    run_teacher(url, RunConfig(teacher="fac", model=FACTORY, top_k=2), factory_kwargs={"vocab_size": 64, "num_classes": 4},
+                progress=False, storage_options=storage_options)
+
+
+def _arrays(url: str, storage_options: dict[str, Any] | None = None) -> list[np.ndarray]:
+    reader = open_cache(url, storage_options=storage_options)
+    out = []
+    for c in range(reader.num_chunks):
+        data = reader.read_chunk(c, teachers=["fac"])
+        block = data.targets["fac"]
+        out += [data.sample_ids, data.inputs["input_ids"], block.indices, block.logp, block.tail]
+    return out
+
+
+def _listing(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any]:
+    return {p: (i.get("size"), i.get("LastModified") or i.get("mtime") or i.get("ETag"))
+            for p, i in fs.find(root, detail=True).items()}
+
+
+@pytest.fixture(scope="module")
+def local_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("stores") / "cache"
+    _build(str(path))
+    return path
+
+
+@pytest.fixture(scope="module", params=["local", "memory", "s3", "http"])
+def backend(request: pytest.FixtureRequest, local_cache: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[tuple[str, dict | None, Any]]:
+    kind = request.param
+    tmp_path = tmp_path_factory.mktemp(f"store_{kind}")
+    if kind == "local":
+        path = tmp_path / "c"
+        _build(str(path))
+        yield str(path), None, (fsspec.filesystem("file"), str(path))
+    elif kind == "memory":
+        url = f"memory://stores-{tmp_path.name}"
+        _build(url)
+        yield url, None, (fsspec.filesystem("memory"), url.removeprefix("memory:/"))
+    elif kind == "s3":
+        server = request.getfixturevalue("s3_server")
+        bucket, so = server.new_bucket(), server.storage_options()
+        url = f"s3://{bucket}/cache"
+        _build(url, so)
+        yield url, so, (fsspec.filesystem("s3", **so), f"{bucket}/cache")
+    else:
+        server = request.getfixturevalue("http_server")
+        dest = server.root / tmp_path.name
+        shutil.copytree(local_cache, dest)
+        yield f"{server.url}/{tmp_path.name}", None, (fsspec.filesystem("file"), str(dest))
+
+
+def test_every_backend_reads_back_the_local_arrays(backend, local_cache: Path) -> None:  # noqa: ANN001
+    url, so, _ = backend
+    for got, want in zip(_arrays(url, so), _arrays(str(local_cache)), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_every_backend_verifies_and_inspects(backend) -> None:  # noqa: ANN001
+    url, so, _ = backend
+    report = verify_cache(url, storage_options=so)
+    assert report.ok, report
+    info = inspect_cache(url, storage_options=so)
+    assert "fac" in str(info)
+
+
+def test_reading_never_writes(backend) -> None:  # noqa: ANN001
+    url, so, (fs, root) = backend
+    before = _listing(fs, root)
+    _arrays(url, so)
+    verify_cache(url, storage_options=so)
+    inspect_cache(url, storage_options=so)
+    assert _listing(fs, root) == before
