@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from mtkd_cache._version import FORMAT_VERSION, __version__
 from mtkd_cache.errors import InputDataError
-from mtkd_cache.format.codecs import array_checksum
+from mtkd_cache.format.codecs import Compressor, array_checksum, chunk_codecs
 from mtkd_cache.format.fingerprint import DatasetHasher, sample_content, sample_hash
 from mtkd_cache.format.layout import make_grid
 from mtkd_cache.format.meta import InputsMeta, Manifest, TokenizerInfo
@@ -51,19 +51,20 @@ class InputsWriter:
         self.L = positions_per_sample
         root = store.open_group("", mode="a")
         grp = root.require_group("inputs")
-        from zarr.codecs import ZstdCodec
-
+        codecs = chunk_codecs(Compressor())
+        full: Any = {"write_empty_chunks": True}  # every shard and inner chunk is stored: absent = lost
         self.arrays: dict[str, Any] = {}
         if kind == "tokens":
             self.arrays["token_ids"] = grp.create_array(
                 "token_ids", shape=(0,), dtype=token_dtype, chunks=(self.grid0.inner_positions,),
-                shards=(self.C,), compressors=ZstdCodec(level=3), fill_value=0, overwrite=True)
+                shards=(self.C,), compressors=codecs, fill_value=0, overwrite=True, config=full)
         else:
             ag = grp.require_group("arrays")
             for name, (shape, dtype) in (array_specs or {}).items():
                 self.arrays[name] = ag.create_array(
                     name, shape=(0, *shape), dtype=np.dtype(dtype), chunks=(self.grid0.inner_samples, *shape),
-                    shards=(self.S, *shape), compressors=ZstdCodec(level=3), fill_value=0, overwrite=True)
+                    shards=(self.S, *shape), compressors=codecs, fill_value=0, overwrite=True,
+                    config=full)
         self.buffer: list[Sample] = []
         self.n_chunks = 0
         self.n_samples = 0
@@ -170,7 +171,7 @@ class InputsWriter:
         )
         self.store.write_json("inputs/inputs.json", meta.to_dict())
         manifest = Manifest(format_version=FORMAT_VERSION, mtkd_version=__version__,
-                            dataset_fingerprint=meta.dataset_fingerprint, teachers=(), updated=now_iso())
+                            dataset_fingerprint=meta.dataset_fingerprint, updated=now_iso())
         self.store.write_json("manifest.json", manifest.to_dict())
         return meta
 
