@@ -36,7 +36,14 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from mtkd_cache import CacheReader, TargetSpec, TeacherMeta, ValueEncoding, open_cache, prepare_arrays
+from mtkd_cache import (
+    CacheReader,
+    TargetSpec,
+    TeacherMeta,
+    ValueEncoding,
+    open_cache,
+    prepare_arrays,
+)
 from mtkd_cache.format.codecs import array_checksum
 from mtkd_cache.format.layout import chunk_rows
 from mtkd_cache.format.store import CacheStore
