@@ -56,6 +56,15 @@ def content_hash(d: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def parse_teacher_name(name: Any) -> str:
+    """A teacher name is one plain folder name: no path separators, no leading '.' or '_'."""
+    if not isinstance(name, str) or not name or any(c in name for c in '/\\:') or name.startswith((".", "_")) \
+            or not name.isprintable() or name != name.strip():
+        raise CacheFormatError(f"teacher name {name!r} is not a plain folder name: use letters, digits, '-', "
+                               f"'.' or '_' (not first), without '/', '\\' or ':', e.g. 'qwen7b'")
+    return name
+
+
 def _from(cls: Any, d: dict[str, Any], where: str) -> Any:
     """`cls.from_dict(d)` with the file named in any error."""
     try:
@@ -297,8 +306,7 @@ class TeacherMeta:
         if isinstance(self.stats, Mapping) and not isinstance(self.stats, TeacherStats):
             object.__setattr__(self, "stats", TeacherStats.from_dict(self.stats))
         object.__setattr__(self, "features", tuple(self.features))
-        if not self.name or not isinstance(self.name, str):
-            raise CacheFormatError(f"teacher name must be a non-empty string, got {self.name!r}")
+        parse_teacher_name(self.name)
         parse_positive(self.vocab_size, "teacher vocab_size")
         parse_positive(self.padded_vocab_size, "teacher padded_vocab_size")
         parse_choice(self.grid, ("token", "sample"), "teacher grid")

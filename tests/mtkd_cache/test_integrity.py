@@ -151,3 +151,21 @@ def test_checks_can_be_switched_off_only_explicitly(cache: Path) -> None:
     (cache / "teachers/lm/values/c/3/0").unlink()
     data = open_cache(cache, check=False).read_chunk(3, teachers=["lm"])
     assert (data.targets["lm"].logp == 0).all()
+
+
+def test_a_deleted_shard_is_an_error_on_an_object_store(lm_template: Path) -> None:
+    """The same check through fsspec (memory://), where zarr also returns fill values for absent keys."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    url = "memory://integrity-missing"
+    fs.put(str(lm_template), "/integrity-missing", recursive=True)
+    try:
+        reader = open_cache(url)
+        assert reader.teacher_names == ["lm"]
+        reader.read_chunk(1, teachers=["lm"])
+        fs.rm("/integrity-missing/teachers/lm/indices/c/1/0")
+        with pytest.raises(CacheCorruptError, match=r"array 'indices' chunk 1 .*missing"):
+            open_cache(url).read_chunk(1, teachers=["lm"])
+    finally:
+        fs.rm("/integrity-missing", recursive=True)

@@ -321,3 +321,9 @@ def test_compressor_and_stats_are_typed() -> None:
     assert isinstance(TEACHER.stats, TeacherStats) and TEACHER.stats.positions == 600
     assert TEACHER.stats["mean_tail"] == 0.5 and "mean_entropy" not in TEACHER.stats
     assert TEACHER.to_dict()["compressor"] == {"name": "zstd", "level": 3}
+
+
+@pytest.mark.parametrize("name", ["a\\..\\b", "a/b", "../x", "_run", ".hidden", "", "c:d", " x"])
+def test_path_like_teacher_names_are_refused_before_anything_is_written(name: str) -> None:
+    with pytest.raises(CacheFormatError, match="not a plain folder name"):
+        TeacherMeta(**{**TEACHER.__dict__, "name": name})
