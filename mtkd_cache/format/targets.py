@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from mtkd_cache._version import __version__
 from mtkd_cache.errors import CacheExistsError, CacheIncompleteError, CacheMismatchError
+from mtkd_cache.format.checks import check_teacher_json
 from mtkd_cache.format.codecs import array_checksum, chunk_codecs
 from mtkd_cache.format.kinds import FEATURE_ENCODINGS, TARGET_KINDS, StoredArray, teacher_arrays
 from mtkd_cache.format.layout import chunk_rows, feature_grid
@@ -79,7 +80,9 @@ class TeacherWriter:
     def _claim(self, overwrite: bool) -> None:
         want = self.meta.settings()
         if not overwrite and self.store.exists(f"{self.key}/teacher.json"):
-            have = TeacherMeta.from_dict(self.store.read_json(f"{self.key}/teacher.json")).settings()
+            raw = self.store.read_json(f"{self.key}/teacher.json")
+            check_teacher_json(self.store, self.meta.name, raw)  # an edited file is damage, not "other settings"
+            have = TeacherMeta.from_dict(raw).settings()
             if have != want:
                 raise self._exists(have, want)
             self.already_complete = True

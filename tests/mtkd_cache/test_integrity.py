@@ -69,6 +69,17 @@ def test_a_flipped_byte_is_a_checksum_error(cache: Path) -> None:
     assert isinstance(e.value, ValueError)  # errors subclass builtins
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["half", "empty"])
+def test_a_truncated_shard_is_an_error(cache: Path, keep: float) -> None:
+    shard = cache / "teachers/lm/indices/c/2/0"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CacheCorruptError) as e:
+        open_cache(cache).read_chunk(2, teachers=["lm"])
+    assert_names_everything(e, "indices", 2, cache)
+    assert verify_cache(cache, progress=False).damaged == {"lm": [2]}
+
+
 def test_a_damaged_input_shard_names_the_inputs_and_prepare(cache: Path) -> None:
     (cache / "inputs/token_ids/c/2").unlink()
     with pytest.raises(CacheCorruptError, match=r"inputs array 'token_ids' chunk 2 .*missing.*prepare --overwrite"):

@@ -17,7 +17,14 @@ import zarr
 from click.testing import CliRunner
 
 import mtkd_cache.precompute.run
-from mtkd_cache import RunConfig, TeacherMeta, open_cache, run_teacher, verify_cache
+from mtkd_cache import (
+    CacheCorruptError,
+    RunConfig,
+    TeacherMeta,
+    open_cache,
+    run_teacher,
+    verify_cache,
+)
 from mtkd_cache.cli import main
 from mtkd_cache.format.store import CacheStore
 from mtkd_cache.format.targets import TeacherWriter
@@ -70,6 +77,8 @@ def test_repair_of_an_edited_teacher_json_recomputes_nothing(
     meta = json.loads(path.read_text())
     meta["values"]["step"] = 0.25
     path.write_text(json.dumps(meta))
+    with pytest.raises(CacheCorruptError, match=r"teacher.json was changed.*verify --repair"):
+        run_teacher(cache, RunConfig(teacher="lm", model=str(lm_dir), top_k=8), progress=False)
     report = verify_cache(cache, progress=False, repair=True)
     assert not report.ok and report.damaged == {"lm": []}
     monkeypatch.setattr(mtkd_cache.precompute.run, "_run_chunk", lambda *a, **k: pytest.fail("recomputed"))
