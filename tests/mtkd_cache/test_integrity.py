@@ -180,3 +180,32 @@ def test_a_deleted_shard_is_an_error_on_an_object_store(lm_template: Path) -> No
             open_cache(url).read_chunk(1, teachers=["lm"])
     finally:
         fs.rm("/integrity-missing", recursive=True)
+
+
+def test_a_killed_prepare_leaves_no_temporary_file_outside_the_cache(
+    tmp_path: Path, corpus: Path, lm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    from mtkd_cache import prepare
+    from mtkd_cache.format.inputs import InputsWriter
+
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    real_flush, calls = InputsWriter._flush, {"n": 0}
+
+    def dying_flush(self: InputsWriter) -> None:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill mid-prepare")
+        real_flush(self)
+
+    monkeypatch.setattr(InputsWriter, "_flush", dying_flush)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "cache", corpus, tokenizer=lm_dir, max_length=16, chunk_samples=8, progress=False)
+    assert list(system_tmp.iterdir()) == []
+    assert (tmp_path / "cache/inputs/samples.parquet.partial").exists()
+    monkeypatch.undo()
+    prepare(tmp_path / "cache2", corpus, tokenizer=lm_dir, max_length=16, chunk_samples=8, progress=False)
+    assert not (tmp_path / "cache2/inputs/samples.parquet.partial").exists()
