@@ -42,7 +42,6 @@ from mtkd_cache import runner
 from mtkd_cache.errors import CacheExistsError
 from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.format.store import CacheStore
-from mtkd_cache.format.targets import update_manifest
 from mtkd_cache.precompute.batching import length_grouped_batches
 from mtkd_cache.precompute.models import LoadedTeacher, load_teacher
 from mtkd_cache.precompute.prepare import prepare
@@ -139,7 +138,6 @@ def _timing(owner: Any, name: str, acc: dict[str, float], key: str, *, in_chunk:
 def _clear_run(cache: Path) -> None:
     store = CacheStore(cache)
     if store.exists(f"teachers/{_RUN_NAME}"):
-        update_manifest(store, remove=[_RUN_NAME])
         store.remove(f"teachers/{_RUN_NAME}")
 
 

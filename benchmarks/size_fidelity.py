@@ -47,7 +47,7 @@ from mtkd_cache.format.codecs import decode_values, encode_values
 from mtkd_cache.format.meta import TargetSpec, TeacherMeta, ValueEncoding
 from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.format.store import CacheStore
-from mtkd_cache.format.targets import TeacherWriter, update_manifest
+from mtkd_cache.format.targets import TeacherWriter
 from mtkd_cache.precompute.batching import length_grouped_batches, pad_batch
 from mtkd_cache.precompute.models import forward_teacher, load_teacher
 
@@ -247,7 +247,6 @@ def writer_bytes(cache: Path, t: dict[str, np.ndarray], k: int, enc: ValueEncodi
                            logp=np.take_along_axis(logp[sel], perm, -1).astype(np.float32), tail=tail[sel],
                            stats={"positions": float(sel.sum())})
     size = int(writer.finish().stats["bytes"])
-    update_manifest(store, remove=[name])
     store.remove(f"teachers/{name}")
     return size
 

@@ -2,7 +2,8 @@
 
 Public API (the CLI `mtkd-cache` calls the same functions):
     prepare / prepare_arrays -> write the inputs; run_teacher -> store one teacher's targets;
-    open_cache -> read; verify_cache / inspect_cache -> check and describe.
+    open_cache -> read (every read checked); verify_cache (repair=True drops damaged chunks) /
+    inspect_cache -> check and describe; migrate_cache -> upgrade an older format in place.
 The on-disk format is specified in docs/FORMAT.md. This package never imports mtkd_train.
 """
 
@@ -19,16 +20,19 @@ from mtkd_cache.errors import (
 )
 from mtkd_cache.format.meta import (
     ChunkGrid,
+    Compressor,
     FeatureSpec,
     InputsMeta,
     Manifest,
     TargetSpec,
     TeacherMeta,
+    TeacherStats,
     TokenizerInfo,
     ValueEncoding,
 )
 from mtkd_cache.format.reader import CacheReader, ChunkData, SampledBlock, TopkBlock, open_cache
 from mtkd_cache.ops.inspect import inspect_cache
+from mtkd_cache.ops.migrate import MigrateReport, migrate_cache
 from mtkd_cache.ops.verify import VerifyReport, verify_cache
 from mtkd_cache.precompute.prepare import prepare, prepare_arrays
 from mtkd_cache.precompute.run import RunConfig, run_teacher
@@ -45,20 +49,24 @@ __all__ = [
     "CacheWriteError",
     "ChunkData",
     "ChunkGrid",
+    "Compressor",
     "FeatureSpec",
     "InputDataError",
     "InputsMeta",
     "Manifest",
+    "MigrateReport",
     "RunConfig",
     "SampledBlock",
     "TargetSpec",
     "TeacherMeta",
+    "TeacherStats",
     "TokenizerInfo",
     "TopkBlock",
     "ValueEncoding",
     "VerifyReport",
     "__version__",
     "inspect_cache",
+    "migrate_cache",
     "open_cache",
     "prepare",
     "prepare_arrays",

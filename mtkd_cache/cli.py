@@ -134,21 +134,40 @@ def inspect(cache: str, as_json: bool, plot: Path | None, max_chunks: int) -> No
 @main.command()
 @click.argument("cache")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--repair", is_flag=True, help="Drop the commit markers of damaged teacher chunks so the next `run` of that teacher recomputes only them.")
 @_friendly
-def verify(cache: str, as_json: bool) -> None:
+def verify(cache: str, as_json: bool, repair: bool) -> None:
     """Check completeness, per-chunk checksums and fingerprints; exit 1 naming any bad chunk."""
     from mtkd_cache.ops.verify import verify_cache
 
-    report = verify_cache(cache)
+    report = verify_cache(cache, repair=repair)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         for p in report.problems:
             click.echo(f"PROBLEM: {p}", err=True)
+        for key in report.repaired:
+            click.echo(f"REPAIRED: removed {key}", err=True)
         click.echo(f"{'OK' if report.ok else 'FAILED'}: {report.chunks_checked} chunks checked, teachers "
                    f"{report.teachers_checked}, {len(report.problems)} problem(s)")
+        if report.damaged and repair:
+            names = ", ".join(sorted(report.damaged))
+            click.echo(f"re-run `mtkd-cache run` for teacher(s) {names} with their original arguments to "
+                       f"recompute the damaged chunks", err=True)
     if not report.ok:
         raise SystemExit(1)
+
+
+@main.command()
+@click.argument("cache")
+@_friendly
+def migrate(cache: str) -> None:
+    """Upgrade a cache of an older format version in place, without recomputing any target."""
+    from mtkd_cache.ops.migrate import migrate_cache
+
+    done = migrate_cache(cache)
+    click.echo(f"{cache}: format_version {done.from_version} -> {done.to_version}; "
+               f"{done.arrays_rewritten} arrays rewritten, teachers {done.teachers}")
 
 
 if __name__ == "__main__":

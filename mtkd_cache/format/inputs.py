@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -12,9 +10,9 @@ import pyarrow.parquet as pq
 
 from mtkd_cache._version import FORMAT_VERSION, __version__
 from mtkd_cache.errors import InputDataError
-from mtkd_cache.format.codecs import array_checksum
+from mtkd_cache.format.codecs import Compressor, array_checksum, chunk_codecs
 from mtkd_cache.format.fingerprint import DatasetHasher, sample_content, sample_hash
-from mtkd_cache.format.layout import make_grid
+from mtkd_cache.format.layout import chunk_rows, make_grid
 from mtkd_cache.format.meta import InputsMeta, Manifest, TokenizerInfo
 from mtkd_cache.format.store import CacheStore, now_iso
 
@@ -51,19 +49,20 @@ class InputsWriter:
         self.L = positions_per_sample
         root = store.open_group("", mode="a")
         grp = root.require_group("inputs")
-        from zarr.codecs import ZstdCodec
-
+        codecs = chunk_codecs(Compressor())
+        full: Any = {"write_empty_chunks": True}  # every shard and inner chunk is stored: absent = lost
         self.arrays: dict[str, Any] = {}
         if kind == "tokens":
             self.arrays["token_ids"] = grp.create_array(
                 "token_ids", shape=(0,), dtype=token_dtype, chunks=(self.grid0.inner_positions,),
-                shards=(self.C,), compressors=ZstdCodec(level=3), fill_value=0, overwrite=True)
+                shards=(self.C,), compressors=codecs, fill_value=0, overwrite=True, config=full)
         else:
             ag = grp.require_group("arrays")
             for name, (shape, dtype) in (array_specs or {}).items():
                 self.arrays[name] = ag.create_array(
                     name, shape=(0, *shape), dtype=np.dtype(dtype), chunks=(self.grid0.inner_samples, *shape),
-                    shards=(self.S, *shape), compressors=ZstdCodec(level=3), fill_value=0, overwrite=True)
+                    shards=(self.S, *shape), compressors=codecs, fill_value=0, overwrite=True,
+                    config=full)
         self.buffer: list[Sample] = []
         self.n_chunks = 0
         self.n_samples = 0
@@ -73,9 +72,11 @@ class InputsWriter:
         self.domains: set[str] = set()
         self.has_labels = False
         self.checksums: list[dict[str, Any]] = []
-        self._tmp = tempfile.NamedTemporaryFile(suffix=".parquet", delete=False)  # noqa: SIM115 - path reused
-        self._tmp.close()
-        self._table = pq.ParquetWriter(self._tmp.name, SAMPLE_SCHEMA, compression="zstd")
+        # The sample table streams into the cache itself (never a system temp folder), so a killed
+        # prepare leaves nothing behind outside the cache; `finish` moves it into place.
+        self._partial = "inputs/samples.parquet.partial"
+        self._sink = store.fs.open(store.path(self._partial), "wb")
+        self._table = pq.ParquetWriter(self._sink, SAMPLE_SCHEMA, compression="zstd")
 
     def add(self, sample: Sample) -> None:
         self.buffer.append(sample)
@@ -110,15 +111,17 @@ class InputsWriter:
                 rows["content_hash"].append(sample_hash(sample_content([ids.astype(np.int64)], self._label(s.label), s.domain)))
                 cursor += len(ids)
             arr = self.arrays["token_ids"]
-            arr.resize(((c + 1) * self.C,))
-            arr[c * self.C : (c + 1) * self.C] = block
+            r0, r1 = chunk_rows(self.grid0, c, "token")
+            arr.resize((r1,))
+            arr[r0:r1] = block
             self.checksums.append({"chunk": c, "array": "token_ids", "checksum": array_checksum(block)})
         else:
             for j, (name, arr) in enumerate(sorted(self.arrays.items())):
                 block = np.zeros((self.S, *arr.shape[1:]), dtype=arr.dtype)
                 block[: len(self.buffer)] = np.stack([s.arrays[j] for s in self.buffer])
-                arr.resize(((c + 1) * self.S, *arr.shape[1:]))
-                arr[c * self.S : (c + 1) * self.S] = block
+                r0, r1 = chunk_rows(self.grid0, c, "sample")
+                arr.resize((r1, *arr.shape[1:]))
+                arr[r0:r1] = block
                 self.checksums.append({"chunk": c, "array": f"arrays/{name}", "checksum": array_checksum(block)})
             for i, s in enumerate(self.buffer):
                 rows["offset"].append(c * self.S + i)
@@ -142,12 +145,12 @@ class InputsWriter:
                settings: dict[str, Any], source: str, packed: bool) -> InputsMeta:
         self._flush()
         self._table.close()
+        self._sink.close()
         if self.n_samples == 0:
-            os.unlink(self._tmp.name)
+            self.store.remove(self._partial)
             raise InputDataError(f"--data {source!r} gave no usable samples (every row was empty?)")
-        with open(self._tmp.name, "rb") as f:
-            self.store.write_bytes("inputs/samples.parquet", f.read())
-        os.unlink(self._tmp.name)
+        self.store.write_bytes("inputs/samples.parquet", self.store.read_bytes(self._partial))
+        self.store.remove(self._partial)
         self.store.write_table("inputs/chunks.parquet", pa.Table.from_pylist(self.checksums))
         hasher.update(self.hashes)
         grid = make_grid(self.n_samples, self.S, self.L)
@@ -170,7 +173,7 @@ class InputsWriter:
         )
         self.store.write_json("inputs/inputs.json", meta.to_dict())
         manifest = Manifest(format_version=FORMAT_VERSION, mtkd_version=__version__,
-                            dataset_fingerprint=meta.dataset_fingerprint, teachers=(), updated=now_iso())
+                            dataset_fingerprint=meta.dataset_fingerprint, updated=now_iso())
         self.store.write_json("manifest.json", manifest.to_dict())
         return meta
 

@@ -1,101 +1,76 @@
 """Metadata of a cache: frozen dataclasses that round-trip through JSON.
 
-Every `from_dict` validates what it reads and names the field, the value found and what was
-expected, so that a reader never guesses (docs/FORMAT.md is the contract).
+Every dataclass validates itself at construction (`__post_init__` runs the `parse_*` checks, as
+zarr-python's metadata classes do), so metadata built in code is as checked as metadata read
+from disk. `from_dict` additionally names the file a bad field came from. docs/FORMAT.md is the
+contract; a reader never guesses.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from mtkd_cache._version import FORMAT_NAME, FORMAT_VERSION
 from mtkd_cache.errors import CacheFormatError
+from mtkd_cache.format._parse import parse_choice, parse_int, parse_positive, req
+from mtkd_cache.format.codecs import Compressor, ValueEncoding
+from mtkd_cache.format.layout import ChunkGrid
 
 __all__ = [
     "ChunkGrid",
+    "Compressor",
     "FeatureSpec",
     "InputsMeta",
     "Manifest",
     "TargetSpec",
     "TeacherMeta",
+    "TeacherStats",
     "TokenizerInfo",
     "ValueEncoding",
+    "content_hash",
 ]
 
-T = TypeVar("T")
+#: Key in a teacher's chunks.parquet schema metadata: the sha256 (`content_hash`) of the
+#: teacher.json written with it, so an edited teacher.json is detected.
+TEACHER_HASH_KEY = "mtkd:teacher_json_sha256"
 
-
-def _req(d: dict[str, Any], key: str, typ: type | tuple[type, ...], where: str) -> Any:
-    if key not in d:
-        raise CacheFormatError(f"{where}: field {key!r} is missing; the file is corrupt or not an mtkd cache")
-    value = d[key]
-    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-        raise CacheFormatError(
-            f"{where}: field {key!r} is {value!r} ({type(value).__name__}), expected {typ}"
-        )
-    return value
-
-
-def _choice(value: Any, allowed: tuple[str, ...], where: str) -> str:
-    if value not in allowed:
-        raise CacheFormatError(f"{where}: {value!r} is not one of {allowed}")
-    return str(value)
+TARGET_KINDS = ("topk", "sample")
+FEATURE_DTYPES = ("float16", "int8")
+INDEX_DTYPES = ("uint16", "uint32", "int32")
+TAIL_DTYPES = ("float16", "float32")
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-@dataclass(frozen=True)
-class ChunkGrid:
-    """How rows are grouped into chunks, the unit of work, commit, checksum and shard.
+def content_hash(d: Mapping[str, Any]) -> str:
+    """sha256 of a JSON object's canonical form (sorted keys, no whitespace): what verify checked."""
+    text = json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
-    Chunk `c` holds samples `[c*chunk_samples, (c+1)*chunk_samples)` and the position rows
-    `[c*chunk_positions, (c+1)*chunk_positions)`. A sample's positions are contiguous inside its
-    chunk's region; rows of a region past its last sample are padding (fill value 0).
-    """
 
-    num_samples: int
-    num_chunks: int
-    chunk_samples: int
-    chunk_positions: int
-    inner_samples: int
-    inner_positions: int
+def parse_teacher_name(name: Any) -> str:
+    """A teacher name is one plain folder name: no path separators, no leading '.' or '_'."""
+    if not isinstance(name, str) or not name or any(c in name for c in '/\\:') or name.startswith((".", "_")) \
+            or not name.isprintable() or name != name.strip():
+        raise CacheFormatError(f"teacher name {name!r} is not a plain folder name: use letters, digits, '-', "
+                               f"'.' or '_' (not first), without '/', '\\' or ':', e.g. 'qwen7b'")
+    return name
 
-    def __post_init__(self) -> None:
-        for name in ("chunk_samples", "chunk_positions", "inner_samples", "inner_positions"):
-            if getattr(self, name) <= 0:
-                raise CacheFormatError(f"chunk grid: {name} must be positive, got {getattr(self, name)}")
-        if self.chunk_samples % self.inner_samples or self.chunk_positions % self.inner_positions:
-            raise CacheFormatError("chunk grid: inner chunks must divide the chunk (shard) shape")
 
-    @property
-    def total_positions(self) -> int:
-        return self.num_chunks * self.chunk_positions
-
-    @property
-    def total_sample_rows(self) -> int:
-        return self.num_chunks * self.chunk_samples
-
-    def sample_range(self, chunk: int) -> tuple[int, int]:
-        start = chunk * self.chunk_samples
-        return start, min(start + self.chunk_samples, self.num_samples)
-
-    def position_range(self, chunk: int) -> tuple[int, int]:
-        return chunk * self.chunk_positions, (chunk + 1) * self.chunk_positions
-
-    def chunk_of_sample(self, sample: int) -> int:
-        return sample // self.chunk_samples
-
-    def to_dict(self) -> dict[str, Any]:
-        return _asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ChunkGrid:
-        w = "inputs.json grid"
-        return cls(**{f.name: _req(d, f.name, int, w) for f in dataclasses.fields(cls)})
+def _from(cls: Any, d: dict[str, Any], where: str) -> Any:
+    """`cls.from_dict(d)` with the file named in any error."""
+    try:
+        return cls.from_dict(d)
+    except CacheFormatError as e:
+        raise CacheFormatError(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -109,6 +84,9 @@ class TokenizerInfo:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
 
+    def __post_init__(self) -> None:
+        parse_positive(self.vocab_size, "tokenizer vocab_size")
+
     def to_dict(self) -> dict[str, Any]:
         return _asdict(self)
 
@@ -116,9 +94,9 @@ class TokenizerInfo:
     def from_dict(cls, d: dict[str, Any]) -> TokenizerInfo:
         w = "inputs.json tokenizer"
         return cls(
-            fingerprint=_req(d, "fingerprint", str, w),
-            vocab_size=_req(d, "vocab_size", int, w),
-            name_or_path=_req(d, "name_or_path", str, w),
+            fingerprint=req(d, "fingerprint", str, w),
+            vocab_size=req(d, "vocab_size", int, w),
+            name_or_path=req(d, "name_or_path", str, w),
             path=d.get("path", "inputs/tokenizer"),
             eos_token_id=d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
@@ -145,6 +123,13 @@ class InputsMeta:
     mtkd_version: str = ""
     created: str = ""
 
+    def __post_init__(self) -> None:
+        parse_choice(self.kind, ("tokens", "arrays"), "inputs kind")
+        for name in ("num_samples", "num_positions", "max_length"):
+            parse_int(getattr(self, name), f"inputs {name}")
+        if self.grid.num_samples != self.num_samples:
+            raise CacheFormatError(f"inputs: grid holds {self.grid.num_samples} samples, num_samples is {self.num_samples}")
+
     def to_dict(self) -> dict[str, Any]:
         d = _asdict(self)
         d["grid"] = self.grid.to_dict()
@@ -154,16 +139,23 @@ class InputsMeta:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InputsMeta:
         w = "inputs/inputs.json"
+        try:
+            return cls._from_dict(d, w)
+        except CacheFormatError as e:
+            raise CacheFormatError(str(e) if str(e).startswith(w) else f"{w}: {e}") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict[str, Any], w: str) -> InputsMeta:
         tok = d.get("tokenizer")
         return cls(
-            kind=_choice(_req(d, "kind", str, w), ("tokens", "arrays"), w),  # type: ignore[arg-type]
-            dataset_fingerprint=_req(d, "dataset_fingerprint", str, w),
-            num_samples=_req(d, "num_samples", int, w),
-            num_positions=_req(d, "num_positions", int, w),
-            max_length=_req(d, "max_length", int, w),
-            grid=ChunkGrid.from_dict(_req(d, "grid", dict, w)),
+            kind=req(d, "kind", str, w),
+            dataset_fingerprint=req(d, "dataset_fingerprint", str, w),
+            num_samples=req(d, "num_samples", int, w),
+            num_positions=req(d, "num_positions", int, w),
+            max_length=req(d, "max_length", int, w),
+            grid=ChunkGrid.from_dict(req(d, "grid", dict, w)),
             tokenizer=None if tok is None else TokenizerInfo.from_dict(tok),
-            arrays=_req(d, "arrays", dict, w),
+            arrays=req(d, "arrays", dict, w),
             label_names=d.get("label_names"),
             domains=d.get("domains"),
             has_labels=bool(d.get("has_labels", False)),
@@ -172,28 +164,6 @@ class InputsMeta:
             mtkd_version=d.get("mtkd_version", ""),
             created=d.get("created", ""),
         )
-
-
-@dataclass(frozen=True)
-class ValueEncoding:
-    """How top-k log-probabilities are stored.
-
-    `u8log`: code = clip(round(-logp / step), 0, 254) as uint8, decoded as -code * step; code
-    255 means probability exactly 0 (log p = -inf).
-    `fp16`: logp as IEEE half. `fp32`: logp as float.
-    """
-
-    codec: Literal["u8log", "fp16", "fp32"] = "u8log"
-    step: float = 1.0 / 16.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return _asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ValueEncoding:
-        w = "teacher.json values"
-        codec = _choice(_req(d, "codec", str, w), ("u8log", "fp16", "fp32"), w)
-        return cls(codec=codec, step=float(d.get("step", 1.0 / 16.0)))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -207,12 +177,15 @@ class TargetSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind == "topk" and (self.k is None or self.k <= 0):
-            raise ValueError(f"--top-k must be a positive integer, got {self.k}")
-        if self.kind == "sample" and (self.draws is None or self.draws <= 0):
-            raise ValueError(f"--samples must be a positive integer, got {self.draws}")
-        if not self.temperature > 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        parse_choice(self.kind, TARGET_KINDS, "target kind")
+        if self.kind == "topk":
+            parse_positive(self.k, "target k (top-k entries)")
+        else:
+            parse_positive(self.draws, "target draws (samples per position)")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float) \
+                or not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise CacheFormatError(f"target temperature must be a finite number > 0, got {self.temperature!r}")
+        parse_int(self.seed, "target seed")
 
     @property
     def width(self) -> int:
@@ -224,10 +197,8 @@ class TargetSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TargetSpec:
-        w = "teacher.json target"
-        kind = _choice(_req(d, "kind", str, w), ("topk", "sample"), w)
-        return cls(kind=kind, k=d.get("k"), draws=d.get("draws"),  # type: ignore[arg-type]
-                   temperature=float(d.get("temperature", 1.0)), seed=int(d.get("seed", 0)))
+        return cls(kind=d.get("kind"), k=d.get("k"), draws=d.get("draws"),  # type: ignore[arg-type]
+                   temperature=d.get("temperature", 1.0), seed=d.get("seed", 0))
 
 
 @dataclass(frozen=True)
@@ -239,6 +210,12 @@ class FeatureSpec:
     dtype: Literal["float16", "int8"] = "float16"
     dim: int = 0
 
+    def __post_init__(self) -> None:
+        parse_int(self.layer, "feature layer")
+        parse_choice(self.pool, ("none", "mean"), "feature pool")
+        parse_choice(self.dtype, FEATURE_DTYPES, "feature dtype")
+        parse_int(self.dim, "feature dim")
+
     @property
     def name(self) -> str:
         return f"layer_{self.layer}" if self.layer >= 0 else f"layer_m{-self.layer}"
@@ -248,18 +225,59 @@ class FeatureSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
-        w = "teacher.json features"
-        return cls(
-            layer=_req(d, "layer", int, w),
-            pool=_choice(d.get("pool", "none"), ("none", "mean"), w),  # type: ignore[arg-type]
-            dtype=_choice(d.get("dtype", "float16"), ("float16", "int8"), w),  # type: ignore[arg-type]
-            dim=int(d.get("dim", 0)),
-        )
+        return cls(layer=req(d, "layer", int, "feature"), pool=d.get("pool", "none"),
+                   dtype=d.get("dtype", "float16"), dim=d.get("dim", 0))
+
+
+@dataclass(frozen=True)
+class TeacherStats(Mapping[str, Any]):
+    """Statistics over every position, summed from the commit markers by `finish`.
+
+    Also a read-only mapping of its set fields (`stats["positions"]`, `stats.get("mean_tail")`).
+    """
+
+    positions: int = 0
+    mean_tail: float | None = None
+    mean_entropy: float | None = None
+    mean_top1_prob: float | None = None
+    bytes: int = 0
+    bytes_per_position: float = 0.0
+
+    def __post_init__(self) -> None:
+        parse_int(self.positions, "stats positions")
+        parse_int(self.bytes, "stats bytes")
+
+    def __getitem__(self, key: str) -> Any:
+        value = getattr(self, key, None) if key in self._names() else None
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k in self._names() if getattr(self, k) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    @staticmethod
+    def _names() -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(TeacherStats))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.items())
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TeacherStats:
+        return cls(**{k: d[k] for k in cls._names() if k in d})
 
 
 @dataclass(frozen=True)
 class TeacherMeta:
-    """A teacher group's description (teachers/<name>/teacher.json, written last)."""
+    """A teacher group's description (teachers/<name>/teacher.json, written last).
+
+    `compressor` and `stats` may be given as dicts; they are converted to `Compressor` and
+    `TeacherStats` at construction.
+    """
 
     name: str
     model: str
@@ -273,14 +291,30 @@ class TeacherMeta:
     values: ValueEncoding
     index_dtype: str
     tail_dtype: str
-    compressor: dict[str, Any]
+    compressor: Compressor
     dataset_fingerprint: str
     tokenizer_fingerprint: str | None
     features: tuple[FeatureSpec, ...] = ()
     revision: str | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: TeacherStats = field(default_factory=TeacherStats)
     mtkd_version: str = ""
     created: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.compressor, Mapping):
+            object.__setattr__(self, "compressor", Compressor.from_dict(dict(self.compressor)))
+        if isinstance(self.stats, Mapping) and not isinstance(self.stats, TeacherStats):
+            object.__setattr__(self, "stats", TeacherStats.from_dict(self.stats))
+        object.__setattr__(self, "features", tuple(self.features))
+        parse_teacher_name(self.name)
+        parse_positive(self.vocab_size, "teacher vocab_size")
+        parse_positive(self.padded_vocab_size, "teacher padded_vocab_size")
+        parse_choice(self.grid, ("token", "sample"), "teacher grid")
+        parse_choice(self.index_dtype, INDEX_DTYPES, "teacher index_dtype")
+        parse_choice(self.tail_dtype, TAIL_DTYPES, "teacher tail_dtype")
+        for name, cls in (("target", TargetSpec), ("values", ValueEncoding), ("compressor", Compressor)):
+            if not isinstance(getattr(self, name), cls):
+                raise CacheFormatError(f"teacher {name} must be a {cls.__name__}, got {getattr(self, name)!r}")
 
     def settings(self) -> dict[str, Any]:
         """The fields that define what is computed; a rerun must match them to resume."""
@@ -289,72 +323,90 @@ class TeacherMeta:
             d.pop(volatile)
         return d
 
+    def settings_hash(self) -> str:
+        """`content_hash` of `settings()`; every commit marker records it."""
+        return content_hash(self.settings())
+
     def to_dict(self) -> dict[str, Any]:
         d = _asdict(self)
         d["features"] = [f.to_dict() for f in self.features]
+        d["compressor"] = self.compressor.to_dict()
+        d["stats"] = self.stats.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TeacherMeta:
         w = f"teacher.json of {d.get('name', '?')!r}"
-        return cls(
-            name=_req(d, "name", str, w),
-            model=_req(d, "model", str, w),
-            task=_req(d, "task", str, w),
-            weights_hash=_req(d, "weights_hash", str, w),
-            dtype=_req(d, "dtype", str, w),
-            vocab_size=_req(d, "vocab_size", int, w),
-            padded_vocab_size=_req(d, "padded_vocab_size", int, w),
-            grid=_choice(_req(d, "grid", str, w), ("token", "sample"), w),  # type: ignore[arg-type]
-            target=TargetSpec.from_dict(_req(d, "target", dict, w)),
-            values=ValueEncoding.from_dict(_req(d, "values", dict, w)),
-            index_dtype=_choice(_req(d, "index_dtype", str, w), ("uint16", "uint32", "int32"), w),
-            tail_dtype=_choice(_req(d, "tail_dtype", str, w), ("float16", "float32"), w),
-            compressor=_req(d, "compressor", dict, w),
-            dataset_fingerprint=_req(d, "dataset_fingerprint", str, w),
-            tokenizer_fingerprint=d.get("tokenizer_fingerprint"),
-            features=tuple(FeatureSpec.from_dict(f) for f in d.get("features", [])),
-            revision=d.get("revision"),
-            stats=d.get("stats", {}),
-            mtkd_version=d.get("mtkd_version", ""),
-            created=d.get("created", ""),
-        )
+        try:
+            return cls(
+                name=req(d, "name", str, w), model=req(d, "model", str, w), task=req(d, "task", str, w),
+                weights_hash=req(d, "weights_hash", str, w), dtype=req(d, "dtype", str, w),
+                vocab_size=req(d, "vocab_size", int, w), padded_vocab_size=req(d, "padded_vocab_size", int, w),
+                grid=req(d, "grid", str, w),  # type: ignore[arg-type]
+                target=_from(TargetSpec, req(d, "target", dict, w), w),
+                values=_from(ValueEncoding, req(d, "values", dict, w), w),
+                index_dtype=req(d, "index_dtype", str, w), tail_dtype=req(d, "tail_dtype", str, w),
+                compressor=_from(Compressor, req(d, "compressor", dict, w), w),
+                dataset_fingerprint=req(d, "dataset_fingerprint", str, w),
+                tokenizer_fingerprint=d.get("tokenizer_fingerprint"),
+                features=tuple(_from(FeatureSpec, f, w) for f in req(d, "features", list, w)) if "features" in d else (),
+                revision=d.get("revision"),
+                stats=_from(TeacherStats, d.get("stats", {}), w),
+                mtkd_version=d.get("mtkd_version", ""), created=d.get("created", ""),
+            )
+        except CacheFormatError as e:
+            raise CacheFormatError(str(e) if str(e).startswith(w) else f"{w}: {e}") from None
+
+
+def migrate_hint(url: str = "CACHE") -> str:
+    return f"run `mtkd-cache migrate {url}` to upgrade it in place (targets are not recomputed)"
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """The cache's root `manifest.json`: written last by every operation, checked first by readers."""
+    """The cache's root `manifest.json`: written last by `prepare`, checked first by readers.
+
+    Format version 2 has no teacher list: a teacher is complete exactly when its own
+    `teachers/<name>/teacher.json` exists (see docs/FORMAT.md), so concurrent writers never
+    read-modify-write a shared file.
+    """
 
     format_version: int
     mtkd_version: str
     dataset_fingerprint: str
-    teachers: tuple[str, ...] = ()
     format: str = FORMAT_NAME
     updated: str = ""
 
+    def __post_init__(self) -> None:
+        if self.format != FORMAT_NAME:
+            raise CacheFormatError(f"format is {self.format!r}, expected {FORMAT_NAME!r}; this is not an mtkd cache")
+        if parse_int(self.format_version, "format_version") != FORMAT_VERSION:
+            raise CacheFormatError(f"format_version {self.format_version} is unknown to this mtkd (it reads "
+                                   f"version {FORMAT_VERSION})")
+
     def to_dict(self) -> dict[str, Any]:
-        d = _asdict(self)
-        d["teachers"] = sorted(self.teachers)
-        return d
+        return _asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+    def from_dict(cls, d: dict[str, Any], url: str = "CACHE") -> Manifest:
         w = "manifest.json"
         fmt = d.get("format")
         if fmt != FORMAT_NAME:
             raise CacheFormatError(f"{w}: format is {fmt!r}, expected {FORMAT_NAME!r}; this is not an mtkd cache")
-        version = _req(d, "format_version", int, w)
+        version = req(d, "format_version", int, w)
+        if version < FORMAT_VERSION:
+            raise CacheFormatError(
+                f"{w}: {url} is an mtkd cache of format_version {version}; this mtkd reads version "
+                f"{FORMAT_VERSION} only: {migrate_hint(url)}")
         if version != FORMAT_VERSION:
             raise CacheFormatError(
                 f"{w}: format_version {version} is unknown to this mtkd (it reads version "
                 f"{FORMAT_VERSION}); install the mtkd version that wrote it "
                 f"({d.get('mtkd_version', '?')}) or re-create the cache"
             )
-        teachers = _req(d, "teachers", list, w)
         return cls(
             format_version=version,
-            mtkd_version=_req(d, "mtkd_version", str, w),
-            dataset_fingerprint=_req(d, "dataset_fingerprint", str, w),
-            teachers=tuple(str(t) for t in teachers),
+            mtkd_version=req(d, "mtkd_version", str, w),
+            dataset_fingerprint=req(d, "dataset_fingerprint", str, w),
             updated=d.get("updated", ""),
         )

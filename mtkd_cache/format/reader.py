@@ -1,8 +1,11 @@
 """Reading a cache: `open_cache(url)` returns a `CacheReader`.
 
-The manifest is read first and its format version checked; only teachers whose `teacher.json`
-exists and that the manifest lists are complete. Reads go chunk by chunk (sequential) or by
-sample id (random access); each decodes only the zarr inner chunks it touches.
+The manifest is read first and its format version checked. A teacher is complete exactly when
+its `teachers/<name>/teacher.json` exists; only complete teachers are read. Reads go chunk by
+chunk (sequential) or by sample id (random access); each decodes only the zarr inner chunks it
+touches, and every read is checked (format/checks.py): a missing or damaged chunk, an id out of
+range or an edited teacher.json is a `CacheCorruptError`, never silently wrong data. A reader
+opens its zarr stores read-only and never writes to the cache.
 """
 
 from __future__ import annotations
@@ -12,32 +15,30 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from mtkd_cache.errors import CacheIncompleteError, CacheMismatchError, CacheNotFoundError
-from mtkd_cache.format.codecs import decode_values
+from mtkd_cache.errors import (
+    CacheCorruptError,
+    CacheIncompleteError,
+    CacheMismatchError,
+    CacheNotFoundError,
+)
+from mtkd_cache.format.checks import (
+    check_teacher_json,
+    corrupt_error,
+    inputs_fix,
+    read_rows,
+    teacher_fix,
+)
+from mtkd_cache.format.kinds import FEATURE_ENCODINGS, TARGET_KINDS, SampledBlock, TopkBlock
+from mtkd_cache.format.layout import ChunkGrid, chunk_of_row, chunk_rows, feature_grid
 from mtkd_cache.format.meta import FeatureSpec, InputsMeta, Manifest, TeacherMeta
 from mtkd_cache.format.store import CacheStore
 
 __all__ = ["CacheReader", "ChunkData", "SampledBlock", "TeacherReader", "TopkBlock", "open_cache"]
-
-
-class TopkBlock(NamedTuple):
-    """Top-k targets for R rows: indices (R, K) int64, logp (R, K) float32, tail (R,) float32."""
-
-    indices: np.ndarray
-    logp: np.ndarray
-    tail: np.ndarray
-
-
-class SampledBlock(NamedTuple):
-    """Sampled targets for R rows: indices (R, n) int64 and counts (R, n) int32 (0 = padding)."""
-
-    indices: np.ndarray
-    counts: np.ndarray
 
 
 @dataclass
@@ -61,34 +62,52 @@ class ChunkData:
 
 
 class TeacherReader:
-    """Random and chunked access to one complete teacher's arrays."""
+    """Random and chunked access to one complete teacher's arrays, checked on every read.
 
-    def __init__(self, store: CacheStore, meta: TeacherMeta, inputs: InputsMeta):
-        self.store, self.meta, self.inputs = store, meta, inputs
-        self.group = store.open_group(f"teachers/{meta.name}", mode="r")
+    Args:
+        check: Check every read (missing chunks, value sanity). Off only to measure its cost.
+    """
+
+    def __init__(self, store: CacheStore, meta: TeacherMeta, inputs: InputsMeta, *, check: bool = True):
+        self.store, self.meta, self.inputs, self.check = store, meta, inputs, check
+        self.key = f"teachers/{meta.name}"
+        self.group = store.open_group(self.key, mode="r", strict=check)
         self._arrays: dict[str, Any] = {}
 
     def _array(self, key: str) -> Any:
         """The group's array `key`, opened once (opening reads metadata, which is then fixed)."""
         if key not in self._arrays:
-            self._arrays[key] = self.group[key]
+            try:
+                self._arrays[key] = self.group[key]
+            except KeyError as e:
+                raise CacheCorruptError(f"teacher {self.meta.name!r} array {key!r}: its zarr metadata "
+                                        f"({self.store.path(self.key + '/' + key + '/zarr.json')}) is missing; "
+                                        f"{teacher_fix(self.store.url, self.meta.name)}") from e
         return self._arrays[key]
 
+    def _read(self, names: Sequence[str], start: int, stop: int, on: str) -> dict[str, np.ndarray]:
+        return {n: read_rows(self.store, self._array(n), owner=f"teacher {self.meta.name!r}", group_key=self.key,
+                             name=n, start=start, stop=stop, grid=self.inputs.grid, on=on,
+                             fix=teacher_fix(self.store.url, self.meta.name)) for n in names}
+
+    def _checked(self, bad: tuple[str, str] | None, prefix: str, start: int, on: str) -> None:
+        if bad is not None:
+            array = f"{prefix}{bad[0]}"
+            chunk = chunk_of_row(self.inputs.grid, start, on)
+            raise corrupt_error(self.store, f"teacher {self.meta.name!r}", f"{self.key}/{array}", array, chunk,
+                                len(self._array(array).shape), bad[1], teacher_fix(self.store.url, self.meta.name))
+
     def rows_of_chunk(self, chunk: int, grid: str | None = None) -> tuple[int, int]:
-        g = self.inputs.grid
-        if (grid or self.meta.grid) == "token":
-            return g.position_range(chunk)
-        start = chunk * g.chunk_samples
-        return start, start + g.chunk_samples
+        """Rows [r0, r1) chunk `chunk` reserves on `grid` (default: the teacher's)."""
+        return chunk_rows(self.inputs.grid, chunk, grid or self.meta.grid)
 
     def read_targets(self, start: int, stop: int) -> TopkBlock | SampledBlock:
         """Decoded targets for rows [start, stop) of this teacher's grid."""
-        idx = self._array("indices")[start:stop].astype(np.int64)
-        if self.meta.target.kind == "sample":
-            return SampledBlock(idx, self._array("counts")[start:stop].astype(np.int32))
-        logp = decode_values(self._array("values")[start:stop], self.meta.values)
-        tail = self._array("tail")[start:stop].astype(np.float32)
-        return TopkBlock(idx, logp, tail)
+        kind = TARGET_KINDS[self.meta.target.kind]
+        raw = self._read([a.name for a in kind.arrays(self.meta)], start, stop, self.meta.grid)
+        if self.check:
+            self._checked(kind.check(self.meta, raw), "", start, self.meta.grid)
+        return kind.decode(self.meta, raw)
 
     def feature_spec(self, layer: int) -> FeatureSpec:
         for f in self.meta.features:
@@ -99,26 +118,36 @@ class TeacherReader:
             f"{[f.layer for f in self.meta.features]} — re-run `mtkd-cache run` with --features to add it"
         )
 
+    def feature_grid(self, layer: int) -> str:
+        """"token" or "sample": where feature `layer`'s rows live."""
+        return feature_grid(self.meta.grid, self.feature_spec(layer).pool)
+
     def read_feature(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Feature rows [start, stop) as float32 (int8 codes are dequantised with their row scale)."""
         spec = self.feature_spec(layer)
-        raw = self._array(f"features/{spec.name}")[start:stop]
-        if spec.dtype == "int8":
-            scale = self._array(f"features/{spec.name}_scale")[start:stop].astype(np.float32)
-            return raw.astype(np.float32) * scale[:, None]
-        return raw.astype(np.float32)
+        enc, on = FEATURE_ENCODINGS[spec.dtype], self.feature_grid(layer)
+        raw = self._read([f"features/{a.name}" for a in enc.arrays(spec)], start, stop, on)
+        raw = {k.removeprefix("features/"): v for k, v in raw.items()}
+        if self.check:
+            self._checked(enc.check(spec, raw), "features/", start, on)
+        return enc.decode(spec, raw)
 
 
 class CacheReader:
-    """A cache opened for reading. Use `open_cache` to make one."""
+    """A cache opened for reading. Use `open_cache` to make one.
 
-    def __init__(self, store: CacheStore):
-        self.store = store
+    Args:
+        store: The cache.
+        check: Check every read (see format/checks.py). Off only to measure what checking costs.
+    """
+
+    def __init__(self, store: CacheStore, *, check: bool = True):
+        self.store, self.check = store, check
         if not store.exists("manifest.json"):
             hint = (" (inputs were started but never finished: re-run `mtkd-cache prepare`)"
                     if store.exists("inputs") else "")
             raise CacheNotFoundError(f"{store.url} is not an mtkd cache: manifest.json is missing{hint}")
-        self.manifest = Manifest.from_dict(store.read_json("manifest.json"))
+        self.manifest = Manifest.from_dict(store.read_json("manifest.json"), url=store.url)
         self.inputs = InputsMeta.from_dict(store.read_json("inputs/inputs.json"))
         if self.inputs.dataset_fingerprint != self.manifest.dataset_fingerprint:
             raise CacheMismatchError(
@@ -130,14 +159,14 @@ class CacheReader:
 
     def __repr__(self) -> str:
         return (f"CacheReader({self.store.url!r}, samples={self.inputs.num_samples}, "
-                f"positions={self.inputs.num_positions}, teachers={list(self.manifest.teachers)})")
+                f"positions={self.inputs.num_positions}, teachers={self.teacher_names})")
 
     @property
     def url(self) -> str:
         return self.store.url
 
     @property
-    def grid(self):  # noqa: ANN201 - ChunkGrid
+    def grid(self) -> ChunkGrid:
         return self.inputs.grid
 
     @property
@@ -147,45 +176,59 @@ class CacheReader:
     @cached_property
     def samples(self) -> pa.Table:
         """The sample table (one row per sample; see docs/FORMAT.md)."""
-        return self.store.read_table("inputs/samples.parquet")
+        try:
+            return self.store.read_table("inputs/samples.parquet")
+        except (pa.ArrowException, OSError) as e:
+            raise CacheCorruptError(f"{self.store.path('inputs/samples.parquet')} is unreadable "
+                                    f"({type(e).__name__}); {inputs_fix(self.url)}") from e
 
     @cached_property
-    def _columns(self) -> dict[str, np.ndarray]:
+    def sample_columns(self) -> dict[str, np.ndarray | None]:
+        """`sample_id`, `offset`, `num_positions`, `label` (-100 = none) and `domain` codes as arrays."""
         t = self.samples
-        out = {c: t.column(c).to_numpy(zero_copy_only=False) for c in ("sample_id", "offset", "num_positions")}
-        labels = t.column("label")
-        out["label"] = labels.fill_null(-100).to_numpy() if self.inputs.has_labels else None  # type: ignore[assignment]
+        out: dict[str, np.ndarray | None] = {
+            c: t.column(c).to_numpy(zero_copy_only=False) for c in ("sample_id", "offset", "num_positions")}
+        out["label"] = t.column("label").fill_null(-100).to_numpy() if self.inputs.has_labels else None
+        out["domain"] = None
         if self.inputs.domains:
             codes = {d: i for i, d in enumerate(self.inputs.domains)}
             out["domain"] = np.array([codes.get(d, -1) if d is not None else -1
                                       for d in t.column("domain").to_pylist()], dtype=np.int64)
-        else:
-            out["domain"] = None  # type: ignore[assignment]
         return out
 
     @property
+    def _columns(self) -> dict[str, Any]:
+        return self.sample_columns
+
+    @property
     def teacher_names(self) -> list[str]:
-        """Complete teachers (listed in the manifest)."""
-        return sorted(self.manifest.teachers)
+        """Complete teachers: the folders under `teachers/` that hold a `teacher.json`."""
+        return self.store.teachers_with("teacher.json")
 
     def incomplete_teachers(self) -> list[str]:
         """Teacher groups on storage that are not (yet) complete."""
-        return [n for n in self.store.subdirs("teachers") if n not in self.manifest.teachers]
+        done = set(self.teacher_names)
+        return [n for n in self.store.subdirs("teachers") if n not in done]
 
     def teacher(self, name: str) -> TeacherReader:
+        """The reader of complete teacher `name`, after checking its teacher.json (see `check_teacher_json`)."""
         if name in self._teachers:
             return self._teachers[name]
-        if name not in self.manifest.teachers:
+        key = f"teachers/{name}/teacher.json"
+        if "/" in name or "\\" in name or not self.store.exists(key):
             state = "is incomplete (its run did not finish; re-run `mtkd-cache run` with the same arguments)" \
                 if name in self.incomplete_teachers() else "is not in this cache"
             raise CacheIncompleteError(
                 f"teacher {name!r} {state}; complete teachers in {self.url}: {self.teacher_names}")
-        meta = TeacherMeta.from_dict(self.store.read_json(f"teachers/{name}/teacher.json"))
+        raw = self.store.read_json(key)
+        if self.check:
+            check_teacher_json(self.store, name, raw)
+        meta = TeacherMeta.from_dict(raw)
         if meta.dataset_fingerprint != self.inputs.dataset_fingerprint:
             raise CacheMismatchError(
                 f"teacher {name!r} was cached from dataset fingerprint {meta.dataset_fingerprint}, this "
                 f"cache's inputs are {self.inputs.dataset_fingerprint}; re-run `mtkd-cache run` on this cache")
-        self._teachers[name] = TeacherReader(self.store, meta, self.inputs)
+        self._teachers[name] = TeacherReader(self.store, meta, self.inputs, check=self.check)
         return self._teachers[name]
 
     @property
@@ -198,63 +241,65 @@ class CacheReader:
 
     def read_chunk(self, chunk: int, teachers: Sequence[str] = (),
                    features: Mapping[str, Sequence[int]] | None = None) -> ChunkData:
-        """Inputs, labels, targets and features of one chunk (real rows only)."""
+        """Inputs, labels, targets and features of one chunk (real rows only), each read checked."""
         g = self.inputs.grid
         if not 0 <= chunk < g.num_chunks:
             raise IndexError(f"chunk {chunk} is out of range [0, {g.num_chunks})")
         s0, s1 = g.sample_range(chunk)
-        cols = self._columns
-        offsets = cols["offset"][s0:s1] - (chunk * (g.chunk_positions if self.inputs.kind == "tokens" else g.chunk_samples))
-        lengths = cols["num_positions"][s0:s1].astype(np.int64)
+        cols = self.sample_columns
+        on = "token" if self.inputs.kind == "tokens" else "sample"
+        offsets = cols["offset"][s0:s1] - chunk_rows(g, chunk, on)[0]  # type: ignore[index]
+        lengths = cols["num_positions"][s0:s1].astype(np.int64)  # type: ignore[index]
         used = int(offsets[-1] + lengths[-1]) if len(offsets) else 0
+        labels, domains = cols["label"], cols["domain"]
         data = ChunkData(
-            chunk=chunk, sample_ids=cols["sample_id"][s0:s1], offsets=offsets, lengths=lengths,
+            chunk=chunk, sample_ids=cols["sample_id"][s0:s1], offsets=offsets, lengths=lengths,  # type: ignore[index]
             inputs=self._read_inputs(chunk, used, s1 - s0),
-            labels=None if cols["label"] is None else cols["label"][s0:s1],
-            domains=None if cols["domain"] is None else cols["domain"][s0:s1],
+            labels=None if labels is None else labels[s0:s1],
+            domains=None if domains is None else domains[s0:s1],
         )
+
+        def rows(grid: str) -> tuple[int, int]:
+            r0 = chunk_rows(g, chunk, grid)[0]
+            return r0, r0 + (used if grid == "token" else s1 - s0)
+
         for name in teachers:
             tr = self.teacher(name)
-            r0, _ = tr.rows_of_chunk(chunk)
-            n = used if tr.meta.grid == "token" else s1 - s0
-            data.targets[name] = tr.read_targets(r0, r0 + n)
+            data.targets[name] = tr.read_targets(*rows(tr.meta.grid))
         for name, layers in (features or {}).items():
             tr = self.teacher(name)
-            data.features[name] = {}
-            for layer in layers:
-                spec = tr.feature_spec(layer)
-                grid = "token" if (spec.pool == "none" and tr.meta.grid == "token") else "sample"
-                r0, _ = tr.rows_of_chunk(chunk, grid)
-                n = used if grid == "token" else s1 - s0
-                data.features[name][spec.name] = tr.read_feature(layer, r0, r0 + n)
+            data.features[name] = {tr.feature_spec(layer).name: tr.read_feature(layer, *rows(tr.feature_grid(layer)))
+                                   for layer in layers}
         return data
 
-    def _input_array(self, key: str) -> Any:
-        """The inputs group's array `key`, opened once (finished inputs never change)."""
+    def _input_rows(self, key: str, start: int, stop: int, on: str) -> np.ndarray:
+        """Rows [start, stop) of the inputs' array `key`, checked (finished inputs never change)."""
         if key not in self._input_arrays:
-            self._input_arrays[key] = self.store.open_group("inputs", mode="r")[key]
-        return self._input_arrays[key]
+            self._input_arrays[key] = self.store.open_group("inputs", mode="r", strict=self.check)[key]
+        return read_rows(self.store, self._input_arrays[key], owner="inputs", group_key="inputs", name=key,
+                         start=start, stop=stop, grid=self.inputs.grid, on=on, fix=inputs_fix(self.url))
 
     def _read_inputs(self, chunk: int, used: int, n: int) -> dict[str, np.ndarray]:
         g = self.inputs.grid
         if self.inputs.kind == "tokens":
-            p0 = chunk * g.chunk_positions
-            return {"token_ids": self._input_array("token_ids")[p0 : p0 + used].astype(np.int64)}
-        s0 = chunk * g.chunk_samples
-        return {k: self._input_array(f"arrays/{k}")[s0 : s0 + n] for k in self.inputs.arrays}
+            p0 = chunk_rows(g, chunk, "token")[0]
+            return {"token_ids": self._input_rows("token_ids", p0, p0 + used, "token").astype(np.int64)}
+        s0 = chunk_rows(g, chunk, "sample")[0]
+        return {k: self._input_rows(f"arrays/{k}", s0, s0 + n, "sample") for k in self.inputs.arrays}
 
     def sample(self, sample_id: int, teachers: Sequence[str] = ()) -> dict[str, Any]:
         """Random access to one sample: its inputs, label, domain and each teacher's targets."""
         if not 0 <= sample_id < self.inputs.num_samples:
             raise IndexError(f"sample id {sample_id} is out of range [0, {self.inputs.num_samples})")
-        cols = self._columns
-        off, n = int(cols["offset"][sample_id]), int(cols["num_positions"][sample_id])
+        cols = self.sample_columns
+        off, n = int(cols["offset"][sample_id]), int(cols["num_positions"][sample_id])  # type: ignore[index]
         out: dict[str, Any] = {"sample_id": sample_id, "num_positions": n}
         if self.inputs.kind == "tokens":
-            out["token_ids"] = self._input_array("token_ids")[off : off + n].astype(np.int64)
+            out["token_ids"] = self._input_rows("token_ids", off, off + n, "token").astype(np.int64)
         else:
-            out.update({k: self._input_array(f"arrays/{k}")[off] for k in self.inputs.arrays})
-        out["label"] = None if cols["label"] is None else int(cols["label"][sample_id])
+            out.update({k: self._input_rows(f"arrays/{k}", off, off + 1, "sample")[0] for k in self.inputs.arrays})
+        labels = cols["label"]
+        out["label"] = None if labels is None else int(labels[sample_id])
         out["targets"] = {}
         for name in teachers:
             tr = self.teacher(name)
@@ -281,14 +326,17 @@ class CacheReader:
         return AutoTokenizer.from_pretrained(self.tokenizer_dir())
 
 
-def open_cache(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> CacheReader:
-    """Open a cache for reading.
+def open_cache(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None, *,
+               check: bool = True) -> CacheReader:
+    """Open a cache for reading (never writes to it).
 
     Args:
         url: Local path or fsspec URL of the cache.
         storage_options: Passed to fsspec (credentials, endpoints).
+        check: Check every read (default); off only to measure what checking costs.
 
     Raises:
-        CacheNotFoundError: no manifest there. CacheFormatError: corrupt or unknown-version manifest.
+        CacheNotFoundError: no manifest there. CacheFormatError: corrupt or unknown-version manifest
+            (a version-1 cache is refused with the `mtkd-cache migrate` command that upgrades it).
     """
-    return CacheReader(CacheStore(url, storage_options))
+    return CacheReader(CacheStore(url, storage_options), check=check)

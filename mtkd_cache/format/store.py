@@ -21,10 +21,34 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 import zarr.storage
+from zarr.storage import WrapperStore
 
 from mtkd_cache.errors import CacheFormatError, CacheNotFoundError, CacheWriteError
 
-__all__ = ["CacheStore", "now_iso"]
+__all__ = ["CacheStore", "MissingChunkError", "StrictStore", "now_iso"]
+
+
+class MissingChunkError(KeyError):
+    """A zarr chunk (shard) key that the array's metadata implies is absent from storage."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+class StrictStore(WrapperStore):  # type: ignore[type-arg]
+    """A read-only zarr store on which an absent chunk key raises `MissingChunkError`.
+
+    zarr returns the fill value for a chunk it cannot find. Every shard of an mtkd array is
+    written (`write_empty_chunks`), so an absent one was lost: this wrapper turns the silent
+    fill into an error at no extra I/O (the `get` happens anyway).
+    """
+
+    async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        got = await self._store.get(key, prototype, byte_range)
+        if got is None and "/c/" in f"/{key}":
+            raise MissingChunkError(key)
+        return got
 
 
 def now_iso() -> str:
@@ -133,16 +157,24 @@ class CacheStore:
         return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
 
     # -- zarr ------------------------------------------------------------------------------------
-    def zarr_store(self, read_only: bool = False) -> Any:
+    def zarr_store(self, read_only: bool = False, strict: bool = True) -> Any:
+        """The zarr store of the root; read-only stores never write and (`strict`) raise on absent chunks."""
         if self.is_local:
-            Path(self.root).mkdir(parents=True, exist_ok=True) if not read_only else None
-            return zarr.storage.LocalStore(self.root, read_only=read_only)
-        return zarr.storage.FsspecStore.from_url(
-            self.url, storage_options=self.storage_options or None, read_only=read_only
-        )
+            if not read_only:
+                Path(self.root).mkdir(parents=True, exist_ok=True)
+            store: Any = zarr.storage.LocalStore(self.root, read_only=read_only)
+        else:
+            store = zarr.storage.FsspecStore.from_url(
+                self.url, storage_options=self.storage_options or None, read_only=read_only)
+        return StrictStore(store) if read_only and strict else store
 
-    def open_group(self, key: str, mode: str = "r") -> zarr.Group:
-        store = self.zarr_store(read_only=(mode == "r"))
+    def teachers_with(self, marker: str) -> list[str]:
+        """Names of the folders `teachers/<name>/` that hold `marker` (one listing call)."""
+        found = self.fs.glob(self.path(f"teachers/*/{marker}"))
+        return sorted(str(p).rstrip("/").rsplit("/", 2)[-2] for p in found)
+
+    def open_group(self, key: str, mode: str = "r", strict: bool = True) -> zarr.Group:
+        store = self.zarr_store(read_only=(mode == "r"), strict=strict)
         try:
             return zarr.open_group(store, path=key, mode=mode)  # type: ignore[arg-type]
         except FileNotFoundError as e:

@@ -1,39 +1,54 @@
-"""`verify_cache`: check a cache is complete and that every stored chunk matches its checksum.
+"""`verify_cache`: check a cache is complete and that every stored chunk is what was written.
 
-It re-reads every chunk of the inputs and of each teacher, recomputes the content checksums
-recorded at write time, re-hashes every sample and recomputes the dataset fingerprint. Cost: one
-full read of the cache.
+For the inputs and each teacher it re-reads every chunk region of every array (an absent shard
+or a crc32c mismatch is reported, never read as zeros), recomputes the blake2b content checksums
+recorded at write time, runs the read-time value checks (ids in range and ascending, ...),
+checks each `teacher.json` against the hash its `chunks.parquet` recorded, re-hashes every
+sample and recomputes the dataset fingerprint. Cost: one full read of the cache.
+
+With `repair=True` a damaged teacher chunk loses its commit marker, and a teacher with any
+damage loses `teacher.json` and `chunks.parquet` (it becomes incomplete), so the next
+`mtkd-cache run` of that teacher, with its own settings, recomputes only those chunks. Damaged
+inputs cannot be repaired in place (every teacher depends on them): the report says so.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import zarr
 from tqdm.auto import tqdm
 
-from mtkd_cache.errors import CacheFormatError, CacheNotFoundError
+from mtkd_cache.errors import CacheCorruptError, CacheFormatError, CacheNotFoundError
+from mtkd_cache.format.checks import check_teacher_json, inputs_fix, read_rows, teacher_fix
 from mtkd_cache.format.codecs import array_checksum
 from mtkd_cache.format.fingerprint import DatasetHasher, sample_content, sample_hash
+from mtkd_cache.format.kinds import teacher_arrays
+from mtkd_cache.format.layout import chunk_rows, shard_key
 from mtkd_cache.format.meta import TeacherMeta
 from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.format.store import CacheStore
+from mtkd_cache.format.targets import marker_key
 
 __all__ = ["VerifyReport", "verify_cache"]
 
 
 @dataclass
 class VerifyReport:
-    """What `verify_cache` found. `ok` is True only when `problems` is empty."""
+    """What `verify_cache` found. `ok` is True only when `problems` is empty.
+
+    `damaged` maps a teacher to its damaged chunks; `repaired` lists what `repair=True` removed.
+    """
 
     url: str
     problems: list[str] = field(default_factory=list)
     chunks_checked: int = 0
     teachers_checked: list[str] = field(default_factory=list)
+    damaged: dict[str, list[int]] = field(default_factory=dict)
+    repaired: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -41,42 +56,57 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"url": self.url, "ok": self.ok, "problems": self.problems,
-                "chunks_checked": self.chunks_checked, "teachers_checked": self.teachers_checked}
+                "chunks_checked": self.chunks_checked, "teachers_checked": self.teachers_checked,
+                "damaged": self.damaged, "repaired": self.repaired}
 
 
-def _check_arrays(store: CacheStore, group_key: str, table_key: str, region: Any, report: VerifyReport,
-                  what: str, bar: Any) -> None:
+Region = Callable[[int, str], tuple[int, int, str]]
+
+
+def _check_arrays(reader: CacheReader, group_key: str, region: Region, report: VerifyReport,
+                  what: str, fix: str, bar: Any) -> set[int] | None:
+    """Checksum every recorded (chunk, array) region; returns the damaged chunks (None: no table)."""
+    store, table_key = reader.store, f"{group_key}/chunks.parquet"
     try:
         rows = store.read_table(table_key).to_pylist()
     except (CacheNotFoundError, OSError) as e:
-        report.problems.append(f"{what}: checksum table {table_key} is missing or unreadable ({e})")
-        return
+        report.problems.append(f"{what}: checksum table {store.path(table_key)} is missing or unreadable "
+                               f"({type(e).__name__}); {fix}")
+        return None
     group = store.open_group(group_key, mode="r")
+    damaged: set[int] = set()
     for row in rows:
         c, name = int(row["chunk"]), str(row["array"])
-        r0, r1 = region(c, name)
+        r0, r1, on = region(c, name)
+        ndim = 2
         try:
-            arr = group[name]
-            assert isinstance(arr, zarr.Array), f"{name} is a group, expected an array"
-            block = arr[r0:r1]
-            got = array_checksum(np.asarray(block))
-        except Exception as e:  # a corrupt shard surfaces as a codec error of any type
-            report.problems.append(f"{what} chunk {c} array {name!r}: unreadable ({type(e).__name__}: {e})")
-            continue
-        if got != row["checksum"]:
-            report.problems.append(f"{what} chunk {c} array {name!r}: checksum mismatch (stored data changed "
-                                   f"or the chunk is missing); re-run the step that wrote it")
+            arr: Any = group[name]
+            ndim = len(arr.shape)
+            block = read_rows(store, arr, owner=what, group_key=group_key, name=name, start=r0, stop=r1,
+                              grid=reader.inputs.grid, on=on, fix=fix)
+            ok = array_checksum(np.asarray(block)) == row["checksum"]
+            problem = "checksum mismatch: the decoded data differs from what was written"
+        except (CacheCorruptError, KeyError) as e:
+            ok, problem = False, str(e).split("): ", 1)[-1].split("; ")[0]
+        if not ok:
+            file = store.path(shard_key(f"{group_key}/{name}", c, ndim))
+            report.problems.append(f"{what} chunk {c} array {name!r}: {problem} ({file}); {fix}")
+            damaged.add(c)
         report.chunks_checked += 1
         bar.update(1)
+    return damaged
 
 
 def _check_inputs(reader: CacheReader, report: VerifyReport, bar: Any) -> None:
     inputs, g = reader.inputs, reader.inputs.grid
 
-    def region(c: int, name: str) -> tuple[int, int]:
-        return g.position_range(c) if name == "token_ids" else (c * g.chunk_samples, (c + 1) * g.chunk_samples)
+    def region(c: int, name: str) -> tuple[int, int, str]:
+        on = "token" if name == "token_ids" else "sample"
+        return (*chunk_rows(g, c, on), on)
 
-    _check_arrays(reader.store, "inputs", "inputs/chunks.parquet", region, report, "inputs", bar)
+    damaged = _check_arrays(reader, "inputs", region, report, "inputs", inputs_fix(reader.url), bar)
+    if damaged or damaged is None:
+        return  # sample hashes would only repeat the damage
     if len(reader.samples) != inputs.num_samples:
         report.problems.append(f"inputs: sample table has {len(reader.samples)} rows, inputs.json says {inputs.num_samples}")
         return
@@ -88,14 +118,13 @@ def _check_inputs(reader: CacheReader, report: VerifyReport, bar: Any) -> None:
         data = reader.read_chunk(c)
         for j, sid in enumerate(data.sample_ids):
             if inputs.kind == "tokens":
-                toks = data.inputs["token_ids"][data.offsets[j] : data.offsets[j] + data.lengths[j]]
-                arrays = [toks.astype(np.int64)]
+                arrays = [data.inputs["token_ids"][data.offsets[j] : data.offsets[j] + data.lengths[j]].astype(np.int64)]
             else:
                 arrays = [data.inputs[k][j] for k in sorted(data.inputs)]
             h = sample_hash(sample_content(arrays, labels[sid], domains[sid]))
             recomputed.append(h)
             if h != hashes[sid]:
-                report.problems.append(f"inputs chunk {c} sample {int(sid)}: content hash mismatch")
+                report.problems.append(f"inputs chunk {c} sample {int(sid)}: content hash mismatch; {inputs_fix(reader.url)}")
     settings = inputs.source.get("fingerprint_settings")
     if settings is None:
         report.problems.append("inputs: fingerprint settings are not recorded; cannot recompute the fingerprint")
@@ -107,45 +136,84 @@ def _check_inputs(reader: CacheReader, report: VerifyReport, bar: Any) -> None:
                                f"{inputs.dataset_fingerprint}")
 
 
-def _check_teacher(reader: CacheReader, name: str, report: VerifyReport, bar: Any) -> None:
-    store, g = reader.store, reader.inputs.grid
-    key = f"teachers/{name}"
-    if name not in reader.manifest.teachers or not store.exists(f"{key}/teacher.json"):
-        report.problems.append(f"teacher {name!r} is incomplete (no teacher.json or not in the manifest); "
-                               f"re-run `mtkd-cache run` with the same arguments to finish it")
-        return
+def _teacher_meta(reader: CacheReader, name: str, report: VerifyReport) -> TeacherMeta | None:
+    """The teacher's metadata if teacher.json is present and trustworthy; else records the problem."""
+    store, key = reader.store, f"teachers/{name}"
+    if not store.exists(f"{key}/teacher.json"):
+        report.problems.append(f"teacher {name!r} is incomplete (no teacher.json); re-run `mtkd-cache run` with "
+                               f"the same arguments to finish it")
+        return None
     try:
-        meta = TeacherMeta.from_dict(store.read_json(f"{key}/teacher.json"))
-    except CacheFormatError as e:
+        raw = store.read_json(f"{key}/teacher.json")
+        check_teacher_json(store, name, raw)
+        meta = TeacherMeta.from_dict(raw)
+    except (CacheCorruptError, CacheFormatError) as e:
         report.problems.append(f"teacher {name!r}: {e}")
-        return
+        report.damaged.setdefault(name, [])
+        return None
     if meta.dataset_fingerprint != reader.inputs.dataset_fingerprint:
         report.problems.append(f"teacher {name!r}: dataset fingerprint {meta.dataset_fingerprint} != inputs "
-                               f"{reader.inputs.dataset_fingerprint}")
-    sample_grid = {f"features/{f.name}" for f in meta.features if f.pool == "mean" or meta.grid == "sample"}
-    sample_grid |= {f"{n}_scale" for n in sample_grid}
+                               f"{reader.inputs.dataset_fingerprint}; re-run it with `mtkd-cache run --overwrite`")
+        return None
+    return meta
 
-    def region(c: int, arr: str) -> tuple[int, int]:
-        if meta.grid == "token" and arr not in sample_grid:
-            return g.position_range(c)
-        return c * g.chunk_samples, (c + 1) * g.chunk_samples
 
-    before = len(report.problems)
-    _check_arrays(store, key, f"{key}/chunks.parquet", region, report, f"teacher {name!r}", bar)
-    table = store.read_table(f"{key}/chunks.parquet") if len(report.problems) == before else None
-    if table is not None:
-        seen = set(table.column("chunk").to_pylist())
-        for c in sorted(set(range(g.num_chunks)) - seen):
-            report.problems.append(f"teacher {name!r} chunk {c}: no checksum recorded (chunk missing)")
+def _check_teacher(reader: CacheReader, name: str, report: VerifyReport, bar: Any) -> None:
+    meta = _teacher_meta(reader, name, report)
+    if meta is None:
+        return
+    g, key, fix = reader.inputs.grid, f"teachers/{name}", teacher_fix(reader.url, name)
+    grids = {a.key: a.grid for a in teacher_arrays(meta)}
+
+    def region(c: int, arr: str) -> tuple[int, int, str]:
+        on = grids.get(arr, meta.grid)
+        return (*chunk_rows(g, c, on), on)
+
+    damaged = _check_arrays(reader, key, region, report, f"teacher {name!r}", fix, bar)
+    if damaged is None:
+        report.damaged.setdefault(name, [])
+        return
+    for c in sorted(set(range(g.num_chunks)) - damaged):
+        try:  # the value checks the reader runs (ids in range and ascending, sane values)
+            reader.read_chunk(c, teachers=[name], features={name: [f.layer for f in meta.features]})
+        except CacheCorruptError as e:
+            report.problems.append(str(e))
+            damaged.add(c)
+    recorded = {int(c) for c in reader.store.read_table(f"{key}/chunks.parquet", columns=["chunk"]).column(0).to_pylist()}
+    for c in sorted(set(range(g.num_chunks)) - recorded):
+        report.problems.append(f"teacher {name!r} chunk {c}: no checksum recorded (chunk missing); {fix}")
+        damaged.add(c)
+    if damaged:
+        report.damaged[name] = sorted(damaged)
     report.teachers_checked.append(name)
 
 
+def _repair(store: CacheStore, report: VerifyReport) -> None:
+    """Drop the commit markers of damaged chunks and the completeness record of damaged teachers."""
+    for name, chunks in sorted(report.damaged.items()):
+        for c in chunks:
+            if store.exists(marker_key(name, c)):
+                store.remove(marker_key(name, c))
+                report.repaired.append(marker_key(name, c))
+        for key in (f"teachers/{name}/teacher.json", f"teachers/{name}/chunks.parquet"):
+            if store.exists(key):
+                store.remove(key)
+                report.repaired.append(key)
+
+
 def verify_cache(url: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None,
-                 progress: bool = True) -> VerifyReport:
-    """Check completeness, per-chunk checksums and fingerprints of a cache.
+                 progress: bool = True, repair: bool = False) -> VerifyReport:
+    """Check completeness, per-chunk checksums, value sanity and fingerprints of a cache.
+
+    Args:
+        url: Cache path or fsspec URL.
+        storage_options: Passed to fsspec.
+        progress: Show a progress bar.
+        repair: Remove the commit markers of damaged teacher chunks and the `teacher.json` of
+            damaged teachers, so that `mtkd-cache run` recomputes only those chunks.
 
     Returns:
-        A `VerifyReport`; `report.ok` is False and `report.problems` names each bad chunk.
+        A `VerifyReport`; `report.ok` is False and `report.problems` names each bad chunk, array and file.
 
     Raises:
         CacheNotFoundError / CacheFormatError: no readable manifest (nothing else can be checked).
@@ -153,9 +221,10 @@ def verify_cache(url: str | os.PathLike[str], *, storage_options: Mapping[str, A
     store = CacheStore(url, storage_options)
     reader = CacheReader(store)
     report = VerifyReport(url=str(url))
-    names = sorted(set(reader.store.subdirs("teachers")) | set(reader.manifest.teachers))
     with tqdm(desc="verify", unit=" chunks", disable=not progress) as bar:
         _check_inputs(reader, report, bar)
-        for name in names:
+        for name in store.subdirs("teachers"):
             _check_teacher(reader, name, report, bar)
+    if repair:
+        _repair(store, report)
     return report

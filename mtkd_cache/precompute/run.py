@@ -24,7 +24,7 @@ from mtkd_cache._version import __version__
 from mtkd_cache.errors import CacheMismatchError
 from mtkd_cache.format.codecs import index_dtype_for
 from mtkd_cache.format.fingerprint import tokenizer_fingerprint
-from mtkd_cache.format.meta import FeatureSpec, TargetSpec, TeacherMeta, ValueEncoding
+from mtkd_cache.format.meta import Compressor, FeatureSpec, TargetSpec, TeacherMeta, ValueEncoding
 from mtkd_cache.format.reader import CacheReader, ChunkData
 from mtkd_cache.format.store import CacheStore
 from mtkd_cache.format.targets import TeacherWriter
@@ -162,7 +162,7 @@ def _teacher_meta(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig, d
         padded_vocab_size=teacher.padded_vocab_size, grid=grid, target=cfg.target,  # type: ignore[arg-type]
         values=ValueEncoding(cfg.value_codec, cfg.logp_step),  # type: ignore[arg-type]
         index_dtype=index_dtype_for(teacher.vocab_size), tail_dtype=cfg.tail_dtype,
-        compressor={"name": cfg.compression, "level": cfg.compression_level},
+        compressor=Compressor(cfg.compression, cfg.compression_level),  # type: ignore[arg-type]
         dataset_fingerprint=reader.inputs.dataset_fingerprint,
         tokenizer_fingerprint=None if tok is None else tok.fingerprint,
         features=feats, revision=teacher.revision, mtkd_version=__version__,

@@ -172,11 +172,8 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
         metas = {t: self.reader.teacher(t).meta for t in self.teachers}
         feature_grids = {}
         for t, layers in self.features.items():
-            specs = [self.reader.teacher(t).feature_spec(layer) for layer in layers]
-            feature_grids[t] = {
-                s.name: "token" if (s.pool == "none" and metas[t].grid == "token") else "sample"
-                for s in specs
-            }
+            tr = self.reader.teacher(t)
+            feature_grids[t] = {tr.feature_spec(layer).name: tr.feature_grid(layer) for layer in layers}
         return BatchSpec(
             token_inputs=inputs.kind == "tokens",
             pad_id=tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0,

@@ -89,11 +89,6 @@ def _teacher_meta(reader: CacheReader, name: str) -> TeacherMeta:
             f"teacher {name!r} is not in this cache; {available}"
             + (f"; incomplete: {incomplete}" if incomplete else "")
         )
-    if not reader.store.exists(f"teachers/{name}/teacher.json"):
-        raise IncompleteTeacherError(
-            f"teacher {name!r} is listed in the manifest of {reader.url} but its teacher.json is "
-            f"missing; {_RERUN.format(name=name)} to rewrite it, or drop it"
-        )
     try:
         return reader.teacher(name).meta
     except CacheNotFoundError as e:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-KNOWN_VERSION = 1
+KNOWN_VERSION = 2
 
 # --- a reader written from docs/FORMAT.md alone ---------------------------------------------------
 
@@ -52,6 +52,22 @@ def _decode_values(raw: np.ndarray, values: dict[str, Any]) -> np.ndarray:
     return raw.astype(np.float32)
 
 
+def _canonical_sha256(obj: dict[str, Any]) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_every_shard_and_crc(root: Path, key: str) -> None:
+    """FORMAT.md: every shard is stored (absent = lost) and inner chunks end with a crc32c."""
+    meta = _json(root, f"{key}/zarr.json")
+    sharding = meta["codecs"][0]
+    assert sharding["name"] == "sharding_indexed"
+    assert sharding["configuration"]["codecs"][-1]["name"] == "crc32c", key
+    shard_rows = meta["chunk_grid"]["configuration"]["chunk_shape"][0]
+    for c in range(-(-meta["shape"][0] // shard_rows)):
+        assert (root / key / "c" / "/".join([str(c)] + ["0"] * (len(meta["shape"]) - 1))).is_file(), (key, c)
+
+
 def _feature_name(layer: int) -> str:
     return f"layer_{layer}" if layer >= 0 else f"layer_m{-layer}"
 
@@ -77,6 +93,7 @@ def read_plain(root: Path) -> dict[str, np.ndarray]:
 
     # Inputs: token ids at [offset, offset + num_positions), samples back to back in their chunk.
     assert inputs["kind"] == "tokens"
+    _check_every_shard_and_crc(root, "inputs/token_ids")
     token_ids = _array(root, "inputs/token_ids")[:]
     assert token_ids.shape == (grid["num_chunks"] * C,)
     assert inputs["num_positions"] == sum(s["num_positions"] for s in samples)
@@ -115,11 +132,16 @@ def read_plain(root: Path) -> dict[str, np.ndarray]:
     tok = _json(root, inputs["tokenizer"]["path"] + "/tokenizer.json")
     assert len(tok["model"]["vocab"]) == inputs["tokenizer"]["vocab_size"]
 
-    # Teachers: only those the manifest lists.
-    for name in manifest["teachers"]:
+    # Teachers: complete exactly when teachers/<name>/teacher.json exists.
+    for name in sorted(p.parent.name for p in (root / "teachers").glob("*/teacher.json")):
         key = f"teachers/{name}"
         meta = _json(root, f"{key}/teacher.json")
         assert meta["name"] == name and meta["dataset_fingerprint"] == inputs["dataset_fingerprint"]
+        recorded = pq.read_schema(root / f"{key}/chunks.parquet").metadata[b"mtkd:teacher_json_sha256"]
+        assert recorded.decode() == _canonical_sha256(meta), "teacher.json is what was written"
+        for zarr_json in (root / key).glob("**/zarr.json"):
+            if _json(zarr_json.parent, "zarr.json")["node_type"] == "array":
+                _check_every_shard_and_crc(root, str(zarr_json.parent.relative_to(root)))
         token_grid = meta["grid"] == "token"
         rows = grid["num_chunks"] * (C if token_grid else S)
         indices = _array(root, f"{key}/indices")
@@ -274,3 +296,19 @@ def test_plain_reader_refuses_an_unknown_format_version(copy_cache: Any, lm_temp
     (cache / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="format_version 99"):
         read_plain(cache)
+
+
+def test_plain_reader_checks_the_hashes_of_a_labelled_cache(
+    tmp_path: Path, corpus: Path, lm_dir: Path
+) -> None:
+    """Labels and domains enter each sample's content hash exactly as FORMAT.md says."""
+    from mtkd_cache import open_cache, prepare
+
+    cache = tmp_path / "labelled"
+    prepare(cache, corpus, tokenizer=lm_dir, max_length=16, chunk_samples=8, label_column="label",
+            domain_column="domain", progress=False)
+    plain = read_plain(cache)  # asserts every content hash and the dataset fingerprint
+    reader = open_cache(cache)
+    labels = reader.samples.column("label").to_pylist()
+    assert set(labels) == {0, 1, 2}
+    assert [int(plain[f"{i}/label"]) for i in range(len(labels))] == labels

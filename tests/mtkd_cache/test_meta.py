@@ -79,7 +79,6 @@ MANIFEST = Manifest(
     format_version=FORMAT_VERSION,
     mtkd_version="0.1.0",
     dataset_fingerprint="cd" * 16,
-    teachers=("a", "lm"),
     updated="2025-01-01T00:00:00+00:00",
 )
 
@@ -102,8 +101,8 @@ def via_json(obj: Any) -> Any:
         InputsMeta(
             kind="arrays",
             dataset_fingerprint="0" * 32,
-            num_samples=3,
-            num_positions=3,
+            num_samples=50,
+            num_positions=50,
             max_length=1,
             grid=GRID,
             tokenizer=None,
@@ -200,13 +199,13 @@ Mutate = Callable[[dict[str, Any]], None]
             TeacherMeta,
             TEACHER,
             lambda d: d["values"].update(codec="u4"),
-            "teacher.json values: 'u4' is not one of",
+            "teacher.json of 'lm': values.codec 'u4' is not one of",
         ),
         (
             TeacherMeta,
             TEACHER,
             lambda d: d["target"].update(kind="soft"),
-            "teacher.json target: 'soft' is not one of",
+            "teacher.json of 'lm': target kind: 'soft' is not one of",
         ),
         (
             InputsMeta,
@@ -224,7 +223,7 @@ Mutate = Callable[[dict[str, Any]], None]
             InputsMeta,
             INPUTS,
             lambda d: d.update(kind="audio"),
-            "inputs/inputs.json: 'audio' is not one of",
+            "inputs/inputs.json: inputs kind: 'audio' is not one of",
         ),
         (
             InputsMeta,
@@ -247,8 +246,8 @@ Mutate = Callable[[dict[str, Any]], None]
         (
             Manifest,
             MANIFEST,
-            lambda d: d.update(teachers="lm"),
-            r"field 'teachers' is 'lm' \(str\)",
+            lambda d: d.update(format_version=1),
+            r"format_version 1.*`mtkd-cache migrate CACHE`",
         ),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
@@ -265,9 +264,6 @@ def test_from_dict_names_the_field_the_value_and_what_was_expected(
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: TargetSpec("topk", k=0), "--top-k must be a positive integer, got 0"),
-        (lambda: TargetSpec("sample", draws=None), "--samples must be a positive integer"),
-        (lambda: TargetSpec("topk", k=4, temperature=0.0), "--temperature must be > 0, got 0.0"),
         (lambda: RunConfig(teacher="a/b", model="m"), "--teacher 'a/b'"),
         (
             lambda: RunConfig(teacher="t", model="m", top_k=None),
@@ -286,3 +282,48 @@ def test_from_dict_names_the_field_the_value_and_what_was_expected(
 def test_settings_validators_name_the_flag(make: Callable[[], Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: TargetSpec("topk", k=0), r"target k \(top-k entries\) must be positive, got 0"),
+        (lambda: TargetSpec("sample", draws=None), "target draws .* is None"),
+        (lambda: TargetSpec("topk", k=4, temperature=0.0), "target temperature must be a finite number > 0, got 0.0"),
+        (lambda: TargetSpec("soft", k=4), "target kind: 'soft' is not one of"),
+        (lambda: ValueEncoding("u4"), "values.codec 'u4' is not one of"),
+        (lambda: FeatureSpec(1, pool="max"), "feature pool: 'max'"),
+        (lambda: TeacherMeta(**{**TEACHER.__dict__, "vocab_size": 0}), "teacher vocab_size must be positive"),
+        (lambda: TeacherMeta(**{**TEACHER.__dict__, "compressor": {"name": "lz4"}}), "compressor 'lz4'"),
+        (lambda: TeacherMeta(**{**TEACHER.__dict__, "grid": "pixel"}), "teacher grid: 'pixel'"),
+        (lambda: Manifest(format_version=1, mtkd_version="x", dataset_fingerprint="y"), "format_version 1"),
+    ],
+)
+def test_metadata_built_in_code_is_validated_at_construction(make: Callable[[], Any], message: str) -> None:
+    """Metadata built in code is as checked as metadata read from disk, and names no CLI flag."""
+    with pytest.raises(CacheFormatError, match=message) as e:
+        make()
+    assert "--" not in str(e.value)
+
+
+def test_a_bad_stored_target_names_the_file_not_a_flag() -> None:
+    d = json.loads(json.dumps(TEACHER.to_dict()))
+    d["target"]["k"] = 0
+    with pytest.raises(CacheFormatError, match=r"teacher.json of 'lm': target k .* got 0") as e:
+        TeacherMeta.from_dict(d)
+    assert "--top-k" not in str(e.value)
+
+
+def test_compressor_and_stats_are_typed() -> None:
+    from mtkd_cache.format.meta import Compressor, TeacherStats
+
+    assert TEACHER.compressor == Compressor("zstd", 3)
+    assert isinstance(TEACHER.stats, TeacherStats) and TEACHER.stats.positions == 600
+    assert TEACHER.stats["mean_tail"] == 0.5 and "mean_entropy" not in TEACHER.stats
+    assert TEACHER.to_dict()["compressor"] == {"name": "zstd", "level": 3}
+
+
+@pytest.mark.parametrize("name", ["a\\..\\b", "a/b", "../x", "_run", ".hidden", "", "c:d", " x"])
+def test_path_like_teacher_names_are_refused_before_anything_is_written(name: str) -> None:
+    with pytest.raises(CacheFormatError, match="not a plain folder name"):
+        TeacherMeta(**{**TEACHER.__dict__, "name": name})

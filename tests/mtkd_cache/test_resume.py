@@ -191,24 +191,6 @@ def test_rerun_of_a_complete_teacher_changes_nothing(
     assert meta == open_cache(cache).teacher("lm").meta
 
 
-def test_rerun_re_registers_a_teacher_missing_from_the_manifest_without_recomputing(
-    copy_cache: Callable[..., Path],
-    lm_template: Path,
-    lm_dir: Path,
-    snapshot: Callable[[Path], dict[str, str]],
-) -> None:
-    """Two teachers finishing at once may lose one manifest entry; its command re-registers it."""
-    cache = copy_cache(lm_template)
-    manifest = json.loads((cache / "manifest.json").read_text())
-    manifest["teachers"] = []
-    (cache / "manifest.json").write_text(json.dumps(manifest))
-    assert open_cache(cache).teacher_names == []
-    before = {k: v for k, v in snapshot(cache).items() if k.startswith("teachers/")}
-    run_teacher(cache, RunConfig(teacher="lm", model=str(lm_dir), top_k=8), progress=False)
-    assert open_cache(cache).teacher_names == ["lm"]
-    assert {k: v for k, v in snapshot(cache).items() if k.startswith("teachers/")} == before
-
-
 def test_half_done_run_with_other_settings_is_refused(
     many_chunks: Path,
     lm_dir: Path,

@@ -25,6 +25,19 @@ def _edit_json(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
     path.write_text(json.dumps(d))
 
 
+def _rewrite_teacher_json(cache: Path, name: str, change: Callable[[dict[str, Any]], None]) -> None:
+    """A teacher written with other metadata: teacher.json changed and re-recorded in chunks.parquet
+    (editing teacher.json alone is tampering, which the reader refuses: tests/mtkd_cache/test_integrity.py)."""
+    import pyarrow.parquet as pq
+
+    from mtkd_cache.format.meta import TEACHER_HASH_KEY, content_hash
+
+    _edit_json(cache / "teachers" / name / "teacher.json", change)
+    table = pq.read_table(cache / "teachers" / name / "chunks.parquet")
+    digest = content_hash(json.loads((cache / "teachers" / name / "teacher.json").read_text()))
+    pq.write_table(table.replace_schema_metadata({TEACHER_HASH_KEY: digest}), cache / "teachers" / name / "chunks.parquet")
+
+
 def test_compatible_teachers_pass(token_reader: CacheReader) -> None:
     fp = token_reader.inputs.tokenizer.fingerprint  # type: ignore[union-attr]
     validate_teachers(
@@ -47,18 +60,12 @@ def test_unknown_teacher_lists_the_available_ones(token_reader: CacheReader) -> 
 
 
 def test_teacher_without_teacher_json_is_incomplete(token_cache_copy: Path) -> None:
+    """A teacher is complete exactly when its teacher.json exists (format v2: no manifest list)."""
     (token_cache_copy / "teachers" / "b" / "teacher.json").unlink()
     with pytest.raises(
-        IncompleteTeacherError, match=r"'b'.*teacher\.json is missing.*mtkd-cache run --teacher b"
+        IncompleteTeacherError, match=r"'b' is incomplete.*mtkd-cache run --teacher b"
     ):
         validate_teachers(open_cache(token_cache_copy), ["a", "b"])
-
-
-def test_teacher_missing_from_the_manifest_is_incomplete(token_cache_copy: Path) -> None:
-    (token_cache_copy / "teachers" / "b" / "teacher.json").unlink()
-    _edit_json(token_cache_copy / "manifest.json", lambda d: d["teachers"].remove("b"))
-    with pytest.raises(IncompleteTeacherError, match=r"'b' is incomplete"):
-        validate_teachers(open_cache(token_cache_copy), ["b"])
 
 
 def test_token_and_sample_grid_teachers_cannot_be_mixed(token_reader: CacheReader) -> None:
@@ -79,9 +86,7 @@ def test_token_and_sample_grid_teachers_cannot_be_mixed(token_reader: CacheReade
 def test_teachers_that_disagree_are_refused(
     token_cache_copy: Path, field: str, value: Any, pattern: str
 ) -> None:
-    _edit_json(
-        token_cache_copy / "teachers" / "b" / "teacher.json", lambda d: d.update({field: value})
-    )
+    _rewrite_teacher_json(token_cache_copy, "b", lambda d: d.update({field: value}))
     with pytest.raises(TeacherMismatchError, match=pattern):
         validate_teachers(open_cache(token_cache_copy), ["a", "b"])
 
