@@ -73,9 +73,15 @@ class InputsWriter:
         self.domains: set[str] = set()
         self.has_labels = False
         self.checksums: list[dict[str, Any]] = []
-        self._tmp = tempfile.NamedTemporaryFile(suffix=".parquet", delete=False)  # noqa: SIM115 - path reused
-        self._tmp.close()
-        self._table = pq.ParquetWriter(self._tmp.name, SAMPLE_SCHEMA, compression="zstd")
+        # The growing sample table: a temporary inside the cache (a killed prepare leaks nothing
+        # outside it; the next prepare clears inputs/), or memory for object stores.
+        self._tmp: str | None = None
+        self._sink: Any = pa.BufferOutputStream()
+        if store.is_local:
+            fd, self._tmp = tempfile.mkstemp(prefix=".samples-", suffix=".parquet.tmp", dir=store.path("inputs"))
+            os.close(fd)
+            self._sink = self._tmp
+        self._table = pq.ParquetWriter(self._sink, SAMPLE_SCHEMA, compression="zstd")
 
     def add(self, sample: Sample) -> None:
         self.buffer.append(sample)
@@ -142,12 +148,15 @@ class InputsWriter:
                settings: dict[str, Any], source: str, packed: bool) -> InputsMeta:
         self._flush()
         self._table.close()
+        if self._tmp is None:
+            table_bytes = self._sink.getvalue().to_pybytes()
+        else:
+            with open(self._tmp, "rb") as f:
+                table_bytes = f.read()
+            os.unlink(self._tmp)
         if self.n_samples == 0:
-            os.unlink(self._tmp.name)
             raise InputDataError(f"--data {source!r} gave no usable samples (every row was empty?)")
-        with open(self._tmp.name, "rb") as f:
-            self.store.write_bytes("inputs/samples.parquet", f.read())
-        os.unlink(self._tmp.name)
+        self.store.write_bytes("inputs/samples.parquet", table_bytes)
         self.store.write_table("inputs/chunks.parquet", pa.Table.from_pylist(self.checksums))
         hasher.update(self.hashes)
         grid = make_grid(self.n_samples, self.S, self.L)
