@@ -278,6 +278,8 @@ class TeacherMeta:
     tokenizer_fingerprint: str | None
     features: tuple[FeatureSpec, ...] = ()
     revision: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+    """Keyword arguments of a `package.module:function` factory (`--model-kwargs`), JSON values."""
     stats: dict[str, Any] = field(default_factory=dict)
     mtkd_version: str = ""
     created: str = ""
@@ -315,6 +317,7 @@ class TeacherMeta:
             tokenizer_fingerprint=d.get("tokenizer_fingerprint"),
             features=tuple(FeatureSpec.from_dict(f) for f in d.get("features", [])),
             revision=d.get("revision"),
+            model_kwargs=d.get("model_kwargs"),
             stats=d.get("stats", {}),
             mtkd_version=d.get("mtkd_version", ""),
             created=d.get("created", ""),
