@@ -17,6 +17,7 @@ __all__ = [
     "DeviceError",
     "DtypeError",
     "InputDataError",
+    "TeacherBusyError",
     "NonFiniteLogitsError",
     "TeacherLoadError",
     "TopKTooLargeError",
@@ -42,6 +43,10 @@ class CacheMismatchError(ValueError):
 
 class CacheExistsError(FileExistsError):
     """Something with other settings is already stored there; pass overwrite to replace it."""
+
+
+class TeacherBusyError(CacheExistsError):
+    """Another run is computing this teacher right now (it holds `teachers/<name>.lock`)."""
 
 
 class CacheCorruptError(ValueError):
