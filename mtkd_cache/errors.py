@@ -15,6 +15,7 @@ __all__ = [
     "CacheNotFoundError",
     "CacheWriteError",
     "DeviceError",
+    "DiskFullError",
     "DtypeError",
     "InputDataError",
     "TeacherBusyError",
@@ -55,6 +56,10 @@ class CacheCorruptError(ValueError):
 
 class CacheWriteError(PermissionError):
     """The destination cannot be written."""
+
+
+class DiskFullError(CacheWriteError):
+    """The disk (or quota) filled up while writing; the message names the file. Free space and re-run."""
 
 
 class InputDataError(ValueError):

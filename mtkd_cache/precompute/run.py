@@ -11,6 +11,7 @@ chunk that is fine is committed, then one error names every bad sample.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -26,6 +27,7 @@ from mtkd_cache.errors import (
     CacheFormatError,
     CacheNotFoundError,
     CacheWriteError,
+    DiskFullError,
     NonFiniteLogitsError,
 )
 from mtkd_cache.format.meta import TeacherMeta
@@ -98,9 +100,14 @@ def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_option
             if bad:
                 raise _nonfinite_error(cfg, bad, reader.num_chunks, writer)
             barrier(info)
-            result = _guard_write(writer.finish, store, "finishing") if info.rank == 0 else meta
+            result = writer.finish() if info.rank == 0 else meta
             barrier(info)
             return result
+    except OSError as e:  # a full disk anywhere (lock, claim, arrays, finish): one line, not a traceback
+        err = _write_error(e, store, f"running teacher {cfg.teacher!r}")
+        if err is e:
+            raise
+        raise err from e
     finally:
         shutdown(info)
 
@@ -167,7 +174,8 @@ def _process(reader: CacheReader, teacher: LoadedTeacher, meta: TeacherMeta, wri
     bar = tqdm(total=total, desc=f"run {cfg.teacher}", unit=" pos", unit_scale=True, disable=not progress)
     in_flight: list[Future[None]] = []
     bad: list[int] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtkd-writer") as pool, cpu_reducers(device) as reducers:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtkd-writer") as pool, cpu_reducers(device) as reducers, \
+            contextlib.closing(bar):  # the bar ends its line before any error message
         for c in pending:
             out = run_chunk(reader.read_chunk(c), teacher, meta, c, seed=cfg.seed, batch_size=cfg.batch_size,
                             max_tokens=cfg.max_tokens, device=device, dtype=dtype, pad_id=pad_id, reducers=reducers)
@@ -180,7 +188,6 @@ def _process(reader: CacheReader, teacher: LoadedTeacher, meta: TeacherMeta, wri
             bar.update(int(out.stats["positions"]))
         for f in in_flight:
             f.result()
-    bar.close()
     return bad
 
 
@@ -196,15 +203,20 @@ def _guard_write(write: Any, store: CacheStore, what: str) -> Any:
     try:
         return write()
     except OSError as e:
-        cause = e if e.errno is not None else e.__cause__
-        if not isinstance(cause, OSError) or isinstance(e, CacheNotFoundError):
-            raise
-        where = cause.filename or store.url
-        if cause.errno == errno.ENOSPC:
-            raise CacheWriteError(
-                f"disk full while {what}: cannot write {where}; free space on that disk (or move the cache) "
-                f"and re-run the same command: committed chunks are kept and only the rest is computed") from e
-        if isinstance(e, CacheWriteError):
-            raise
-        raise CacheWriteError(f"{what}: cannot write {where} ({cause.strerror}); fix the destination and "
-                              f"re-run the same command: committed chunks are kept") from e
+        raise _write_error(e, store, what) from e
+
+
+def _write_error(e: OSError, store: CacheStore, what: str) -> OSError:
+    """`e` as a one-line `CacheWriteError` naming the file and the fix; `e` itself if it is not a write error."""
+    cause = e if e.errno is not None else e.__cause__
+    if (not isinstance(cause, OSError) or cause.errno is None or isinstance(e, (CacheNotFoundError, DiskFullError))):
+        return e
+    where = cause.filename or store.url
+    if cause.errno == errno.ENOSPC:
+        return DiskFullError(
+            f"disk full while {what}: cannot write {where}; free space on that disk (or move the cache) "
+            f"and re-run the same command: committed chunks are kept and only the rest is computed")
+    if isinstance(e, CacheWriteError):
+        return e
+    return CacheWriteError(f"{what}: cannot write {where} ({cause.strerror}); fix the destination and "
+                           f"re-run the same command: committed chunks are kept")

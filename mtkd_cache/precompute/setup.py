@@ -45,6 +45,9 @@ def setup_teacher(reader: CacheReader, cfg: RunConfig, model_kwargs: Mapping[str
     pad_id = tok.pad_token_id if tok and tok.pad_token_id is not None else 0
     dims, per_token, width = _probe(reader, teacher, cfg, pad_id)
     _check_width(reader, teacher, cfg, per_token, width)
+    if cfg.top_k is not None and cfg.top_k > teacher.vocab_size:
+        raise ValueError(f"--top-k {cfg.top_k} is larger than teacher {cfg.teacher!r}'s vocabulary of "
+                         f"{teacher.vocab_size}; use --top-k <= {teacher.vocab_size}")
     return teacher, _teacher_meta(reader, teacher, cfg, model_kwargs, dtype, dims, per_token), pad_id
 
 
@@ -67,9 +70,6 @@ def _check_vocab(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig) ->
                     f"tokenizer has {inputs.tokenizer.vocab_size}; the teacher cannot score these inputs")
             # The cache's tokenizer is the real vocabulary; head columns past it are padding.
             teacher = dataclasses.replace(teacher, vocab_size=inputs.tokenizer.vocab_size)
-    if cfg.top_k is not None and cfg.top_k > teacher.vocab_size:
-        raise ValueError(f"--top-k {cfg.top_k} is larger than teacher {cfg.teacher!r}'s vocabulary of "
-                         f"{teacher.vocab_size}; use --top-k <= {teacher.vocab_size}")
     return teacher
 
 
