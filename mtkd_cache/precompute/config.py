@@ -91,6 +91,12 @@ class RunConfig:
     """Optional budget of padded tokens per batch (`--max-tokens`)."""
     device: str = "auto"
     """`auto`, `cpu`, `cuda` or `cuda:N` (`--device`)."""
+    device_map: str | None = None
+    """Spread a Hugging Face teacher over several devices with accelerate (`--device-map auto`); under
+    torchrun each rank owns an equal block of the node's GPUs. None: the whole teacher on `device`."""
+    max_memory: Mapping[int | str, int | str] | None = None
+    """Per-device budget for `device_map` (`--max-memory 0=40GiB,1=40GiB,cpu=200GiB`); None: the free
+    memory of the rank's GPUs."""
     dtype: str = "auto"
     """`auto`, `bf16`, `fp16` or `fp32` (`--dtype`)."""
     seed: int = 0
@@ -110,6 +116,10 @@ class RunConfig:
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         parse_teacher_name(self.teacher)
+        if self.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
+            raise ValueError(f"--device-map must be auto, balanced, balanced_low_0 or sequential, got {self.device_map!r}")
+        if self.max_memory is not None and self.device_map is None:
+            raise ValueError("--max-memory only applies with --device-map; add --device-map auto or drop it")
 
     @property
     def target(self) -> TargetSpec:

@@ -39,11 +39,12 @@ class DistInfo:
     """The gloo process group for control messages (None: the default group, or one process)."""
 
 
-def dist_info(device_type: str) -> DistInfo:
+def dist_info(device: torch.device) -> DistInfo:
     """Join the torchrun job, if any: pin the GPU, then set up a gloo control group.
 
     Args:
-        device_type: "cuda" pins this process to `cuda:LOCAL_RANK` (`torch.cuda.set_device`).
+        device: This rank's (first) device; a CUDA device is made current (`torch.cuda.set_device`)
+            before anything touches CUDA, so no rank works on cuda:0 by default.
 
     Returns:
         Rank facts; `world_size == 1` (no torchrun) creates no process group.
@@ -52,8 +53,8 @@ def dist_info(device_type: str) -> DistInfo:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if world <= 1:
         return DistInfo(0, 1, 0, False)
-    if device_type == "cuda":
-        torch.cuda.set_device(local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo", timeout=CONTROL_TIMEOUT)
         return DistInfo(dist.get_rank(), dist.get_world_size(), local, True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -36,7 +37,7 @@ from mtkd_cache.format.store import CacheStore
 from mtkd_cache.format.targets import TeacherWriter
 from mtkd_cache.precompute.chunk import ChunkOutput, cpu_reducers, run_chunk
 from mtkd_cache.precompute.config import RunConfig, canonical_kwargs
-from mtkd_cache.precompute.device import resolve_device, resolve_dtype
+from mtkd_cache.precompute.device import gpu_group, group_max_memory, resolve_device, resolve_dtype
 from mtkd_cache.precompute.distributed import (
     DistInfo,
     all_gather,
@@ -79,15 +80,15 @@ def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_option
     store = CacheStore(cache, storage_options)
     reader = CacheReader(store)
     _ = reader._columns  # read and check the sample table before anything is written
-    device = resolve_device(cfg.device)
-    info = dist_info(device.type)
-    if device.type == "cuda" and info.world_size > 1:
-        device = torch.device("cuda", info.local_rank)
+    device, max_memory = _place(cfg)
+    info = dist_info(device)
     dtype = resolve_dtype(cfg.dtype, device)
-    if cfg.device == "auto" and info.rank == 0:
-        log.info("--device auto: running teacher %r on %s in %s", cfg.teacher, device, dtype)
+    if info.rank == 0 and (cfg.device == "auto" or cfg.dtype == "auto"):
+        log.info("teacher %r runs on %s%s in %s (--device %s, --dtype %s)", cfg.teacher, device,
+                 f" with --device-map {cfg.device_map}" if cfg.device_map else "", dtype, cfg.device, cfg.dtype)
     try:
-        teacher, meta, pad_id = setup_teacher(reader, cfg, canonical_kwargs(factory_kwargs), device, dtype, load_teacher)
+        load = functools.partial(load_teacher, device_map=cfg.device_map, max_memory=max_memory)
+        teacher, meta, pad_id = setup_teacher(reader, cfg, canonical_kwargs(factory_kwargs), device, dtype, load)
         with _rank0_lock(store, cfg.teacher, info) as lock:
             writer = _open_writer(store, reader, meta, cfg, info)
             if writer.already_complete:
@@ -110,6 +111,23 @@ def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_option
         raise err from e
     finally:
         shutdown(info)
+
+
+def _place(cfg: RunConfig) -> tuple[torch.device, dict[int | str, int | str] | None]:
+    """This rank's (first) device and, with `--device-map`, the memory budget confining it to its GPUs.
+
+    Under torchrun a rank owns `cuda:LOCAL_RANK`, or with `--device-map` an equal block of the
+    node's GPUs (`gpu_group`), so ranks never share a GPU.
+    """
+    device = resolve_device(cfg.device)
+    max_memory = dict(cfg.max_memory) if cfg.max_memory else None
+    if device.type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, max_memory
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device_map is None:
+        return torch.device("cuda", local), None
+    group = gpu_group(local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
+    return torch.device("cuda", group[0]), max_memory or group_max_memory(group)
 
 
 @contextmanager
