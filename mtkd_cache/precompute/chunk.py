@@ -129,7 +129,7 @@ def run_chunk(data: ChunkData, teacher: LoadedTeacher, meta: TeacherMeta, chunk:
     for idx in length_grouped_batches(lengths, max_tokens, batch_size):
         batch = batch_inputs(data, idx, pad_id)
         with autocast_context(device, dtype):
-            logits, hidden = forward_teacher(teacher, batch, want_hidden=bool(meta.features))
+            logits, hidden = forward_teacher(teacher, batch, want_hidden=tuple(f.layer for f in meta.features))
         mask = batch.get("attention_mask")
         rows_mask = mask.to(logits.device).bool() if (mask is not None and meta.grid == "token") else None
         bad, reduced = _reduce_batch(reducers, logits, rows_mask, spec, teacher.vocab_size)
@@ -163,11 +163,12 @@ def run_chunk(data: ChunkData, teacher: LoadedTeacher, meta: TeacherMeta, chunk:
     return result
 
 
-def _features(meta: TeacherMeta, hidden: Sequence[torch.Tensor] | None, mask: torch.Tensor | None
+def _features(meta: TeacherMeta, hidden: Sequence[torch.Tensor | None] | None, mask: torch.Tensor | None
               ) -> dict[int, np.ndarray]:
     feats = {}
     for f in meta.features:
         h = hidden[f.layer]  # type: ignore[index]
+        assert h is not None, f"layer {f.layer} was requested from the teacher"
         if f.pool == "mean" and h.ndim == 3:
             m = mask if mask is not None else torch.ones(h.shape[:2])
             h = pool_features(h, m.to(h.device), "mean")

@@ -428,8 +428,8 @@ def forward_teacher(
     teacher: LoadedTeacher,
     batch: Mapping[str, torch.Tensor],
     *,
-    want_hidden: bool,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    want_hidden: bool | Sequence[int],
+) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...] | None]:
     """Run the teacher on one batch without building an autograd graph.
 
     Tensors are moved to the teacher's device; floating inputs (e.g. ``pixel_values``) are cast
@@ -439,7 +439,10 @@ def forward_teacher(
         teacher: From ``load_teacher``.
         batch: Model inputs by keyword, e.g. ``input_ids`` (B, L) and ``attention_mask`` (B, L),
             or ``pixel_values`` (B, C, H, W).
-        want_hidden: Also return the hidden states.
+        want_hidden: Also return the hidden states: ``True`` for all, or the HF indices of the
+            layers wanted. A Hugging Face teacher then keeps only those (transformers records the
+            selected layers with forward hooks; the others come back as ``None``), so activations
+            of every layer never exist at once; a factory gets ``output_hidden_states=True``.
 
     Returns:
         ``(logits, hidden)``: logits (B, L, V_padded) for causal LMs (and factories returning
@@ -464,7 +467,10 @@ def forward_teacher(
             "output_hidden_states argument; add one that returns .hidden_states, or drop "
             "feature targets for this teacher"
         )
-    extra: dict[str, Any] = {"output_hidden_states": True} if want_hidden else {}
+    extra: dict[str, Any] = {}
+    if want_hidden:
+        select = teacher.task != "custom" and not isinstance(want_hidden, bool)
+        extra["output_hidden_states"] = list(want_hidden) if select else True  # type: ignore[arg-type]
     with torch.inference_mode():
         output = module(**inputs, **extra)
     logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)

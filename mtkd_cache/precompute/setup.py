@@ -82,7 +82,7 @@ def _probe(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig, pad_id: 
     data = reader.read_chunk(0)
     tok = reader.inputs.tokenizer
     try:
-        logits, hidden = forward_teacher(teacher, batch_inputs(data, [0], pad_id), want_hidden=bool(layers))
+        logits, hidden = forward_teacher(teacher, batch_inputs(data, [0], pad_id), want_hidden=tuple(layers))
     except IndexError as e:  # an embedding lookup past the teacher's vocabulary
         if tok is None or teacher.vocab_size >= tok.vocab_size:
             raise
@@ -92,7 +92,7 @@ def _probe(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig, pad_id: 
             f"the cache's tokenizer") from e
     per_token = reader.inputs.kind == "tokens" and (
         teacher.task == "causal_lm" or (teacher.task == "custom" and int(logits.shape[1]) == int(data.lengths[0]) > 1))
-    dims = {layer: int(hidden[layer].shape[-1]) for layer in layers} if hidden is not None else {}
+    dims = {layer: int(h.shape[-1]) for layer in layers if (h := hidden[layer]) is not None} if hidden else {}
     return dims, per_token, int(logits.shape[-1])
 
 
