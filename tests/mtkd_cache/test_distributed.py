@@ -6,17 +6,16 @@ import json
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import zarr
 
-import mtkd_cache.precompute.run
 from mtkd_cache import RunConfig, open_cache, prepare, run_teacher
 from mtkd_cache.precompute.distributed import DistInfo, share_of
 from tests.mtkd_cache.conftest import REPO_ROOT
+from tests.mtkd_cache.test_run_faults import fail_at_chunk
 
 FAIL_TARGET = Path(__file__).with_name("_fail_target.py")
 
@@ -111,14 +110,7 @@ def test_resume_with_world_size_1_then_2_then_3_equals_one_uninterrupted_run(
     cfg = RunConfig(teacher="lm", model=str(lm_dir), top_k=8, features=(-1,), device="cpu")
     run_teacher(reference, cfg, progress=False)
     n = open_cache(cache).num_chunks
-    real = mtkd_cache.precompute.run.run_chunk
-
-    def crash_at_4(*args: Any, **kwargs: Any) -> Any:
-        if args[3] == 4:
-            raise RuntimeError("simulated crash in chunk 4")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mtkd_cache.precompute.run, "run_chunk", crash_at_4)
+    fail_at_chunk(monkeypatch, 4)
     with pytest.raises(RuntimeError, match="chunk 4"):
         run_teacher(cache, cfg, progress=False)
     assert set(commit_times(cache)) == {0, 1, 2, 3}
