@@ -149,8 +149,8 @@ def _claim(store: CacheStore, settings: dict[str, Any], overwrite: bool,
             if not overwrite:
                 raise
             existing = None
-        if existing is not None and existing.source.get("settings") == settings and not overwrite:
-            return existing
+        if existing is not None and existing.source.get("settings") == settings:
+            return existing  # --overwrite replaces inputs made with other settings only: nothing is lost
         if existing is not None and not overwrite:
             old = existing.source.get("settings") or {}
             diff = ", ".join(f"{k}: stored {old.get(k)!r} vs now {settings.get(k)!r}"
@@ -196,7 +196,8 @@ def prepare(
         pack: Join short documents into full `max_length` sequences (boundaries recorded).
         chunk_samples: Samples per chunk (the unit of work and commit); default ~32k positions.
         max_samples: Stop after this many samples.
-        overwrite: Replace inputs prepared with other settings (and every teacher).
+        overwrite: Replace inputs prepared with other settings (and every teacher); inputs with
+            these settings are kept as they are.
 
     Returns:
         The inputs metadata written to `inputs/inputs.json`.

@@ -367,3 +367,13 @@ def test_prepare_writes_its_temporaries_inside_the_cache(
     assert list(outside.iterdir()) == []
     assert any(any(n.startswith(".samples-") and n.endswith(".parquet.tmp") for n in names) for names in seen)
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".parquet.tmp")]
+
+
+def test_overwrite_with_the_same_settings_keeps_the_inputs_and_teachers(
+    copy_cache: Callable[..., Path], lm_template: Path, corpus: Path, lm_dir: Path, snapshot: Snapshot
+) -> None:
+    cache = copy_cache(lm_template)
+    before = snapshot(cache)
+    prepare(cache, corpus, tokenizer=lm_dir, max_length=MAX_LENGTH, chunk_samples=CHUNK_SAMPLES,
+            domain_column="domain", overwrite=True, progress=False)
+    assert snapshot(cache) == before and open_cache(cache).teacher_names == ["lm"]
