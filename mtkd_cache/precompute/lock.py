@@ -21,7 +21,7 @@ from types import TracebackType
 from mtkd_cache.errors import CacheNotFoundError, TeacherBusyError
 from mtkd_cache.format.store import CacheStore
 
-__all__ = ["STALE_AFTER", "TeacherLock"]
+__all__ = ["STALE_AFTER", "TeacherLock", "check_shared_store"]
 
 STALE_AFTER = float(os.environ.get("MTKD_LOCK_STALE_SECONDS", "900"))
 """Seconds without a committed chunk after which another host may take over a lock."""
@@ -118,3 +118,22 @@ class TeacherLock:
         if self.held and (self._read() or {}).get("token") == self.record["token"]:
             self.store.remove(self.key)
         self.held = False
+
+
+def check_shared_store(store: CacheStore, teacher: str, token: str, rank: int) -> None:
+    """Raise unless this rank reads the lock rank 0 holds (token `token`): every node of a multi-node
+    job must see one shared cache, not a local copy of it, or ranks would write where rank 0 never reads.
+
+    Raises:
+        CacheNotFoundError: this rank sees no such lock, or another one.
+    """
+    key = f"teachers/{teacher}.lock"
+    try:
+        seen = json.loads(store.read_bytes(key)).get("token")
+    except (CacheNotFoundError, ValueError, AttributeError):
+        seen = None
+    if seen != token:
+        raise CacheNotFoundError(
+            f"rank {rank} on {socket.gethostname()} does not see the lock rank 0 holds at {store.url}/{key}: "
+            f"{store.url} must be one store shared by every node (a shared file system or an object store "
+            f"URL), not a per-node folder")

@@ -48,7 +48,7 @@ from mtkd_cache.precompute.distributed import (
     shutdown,
 )
 from mtkd_cache.precompute.extract import NONFINITE_FIX
-from mtkd_cache.precompute.lock import TeacherLock
+from mtkd_cache.precompute.lock import TeacherLock, check_shared_store
 from mtkd_cache.precompute.models import LoadedTeacher, load_teacher
 from mtkd_cache.precompute.setup import setup_teacher
 
@@ -132,13 +132,16 @@ def _place(cfg: RunConfig) -> tuple[torch.device, dict[int | str, int | str] | N
 
 @contextmanager
 def _rank0_lock(store: CacheStore, teacher: str, info: DistInfo) -> Iterator[TeacherLock | None]:
-    """Rank 0 holds the teacher's lock for the whole job; the other ranks wait until it has it."""
+    """Rank 0 holds the teacher's lock for the whole job; the other ranks wait until it has it and
+    check that they see it (one store shared by every node)."""
     if info.rank != 0:
         barrier(info)
+        check_shared_store(store, teacher, broadcast(info, ""), info.rank)
         yield None
         return
     with TeacherLock(store, teacher) as lock:
         barrier(info)
+        broadcast(info, str(lock.record["token"]))
         yield lock
 
 

@@ -32,7 +32,7 @@ from mtkd_cache import (
 from mtkd_cache.cli import main
 from mtkd_cache.errors import NonFiniteLogitsError, TeacherBusyError
 from mtkd_cache.format.targets import TeacherWriter
-from mtkd_cache.precompute.lock import TeacherLock, _start_time
+from mtkd_cache.precompute.lock import TeacherLock, _start_time, check_shared_store
 from tests.mtkd_cache.conftest import REPO_ROOT, TOKENIZER_SIZE
 from tests.mtkd_cache.test_resume import KILL_TARGET, markers
 
@@ -310,6 +310,17 @@ def test_a_live_lock_refuses_a_second_run(cache: Path, lm_dir: Path, snapshot: S
             run_teacher(cache, RunConfig(teacher="busy", model=str(lm_dir), top_k=4), progress=False)
         assert snapshot(cache) == before
     assert not (cache / "teachers" / "busy.lock").exists()
+
+
+def test_a_rank_that_does_not_see_rank_0s_lock_is_told_the_store_must_be_shared(
+    cache: Path, copy_cache: Callable[..., Path], lm_template: Path
+) -> None:
+    with TeacherLock(open_cache(cache).store, "t") as lock:
+        token = str(lock.record["token"])
+        check_shared_store(open_cache(cache).store, "t", token, rank=1)  # the same store: fine
+        elsewhere = copy_cache(lm_template, "node2_copy")  # what another node's local folder holds
+        with pytest.raises(FileNotFoundError, match=r"rank 1 on .* does not see the lock rank 0 holds.*shared by every node"):
+            check_shared_store(open_cache(elsewhere).store, "t", token, rank=1)
 
 
 def test_a_killed_runs_lock_is_taken_over(cache: Path, lm_dir: Path) -> None:
