@@ -6,6 +6,7 @@ Library errors become `click.ClickException` (a message and exit code 1, no trac
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from functools import wraps
@@ -42,6 +43,18 @@ def _layers(ctx: click.Context, param: click.Parameter, value: str | None) -> tu
         raise click.BadParameter(f"{value!r}: give comma-separated layer indices such as '6,-1'") from e
 
 
+def _max_memory(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[int | str, str] | None:
+    if not value:
+        return None
+    out: dict[int | str, str] = {}
+    for item in value.split(","):
+        device, sep, amount = item.partition("=")
+        if not sep or not amount.strip() or not (device.strip().isdigit() or device.strip() == "cpu"):
+            raise click.BadParameter(f"{item!r}: give DEVICE=AMOUNT pairs such as '0=40GiB,cpu=200GiB'")
+        out[int(device) if device.strip().isdigit() else "cpu"] = amount.strip()
+    return out
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mtkd-cache")
 def main() -> None:
@@ -60,7 +73,7 @@ def main() -> None:
 @click.option("--pack", is_flag=True, help="Join short documents into full-length sequences (boundaries recorded).")
 @click.option("--chunk-samples", type=click.IntRange(min=1), default=None, help="Samples per chunk (unit of work/commit). Default: ~32k positions per chunk.")
 @click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Stop after this many samples.")
-@click.option("--overwrite", is_flag=True, help="Replace inputs prepared with other settings (deletes every teacher).")
+@click.option("--overwrite", is_flag=True, help="Replace inputs prepared with other settings (removes mtkd's own keys, so every teacher; never other files or the data).")
 @_friendly
 def prepare(cache: str, **kw: Any) -> None:
     """Tokenize a dataset once and write the inputs every teacher run will see."""
@@ -89,10 +102,12 @@ def prepare(cache: str, **kw: Any) -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Samples per forward pass.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Budget of padded tokens per batch.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device-map", type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]), default=None, help="Spread a Hugging Face teacher larger than one GPU over several with accelerate (under torchrun: each rank owns an equal block of the node's GPUs).")
+@click.option("--max-memory", callback=_max_memory, default=None, help="Budget per device for --device-map, e.g. '0=40GiB,1=40GiB,cpu=200GiB' (default: free memory of the rank's GPUs).")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True, help="Teacher compute dtype.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampled targets.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the checkpoint (off by default).")
-@click.option("--overwrite", is_flag=True, help="Replace a teacher group stored with other settings.")
+@click.option("--overwrite", is_flag=True, help="Replace a teacher group stored with other settings (same settings: resume, nothing is deleted).")
 @_friendly
 def run(cache: str, model_kwargs: str | None, **kw: Any) -> None:
     """Run one teacher over the cache's inputs and store its targets (resumable; torchrun-shardable)."""
@@ -104,7 +119,15 @@ def run(cache: str, model_kwargs: str | None, **kw: Any) -> None:
         fkw = json.loads(model_kwargs) if model_kwargs else None
     except json.JSONDecodeError as e:
         raise click.BadParameter(f"not valid JSON: {e}", param_hint="--model-kwargs") from e
-    meta = run_teacher(cache, RunConfig(**kw), factory_kwargs=fkw)
+    handler = logging.StreamHandler()  # where the teacher runs (--device auto) and similar notes
+    handler.setFormatter(logging.Formatter("mtkd-cache: %(message)s"))
+    logger = logging.getLogger("mtkd_cache")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        meta = run_teacher(cache, RunConfig(**kw), factory_kwargs=fkw)
+    finally:
+        logger.removeHandler(handler)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # rank 0 reports for the whole torchrun job
     s = meta.stats

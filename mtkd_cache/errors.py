@@ -15,8 +15,10 @@ __all__ = [
     "CacheNotFoundError",
     "CacheWriteError",
     "DeviceError",
+    "DiskFullError",
     "DtypeError",
     "InputDataError",
+    "TeacherBusyError",
     "NonFiniteLogitsError",
     "TeacherLoadError",
     "TopKTooLargeError",
@@ -44,12 +46,20 @@ class CacheExistsError(FileExistsError):
     """Something with other settings is already stored there; pass overwrite to replace it."""
 
 
+class TeacherBusyError(CacheExistsError):
+    """Another run is computing this teacher right now (it holds `teachers/<name>.lock`)."""
+
+
 class CacheCorruptError(ValueError):
     """Stored data does not match its recorded checksum, or a chunk is missing."""
 
 
 class CacheWriteError(PermissionError):
     """The destination cannot be written."""
+
+
+class DiskFullError(CacheWriteError):
+    """The disk (or quota) filled up while writing; the message names the file. Free space and re-run."""
 
 
 class InputDataError(ValueError):

@@ -296,6 +296,8 @@ class TeacherMeta:
     tokenizer_fingerprint: str | None
     features: tuple[FeatureSpec, ...] = ()
     revision: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+    """Keyword arguments of a `package.module:function` factory (`--model-kwargs`), JSON values."""
     stats: TeacherStats = field(default_factory=TeacherStats)
     mtkd_version: str = ""
     created: str = ""
@@ -350,7 +352,7 @@ class TeacherMeta:
                 dataset_fingerprint=req(d, "dataset_fingerprint", str, w),
                 tokenizer_fingerprint=d.get("tokenizer_fingerprint"),
                 features=tuple(_from(FeatureSpec, f, w) for f in req(d, "features", list, w)) if "features" in d else (),
-                revision=d.get("revision"),
+                revision=d.get("revision"), model_kwargs=d.get("model_kwargs"),
                 stats=_from(TeacherStats, d.get("stats", {}), w),
                 mtkd_version=d.get("mtkd_version", ""), created=d.get("created", ""),
             )

@@ -23,7 +23,12 @@ import zarr
 import zarr.storage
 from zarr.storage import WrapperStore
 
-from mtkd_cache.errors import CacheFormatError, CacheNotFoundError, CacheWriteError
+from mtkd_cache.errors import (
+    CacheCorruptError,
+    CacheFormatError,
+    CacheNotFoundError,
+    CacheWriteError,
+)
 
 __all__ = ["CacheStore", "MissingChunkError", "StrictStore", "now_iso"]
 
@@ -154,7 +159,15 @@ class CacheStore:
         self.write_bytes(key, sink.getvalue())
 
     def read_table(self, key: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
+        try:
+            return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
+        except (pa.ArrowException, OSError) as e:
+            if isinstance(e, CacheNotFoundError):
+                raise
+            fix = ("re-create the inputs with `mtkd-cache prepare ... --overwrite`" if key.startswith("inputs/")
+                   else "re-run the teacher with `mtkd-cache run ... --overwrite`")
+            raise CacheCorruptError(f"{self.url}: {key} is not a readable Parquet file ({e}); it is damaged: "
+                                    f"restore it from a copy or {fix}") from e
 
     # -- zarr ------------------------------------------------------------------------------------
     def zarr_store(self, read_only: bool = False, strict: bool = True) -> Any:

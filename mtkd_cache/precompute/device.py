@@ -21,6 +21,8 @@ __all__ = [
     "DeviceError",
     "DtypeError",
     "autocast_context",
+    "gpu_group",
+    "group_max_memory",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -129,3 +131,31 @@ def autocast_context(
     if dtype in _HALF_DTYPES:
         return torch.autocast(device_type=device.type, dtype=dtype)
     return contextlib.nullcontext()
+
+
+def gpu_group(local_rank: int, local_world_size: int, device_count: int) -> list[int]:
+    """The GPUs one rank owns when a teacher spans several (`--device-map`): an equal, disjoint block.
+
+    With 8 GPUs and ``torchrun --nproc_per_node 2`` rank 0 owns GPUs 0-3 and rank 1 owns 4-7.
+
+    Raises:
+        DeviceError: fewer GPUs than ranks on this node.
+    """
+    if device_count < local_world_size:
+        raise DeviceError(
+            f"--device-map: {local_world_size} ranks on this node but only {device_count} GPU(s); "
+            f"start at most {device_count} processes per node (--nproc_per_node)")
+    per_rank = device_count // local_world_size
+    return list(range(local_rank * per_rank, (local_rank + 1) * per_rank))
+
+
+def group_max_memory(group: list[int], cpu: int | str | None = None) -> dict[int | str, int | str]:
+    """accelerate's ``max_memory`` confining a teacher to `group`: each GPU's free memory now
+    (minus 10% for activations and the O(V) reductions), plus `cpu` for offload if given."""
+    budget: dict[int | str, int | str] = {}
+    for index in group:
+        free, _total = torch.cuda.mem_get_info(index)
+        budget[index] = int(free * 0.9)
+    if cpu is not None:
+        budget["cpu"] = cpu
+    return budget

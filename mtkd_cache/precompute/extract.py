@@ -16,8 +16,8 @@ block's float32 copy is normalised, ranked and masked in place while it is still
 instead of streaming several (B, T, V) temporaries through memory (on a 2-core CPU with
 SmolLM2's 49k vocabulary, ~3x less CPU time than whole-tensor ops;
 ``benchmarks/precompute_overhead.py``). Every reduction is per row, so the block size changes
-results by float rounding at most. ``sample_targets`` holds the (B T, V) float32 probabilities
-and draws ``n`` tokens per row in O(B T (V + n log n)).
+results by float rounding at most. ``sample_targets`` softmaxes one row block at a time
+and draws ``n`` tokens per row in O(B T (V + n log n)), never (B T, V) float32 at once.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ __all__ = [
     "NonFiniteLogitsError",
     "TopKTooLargeError",
     "check_finite",
+    "nonfinite_samples",
     "dequantize_int8_rows",
     "distribution_stats",
     "pool_features",
@@ -258,8 +259,11 @@ def sample_targets(
         raise ValueError(f"n_draws must be >= 1, got {n_draws}")
     _check_temperature(temperature)
     batch, positions, vocab = real.shape
-    probs = torch.softmax(real.reshape(-1, vocab).to(torch.float32) / temperature, dim=-1)
-    draws = torch.multinomial(probs, n_draws, replacement=True, generator=generator)  # (N, n)
+    flat = real.reshape(-1, vocab)  # (N, V), a view when the logits are contiguous
+    draws = torch.empty(flat.shape[0], n_draws, dtype=torch.int64, device=real.device)  # (N, n)
+    for rows in _row_blocks(flat.shape[0], vocab, real.device):  # float32 copy of one block at a time
+        probs = torch.softmax(flat[rows].to(torch.float32) / temperature, dim=-1)  # (n_rows, V)
+        draws[rows] = torch.multinomial(probs, n_draws, replacement=True, generator=generator)
     draws, _ = torch.sort(draws, dim=-1)  # (N, n)
     is_new = torch.ones_like(draws, dtype=torch.bool)  # (N, n)
     is_new[:, 1:] = draws[:, 1:] != draws[:, :-1]
@@ -274,21 +278,70 @@ def sample_targets(
     return indices.reshape(shape), counts.reshape(shape)
 
 
+def nonfinite_samples(
+    logits: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Which samples have NaN or inf among the logits that count.
+
+    Only the real vocabulary ``logits[..., :vocab_size]`` counts (a padded LM head's extra
+    columns take no probability mass, so NaN there is harmless), and only the positions where
+    ``mask`` is 1. Reduced on the device, one row sum per block (see the module docstring).
+
+    Args:
+        logits: (B, T, V_padded) or (B, V_padded) teacher logits.
+        mask: Optional (B, T) attention mask; positions where it is 0 (padding) are ignored.
+        vocab_size: Real vocabulary size; ``None`` means the full width.
+
+    Returns:
+        (B,) bool on the logits' device, True for a sample with a non-finite logit.
+
+    Raises:
+        ValueError: ``mask`` does not match the logits.
+    """
+    if mask is not None and (logits.ndim != 3 or mask.shape != logits.shape[:2]):
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not match logits {tuple(logits.shape)}; "
+            "expected (B, T) for (B, T, V) logits"
+        )
+    width = logits.shape[-1]
+    vocab = width if vocab_size is None else min(vocab_size, width)
+    flat = logits.reshape(-1, width)  # (B T, V_padded) or (B, V_padded), a view
+    finite = torch.empty(flat.shape[0], dtype=torch.bool, device=logits.device)  # one per row
+    for block in _row_blocks(flat.shape[0], vocab, logits.device):
+        # A finite row sum implies finite entries (inf and NaN propagate): one read, no temporaries.
+        finite[block] = torch.isfinite(flat[block, :vocab].sum(dim=-1, dtype=torch.float32))
+    suspect = (~finite).nonzero().flatten()
+    if suspect.numel():  # exact re-check: huge finite logits can overflow the float32 sum
+        finite[suspect] = torch.isfinite(flat[suspect, :vocab]).all(dim=-1)
+    finite = finite.reshape(logits.shape[:-1])  # (B, T) or (B,)
+    if mask is not None:
+        finite = finite | ~mask.to(finite.device).bool()
+    return ~finite.reshape(logits.shape[0], -1).all(dim=1)  # (B,)
+
+
+NONFINITE_FIX = (
+    "this usually means fp16 overflow (re-run with --dtype bf16 or --dtype fp32 plus --overwrite: the dtype "
+    "is a stored setting, so the teacher is recomputed) or broken inputs for those samples"
+)
+
+
 def check_finite(
     logits: torch.Tensor,
     sample_ids: Sequence[int] | torch.Tensor,
     *,
     mask: torch.Tensor | None = None,
+    vocab_size: int | None = None,
 ) -> None:
-    """Raise if any sample's logits contain NaN or inf.
-
-    One boolean per sample is reduced on the device; only that (B,) vector reaches the host,
-    and only its ``any`` when all rows are fine.
+    """Raise if any sample's logits contain NaN or inf (see ``nonfinite_samples``).
 
     Args:
         logits: (B, T, V) or (B, V) teacher logits.
         sample_ids: (B,) dataset ids of the samples in the batch, used in the message.
         mask: Optional (B, T) attention mask; positions where it is 0 (padding) are ignored.
+        vocab_size: Real vocabulary size; columns past it are ignored.
 
     Raises:
         NonFiniteLogitsError: Naming every sample id whose rows contain NaN/inf.
@@ -298,33 +351,11 @@ def check_finite(
         raise ValueError(
             f"sample_ids has {len(sample_ids)} ids for a batch of {logits.shape[0]} samples"
         )
-    if mask is not None and (logits.ndim != 3 or mask.shape != logits.shape[:2]):
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not match logits {tuple(logits.shape)}; "
-            "expected (B, T) for (B, T, V) logits"
-        )
-    vocab = logits.shape[-1]
-    flat = logits.reshape(-1, vocab)  # (B T, V) or (B, V)
-    finite = torch.empty(flat.shape[0], dtype=torch.bool, device=logits.device)  # one per row
-    for block in _row_blocks(flat.shape[0], vocab, logits.device):
-        # A finite row sum implies finite entries (inf and NaN propagate): one read, no temporaries.
-        finite[block] = torch.isfinite(flat[block].sum(dim=-1, dtype=torch.float32))
-    suspect = (~finite).nonzero().flatten()
-    if suspect.numel():  # exact re-check: huge finite logits can overflow the float32 sum
-        finite[suspect] = torch.isfinite(flat[suspect]).all(dim=-1)
-    finite = finite.reshape(logits.shape[:-1])  # (B, T) or (B,)
-    if mask is not None:
-        finite = finite | ~mask.to(finite.device).bool()
-    bad = ~finite.reshape(logits.shape[0], -1).all(dim=1)  # (B,)
+    bad = nonfinite_samples(logits, mask=mask, vocab_size=vocab_size)  # (B,)
     if not bool(bad.any()):
         return
-    rows = bad.nonzero().flatten().tolist()
-    ids = [int(sample_ids[i]) for i in rows]
-    raise NonFiniteLogitsError(
-        f"the teacher produced NaN/inf logits for sample ids {ids}; this usually means fp16 "
-        "overflow (re-run with --dtype bf16 or --dtype fp32, plus --overwrite since the dtype is part of "
-        "the stored settings) or broken inputs for those samples"
-    )
+    ids = [int(sample_ids[i]) for i in bad.nonzero().flatten().tolist()]
+    raise NonFiniteLogitsError(f"the teacher produced NaN/inf logits for sample ids {ids}; {NONFINITE_FIX}")
 
 
 def pool_features(

@@ -102,6 +102,8 @@ def load_teacher(
     trust_remote_code: bool = False,
     revision: str | None = None,
     factory_kwargs: Mapping[str, Any] | None = None,
+    device_map: str | None = None,
+    max_memory: Mapping[int | str, int | str] | None = None,
 ) -> LoadedTeacher:
     """Load a teacher from a local folder, a hub id or a ``"package.module:function"`` factory.
 
@@ -112,6 +114,11 @@ def load_teacher(
         trust_remote_code: Allow model code shipped with the checkpoint; off by default.
         revision: Hub revision (branch, tag or commit); recorded as given for local folders.
         factory_kwargs: Keyword arguments for a factory; only valid with a factory spec.
+        device_map: Spread a Hugging Face teacher over devices with accelerate (``"auto"``,
+            ``"balanced"``, ...) instead of moving it to ``device``; for teachers larger than one
+            GPU. Layers that do not fit in ``max_memory`` are offloaded to the CPU or disk.
+        max_memory: Budget per device for ``device_map`` (GPU index or ``"cpu"`` -> bytes or
+            ``"40GiB"``); ``None`` lets accelerate use every visible device.
 
     Returns:
         The loaded teacher and its metadata.
@@ -121,6 +128,7 @@ def load_teacher(
         UnsupportedTeacherError: The architecture is not a causal LM, sequence or image
             classifier, remote code is needed but not trusted, or a factory misbehaves.
     """
+    placement = _Placement(device, device_map, dict(max_memory) if max_memory else None)
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -129,13 +137,17 @@ def load_teacher(
                 "weights (the output of save_pretrained)"
             )
         _reject_factory_kwargs(model, factory_kwargs)
-        return _load_hf_folder(model, path, device, dtype, trust_remote_code, revision)
+        return _load_hf_folder(model, path, placement, dtype, trust_remote_code, revision)
     if _FACTORY_RE.match(model):
+        if device_map is not None:
+            raise UnsupportedTeacherError(
+                f"--device-map {device_map} needs a Hugging Face model folder or id; factory {model!r} "
+                "builds and places its own module: drop --device-map (or shard the module inside the factory)")
         return _load_factory(model, device, dtype, dict(factory_kwargs or {}))
     if _HUB_ID_RE.match(model):
         _reject_factory_kwargs(model, factory_kwargs)
         folder, resolved = _fetch_hub_snapshot(model, revision, trust_remote_code)
-        return _load_hf_folder(model, folder, device, dtype, trust_remote_code, resolved)
+        return _load_hf_folder(model, folder, placement, dtype, trust_remote_code, resolved)
     raise TeacherLoadError(
         f"teacher path {str(path)!r} does not exist; pass an existing Hugging Face model folder "
         "(with config.json), a hub id such as 'org/name', or a factory 'package.module:function'"
@@ -201,10 +213,19 @@ def _detect_task(config: Mapping[str, Any], where: str) -> _HFTask:
     )
 
 
+@dataclass(frozen=True)
+class _Placement:
+    """Where a Hugging Face teacher goes: `device`, or accelerate's `device_map` within `max_memory`."""
+
+    device: torch.device
+    device_map: str | None
+    max_memory: dict[int | str, int | str] | None
+
+
 def _load_hf_folder(
     model_id: str,
     folder: Path,
-    device: torch.device,
+    placement: _Placement,
     dtype: torch.dtype,
     trust_remote_code: bool,
     revision: str | None,
@@ -237,8 +258,11 @@ def _load_hf_folder(
         weights_only=True,
         trust_remote_code=trust_remote_code,
         local_files_only=True,
+        **({"device_map": placement.device_map, "max_memory": placement.max_memory} if placement.device_map else {}),
     )
-    _freeze(module).to(device)
+    frozen = _freeze(module)
+    if placement.device_map is None:  # a dispatched model is already where accelerate put it
+        frozen.to(placement.device)
     text_config = module.config.get_text_config()
     padded, vocab = _vocab_sizes(module, task, folder, trust_remote_code)
     has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
@@ -404,8 +428,8 @@ def forward_teacher(
     teacher: LoadedTeacher,
     batch: Mapping[str, torch.Tensor],
     *,
-    want_hidden: bool,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    want_hidden: bool | Sequence[int],
+) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...] | None]:
     """Run the teacher on one batch without building an autograd graph.
 
     Tensors are moved to the teacher's device; floating inputs (e.g. ``pixel_values``) are cast
@@ -415,7 +439,10 @@ def forward_teacher(
         teacher: From ``load_teacher``.
         batch: Model inputs by keyword, e.g. ``input_ids`` (B, L) and ``attention_mask`` (B, L),
             or ``pixel_values`` (B, C, H, W).
-        want_hidden: Also return the hidden states.
+        want_hidden: Also return the hidden states: ``True`` for all, or the HF indices of the
+            layers wanted. A Hugging Face teacher then keeps only those (transformers records the
+            selected layers with forward hooks; the others come back as ``None``), so activations
+            of every layer never exist at once; a factory gets ``output_hidden_states=True``.
 
     Returns:
         ``(logits, hidden)``: logits (B, L, V_padded) for causal LMs (and factories returning
@@ -428,7 +455,7 @@ def forward_teacher(
     """
     module = teacher.module
     parameter = next(iter(module.parameters()), None)
-    device = parameter.device if parameter is not None else torch.device("cpu")
+    device = _input_device(module, parameter)
     model_dtype = parameter.dtype if parameter is not None else torch.float32
     inputs = {
         key: value.to(device, model_dtype) if value.is_floating_point() else value.to(device)
@@ -440,7 +467,10 @@ def forward_teacher(
             "output_hidden_states argument; add one that returns .hidden_states, or drop "
             "feature targets for this teacher"
         )
-    extra: dict[str, Any] = {"output_hidden_states": True} if want_hidden else {}
+    extra: dict[str, Any] = {}
+    if want_hidden:
+        select = teacher.task != "custom" and not isinstance(want_hidden, bool)
+        extra["output_hidden_states"] = list(want_hidden) if select else True  # type: ignore[arg-type]
     with torch.inference_mode():
         output = module(**inputs, **extra)
     logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
@@ -460,6 +490,17 @@ def forward_teacher(
             "output has no .hidden_states; return them or drop feature targets for this teacher"
         )
     return logits, tuple(hidden)
+
+
+def _input_device(module: torch.nn.Module, parameter: torch.nn.Parameter | None) -> torch.device:
+    """Where the inputs go: the first device of a dispatched model's map, else its first parameter's."""
+    device_map = getattr(module, "hf_device_map", None)
+    if device_map:
+        first = next(iter(device_map.values()))
+        if first in ("cpu", "disk"):  # accelerate's hooks bring offloaded weights to the CPU
+            return torch.device("cpu")
+        return torch.device("cuda", first) if isinstance(first, int) else torch.device(first)
+    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def _accepts_hidden_flag(module: torch.nn.Module) -> bool:

@@ -9,8 +9,9 @@ cache without one was never finished and is cleared by the next `prepare`.
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
+import re
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -19,7 +20,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mtkd_cache.errors import CacheExistsError, CacheFormatError, InputDataError
+from mtkd_cache._version import FORMAT_NAME
+from mtkd_cache.errors import CacheExistsError, CacheFormatError, CacheNotFoundError, InputDataError
 from mtkd_cache.format.fingerprint import (
     DatasetHasher,
     sample_content,
@@ -87,8 +89,58 @@ def _packed(docs: Iterator[tuple[int, list[int]]], max_length: int, eos: int) ->
         yield first_row, buf, starts
 
 
-def _claim(store: CacheStore, settings: dict[str, Any], overwrite: bool) -> InputsMeta | None:
-    """Return existing inputs if they match `settings`; clear the cache if allowed; else refuse."""
+# Everything mtkd writes at a cache's root; `prepare` never deletes any other entry.
+MTKD_ROOT_KEYS = ("manifest.json", "zarr.json", "inputs", "teachers")
+_LEFTOVER = re.compile(r"^\.write-probe-[0-9a-f]+$|\.tmp-[0-9a-f]+$")  # CacheStore's own half-written files
+
+
+def _manifest_is_foreign(store: CacheStore) -> bool:
+    """A `manifest.json` that parses but is not mtkd's (a corrupt one counts as mtkd's)."""
+    try:
+        value = json.loads(store.read_bytes("manifest.json"))
+    except (CacheNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return not isinstance(value, dict) or value.get("format") != FORMAT_NAME
+
+
+def _check_destination(store: CacheStore, data: str | os.PathLike[str] | None) -> None:
+    """Refuse a folder that holds anything mtkd did not write, unless it is an mtkd cache.
+
+    An mtkd cache (a manifest of format mtkd) may hold other files too: they are left alone.
+    Without one, only mtkd's own keys (an interrupted `prepare`) may be there. `data` inside
+    a key that a rewrite deletes, or a cache inside `data`, is refused too.
+    """
+    names = store.listdir("")
+    foreign = [n for n in names if n not in MTKD_ROOT_KEYS and not _LEFTOVER.search(n)]
+    if "manifest.json" in names and _manifest_is_foreign(store):
+        foreign.insert(0, "manifest.json")
+        is_cache = False
+    else:
+        is_cache = "manifest.json" in names
+    if foreign and not is_cache:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise CacheExistsError(
+            f"{store.url} is not empty and is not an mtkd cache (found {shown}); prepare writes only into "
+            f"an empty folder or an mtkd cache and deletes nothing else: choose a new or empty folder")
+    if data is None or not store.is_local or not os.path.exists(data):
+        return
+    src, root = os.path.realpath(data), os.path.realpath(store.root)
+    for key in MTKD_ROOT_KEYS:
+        if _is_within(src, os.path.join(root, key)):
+            raise InputDataError(f"--data {str(data)!r} lies inside the cache's {key!r}, which prepare "
+                                 f"rewrites; move the data out of {store.url}")
+    if _is_within(root, src):
+        raise InputDataError(f"cache {store.url} lies inside --data {str(data)!r}; put the cache elsewhere")
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _claim(store: CacheStore, settings: dict[str, Any], overwrite: bool,
+           data: str | os.PathLike[str] | None = None) -> InputsMeta | None:
+    """Return existing inputs if they match `settings`; clear mtkd's keys if allowed; else refuse."""
+    _check_destination(store, data)
     if store.exists("manifest.json") and store.exists("inputs/inputs.json"):
         try:
             Manifest.from_dict(store.read_json("manifest.json"))  # corrupt / unknown version: never "already done"
@@ -97,8 +149,8 @@ def _claim(store: CacheStore, settings: dict[str, Any], overwrite: bool) -> Inpu
             if not overwrite:
                 raise
             existing = None
-        if existing is not None and existing.source.get("settings") == settings and not overwrite:
-            return existing
+        if existing is not None and existing.source.get("settings") == settings:
+            return existing  # --overwrite replaces inputs made with other settings only: nothing is lost
         if existing is not None and not overwrite:
             old = existing.source.get("settings") or {}
             diff = ", ".join(f"{k}: stored {old.get(k)!r} vs now {settings.get(k)!r}"
@@ -108,8 +160,9 @@ def _claim(store: CacheStore, settings: dict[str, Any], overwrite: bool) -> Inpu
                 f"({diff}); pass --overwrite to replace them (this deletes every cached teacher) "
                 f"or choose another cache path"
             )
-    for key in store.listdir(""):
-        store.remove(key)
+    for key in store.listdir(""):  # `_check_destination` refused every entry mtkd did not write
+        if key in MTKD_ROOT_KEYS or _LEFTOVER.search(key):
+            store.remove(key)
     return None
 
 
@@ -143,7 +196,8 @@ def prepare(
         pack: Join short documents into full `max_length` sequences (boundaries recorded).
         chunk_samples: Samples per chunk (the unit of work and commit); default ~32k positions.
         max_samples: Stop after this many samples.
-        overwrite: Replace inputs prepared with other settings (and every teacher).
+        overwrite: Replace inputs prepared with other settings (and every teacher); inputs with
+            these settings are kept as they are.
 
     Returns:
         The inputs metadata written to `inputs/inputs.json`.
@@ -166,7 +220,7 @@ def prepare(
         "text_column": text_column, "label_column": label_column, "domain_column": domain_column,
         "pack": pack, "max_samples": max_samples,
     }
-    existing = _claim(store, settings, overwrite)
+    existing = _claim(store, settings, overwrite, data)
     if existing is not None:
         return existing
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
@@ -283,11 +337,11 @@ def _label_or_none(value: object) -> int | None:
 
 
 def _copy_tokenizer(store: CacheStore, tok: Any) -> None:
+    if store.is_local:  # straight into the cache: a killed prepare leaves nothing outside it
+        tok.save_pretrained(store.path("inputs/tokenizer"))
+        return
     with tempfile.TemporaryDirectory() as d:
         tok.save_pretrained(d)
         for f in sorted(Path(d).iterdir()):
             if f.is_file():
                 store.write_bytes(f"inputs/tokenizer/{f.name}", f.read_bytes())
-        shutil.rmtree(d, ignore_errors=True)
-
-

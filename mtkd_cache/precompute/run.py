@@ -1,278 +1,60 @@
 """`run_teacher`: run one teacher over a cache's inputs and store its soft labels.
 
-Per chunk: read the chunk's samples, group them by length into batches, run the teacher (under
-autocast on GPU), and reduce each batch's logits on the device to the compressed targets (top-k
-log-probabilities + exact tail, or sampled tokens + counts) and the asked-for features; only
-those cross to the host. A writer thread encodes, compresses and commits the previous chunk
-while the next one runs. Cost: one teacher forward per position plus O(V) reductions per row.
+Order of work: load and check the teacher (nothing is written before every check passed), take
+the teacher's lock (one run per teacher at a time), claim the teacher group (resume when the
+stored settings are these; `--overwrite` replaces it only when they differ), then compute the
+uncommitted chunks (`chunk.run_chunk`) while a writer thread encodes, compresses and commits the
+previous one. Under torchrun rank 0 broadcasts the uncommitted list and each rank takes every
+W-th chunk of it (`distributed`). Samples with non-finite logits do not stop the run: every
+chunk that is fine is committed, then one error names every bad sample.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
+import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mtkd_cache._version import __version__
-from mtkd_cache.errors import CacheMismatchError
-from mtkd_cache.format.codecs import index_dtype_for
-from mtkd_cache.format.fingerprint import tokenizer_fingerprint
-from mtkd_cache.format.meta import Compressor, FeatureSpec, TargetSpec, TeacherMeta, ValueEncoding
-from mtkd_cache.format.reader import CacheReader, ChunkData
+from mtkd_cache.errors import (
+    CacheFormatError,
+    CacheNotFoundError,
+    CacheWriteError,
+    DiskFullError,
+    NonFiniteLogitsError,
+)
+from mtkd_cache.format.meta import TeacherMeta
+from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.format.store import CacheStore
 from mtkd_cache.format.targets import TeacherWriter
-from mtkd_cache.precompute.batching import length_grouped_batches, pad_batch
-from mtkd_cache.precompute.device import autocast_context, resolve_device, resolve_dtype
-from mtkd_cache.precompute.distributed import barrier, dist_info, shutdown
-from mtkd_cache.precompute.extract import (
-    NonFiniteLogitsError,
-    check_finite,
-    distribution_stats,
-    pool_features,
-    sample_targets,
-    topk_targets_with_stats,
+from mtkd_cache.precompute.chunk import ChunkOutput, cpu_reducers, run_chunk
+from mtkd_cache.precompute.config import RunConfig, canonical_kwargs
+from mtkd_cache.precompute.device import gpu_group, group_max_memory, resolve_device, resolve_dtype
+from mtkd_cache.precompute.distributed import (
+    DistInfo,
+    all_gather,
+    barrier,
+    broadcast,
+    dist_info,
+    share_of,
+    shutdown,
 )
-from mtkd_cache.precompute.models import LoadedTeacher, forward_teacher, load_teacher
+from mtkd_cache.precompute.extract import NONFINITE_FIX
+from mtkd_cache.precompute.lock import TeacherLock, check_shared_store
+from mtkd_cache.precompute.models import LoadedTeacher, load_teacher
+from mtkd_cache.precompute.setup import setup_teacher
 
 __all__ = ["RunConfig", "run_teacher"]
 
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Settings of one `run_teacher` call (the CLI flags of `mtkd-cache run`)."""
-
-    teacher: str
-    """Name of the teacher group in the cache (`--teacher`)."""
-    model: str
-    """HF model folder or id, or a `package.module:function` factory (`--model`)."""
-    top_k: int | None = 64
-    """Keep the k most likely tokens per position plus the exact tail mass (`--top-k`)."""
-    samples: int | None = None
-    """Instead of top-k, draw this many tokens per position and store counts (`--samples`)."""
-    features: tuple[int, ...] = ()
-    """Hidden-state layers to store (`--features`, HF indices: 0 = embeddings, -1 = last)."""
-    pool: str = "none"
-    """`none` keeps features per position, `mean` pools them per sample (`--pool`)."""
-    feature_dtype: str = "float16"
-    """`float16` or `int8` (per-row scale) for stored features (`--feature-dtype`)."""
-    temperature: float = 1.0
-    """Capture temperature of the stored distribution (`--temperature`)."""
-    value_codec: str = "u8log"
-    """`u8log` (8-bit log-prob code), `fp16` or `fp32` (`--values`)."""
-    logp_step: float = 1.0 / 16.0
-    """Grid step in nats of the `u8log` code (`--logp-step`)."""
-    tail_dtype: str = "float16"
-    """Storage type of the tail mass (`--tail-dtype`)."""
-    compression: str = "zstd"
-    """`zstd` or `blosc` (`--compression`)."""
-    compression_level: int = 3
-    """Compression level (`--compression-level`)."""
-    batch_size: int = 8
-    """Samples per forward pass (`--batch-size`)."""
-    max_tokens: int | None = None
-    """Optional budget of padded tokens per batch (`--max-tokens`)."""
-    device: str = "auto"
-    """`auto`, `cpu`, `cuda` or `cuda:N` (`--device`)."""
-    dtype: str = "auto"
-    """`auto`, `bf16`, `fp16` or `fp32` (`--dtype`)."""
-    seed: int = 0
-    """Seed of sampled targets; draws depend only on (seed, chunk) (`--seed`)."""
-    trust_remote_code: bool = False
-    """Allow model code from the checkpoint (`--trust-remote-code`)."""
-    overwrite: bool = False
-    """Replace a teacher group stored with other settings (`--overwrite`)."""
-
-    def __post_init__(self) -> None:
-        if (self.top_k is None) == (self.samples is None):
-            raise ValueError("give exactly one of --top-k K or --samples N")
-        if self.pool not in ("none", "mean"):
-            raise ValueError(f"--pool must be 'none' or 'mean', got {self.pool!r}")
-        if self.feature_dtype not in ("float16", "int8"):
-            raise ValueError(f"--feature-dtype must be 'float16' or 'int8', got {self.feature_dtype!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not self.teacher or "/" in self.teacher or self.teacher.startswith((".", "_")):
-            raise ValueError(f"--teacher {self.teacher!r}: use a plain name such as 'qwen7b' (no '/', no leading '.' or '_')")
-
-    @property
-    def target(self) -> TargetSpec:
-        if self.top_k is not None:
-            return TargetSpec("topk", k=self.top_k, temperature=self.temperature, seed=self.seed)
-        return TargetSpec("sample", draws=self.samples, temperature=self.temperature, seed=self.seed)
-
-
-def _check_vocab(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig) -> None:
-    inputs = reader.inputs
-    if inputs.tokenizer is not None and teacher.task in ("causal_lm", "sequence_classification"):
-        if teacher.tokenizer_path is not None:
-            from mtkd_cache.precompute.prepare import load_tokenizer
-
-            fp = tokenizer_fingerprint(load_tokenizer(teacher.tokenizer_path, cfg.trust_remote_code))
-            if fp != inputs.tokenizer.fingerprint:
-                raise CacheMismatchError(
-                    f"teacher {cfg.teacher!r} ({cfg.model}) has tokenizer fingerprint {fp}, but the cache's "
-                    f"inputs were tokenized with {inputs.tokenizer.name_or_path!r} ({inputs.tokenizer.fingerprint}); "
-                    f"use a teacher that shares the tokenizer, or prepare a new cache with its tokenizer")
-        if teacher.task == "causal_lm" and teacher.padded_vocab_size < inputs.tokenizer.vocab_size:
-            raise CacheMismatchError(
-                f"teacher {cfg.teacher!r} has {teacher.padded_vocab_size} output tokens but the cache's "
-                f"tokenizer has {inputs.tokenizer.vocab_size}; the teacher cannot score these inputs")
-    if cfg.top_k is not None and cfg.top_k > teacher.vocab_size:
-        raise ValueError(f"--top-k {cfg.top_k} is larger than teacher {cfg.teacher!r}'s vocabulary of "
-                         f"{teacher.vocab_size}; use --top-k <= {teacher.vocab_size}")
-
-
-def _batch_inputs(data: ChunkData, idx: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    if "token_ids" in data.inputs:
-        toks = data.inputs["token_ids"]
-        seqs = [toks[data.offsets[i] : data.offsets[i] + data.lengths[i]] for i in idx]
-        return pad_batch(seqs, pad_id)
-    return {k: torch.from_numpy(np.ascontiguousarray(v[list(idx)])) for k, v in data.inputs.items()}
-
-
-def _probe(reader: CacheReader, teacher: LoadedTeacher, layers: Sequence[int], pad_id: int
-           ) -> tuple[dict[int, int], bool]:
-    """One forward on the first sample: feature widths, and whether the logits are per token."""
-    if not layers and teacher.task != "custom":  # known without a forward (a full sample's worth of compute)
-        return {}, reader.inputs.kind == "tokens" and teacher.task == "causal_lm"
-    data = reader.read_chunk(0)
-    logits, hidden = forward_teacher(teacher, _batch_inputs(data, [0], pad_id), want_hidden=bool(layers))
-    per_token = reader.inputs.kind == "tokens" and (
-        teacher.task == "causal_lm" or (teacher.task == "custom" and int(logits.shape[1]) == int(data.lengths[0]) > 1))
-    dims = {layer: int(hidden[layer].shape[-1]) for layer in layers} if hidden is not None else {}
-    return dims, per_token
-
-
-def _teacher_meta(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig, dtype: torch.dtype,
-                  dims: Mapping[int, int], per_token: bool) -> TeacherMeta:
-    grid = "token" if per_token else "sample"
-    feats = tuple(FeatureSpec(layer=layer, pool=cfg.pool if grid == "token" else "mean",  # type: ignore[arg-type]
-                              dtype=cfg.feature_dtype, dim=dims[layer]) for layer in cfg.features)  # type: ignore[arg-type]
-    tok = reader.inputs.tokenizer
-    return TeacherMeta(
-        name=cfg.teacher, model=cfg.model, task=teacher.task, weights_hash=teacher.weights_hash,
-        dtype=str(dtype).removeprefix("torch."), vocab_size=teacher.vocab_size,
-        padded_vocab_size=teacher.padded_vocab_size, grid=grid, target=cfg.target,  # type: ignore[arg-type]
-        values=ValueEncoding(cfg.value_codec, cfg.logp_step),  # type: ignore[arg-type]
-        index_dtype=index_dtype_for(teacher.vocab_size), tail_dtype=cfg.tail_dtype,
-        compressor=Compressor(cfg.compression, cfg.compression_level),  # type: ignore[arg-type]
-        dataset_fingerprint=reader.inputs.dataset_fingerprint,
-        tokenizer_fingerprint=None if tok is None else tok.fingerprint,
-        features=feats, revision=teacher.revision, mtkd_version=__version__,
-    )
-
-
-@dataclass(frozen=True)
-class _Reducers:
-    """Single-threaded CPU workers for the per-batch reductions (see `_reduce_batch`)."""
-
-    pool: ThreadPoolExecutor
-    workers: int
-
-
-def _reduce(logits: torch.Tensor, sample_ids: list[int], rows_mask: torch.Tensor | None,
-            spec: TargetSpec, vocab_size: int) -> list[torch.Tensor]:
-    """Finiteness check, then [indices, logp, tail] (top-k only) + [entropy, top1] of a batch."""
-    check_finite(logits, sample_ids, mask=rows_mask)
-    if spec.kind != "topk":
-        return list(distribution_stats(logits, spec.temperature, vocab_size))  # (B, T) each
-    return list(topk_targets_with_stats(logits, spec.k, spec.temperature, vocab_size))  # type: ignore[arg-type]
-
-
-def _reduce_batch(reducers: _Reducers | None, logits: torch.Tensor, sample_ids: list[int],
-                  rows_mask: torch.Tensor | None, spec: TargetSpec, vocab_size: int) -> list[torch.Tensor]:
-    """`_reduce` on the device, or on the CPU split by samples over the single-threaded `reducers`.
-
-    The O(V) reductions are many short passes over cache-sized row blocks. Under torch's
-    intra-op threads each pass is a parallel region whose barrier waits for every thread, and on
-    a shared CPU a descheduled thread stalls each of the ~10^3 barriers per batch (5x slower than
-    one thread at load 6 on 2 cores; benchmarks/precompute_overhead.py). Slices of the batch on
-    workers with one intra-op thread each never wait for one another.
-    """
-    if reducers is None:
-        return _reduce(logits, sample_ids, rows_mask, spec, vocab_size)
-    parts = np.array_split(np.arange(logits.shape[0]), min(reducers.workers, logits.shape[0]))
-    futures = [reducers.pool.submit(_reduce, logits[p[0]: p[-1] + 1], sample_ids[p[0]: p[-1] + 1],
-                                    None if rows_mask is None else rows_mask[p[0]: p[-1] + 1], spec, vocab_size)
-               for p in parts]
-    try:
-        results = [f.result() for f in futures]
-    except NonFiniteLogitsError:
-        check_finite(logits, sample_ids, mask=rows_mask)  # name every bad sample, not one slice's
-        raise
-    return [torch.cat(pieces) for pieces in zip(*results)]
-
-
-@contextlib.contextmanager
-def _cpu_reducers(device: torch.device) -> Iterator[_Reducers | None]:
-    """One single-threaded reduction worker per intra-op thread on the CPU; None elsewhere."""
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads < 2:
-        yield None
-        return
-    try:
-        with ThreadPoolExecutor(threads, thread_name_prefix="mtkd-reduce", initializer=torch.set_num_threads,
-                                initargs=(1,)) as pool:
-            yield _Reducers(pool, threads)
-    finally:
-        torch.set_num_threads(threads)  # the workers' setting also lowered the default of new threads
-
-
-def _run_chunk(reader: CacheReader, teacher: LoadedTeacher, meta: TeacherMeta, cfg: RunConfig,
-               chunk: int, device: torch.device, dtype: torch.dtype, pad_id: int,
-               reducers: _Reducers | None = None) -> dict[str, Any]:
-    """Forward every sample of `chunk`; return host arrays in sample order plus stats."""
-    data = reader.read_chunk(chunk)
-    n = len(data.sample_ids)
-    lengths = data.lengths.tolist() if "token_ids" in data.inputs else [1] * n
-    per_sample: list[dict[str, Any]] = [{} for _ in range(n)]
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + chunk)
-    stats = {"positions": 0.0, "tail_sum": 0.0, "entropy_sum": 0.0, "top1_prob_sum": 0.0}
-    spec = meta.target
-    if spec.kind != "topk":
-        del stats["tail_sum"]
-    for idx in length_grouped_batches(lengths, cfg.max_tokens, cfg.batch_size):
-        batch = _batch_inputs(data, idx, pad_id)
-        with autocast_context(device, dtype):
-            logits, hidden = forward_teacher(teacher, batch, want_hidden=bool(meta.features))
-        mask = batch.get("attention_mask")
-        rows_mask = mask.to(logits.device).bool() if (mask is not None and meta.grid == "token") else None
-        *reduced, ent, top1 = _reduce_batch(reducers, logits, data.sample_ids[idx].tolist(), rows_mask, spec,
-                                            teacher.vocab_size)
-        out = tuple(reduced)
-        if spec.kind != "topk":
-            out = sample_targets(logits, spec.draws, spec.temperature, gen, teacher.vocab_size)  # type: ignore[arg-type]
-        host = [t.cpu().numpy() for t in (*out, ent, top1)]
-        feats = {}
-        for f in meta.features:
-            h = hidden[f.layer]  # type: ignore[index]
-            if f.pool == "mean" and h.ndim == 3:
-                m = mask if mask is not None else torch.ones(h.shape[:2])
-                h = pool_features(h, m.to(h.device), "mean")
-            feats[f.layer] = h.float().cpu().numpy()
-        for b, i in enumerate(idx):
-            r = lengths[i] if meta.grid == "token" else 1
-            per_sample[i] = {"t": [a[b, :r] for a in host[:-2]], "feat": {k: v[b, :r] if v.ndim == 3 else v[b] for k, v in feats.items()}}
-            stats["positions"] += r
-            if spec.kind == "topk":
-                stats["tail_sum"] += float(host[2][b, :r].sum())
-            stats["entropy_sum"] += float(host[-2][b, :r].sum())
-            stats["top1_prob_sum"] += float(host[-1][b, :r].sum())
-    cat = [np.concatenate([s["t"][j] for s in per_sample]) for j in range(len(per_sample[0]["t"]))]
-    feats_out = {}
-    for f in meta.features:
-        vals = [s["feat"][f.layer] for s in per_sample]
-        feats_out[f.layer] = np.concatenate(vals) if vals[0].ndim == 2 else np.stack(vals)
-    if spec.kind == "topk":
-        return {"indices": cat[0], "logp": cat[1], "tail": cat[2], "features": feats_out, "stats": stats}
-    return {"indices": cat[0], "counts": cat[1], "features": feats_out, "stats": stats}
+log = logging.getLogger(__name__)
 
 
 def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_options: Mapping[str, Any] | None = None,
@@ -282,7 +64,8 @@ def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_option
     Args:
         cache: Cache path or fsspec URL, already `prepare`d.
         cfg: What to compute and how (see `RunConfig`).
-        factory_kwargs: Keyword arguments for a `package.module:function` model factory.
+        factory_kwargs: Keyword arguments for a `package.module:function` model factory; JSON
+            values, stored with the teacher's settings and compared on resume.
 
     Returns:
         The teacher's metadata as written to `teacher.json`.
@@ -290,63 +73,171 @@ def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_option
     Raises:
         TeacherLoadError: unknown model. CacheMismatchError: tokenizer/vocabulary mismatch.
         CacheExistsError: the teacher exists with other settings and `overwrite` is off.
-        NonFiniteLogitsError: NaN/inf logits (names the sample ids).
+        TeacherBusyError: another run is computing this teacher now.
+        NonFiniteLogitsError: NaN/inf logits; names every bad sample id (the other chunks are kept).
+        CacheWriteError: the disk is full or the cache cannot be written (names the file).
     """
     store = CacheStore(cache, storage_options)
     reader = CacheReader(store)
-    device = resolve_device(cfg.device)
-    info = dist_info(device.type)
-    if device.type == "cuda" and info.world_size > 1:
-        device = torch.device("cuda", info.local_rank)
+    _ = reader._columns  # read and check the sample table before anything is written
+    device, max_memory = _place(cfg)
+    info = dist_info(device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if info.rank == 0 and (cfg.device == "auto" or cfg.dtype == "auto"):
+        log.info("teacher %r runs on %s%s in %s (--device %s, --dtype %s)", cfg.teacher, device,
+                 f" with --device-map {cfg.device_map}" if cfg.device_map else "", dtype, cfg.device, cfg.dtype)
     try:
-        teacher = load_teacher(cfg.model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                               factory_kwargs=factory_kwargs)
-        _check_vocab(reader, teacher, cfg)
-        tok = reader.inputs.tokenizer
-        pad_id = tok.pad_token_id if tok and tok.pad_token_id is not None else 0
-        dims, per_token = _probe(reader, teacher, cfg.features, pad_id)
-        meta = _teacher_meta(reader, teacher, cfg, dtype, dims, per_token)
-        if info.rank == 0:
-            store.check_writable()
-            writer = TeacherWriter(store, meta, reader.inputs, overwrite=cfg.overwrite, create=True)
-        barrier(info)
-        if info.rank != 0:
-            writer = TeacherWriter(store, meta, reader.inputs, create=False)
-            writer.already_complete = store.exists(f"teachers/{cfg.teacher}/teacher.json")
-        if writer.already_complete:
+        load = functools.partial(load_teacher, device_map=cfg.device_map, max_memory=max_memory)
+        teacher, meta, pad_id = setup_teacher(reader, cfg, canonical_kwargs(factory_kwargs), device, dtype, load)
+        with _rank0_lock(store, cfg.teacher, info) as lock:
+            writer = _open_writer(store, reader, meta, cfg, info)
+            if writer.already_complete:
+                barrier(info)
+                return TeacherMeta.from_dict(store.read_json(f"teachers/{cfg.teacher}/teacher.json"))
+            todo = broadcast(info, sorted(set(range(reader.num_chunks)) - writer.committed()) if info.rank == 0 else None)
+            bad = _process(reader, teacher, meta, writer, cfg, share_of(todo or [], info), device, dtype, pad_id,
+                           progress and info.rank == 0, lock)
+            bad = sorted(i for ids in all_gather(info, bad) for i in ids)
+            if bad:
+                raise _nonfinite_error(cfg, bad, reader.num_chunks, writer)
             barrier(info)
-            return TeacherMeta.from_dict(store.read_json(f"teachers/{cfg.teacher}/teacher.json"))
-        pending = writer.pending(info.rank, info.world_size)
-        _process(reader, teacher, meta, writer, cfg, pending, device, dtype, pad_id, progress and info.rank == 0)
-        barrier(info)
-        result = writer.finish() if info.rank == 0 else meta
-        barrier(info)
-        return result
+            result = writer.finish() if info.rank == 0 else meta
+            barrier(info)
+            return result
+    except OSError as e:  # a full disk anywhere (lock, claim, arrays, finish): one line, not a traceback
+        err = _write_error(e, store, f"running teacher {cfg.teacher!r}")
+        if err is e:
+            raise
+        raise err from e
     finally:
         shutdown(info)
 
 
+def _place(cfg: RunConfig) -> tuple[torch.device, dict[int | str, int | str] | None]:
+    """This rank's (first) device and, with `--device-map`, the memory budget confining it to its GPUs.
+
+    Under torchrun a rank owns `cuda:LOCAL_RANK`, or with `--device-map` an equal block of the
+    node's GPUs (`gpu_group`), so ranks never share a GPU.
+    """
+    device = resolve_device(cfg.device)
+    max_memory = dict(cfg.max_memory) if cfg.max_memory else None
+    if device.type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, max_memory
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device_map is None:
+        return torch.device("cuda", local), None
+    group = gpu_group(local, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count())
+    return torch.device("cuda", group[0]), max_memory or group_max_memory(group)
+
+
+@contextmanager
+def _rank0_lock(store: CacheStore, teacher: str, info: DistInfo) -> Iterator[TeacherLock | None]:
+    """Rank 0 holds the teacher's lock for the whole job; the other ranks wait until it has it and
+    check that they see it (one store shared by every node)."""
+    if info.rank != 0:
+        barrier(info)
+        check_shared_store(store, teacher, broadcast(info, ""), info.rank)
+        yield None
+        return
+    with TeacherLock(store, teacher) as lock:
+        barrier(info)
+        broadcast(info, str(lock.record["token"]))
+        yield lock
+
+
+def _stored_settings(store: CacheStore, name: str) -> dict[str, Any] | None:
+    """The settings the teacher group was (or is being) computed with; None if none or unreadable."""
+    try:
+        if store.exists(f"teachers/{name}/teacher.json"):
+            return TeacherMeta.from_dict(store.read_json(f"teachers/{name}/teacher.json")).settings()
+        if store.exists(f"teachers/{name}/_run.json"):
+            return store.read_json(f"teachers/{name}/_run.json")
+    except (CacheFormatError, CacheNotFoundError):
+        return None
+    return None
+
+
+def _open_writer(store: CacheStore, reader: CacheReader, meta: TeacherMeta, cfg: RunConfig,
+                 info: DistInfo) -> TeacherWriter:
+    """Claim the teacher group on rank 0 (then open it on the others).
+
+    `--overwrite` wipes the group only when its stored settings differ from these: a rerun with
+    the same settings resumes (or finds the teacher complete) and never loses finished chunks.
+    """
+    if info.rank == 0:
+        store.check_writable()
+        overwrite = cfg.overwrite and _stored_settings(store, meta.name) != meta.settings()
+        writer = TeacherWriter(store, meta, reader.inputs, overwrite=overwrite, create=True)
+    barrier(info)
+    if info.rank != 0:
+        writer = TeacherWriter(store, meta, reader.inputs, create=False)
+        writer.already_complete = store.exists(f"teachers/{cfg.teacher}/teacher.json")
+    return writer
+
+
+def _nonfinite_error(cfg: RunConfig, bad: Sequence[int], num_chunks: int, writer: TeacherWriter) -> NonFiniteLogitsError:
+    shown = ", ".join(map(str, bad[:100])) + (f", ... ({len(bad) - 100} more)" if len(bad) > 100 else "")
+    done = len(writer.committed())
+    err = NonFiniteLogitsError(
+        f"teacher {cfg.teacher!r} produced NaN/inf logits for {len(bad)} sample(s), ids [{shown}]; "
+        f"{done} of {num_chunks} chunks are committed and kept (the chunks holding these samples are not); "
+        f"{NONFINITE_FIX}")
+    err.sample_ids = list(bad)  # type: ignore[attr-defined]
+    return err
+
+
 def _process(reader: CacheReader, teacher: LoadedTeacher, meta: TeacherMeta, writer: TeacherWriter,
              cfg: RunConfig, pending: Sequence[int], device: torch.device, dtype: torch.dtype, pad_id: int,
-             progress: bool) -> None:
+             progress: bool, lock: TeacherLock | None) -> list[int]:
+    """Compute and commit `pending`; return the ids of samples with non-finite logits."""
     g = reader.inputs.grid
     total = sum(int(reader._columns["num_positions"][slice(*g.sample_range(c))].sum()) for c in pending)
     bar = tqdm(total=total, desc=f"run {cfg.teacher}", unit=" pos", unit_scale=True, disable=not progress)
     in_flight: list[Future[None]] = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtkd-writer") as pool, \
-            _cpu_reducers(device) as reducers:
+    bad: list[int] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtkd-writer") as pool, cpu_reducers(device) as reducers, \
+            contextlib.closing(bar):  # the bar ends its line before any error message
         for c in pending:
-            out = _run_chunk(reader, teacher, meta, cfg, c, device, dtype, pad_id, reducers)
-            while len(in_flight) >= 1:  # keep one chunk compressing while the next one computes
+            out = run_chunk(reader.read_chunk(c), teacher, meta, c, seed=cfg.seed, batch_size=cfg.batch_size,
+                            max_tokens=cfg.max_tokens, device=device, dtype=dtype, pad_id=pad_id, reducers=reducers)
+            while in_flight:  # keep one chunk compressing while the next one computes
                 in_flight.pop(0).result()
-            in_flight.append(pool.submit(_commit, writer, c, out))
-            bar.update(int(out["stats"]["positions"]))
+            if out.nonfinite:
+                bad.extend(out.nonfinite)
+                continue
+            in_flight.append(pool.submit(_commit, writer, c, out, lock))
+            bar.update(int(out.stats["positions"]))
         for f in in_flight:
             f.result()
-    bar.close()
+    return bad
 
 
-def _commit(writer: TeacherWriter, chunk: int, out: dict[str, Any]) -> None:
-    keys = ("indices", "logp", "tail", "counts")
-    writer.write_chunk(chunk, **{k: out[k] for k in keys if k in out}, features=out["features"], stats=out["stats"])
+def _commit(writer: TeacherWriter, chunk: int, out: ChunkOutput, lock: TeacherLock | None) -> None:
+    _guard_write(lambda: writer.write_chunk(chunk, **out.arrays, features=out.features, stats=out.stats),
+                 writer.store, f"writing chunk {chunk} of teacher {writer.meta.name!r}")
+    if lock is not None:
+        lock.beat()
+
+
+def _guard_write(write: Any, store: CacheStore, what: str) -> Any:
+    """Run `write`; a full disk or another OS error becomes a one-line `CacheWriteError`."""
+    try:
+        return write()
+    except OSError as e:
+        raise _write_error(e, store, what) from e
+
+
+def _write_error(e: OSError, store: CacheStore, what: str) -> OSError:
+    """`e` as a one-line `CacheWriteError` naming the file and the fix; `e` itself if it is not a write error."""
+    cause = e if e.errno is not None else e.__cause__
+    if (not isinstance(cause, OSError) or cause.errno is None or isinstance(e, (CacheNotFoundError, DiskFullError))):
+        return e
+    where = cause.filename or store.url
+    if cause.errno == errno.ENOSPC:
+        return DiskFullError(
+            f"disk full while {what}: cannot write {where}; free space on that disk (or move the cache) "
+            f"and re-run the same command: committed chunks are kept and only the rest is computed")
+    if isinstance(e, CacheWriteError):
+        return e
+    return CacheWriteError(f"{what}: cannot write {where} ({cause.strerror}); fix the destination and "
+                           f"re-run the same command: committed chunks are kept")

@@ -13,18 +13,18 @@ import sys
 import time
 from typing import Any
 
-import mtkd_cache.precompute.run
+import mtkd_cache.precompute.chunk
 from mtkd_cache.cli import main
 
 
 def _slowed(delay: float) -> None:
-    forward = mtkd_cache.precompute.run.forward_teacher
+    forward = mtkd_cache.precompute.chunk.forward_teacher
 
     def slow_forward(*args: Any, **kwargs: Any) -> Any:
         time.sleep(delay)
         return forward(*args, **kwargs)
 
-    mtkd_cache.precompute.run.forward_teacher = slow_forward  # type: ignore[assignment]
+    mtkd_cache.precompute.chunk.forward_teacher = slow_forward  # type: ignore[assignment]
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def test_nan_logits_name_the_sample(
     )
     before = snapshot(cache)
     kwargs = {"vocab_size": TOKENIZER_SIZE, "num_classes": 4, "prefix": list(starts[bad])}
-    with pytest.raises(NonFiniteLogitsError, match=rf"NaN/inf logits for sample ids \[{bad}\]"):
+    with pytest.raises(NonFiniteLogitsError, match=rf"NaN/inf logits for 1 sample\(s\), ids \[{bad}\]"):
         run_teacher(
             cache,
             RunConfig(teacher="nan", model="mtkd_test_factories:nan_classifier", top_k=2),

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import zarr
 
-from mtkd_cache import RunConfig, open_cache, run_teacher
-from mtkd_cache.format.reader import CacheReader
-from mtkd_cache.format.store import CacheStore
-from mtkd_cache.format.targets import TeacherWriter
+from mtkd_cache import RunConfig, open_cache, prepare, run_teacher
+from mtkd_cache.precompute.distributed import DistInfo, share_of
 from tests.mtkd_cache.conftest import REPO_ROOT
+from tests.mtkd_cache.test_run_faults import fail_at_chunk
+
+FAIL_TARGET = Path(__file__).with_name("_fail_target.py")
 
 
 def teacher_arrays(cache: Path, name: str) -> dict[str, np.ndarray]:
@@ -79,17 +81,54 @@ def test_torchrun_two_processes_equal_one_process_array_for_array(
     assert np.isclose(one.stats["mean_entropy"], two.stats["mean_entropy"], rtol=1e-9)
 
 
-def test_ranks_own_disjoint_contiguous_chunk_ranges_covering_the_cache(
-    copy_cache: Callable[..., Path], lm_template: Path
+def test_ranks_take_interleaved_shares_of_the_broadcast_todo_list() -> None:
+    todo = [3, 4, 7, 8, 9, 12, 15]
+    for world in (1, 2, 3, len(todo), len(todo) + 2):
+        shares = [share_of(todo, DistInfo(rank, world, rank, False)) for rank in range(world)]
+        assert sorted(c for share in shares for c in share) == todo, world
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1, "work is balanced to one chunk"
+
+
+def torchrun(nproc: int, args: list[str], env: dict[str, str], venv_bin: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [str(venv_bin / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(FAIL_TARGET), *args]
+    return subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+
+
+def commit_times(cache: Path) -> dict[int, float]:
+    return {int(p.stem): json.loads(p.read_text())["time"] for p in (cache / "teachers/lm/_commits").glob("*.json")}
+
+
+@pytest.mark.slow
+def test_resume_with_world_size_1_then_2_then_3_equals_one_uninterrupted_run(
+    tmp_path: Path, corpus: Path, lm_dir: Path, subprocess_env: dict[str, str], venv_bin: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    cache = copy_cache(lm_template)
-    reader = CacheReader(CacheStore(cache))
-    meta = reader.teacher("lm").meta
-    writer = TeacherWriter(CacheStore(cache), meta, reader.inputs, create=False)
-    # Pretend nothing is committed yet, so every chunk is pending.
-    writer.committed = lambda: set()  # type: ignore[method-assign]
-    n = reader.num_chunks
-    for world in (1, 2, 3, n, n + 2):
-        shares = [writer.pending(rank, world) for rank in range(world)]
-        assert [c for share in shares for c in share] == list(range(n)), world
-        assert all(share == list(range(share[0], share[-1] + 1)) for share in shares if share)
+    """Each stage crashes at a chunk (1 process, then 2 under torchrun/gloo); the 3-rank run finishes."""
+    reference, cache = tmp_path / "reference", tmp_path / "cache"
+    for c in (reference, cache):
+        prepare(c, corpus, tokenizer=lm_dir, max_length=16, chunk_samples=2, progress=False)
+    cfg = RunConfig(teacher="lm", model=str(lm_dir), top_k=8, features=(-1,), device="cpu")
+    run_teacher(reference, cfg, progress=False)
+    n = open_cache(cache).num_chunks
+    fail_at_chunk(monkeypatch, 4)
+    with pytest.raises(RuntimeError, match="chunk 4"):
+        run_teacher(cache, cfg, progress=False)
+    assert set(commit_times(cache)) == {0, 1, 2, 3}
+    args = ["run", str(cache), "--teacher", "lm", "--model", str(lm_dir), "--top-k", "8", "--features", "-1",
+            "--device", "cpu"]
+    two = torchrun(2, args, {**subprocess_env, "MTKD_TEST_FAIL_CHUNKS": str(n - 4)}, venv_bin)
+    assert two.returncode != 0 and f"simulated crash in chunk {n - 4}" in two.stderr, two.stderr[-3000:]
+    after_two = commit_times(cache)
+    # todo = [4, ..., n-1]: rank 0 takes 4, 6, ... and reaches n-4 only after committing those before it.
+    assert set(range(4, n - 4, 2)) <= set(after_two) and n - 4 not in after_two
+    assert set(after_two) & set(range(5, n, 2)), "rank 1 committed its share too"
+    three = torchrun(3, args, subprocess_env, venv_bin)
+    assert three.returncode == 0, three.stderr[-3000:]
+    final = commit_times(cache)
+    assert {c: final[c] for c in after_two} == after_two, "a committed chunk was recomputed"
+    a, b = teacher_arrays(reference, "lm"), teacher_arrays(cache, "lm")
+    assert sorted(a) == sorted(b) == ["features/layer_m1", "indices", "tail", "values"]
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    one, resumed = open_cache(reference).teacher("lm").meta, open_cache(cache).teacher("lm").meta
+    assert one.settings() == resumed.settings() and one.stats["positions"] == resumed.stats["positions"]

@@ -12,6 +12,7 @@ from mtkd_cache.precompute.extract import (
     TopKTooLargeError,
     check_finite,
     dequantize_int8_rows,
+    nonfinite_samples,
     pool_features,
     quantize_int8_rows,
     sample_targets,
@@ -227,3 +228,35 @@ def test_int8_round_trip_error_is_at_most_half_a_step() -> None:
     # The largest magnitude of each non-zero row uses the full int8 range.
     assert (q.abs().amax(dim=-1)[scale > 0] == 127).all()
     assert math.isclose(float(scale[1, 3]), float(x[1, 3].abs().max()) / 127, rel_tol=1e-6)
+
+
+def test_nonfinite_samples_ignore_nan_in_the_padded_vocabulary_columns() -> None:
+    logits = torch.randn(3, 4, 10)  # (B, T, V_padded), real vocabulary 8
+    logits[:, :, 8:] = float("nan")
+    logits[1, 2, 3] = float("inf")
+    assert nonfinite_samples(logits, vocab_size=8).tolist() == [False, True, False]
+    assert nonfinite_samples(logits).tolist() == [True, True, True]
+    check_finite(logits[[0, 2]], [10, 12], vocab_size=8)  # no error
+    with pytest.raises(NonFiniteLogitsError, match=r"sample ids \[11\]"):
+        check_finite(logits, [10, 11, 12], vocab_size=8)
+
+
+def test_sampled_targets_are_drawn_block_by_block_with_the_same_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows are softmaxed in blocks (never all (B T, V) in float32); on the CPU the draws equal one block's."""
+    from mtkd_cache.precompute import extract
+
+    logits = torch.randn(3, 50, 300, dtype=torch.bfloat16)
+    whole = sample_targets(logits, 16, 0.7, torch.Generator().manual_seed(5), vocab_size=290)
+    blocks: list[int] = []
+    real_softmax = torch.softmax
+
+    def spy(x: torch.Tensor, dim: int) -> torch.Tensor:
+        blocks.append(x.shape[0])
+        return real_softmax(x, dim=dim)
+
+    monkeypatch.setitem(extract._BLOCK_ELEMENTS, "cpu", 290 * 7)  # 7 rows per block
+    monkeypatch.setattr(torch, "softmax", spy)
+    blocked = sample_targets(logits, 16, 0.7, torch.Generator().manual_seed(5), vocab_size=290)
+    assert max(blocks) == 7 and sum(blocks) == 150
+    for a, b in zip(whole, blocked):
+        assert torch.equal(a, b)

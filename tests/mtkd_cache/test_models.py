@@ -109,6 +109,18 @@ def test_causal_lm_forward_matches_model_and_returns_hidden_states(llama_dir: Pa
     torch.testing.assert_close(no_hidden[0], expected)
 
 
+def test_requested_layers_only_are_kept(llama_dir: Path) -> None:
+    """Asking for layers (0, -1) keeps only those: the middle layer's activations are never returned."""
+    teacher = load_teacher(str(llama_dir), device=CPU, dtype=torch.float32)
+    batch = _token_batch(120)
+    _, every = forward_teacher(teacher, batch, want_hidden=True)
+    _, some = forward_teacher(teacher, batch, want_hidden=(0, -1))
+    assert every is not None and some is not None and len(some) == len(every) == 3
+    assert some[1] is None and every[1] is not None
+    torch.testing.assert_close(some[0], every[0])
+    torch.testing.assert_close(some[-1], every[-1])
+
+
 def test_weights_hash_is_stable_and_follows_content(llama_dir: Path, tmp_path: Path) -> None:
     first = load_teacher(str(llama_dir), device=CPU, dtype=torch.float32).weights_hash
     second = load_teacher(str(llama_dir), device=CPU, dtype=torch.bfloat16).weights_hash

@@ -171,7 +171,7 @@ def test_an_interrupted_prepare_is_not_a_cache_and_the_next_prepare_clears_it(
 ) -> None:
     cache = copy_cache(inputs_template)
     (cache / "manifest.json").unlink()
-    (cache / "leftover.bin").write_bytes(b"half-written")
+    (cache / "inputs" / ".samples-x.parquet.tmp").write_bytes(b"half-written")
     with pytest.raises(
         CacheNotFoundError,
         match=r"manifest.json is missing \(inputs were started but never finished",
@@ -186,7 +186,7 @@ def test_an_interrupted_prepare_is_not_a_cache_and_the_next_prepare_clears_it(
         domain_column="domain",
         progress=False,
     )
-    assert not (cache / "leftover.bin").exists()
+    assert not (cache / "inputs" / ".samples-x.parquet.tmp").exists()
     assert open_cache(cache).inputs.dataset_fingerprint == meta.dataset_fingerprint
 
 
@@ -284,3 +284,96 @@ def test_prepare_arrays_round_trip_with_unlabelled_samples(
 def test_prepare_arrays_lengths_must_agree(tmp_path: Path) -> None:
     with pytest.raises(InputDataError, match=r"same length; got \{'x': 4, 'labels': 3\}"):
         prepare_arrays(tmp_path / "c", {"x": np.zeros((4, 2))}, labels=[0, 1, 2])
+
+
+def test_a_folder_that_is_not_a_cache_is_refused_and_left_untouched(
+    tmp_path: Path, corpus: Path, lm_dir: Path, snapshot: Snapshot
+) -> None:
+    folder = tmp_path / "project"
+    (folder / ".git").mkdir(parents=True)
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / "notes.txt").write_text("mine")
+    before = snapshot(folder)
+    for overwrite in (False, True):
+        with pytest.raises(CacheExistsError, match=r"is not empty and is not an mtkd cache \(found \.git, notes\.txt\)"):
+            prepare(folder, corpus, tokenizer=lm_dir, max_length=8, overwrite=overwrite, progress=False)
+        assert snapshot(folder) == before
+
+
+def test_data_inside_the_destination_is_never_deleted(
+    tmp_path: Path, corpus: Path, lm_dir: Path, snapshot: Snapshot
+) -> None:
+    folder = tmp_path / "work"
+    folder.mkdir()
+    data = folder / "corpus.jsonl"
+    data.write_bytes(corpus.read_bytes())
+    before = snapshot(folder)
+    with pytest.raises(CacheExistsError, match=r"not an mtkd cache \(found corpus\.jsonl\)"):
+        prepare(folder, data, tokenizer=lm_dir, max_length=8, overwrite=True, progress=False)
+    assert snapshot(folder) == before
+    with pytest.raises(InputDataError, match=r"lies inside --data"):
+        prepare(folder / "cache", folder, tokenizer=lm_dir, max_length=8, progress=False)
+    assert snapshot(folder) == before
+
+
+def test_overwrite_removes_only_mtkd_keys_of_a_cache(
+    copy_cache: Callable[..., Path], inputs_template: Path, corpus: Path, lm_dir: Path
+) -> None:
+    cache = copy_cache(inputs_template)
+    (cache / "README.md").write_text("team notes")
+    (cache / "inputs" / "stray.tmp-0a1b2c3d").write_text("mtkd's half-written file")
+    data = cache / "teachers" / "corpus.jsonl"
+    data.parent.mkdir()
+    data.write_bytes(corpus.read_bytes())
+    with pytest.raises(InputDataError, match=r"--data .* lies inside the cache's 'teachers'"):
+        prepare(cache, data, tokenizer=lm_dir, max_length=8, overwrite=True, progress=False)
+    assert data.exists()
+    data.unlink()
+    meta = prepare(cache, corpus, tokenizer=lm_dir, max_length=8, overwrite=True, progress=False)
+    assert (cache / "README.md").read_text() == "team notes"
+    assert not (cache / "inputs" / "stray.tmp-0a1b2c3d").exists()
+    assert open_cache(cache).inputs == meta and meta.max_length == 8
+
+
+def test_a_manifest_that_is_not_mtkds_makes_a_foreign_folder(tmp_path: Path, corpus: Path, lm_dir: Path) -> None:
+    folder = tmp_path / "site"
+    folder.mkdir()
+    (folder / "manifest.json").write_text('{"name": "my web app"}')
+    with pytest.raises(CacheExistsError, match=r"not an mtkd cache \(found manifest\.json\)"):
+        prepare(folder, corpus, tokenizer=lm_dir, max_length=8, overwrite=True, progress=False)
+    assert (folder / "manifest.json").read_text() == '{"name": "my web app"}'
+
+
+def test_prepare_writes_its_temporaries_inside_the_cache(
+    tmp_path: Path, corpus: Path, lm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill leaks nothing outside the cache: every temporary lives under it while prepare runs."""
+    import tempfile
+
+    outside = tmp_path / "system_tmp"
+    outside.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(outside))
+    seen: list[list[str]] = []
+    from mtkd_cache.format import inputs as inputs_module
+
+    real_flush = inputs_module.InputsWriter._flush
+
+    def spying_flush(self: inputs_module.InputsWriter) -> None:
+        seen.append(sorted(p.name for p in (tmp_path / "cache" / "inputs").iterdir()))
+        real_flush(self)
+
+    monkeypatch.setattr(inputs_module.InputsWriter, "_flush", spying_flush)
+    prepare(tmp_path / "cache", corpus, tokenizer=lm_dir, max_length=8, chunk_samples=4, progress=False)
+    assert list(outside.iterdir()) == []
+    assert any(any(n.startswith(".samples-") and n.endswith(".parquet.tmp") for n in names) for names in seen)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".parquet.tmp")]
+
+
+def test_overwrite_with_the_same_settings_keeps_the_inputs_and_teachers(
+    copy_cache: Callable[..., Path], lm_template: Path, corpus: Path, lm_dir: Path, snapshot: Snapshot
+) -> None:
+    cache = copy_cache(lm_template)
+    before = snapshot(cache)
+    prepare(cache, corpus, tokenizer=lm_dir, max_length=MAX_LENGTH, chunk_samples=CHUNK_SAMPLES,
+            domain_column="domain", overwrite=True, progress=False)
+    assert snapshot(cache) == before and open_cache(cache).teacher_names == ["lm"]

@@ -150,14 +150,14 @@ def test_run_that_failed_mid_way_resumes_where_it_stopped(
     reference = Path(shutil.copytree(many_chunks, tmp_path / "reference"))
     cfg = RunConfig(teacher="lm", model=str(lm_dir), top_k=8, samples=None)
     run_teacher(reference, cfg, progress=False)
-    real_run_chunk = mtkd_cache.precompute.run._run_chunk
+    real_run_chunk = mtkd_cache.precompute.run.run_chunk
 
     def failing(*args: Any, **kwargs: Any) -> Any:
-        if args[4] == 5:  # (reader, teacher, meta, cfg, chunk, ...)
+        if args[3] == 5:  # (data, teacher, meta, chunk, ...)
             raise RuntimeError("simulated crash in chunk 5")
         return real_run_chunk(*args, **kwargs)
 
-    monkeypatch.setattr(mtkd_cache.precompute.run, "_run_chunk", failing)
+    monkeypatch.setattr(mtkd_cache.precompute.run, "run_chunk", failing)
     with pytest.raises(RuntimeError, match="chunk 5"):
         run_teacher(many_chunks, cfg, progress=False)
     before = markers(many_chunks, "lm")
@@ -167,10 +167,10 @@ def test_run_that_failed_mid_way_resumes_where_it_stopped(
     calls: list[int] = []
 
     def counting(*args: Any, **kwargs: Any) -> Any:
-        calls.append(args[4])
+        calls.append(args[3])
         return real_run_chunk(*args, **kwargs)
 
-    monkeypatch.setattr(mtkd_cache.precompute.run, "_run_chunk", counting)
+    monkeypatch.setattr(mtkd_cache.precompute.run, "run_chunk", counting)
     run_teacher(many_chunks, cfg, progress=False)
     num_chunks = open_cache(many_chunks).num_chunks
     assert calls == list(range(5, num_chunks)), "only the uncommitted chunks are computed again"
@@ -197,19 +197,19 @@ def test_half_done_run_with_other_settings_is_refused(
     monkeypatch: pytest.MonkeyPatch,
     snapshot: Callable[[Path], dict[str, str]],
 ) -> None:
-    real_run_chunk = mtkd_cache.precompute.run._run_chunk
+    real_run_chunk = mtkd_cache.precompute.run.run_chunk
 
     def failing(*args: Any, **kwargs: Any) -> Any:
-        if args[4] == 2:
+        if args[3] == 2:
             raise RuntimeError("simulated crash")
         return real_run_chunk(*args, **kwargs)
 
-    monkeypatch.setattr(mtkd_cache.precompute.run, "_run_chunk", failing)
+    monkeypatch.setattr(mtkd_cache.precompute.run, "run_chunk", failing)
     with pytest.raises(RuntimeError):
         run_teacher(
             many_chunks, RunConfig(teacher="lm", model=str(lm_dir), top_k=8), progress=False
         )
-    monkeypatch.setattr(mtkd_cache.precompute.run, "_run_chunk", real_run_chunk)
+    monkeypatch.setattr(mtkd_cache.precompute.run, "run_chunk", real_run_chunk)
     before = snapshot(many_chunks)
     with pytest.raises(CacheExistsError, match=r"'lm'.*target.*--overwrite"):
         run_teacher(

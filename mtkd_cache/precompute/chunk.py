@@ -1,0 +1,176 @@
+"""One chunk of a teacher run: forward its samples in length-grouped batches and reduce the logits.
+
+Per batch, on the teacher's device: a finiteness check over the real vocabulary and the
+non-padding positions, then the compressed targets (top-k log-probabilities + exact tail, or
+sampled tokens + counts), entropy / top-1 statistics and the requested features. Only those cross
+to the host. A batch with non-finite logits is not reduced: its sample ids are collected, the rest
+of the chunk is still checked (so every bad sample is named), and the chunk is not committed.
+Cost: one teacher forward per position plus O(V) reductions per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtkd_cache.format.meta import TargetSpec, TeacherMeta
+from mtkd_cache.format.reader import ChunkData
+from mtkd_cache.precompute.batching import length_grouped_batches, pad_batch
+from mtkd_cache.precompute.device import autocast_context
+from mtkd_cache.precompute.extract import (
+    distribution_stats,
+    nonfinite_samples,
+    pool_features,
+    sample_targets,
+    topk_targets_with_stats,
+)
+from mtkd_cache.precompute.models import LoadedTeacher, forward_teacher
+
+__all__ = ["ChunkOutput", "batch_inputs", "cpu_reducers", "run_chunk"]
+
+
+@dataclass
+class ChunkOutput:
+    """What one chunk produced: host arrays in sample order and stats, or the bad sample ids."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    """indices, logp, tail (top-k) or indices, counts (sampled); (R, W) / (R,) rows."""
+    features: dict[int, np.ndarray] = field(default_factory=dict)
+    stats: dict[str, float] = field(default_factory=dict)
+    nonfinite: list[int] = field(default_factory=list)
+    """Sample ids with NaN/inf logits; when not empty the chunk must not be committed."""
+
+
+def batch_inputs(data: ChunkData, idx: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """The model inputs of samples `idx` of a chunk: padded token ids + mask, or stacked arrays."""
+    if "token_ids" in data.inputs:
+        toks = data.inputs["token_ids"]
+        seqs = [toks[data.offsets[i] : data.offsets[i] + data.lengths[i]] for i in idx]
+        return pad_batch(seqs, pad_id)
+    return {k: torch.from_numpy(np.ascontiguousarray(v[list(idx)])) for k, v in data.inputs.items()}
+
+
+@dataclass(frozen=True)
+class _Reducers:
+    """Single-threaded CPU workers for the per-batch reductions (see `_reduce_batch`)."""
+
+    pool: ThreadPoolExecutor
+    workers: int
+
+
+def _reduce(logits: torch.Tensor, rows_mask: torch.Tensor | None, spec: TargetSpec, vocab_size: int
+            ) -> tuple[list[int], list[torch.Tensor]]:
+    """(rows with non-finite logits, []) or ([], [indices, logp, tail] (top-k only) + [entropy, top1])."""
+    bad = nonfinite_samples(logits, mask=rows_mask, vocab_size=vocab_size)  # (B,)
+    if bool(bad.any()):
+        return bad.nonzero().flatten().tolist(), []
+    if spec.kind != "topk":
+        return [], list(distribution_stats(logits, spec.temperature, vocab_size))  # (B, T) each
+    return [], list(topk_targets_with_stats(logits, spec.k, spec.temperature, vocab_size))  # type: ignore[arg-type]
+
+
+def _reduce_batch(reducers: _Reducers | None, logits: torch.Tensor, rows_mask: torch.Tensor | None,
+                  spec: TargetSpec, vocab_size: int) -> tuple[list[int], list[torch.Tensor]]:
+    """`_reduce` on the device, or on the CPU split by samples over the single-threaded `reducers`.
+
+    The O(V) reductions are many short passes over cache-sized row blocks. Under torch's
+    intra-op threads each pass is a parallel region whose barrier waits for every thread, and on
+    a shared CPU a descheduled thread stalls each of the ~10^3 barriers per batch (5x slower than
+    one thread at load 6 on 2 cores; benchmarks/precompute_overhead.py). Slices of the batch on
+    workers with one intra-op thread each never wait for one another.
+    """
+    if reducers is None:
+        return _reduce(logits, rows_mask, spec, vocab_size)
+    parts = np.array_split(np.arange(logits.shape[0]), min(reducers.workers, logits.shape[0]))
+    futures = [reducers.pool.submit(_reduce, logits[p[0]: p[-1] + 1],
+                                    None if rows_mask is None else rows_mask[p[0]: p[-1] + 1], spec, vocab_size)
+               for p in parts]
+    results = [f.result() for f in futures]
+    bad = [int(p[0]) + row for p, (rows, _) in zip(parts, results) for row in rows]
+    if bad:
+        return bad, []
+    return [], [torch.cat(pieces) for pieces in zip(*(r for _, r in results))]
+
+
+@contextlib.contextmanager
+def cpu_reducers(device: torch.device) -> Iterator[_Reducers | None]:
+    """One single-threaded reduction worker per intra-op thread on the CPU; None elsewhere."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads < 2:
+        yield None
+        return
+    try:
+        with ThreadPoolExecutor(threads, thread_name_prefix="mtkd-reduce", initializer=torch.set_num_threads,
+                                initargs=(1,)) as pool:
+            yield _Reducers(pool, threads)
+    finally:
+        torch.set_num_threads(threads)  # the workers' setting also lowered the default of new threads
+
+
+def run_chunk(data: ChunkData, teacher: LoadedTeacher, meta: TeacherMeta, chunk: int, *, seed: int,
+              batch_size: int, max_tokens: int | None, device: torch.device, dtype: torch.dtype, pad_id: int,
+              reducers: _Reducers | None = None) -> ChunkOutput:
+    """Forward every sample of one chunk; host arrays in sample order plus stats (see module doc)."""
+    n = len(data.sample_ids)
+    lengths = data.lengths.tolist() if "token_ids" in data.inputs else [1] * n
+    per_sample: list[dict[str, Any]] = [{} for _ in range(n)]
+    stats = {"positions": 0.0, "tail_sum": 0.0, "entropy_sum": 0.0, "top1_prob_sum": 0.0}
+    spec = meta.target
+    if spec.kind != "topk":
+        del stats["tail_sum"]
+    gen: torch.Generator | None = None
+    result = ChunkOutput(stats=stats)
+    for idx in length_grouped_batches(lengths, max_tokens, batch_size):
+        batch = batch_inputs(data, idx, pad_id)
+        with autocast_context(device, dtype):
+            logits, hidden = forward_teacher(teacher, batch, want_hidden=tuple(f.layer for f in meta.features))
+        mask = batch.get("attention_mask")
+        rows_mask = mask.to(logits.device).bool() if (mask is not None and meta.grid == "token") else None
+        bad, reduced = _reduce_batch(reducers, logits, rows_mask, spec, teacher.vocab_size)
+        result.nonfinite.extend(int(data.sample_ids[idx[b]]) for b in bad)
+        if result.nonfinite:
+            continue  # this chunk is lost; keep checking its other batches to name every bad sample
+        *out, ent, top1 = reduced
+        if spec.kind != "topk":
+            if gen is None:  # on the logits' device (a device-mapped teacher's last GPU)
+                gen = torch.Generator(device=logits.device).manual_seed(seed * 1_000_003 + chunk)
+            out = list(sample_targets(logits, spec.draws, spec.temperature, gen, teacher.vocab_size))  # type: ignore[arg-type]
+        host = [t.cpu().numpy() for t in (*out, ent, top1)]
+        feats = _features(meta, hidden, mask)
+        for b, i in enumerate(idx):
+            r = lengths[i] if meta.grid == "token" else 1
+            per_sample[i] = {"t": [a[b, :r] for a in host[:-2]],
+                             "feat": {k: v[b, :r] if v.ndim == 3 else v[b] for k, v in feats.items()}}
+            stats["positions"] += r
+            if spec.kind == "topk":
+                stats["tail_sum"] += float(host[2][b, :r].sum())
+            stats["entropy_sum"] += float(host[-2][b, :r].sum())
+            stats["top1_prob_sum"] += float(host[-1][b, :r].sum())
+    if result.nonfinite:
+        return result
+    cat = [np.concatenate([s["t"][j] for s in per_sample]) for j in range(len(per_sample[0]["t"]))]
+    names = ("indices", "logp", "tail") if spec.kind == "topk" else ("indices", "counts")
+    result.arrays = dict(zip(names, cat))
+    for f in meta.features:
+        vals = [s["feat"][f.layer] for s in per_sample]
+        result.features[f.layer] = np.concatenate(vals) if vals[0].ndim == 2 else np.stack(vals)
+    return result
+
+
+def _features(meta: TeacherMeta, hidden: Sequence[torch.Tensor | None] | None, mask: torch.Tensor | None
+              ) -> dict[int, np.ndarray]:
+    feats = {}
+    for f in meta.features:
+        h = hidden[f.layer]  # type: ignore[index]
+        assert h is not None, f"layer {f.layer} was requested from the teacher"
+        if f.pool == "mean" and h.ndim == 3:
+            m = mask if mask is not None else torch.ones(h.shape[:2])
+            h = pool_features(h, m.to(h.device), "mean")
+        feats[f.layer] = h.float().cpu().numpy()
+    return feats
