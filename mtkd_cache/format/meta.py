@@ -319,10 +319,16 @@ class TeacherMeta:
                 raise CacheFormatError(f"teacher {name} must be a {cls.__name__}, got {getattr(self, name)!r}")
 
     def settings(self) -> dict[str, Any]:
-        """The fields that define what is computed; a rerun must match them to resume."""
+        """The fields that define what is computed; a rerun must match them to resume.
+
+        ``model_kwargs`` is left out when there are none, so teachers cached before the field
+        existed (or migrated from v1) keep their settings hash.
+        """
         d = self.to_dict()
         for volatile in ("stats", "created", "mtkd_version"):
             d.pop(volatile)
+        if d.get("model_kwargs") is None:
+            d.pop("model_kwargs", None)
         return d
 
     def settings_hash(self) -> str:

@@ -89,7 +89,7 @@ class TeacherWriter:
             return
         if not overwrite and self.store.exists(f"{self.key}/_run.json"):
             have = self.store.read_json(f"{self.key}/_run.json")
-            if _without_none(have) != _without_none(want):  # a key added since (None by default) is no change
+            if have != want:
                 raise self._exists(have, want)
             if self._arrays_exist():
                 return  # resume
@@ -203,7 +203,3 @@ def _means(totals: Mapping[str, float]) -> dict[str, float]:
     n = max(1.0, totals.get("positions", 0.0))
     return {f"mean_{key}": totals[f"{key}_sum"] / n for key in ("tail", "entropy", "top1_prob") if f"{key}_sum" in totals}
 
-
-def _without_none(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Settings without the keys whose value is None, so a record older than such a key compares equal."""
-    return {k: v for k, v in settings.items() if v is not None}

@@ -53,13 +53,13 @@ def test_repair_then_run_recomputes_only_the_damaged_chunk(
     assert open_cache(cache).teacher_names == []
 
     ran: list[int] = []
-    real = mtkd_cache.precompute.run._run_chunk
+    real = mtkd_cache.precompute.run.run_chunk
 
     def spy(*args: Any, **kwargs: Any) -> Any:
-        ran.append(args[4])
+        ran.append(args[3])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mtkd_cache.precompute.run, "_run_chunk", spy)
+    monkeypatch.setattr(mtkd_cache.precompute.run, "run_chunk", spy)
     run_teacher(cache, RunConfig(teacher="lm", model=str(lm_dir), top_k=8), progress=False)
     assert ran == [2]
     assert verify_cache(cache, progress=False).ok
@@ -81,7 +81,7 @@ def test_repair_of_an_edited_teacher_json_recomputes_nothing(
         run_teacher(cache, RunConfig(teacher="lm", model=str(lm_dir), top_k=8), progress=False)
     report = verify_cache(cache, progress=False, repair=True)
     assert not report.ok and report.damaged == {"lm": []}
-    monkeypatch.setattr(mtkd_cache.precompute.run, "_run_chunk", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(mtkd_cache.precompute.run, "run_chunk", lambda *a, **k: pytest.fail("recomputed"))
     run_teacher(cache, RunConfig(teacher="lm", model=str(lm_dir), top_k=8), progress=False)
     assert verify_cache(cache, progress=False).ok
     assert open_cache(cache).teacher("lm").meta.values.step == 1 / 16
