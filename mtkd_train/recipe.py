@@ -276,7 +276,7 @@ class DistillRecipe:
         if c.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad)
-        lr = self.scheduler.get_last_lr()[0]  # the rate this step used; step() moves to the next one
+        lr = float(self.scheduler.get_last_lr()[0])  # the rate this step used; step() moves to the next one
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
