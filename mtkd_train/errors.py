@@ -10,17 +10,17 @@ import mtkd_cache.errors as _cache_errors
 from mtkd_train.aggregate._base import AggregationConfigError, AggregationInputError
 from mtkd_train.checkpoint import CheckpointError
 from mtkd_train.config import ConfigError
-from mtkd_train.data._errors import (
-    IncompleteTeacherError,
-    StreamConfigError,
-    StreamStateError,
-    TeacherMismatchError,
-    TeacherNotFoundError,
-)
+from mtkd_train.data import _errors as _stream
 from mtkd_train.losses._kd import LossConfigError
 from mtkd_train.student import StudentError
 from mtkd_train.targets import TargetsError
 from mtkd_train.uncertainty import UncertaintyError
+
+IncompleteTeacherError = _stream.IncompleteTeacherError
+StreamConfigError = _stream.StreamConfigError
+StreamStateError = _stream.StreamStateError
+TeacherMismatchError = _stream.TeacherMismatchError
+TeacherNotFoundError = _stream.TeacherNotFoundError
 
 __all__ = [
     "USER_ERRORS",

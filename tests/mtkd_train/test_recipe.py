@@ -128,3 +128,10 @@ def test_saved_student_loads_with_from_pretrained(lm_cache: LMCache, tmp_path: P
     evals = [r for r in read_metrics(tmp_path) if "eval" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert all(r["eval"]["student"]["positions"] > 0 for r in evals)
+
+
+def test_feature_student_layer_is_honoured(lm_cache: LMCache, tmp_path: Path) -> None:
+    cfg = _cfg(lm_cache, tmp_path, features={"a": {"layer": -1, "student_layer": 0}}, aggregate="gate")
+    recipe = _train(cfg)
+    assert recipe.objective.hidden_layers == (-1, 0)  # the gate reads the last layer, the feature term layer 0
+    assert all(math.isfinite(r["feat"]) for r in read_metrics(tmp_path))
