@@ -341,7 +341,11 @@ class DistillRecipe:
 
     # -- evaluation and saving -------------------------------------------------------------------
     def evaluate(self, teachers: bool = False) -> dict[str, Any]:
-        """Student (and optionally cached teachers) on `eval_cache`, split across ranks (a collective)."""
+        """Student (and optionally cached teachers) on `eval_cache`.
+
+        The student's batches are split across ranks and reduced on the device (a collective: every
+        rank calls it and gets the student's scores); the teachers' scores are on rank 0 only.
+        """
         if self.eval_reader is None:
             raise ConfigError("evaluation needs `eval_cache` (--eval-cache): a held-out cache with the same tokenizer")
         c = self.cfg
@@ -349,7 +353,7 @@ class DistillRecipe:
             self.student, self.eval_reader, batch_size=c.batch_size, max_samples=c.eval_max_samples,
             mc_samples=c.mc_samples, device=self.device, vocab_size=self.vocab_size, amp_dtype=self.amp_dtype,
             rank=self.rank, world=self.world)}
-        if teachers:
+        if teachers and self.rank == 0:  # read from the cache, no forward: rank 0 alone
             present = [t for t in c.teachers if t in self.eval_reader.teacher_names]
             res["teachers"] = evaluate_teachers(self.eval_reader, present, max_samples=c.eval_max_samples)
         return res
