@@ -157,8 +157,9 @@ class TrainConfig:
     """Seed of model init, data order and dropout."""
     shuffle_chunks: int = 4
     """Chunks mixed in the shuffle window (bounded shuffle buffer)."""
-    num_workers: int = 0
-    """DataLoader workers."""
+    num_workers: int = 2
+    """DataLoader workers decoding the next batches while the step runs (0: decode in the training
+    process). The batch order, and so the losses, are the same for any value."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N."""
     amp: str = "auto"
