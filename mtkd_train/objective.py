@@ -22,7 +22,7 @@ from mtkd_train.aggregate import (
 )
 from mtkd_train.aggregate import make_aggregator as build_operator
 from mtkd_train.losses import combine, hard_label_loss, kd_loss, weighted_forward_kl
-from mtkd_train.rows import row_labels, row_targets
+from mtkd_train.rows import row_labels, row_targets, take_rows
 
 __all__ = ["Objective", "make_aggregator", "row_labels", "row_targets"]
 # row_labels / row_targets live in mtkd_train.rows; re-exported here for existing callers.
@@ -85,30 +85,31 @@ class Objective(nn.Module):
         layers += [self.feature_layers[t] for t in self.feature_keys] if self.features is not None else []
         return tuple(dict.fromkeys(layers))
 
-    def _context(self, batch: Mapping[str, Any], rows: torch.Tensor, labels: torch.Tensor,
+    def _context(self, batch: Mapping[str, Any], mask: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
                  hidden: torch.Tensor | Mapping[int, torch.Tensor] | None) -> AggregationContext:
         """The per-batch fields the operator declared, at the real rows (P, ...)."""
         need = self.aggregator.context
         domains = batch.get("domains") if "domains" in need else None
         gate_logits = None
         if self.gate is not None and "gate_logits" in need:
-            gate_logits = self.gate(_hidden_at(hidden, -1)[rows].detach())
+            gate_logits = self.gate(take_rows(_hidden_at(hidden, -1), rows).detach())
         return AggregationContext(
             labels=labels if "labels" in need else None,
-            domains=None if domains is None else domains.view(-1, 1).expand(rows.shape)[rows],
+            domains=None if domains is None else take_rows(domains.view(-1, 1).expand(mask.shape), rows),
             gate_logits=gate_logits)
 
     def forward(self, batch: Mapping[str, Any], logits: torch.Tensor,
                 hidden: torch.Tensor | Mapping[int, torch.Tensor] | None, student_task: str
                 ) -> dict[str, torch.Tensor]:
         """Loss terms for one micro-batch. logits (B, T, V_s); hidden (B, T, D), {layer: (B, T, D)} or None."""
-        rows = batch["position_mask"] if student_task == "causal_lm" else torch.ones(
+        mask = batch["position_mask"] if student_task == "causal_lm" else torch.ones(
             logits.shape[:2], dtype=torch.bool, device=logits.device)
-        z = logits[rows]  # (P, V_s)
-        labels = row_labels(batch, student_task)[rows]  # (P,)
+        rows = batch.get("row_index", mask)  # a flat index made on the host gathers without a device sync
+        z = take_rows(logits, rows)  # (P, V_s)
+        labels = take_rows(row_labels(batch, student_task), rows)  # (P,)
         targets = [row_targets(batch["targets"][n], rows, tc, self.vocab_size, self.T)
                    for n, tc in zip(self.teachers, self.capture_t)]
-        ctx = self._context(batch, rows, labels, hidden)
+        ctx = self._context(batch, mask, rows, labels, hidden)
         out: dict[str, torch.Tensor] = {}
         weights = self.aggregator.weights(targets, ctx)
         if weights is not None and self.loss_kind == "forward_kl" and self.tail_mode == "spread":
@@ -132,17 +133,17 @@ class Objective(nn.Module):
         elif weights is not None:
             out["teacher_weights"] = weights.detach().mean(0)
         if self.features is not None and hidden is not None:
-            out["feat"] = self._feature_loss(self.features, batch, rows, hidden)
+            out["feat"] = self._feature_loss(self.features, batch, mask, rows, hidden)
             total = total + out["feat"]
         out["loss"] = total
         return out
 
-    def _feature_loss(self, features: nn.Module, batch: Mapping[str, Any], rows: torch.Tensor,
+    def _feature_loss(self, features: nn.Module, batch: Mapping[str, Any], mask: torch.Tensor, rows: torch.Tensor,
                       hidden: torch.Tensor | Mapping[int, torch.Tensor]) -> torch.Tensor:
         """sum_t beta_t * d(W_t h_t, f_t), each teacher against its own student layer."""
         feats = [batch["features"][n][key] for n, key in self.feature_keys.items()]
         hs = [_hidden_at(hidden, self.feature_layers[n]) for n in self.feature_keys]
         if feats[0].dim() == 3:  # per position: (B, T, D_t) -> (P, D_t)
-            return features([h[rows] for h in hs], [f[rows] for f in feats])
-        m = rows.unsqueeze(-1).to(hs[0].dtype)  # pooled per sample: mean of the student's real rows, (B, D_s)
+            return features([take_rows(h, rows) for h in hs], [take_rows(f, rows) for f in feats])
+        m = mask.unsqueeze(-1).to(hs[0].dtype)  # pooled per sample: mean of the student's real rows, (B, D_s)
         return features([(h * m).sum(1) / m.sum(1).clamp_min(1.0) for h in hs], feats)

@@ -44,6 +44,7 @@ from mtkd_train.metrics import MetricLogger
 from mtkd_train.objective import Objective
 from mtkd_train.optim import build_optimizer, build_scaler
 from mtkd_train.rng import gather_rng_states, restore_rng, seed_all
+from mtkd_train.rows import row_index
 from mtkd_train.signals import StopSignal
 from mtkd_train.student import Student, load_student, save_student
 
@@ -158,6 +159,9 @@ class DistillRecipe:
         if grid == "sample" and task == "causal_lm":
             raise ConfigError(f"`student` {c.student!r} is a causal LM but the teachers {teachers} store one target "
                               f"per sample ({self.vocab_size} classes); use a classifier student")
+        if grid == "sample" and not self.reader.inputs.has_labels and c.alpha < 1:
+            raise ConfigError(f"`alpha` is {c.alpha} but the cache {c.cache} has no labels for the CE term; set "
+                              f"--alpha 1 (KD only) or prepare the cache with a label column")
         if grid == "sample" and size not in (0, self.vocab_size):
             raise ConfigError(f"`student` {c.student!r} has {size} classes but the teachers {teachers} have "
                               f"{self.vocab_size}; give the student {self.vocab_size} outputs")
@@ -266,10 +270,10 @@ class DistillRecipe:
         sums: dict[str, Any] = {}
         positions = torch.zeros((), dtype=torch.long, device=self.device)
         for micro in range(c.grad_accum):
-            batch = _to_device(next(it), self.device)
+            batch = _to_device(next(it), self.device, per_token=self.student.task == "causal_lm")
             self.dataset.consumed(1)
             terms = self._loss_step(step_model, batch, micro == c.grad_accum - 1)
-            positions += batch["position_mask"].sum() if "position_mask" in batch else len(batch["sample_ids"])
+            positions += len(batch["row_index"])
             for k, v in terms.items():
                 if v.dim() == 0:
                     sums[k] = sums.get(k, 0) + v.float() / c.grad_accum
@@ -307,9 +311,8 @@ class DistillRecipe:
                 bar.update(1)
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}")
                 if self.metrics is not None and self.step % c.log_every == 0:
-                    lr = scalars.pop("lr")
-                    self.metrics.log(self.step, {"lr": lr, **scalars,
-                                                 "positions_per_s": positions / max(time.perf_counter() - t0, 1e-9)}, **extra)
+                    rate = positions / max(time.perf_counter() - t0, 1e-9)
+                    self.metrics.log(self.step, {**scalars, "positions_per_s": rate}, **extra)
                 if c.checkpoint_every and self.step % c.checkpoint_every == 0:
                     self.save_checkpoint()
                 if c.eval_every and self.step % c.eval_every == 0 and c.eval_cache:
@@ -372,8 +375,20 @@ class DistillRecipe:
             dist.destroy_process_group()
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+def _to_device(batch: dict[str, Any], device: torch.device, per_token: bool) -> dict[str, Any]:
+    """Copy a batch to `device`, with the flat index of its scored rows made on the host first.
+
+    `per_token` (causal LM students): the real positions; otherwise one row per sample (T = 1).
+    """
+    if "row_index" not in batch:
+        rows = row_index(batch["position_mask"]) if per_token else torch.arange(len(batch["sample_ids"]))
+        batch = {**batch, "row_index": rows}
     if device.type == "cpu":
         return batch
-    return {k: _to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True)
-            for k, v in batch.items()}
+    return {k: _nested_to(v, device) for k, v in batch.items()}
+
+
+def _nested_to(v: Any, device: torch.device) -> Any:
+    if isinstance(v, dict):
+        return {k: _nested_to(x, device) for k, x in v.items()}
+    return v.to(device, non_blocking=True)
