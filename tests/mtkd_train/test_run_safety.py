@@ -142,3 +142,19 @@ def test_user_errors_hold_every_public_error() -> None:
             if name != "USER_ERRORS":
                 assert getattr(module, name) in mtkd_train.errors.USER_ERRORS, name
     assert ValueError not in mtkd_train.errors.USER_ERRORS
+
+
+def test_every_error_class_of_mtkd_train_is_in_errors_py() -> None:
+    import importlib
+    import inspect
+    import pkgutil
+
+    import mtkd_train
+
+    defined = set()
+    for info in pkgutil.walk_packages(mtkd_train.__path__, "mtkd_train."):
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if inspect.isclass(obj) and issubclass(obj, Exception) and obj.__module__ == info.name:
+                defined.add(name)
+    assert defined and defined <= set(mtkd_train.errors.__all__), defined - set(mtkd_train.errors.__all__)
