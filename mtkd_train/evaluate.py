@@ -31,34 +31,44 @@ __all__ = ["eval_batches", "evaluate_student", "evaluate_teachers"]
 
 
 def eval_batches(reader: CacheReader, batch_size: int, max_samples: int | None = None,
-                 pad_id: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Sequential batches of the cache's inputs (no targets), in sample order."""
-    seen = 0
+                 pad_id: int = 0, *, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """Sequential batches of the cache's inputs (no targets), in sample order.
+
+    Batches are numbered across chunks; with `world > 1` this rank gets batches j with
+    j % world == rank, and a chunk holding none of them is not read (not decoded).
+    """
+    seen, j = 0, 0
     for c in range(reader.num_chunks):
-        data = reader.read_chunk(c)
-        n = len(data.sample_ids)
-        for s in range(0, n, batch_size):
-            idx = list(range(s, min(n, s + batch_size)))
-            if max_samples is not None:
-                idx = idx[: max(0, max_samples - seen)]
-            if not idx:
-                return
-            seen += len(idx)
-            batch: dict[str, torch.Tensor] = {"sample_ids": torch.as_tensor(data.sample_ids[idx])}
-            if "token_ids" in data.inputs:
-                L = int(data.lengths[idx].max())
-                ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
-                real = torch.zeros((len(idx), L), dtype=torch.bool)
-                for b, i in enumerate(idx):
-                    o, n_i = int(data.offsets[i]), int(data.lengths[i])
-                    ids[b, :n_i] = torch.from_numpy(data.inputs["token_ids"][o : o + n_i])
-                    real[b, :n_i] = True
-                batch.update(input_ids=ids, attention_mask=real.long(), position_mask=real)
-            else:
-                batch.update({k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in data.inputs.items()})
-            if data.labels is not None:
-                batch["labels"] = torch.as_tensor(data.labels[idx])
-            yield batch
+        start, end = reader.inputs.grid.sample_range(c)
+        n = end - start if max_samples is None else min(end - start, max_samples - seen)
+        if n <= 0:
+            return
+        count = -(-n // batch_size)
+        mine = [b for b in range(count) if (j + b) % world == rank]
+        seen, j = seen + n, j + count
+        if mine:
+            data = reader.read_chunk(c)
+            for b in mine:
+                yield _batch(data, list(range(b * batch_size, min(n, (b + 1) * batch_size))), pad_id)
+
+
+def _batch(data: Any, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """The inputs (and labels) of samples `idx` of a decoded chunk, padded to their longest."""
+    batch: dict[str, torch.Tensor] = {"sample_ids": torch.as_tensor(data.sample_ids[idx])}
+    if "token_ids" in data.inputs:
+        L = int(data.lengths[idx].max())
+        ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
+        real = torch.zeros((len(idx), L), dtype=torch.bool)
+        for b, i in enumerate(idx):
+            o, n_i = int(data.offsets[i]), int(data.lengths[i])
+            ids[b, :n_i] = torch.from_numpy(data.inputs["token_ids"][o : o + n_i])
+            real[b, :n_i] = True
+        batch.update(input_ids=ids, attention_mask=real.long(), position_mask=real)
+    else:
+        batch.update({k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in data.inputs.items()})
+    if data.labels is not None:
+        batch["labels"] = torch.as_tensor(data.labels[idx])
+    return batch
 
 
 _BINS = 15
@@ -132,9 +142,7 @@ def evaluate_student(student: Student, reader: CacheReader, *, batch_size: int =
     student.module.eval()
     totals = _Totals(device, mc_samples > 0)
     try:
-        for i, batch in enumerate(eval_batches(reader, batch_size, max_samples)):
-            if i % world != rank:
-                continue
+        for batch in eval_batches(reader, batch_size, max_samples, rank=rank, world=world):
             batch = {k: v.to(device) for k, v in batch.items()}
             y = row_labels(batch, student.task)  # (B, T)
             keep = y != -100
