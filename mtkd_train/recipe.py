@@ -45,6 +45,7 @@ from mtkd_train.objective import Objective
 from mtkd_train.optim import build_optimizer, build_scaler
 from mtkd_train.rng import gather_rng_states, restore_rng, seed_all
 from mtkd_train.rows import row_index
+from mtkd_train.shared import check_shared
 from mtkd_train.signals import StopSignal
 from mtkd_train.student import Student, load_student, save_student
 
@@ -83,6 +84,8 @@ class DistillRecipe:
     def setup(self, resume: bool = False) -> DistillRecipe:
         self._setup_distributed()
         self._setup_cache()
+        fingerprint = json.dumps([self.reader.inputs.dataset_fingerprint, self.teacher_ids], sort_keys=True)
+        check_shared(self.out, fingerprint, rank=self.rank, world=self.world, device=self.device)
         self._setup_student()
         self._setup_objective()
         self._setup_optimizer()
