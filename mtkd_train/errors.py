@@ -12,6 +12,7 @@ from mtkd_train.checkpoint import CheckpointError
 from mtkd_train.config import ConfigError
 from mtkd_train.data import _errors as _stream
 from mtkd_train.losses._kd import LossConfigError
+from mtkd_train.metrics import RunWriteError
 from mtkd_train.student import StudentError
 from mtkd_train.targets import TargetsError
 from mtkd_train.uncertainty import UncertaintyError
@@ -30,6 +31,7 @@ __all__ = [
     "ConfigError",
     "IncompleteTeacherError",
     "LossConfigError",
+    "RunWriteError",
     "StreamConfigError",
     "StreamStateError",
     "StudentError",

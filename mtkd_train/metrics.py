@@ -12,7 +12,17 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["MetricLogger", "truncate_metrics"]
+__all__ = ["MetricLogger", "RunWriteError", "truncate_metrics"]
+
+
+class RunWriteError(OSError):
+    """A file of the run folder (metrics, the final student) cannot be written: full disk, no permission."""
+
+
+def write_error(path: Path, e: OSError) -> RunWriteError:
+    """The one-line error for a failed write of `path`."""
+    return RunWriteError(f"{path} could not be written ({type(e).__name__}: {e}); free space on that disk or "
+                         f"choose an --out with room, then --resume")
 
 
 def truncate_metrics(path: Path, step: int) -> int:
@@ -78,8 +88,11 @@ class MetricLogger:
     def _write(self, rec: dict[str, Any]) -> None:
         if self._file is None:
             raise ValueError(f"{self.path} is closed")
-        self._file.write(json.dumps(rec) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(rec) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise write_error(self.path, e) from e
 
     def close(self) -> None:
         """Flush and close the JSONL file and the TensorBoard writer (idempotent)."""

@@ -40,7 +40,7 @@ from mtkd_train.config import ConfigError, TrainConfig
 from mtkd_train.data import CachedDistillDataset, validate_teachers
 from mtkd_train.evaluate import evaluate_student, evaluate_teachers
 from mtkd_train.losses import FeatureDistiller
-from mtkd_train.metrics import MetricLogger
+from mtkd_train.metrics import MetricLogger, write_error
 from mtkd_train.objective import Objective
 from mtkd_train.optim import build_optimizer, build_scaler
 from mtkd_train.rng import gather_rng_states, restore_rng, seed_all
@@ -368,8 +368,11 @@ class DistillRecipe:
         """Save the final student under `out/student` (loadable with from_pretrained) and the config."""
         if self.rank != 0:
             return None
-        (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
-        return save_student(self.student, self.out / "student")
+        try:
+            (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
+            return save_student(self.student, self.out / "student")
+        except OSError as e:
+            raise write_error(self.out / "student", e) from e
 
     def close(self) -> None:
         """Release what the run holds: the metric log and the process group."""

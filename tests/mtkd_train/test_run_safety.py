@@ -158,3 +158,21 @@ def test_every_error_class_of_mtkd_train_is_in_errors_py() -> None:
             if inspect.isclass(obj) and issubclass(obj, Exception) and obj.__module__ == info.name:
                 defined.add(name)
     assert defined and defined <= set(mtkd_train.errors.__all__), defined - set(mtkd_train.errors.__all__)
+
+
+def test_full_disk_while_logging_or_saving_the_student_is_one_line(
+    lm_cache: LMCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mtkd_train.metrics import MetricLogger, RunWriteError
+
+    logger = MetricLogger(tmp_path / "log")
+    logger._file = open("/dev/full", "w")  # noqa: SIM115 - a real ENOSPC on flush
+    with pytest.raises(RunWriteError, match=r"metrics.jsonl could not be written .*No space left"):
+        logger.log(1, {"loss": 1.0})
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("mtkd_train.recipe.save_student", full)
+    line = _one_error_line(_args(lm_cache.cache, lm_cache, tmp_path / "run"))
+    assert "student could not be written" in line and "free space" in line, line
