@@ -9,7 +9,8 @@ on SIGTERM that resume with the same loss sequence.
 `setup` builds everything (`_setup_*`); `_loss_step` is one micro-batch's forward and backward;
 `train` is the loop. Logging (`MetricLogger`), checkpoint files (`checkpoint.py`), SIGTERM
 (`StopSignal`), RNG state (`rng.py`) and the schedule (`optim.py`) are components the loop calls.
-The recipe knows no operator: it asks the registry which context an operator reads.
+The recipe knows no operator: it asks the registry which context an operator reads. Under torchrun
+every rank checks before step 0 that it sees the same `out` and cache (`shared.py`).
 """
 
 from __future__ import annotations
