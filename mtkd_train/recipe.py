@@ -45,7 +45,7 @@ from mtkd_train.metrics import MetricLogger, write_error
 from mtkd_train.objective import Objective
 from mtkd_train.optim import build_optimizer, build_scaler
 from mtkd_train.rng import gather_rng_states, restore_rng, seed_all
-from mtkd_train.rows import row_index
+from mtkd_train.rows import to_device
 from mtkd_train.shared import check_shared
 from mtkd_train.signals import StopSignal
 from mtkd_train.student import Student, load_student, save_student
@@ -274,7 +274,7 @@ class DistillRecipe:
         sums: dict[str, Any] = {}
         positions = torch.zeros((), dtype=torch.long, device=self.device)
         for micro in range(c.grad_accum):
-            batch = _to_device(next(it), self.device, per_token=self.student.task == "causal_lm")
+            batch = to_device(next(it), self.device, per_token=self.student.task == "causal_lm")
             self.dataset.consumed(1)
             terms = self._loss_step(step_model, batch, micro == c.grad_accum - 1)
             positions += len(batch["row_index"])
@@ -381,21 +381,3 @@ class DistillRecipe:
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
-
-def _to_device(batch: dict[str, Any], device: torch.device, per_token: bool) -> dict[str, Any]:
-    """Copy a batch to `device`, with the flat index of its scored rows made on the host first.
-
-    `per_token` (causal LM students): the real positions; otherwise one row per sample (T = 1).
-    """
-    if "row_index" not in batch:
-        rows = row_index(batch["position_mask"]) if per_token else torch.arange(len(batch["sample_ids"]))
-        batch = {**batch, "row_index": rows}
-    if device.type == "cpu":
-        return batch
-    return {k: _nested_to(v, device) for k, v in batch.items()}
-
-
-def _nested_to(v: Any, device: torch.device) -> Any:
-    if isinstance(v, dict):
-        return {k: _nested_to(x, device) for k, x in v.items()}
-    return v.to(device, non_blocking=True)

@@ -13,7 +13,7 @@ import torch
 
 from mtkd_train.targets import SparseTargets, from_samples, retemper
 
-__all__ = ["row_index", "row_labels", "row_targets", "take_rows"]
+__all__ = ["row_index", "row_labels", "row_targets", "take_rows", "to_device"]
 
 
 def row_index(mask: torch.Tensor) -> torch.Tensor:
@@ -63,3 +63,22 @@ def row_labels(batch: Mapping[str, Any], task: str) -> torch.Tensor:
     if "labels" not in batch:
         return torch.full((len(batch["sample_ids"]), 1), -100, dtype=torch.long, device=batch["sample_ids"].device)
     return batch["labels"].view(-1, 1)
+
+
+def to_device(batch: dict[str, Any], device: torch.device, per_token: bool) -> dict[str, Any]:
+    """Copy a batch to `device`, with the flat index of its scored rows made on the host first.
+
+    `per_token` (causal LM students): the real positions; otherwise one row per sample (T = 1).
+    """
+    if "row_index" not in batch:
+        rows = row_index(batch["position_mask"]) if per_token else torch.arange(len(batch["sample_ids"]))
+        batch = {**batch, "row_index": rows}
+    if device.type == "cpu":
+        return batch
+    return {k: _nested_to(v, device) for k, v in batch.items()}
+
+
+def _nested_to(v: Any, device: torch.device) -> Any:
+    if isinstance(v, dict):
+        return {k: _nested_to(x, device) for k, x in v.items()}
+    return v.to(device, non_blocking=True)

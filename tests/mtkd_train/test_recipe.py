@@ -15,7 +15,8 @@ import transformers
 from mtkd_train.config import ConfigError, TrainConfig
 from mtkd_train.data import CachedDistillDataset
 from mtkd_train.evaluate import eval_batches
-from mtkd_train.recipe import DistillRecipe, _to_device
+from mtkd_train.recipe import DistillRecipe
+from mtkd_train.rows import to_device
 from mtkd_train.student import load_student
 from tests.mtkd_train._train_target import LMCache, read_metrics
 
@@ -154,5 +155,5 @@ def test_sequence_classifier_student_on_token_inputs(lm_cache: LMCache, tmp_path
     assert all(r["ce"] == 0 for r in records)
     batch = next(iter(recipe._loader()))
     recipe.model.eval()  # no dropout: two forwards must agree
-    with_index = recipe.model(_to_device(batch, recipe.device, per_token=False))["kd"]
+    with_index = recipe.model(to_device(batch, recipe.device, per_token=False))["kd"]
     assert torch.equal(recipe.model(batch)["kd"], with_index)  # host-made index == boolean mask
