@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from mtkd_train.config import ConfigError, TrainConfig, load_config_file
+from mtkd_train.config import TrainConfig, load_config_file
 
 _TYPES: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str, "str | None": str,
                           "int | None": int}
@@ -71,7 +71,7 @@ def build_config(cache: str | None, config: str | None, flags: dict[str, Any]) -
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.argument("cache", required=False)
 @click.option("--config", type=click.Path(dir_okay=False), default=None, help="TOML or YAML file with any of the keys below.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint. Refused if a teacher was re-cached since or a setting that changes a step differs; the LR schedule that was running continues (see --max-steps).")
 @click.option("--eval-teachers/--no-eval-teachers", default=True, help="Also score the cached teachers on --eval-cache.")
 @_options
 def main(cache: str | None, config: str | None, resume: bool, eval_teachers: bool, **flags: Any) -> None:
@@ -82,25 +82,25 @@ def main(cache: str | None, config: str | None, resume: bool, eval_teachers: boo
     Example: mtkd-train CACHE --teachers a,b,c --aggregate entropy --loss forward_kl --alpha 0.5
     --temperature 2 --student PATH --out RUN
     """
-    from mtkd_cache.errors import CacheIncompleteError, CacheMismatchError, CacheNotFoundError
+    from mtkd_train.errors import USER_ERRORS
     from mtkd_train.recipe import DistillRecipe
 
-    user_errors = (ConfigError, CacheIncompleteError, CacheMismatchError, CacheNotFoundError, ValueError,
-                   LookupError, FileNotFoundError)
     try:
         cfg = build_config(cache, config, flags)
         recipe = DistillRecipe(cfg).setup(resume=resume)
-    except user_errors as e:
+    except USER_ERRORS as e:
         raise click.ClickException(f"{type(e).__name__}: {e}") from e
     try:
         losses = recipe.train()
+        path = recipe.save()
+        res = recipe.evaluate(teachers=eval_teachers) if cfg.eval_cache else None  # every rank takes a share
         if recipe.rank == 0:
-            path = recipe.save()
             click.echo(f"trained {recipe.step} steps; final loss {losses[-1]:.4f}; student saved to {path}")
-            if cfg.eval_cache:
-                res = recipe.evaluate(teachers=eval_teachers)
+            if res is not None:
                 (recipe.out / "eval.json").write_text(json.dumps(res, indent=2))
                 click.echo(json.dumps(res, indent=2))
+    except USER_ERRORS as e:
+        raise click.ClickException(f"{type(e).__name__}: {e}") from e
     finally:
         recipe.close()
 

@@ -10,22 +10,93 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RUN_ONLY_KEYS", "ConfigError", "TrainConfig", "load_config_file"]
+from mtkd_train.aggregate import AGGREGATORS
+from mtkd_train.losses import LOSS_KINDS
 
-_AGGREGATORS = ("mean", "loglinear", "entropy", "confidence", "label_aware", "gate", "routing", "mtbkd")
-_LOSSES = ("forward_kl", "reverse_kl", "js", "tv", "skew_kl")
+__all__ = ["FEATURE_KINDS", "RUN_ONLY_KEYS", "ConfigError", "FeatureSpec", "TrainConfig", "load_config_file",
+           "parse_features"]
+
 RUN_ONLY_KEYS = ("out", "max_steps", "checkpoint_every", "log_every", "eval_cache", "eval_every", "eval_max_samples",
-                 "mc_samples", "tensorboard", "verify_cache", "num_workers", "device", "progress")
+                 "mc_samples", "tensorboard", "verify_cache", "num_workers", "device", "progress", "trust_factory",
+                 "find_unused_parameters")
 """Keys that do not change what a training step computes: left out of `TrainConfig.fingerprint`."""
+FEATURE_KINDS = ("mse", "cosine")
+_FEATURE_OPTIONS = ("layer", "student_layer", "beta", "kind")
 
 
 class ConfigError(ValueError):
     """A configuration key has a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One teacher's feature-matching term, parsed from `features` (see :func:`parse_features`).
+
+    Attributes:
+        teacher: Teacher name.
+        layer: The teacher's cached hidden-state layer (HF index, as given at precompute).
+        student_layer: The student's hidden-state layer matched to it (HF index; -1 = last).
+        beta: Weight of the term (>= 0).
+        kind: ``"mse"`` or ``"cosine"``.
+    """
+
+    teacher: str
+    layer: int = -1
+    student_layer: int = -1
+    beta: float = 1.0
+    kind: str = "mse"
+
+
+def _layer(teacher: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"`features`: {teacher}.{key} is {value!r}; expected an integer layer index")
+    return value
+
+
+def _feature(teacher: str, options: Any) -> FeatureSpec:
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"`features`: the options of teacher {teacher!r} are {options!r}; expected a mapping "
+                          f"such as {{\"layer\": -1, \"beta\": 1.0}}")
+    unknown = sorted(set(options) - set(_FEATURE_OPTIONS))
+    if unknown:
+        raise ConfigError(f"`features`: teacher {teacher!r} has unknown option(s) {unknown}; valid options are "
+                          f"{list(_FEATURE_OPTIONS)}")
+    beta = options.get("beta", 1.0)
+    if isinstance(beta, bool) or not isinstance(beta, int | float) or not beta >= 0:
+        raise ConfigError(f"`features`: {teacher}.beta is {beta!r}; expected a number >= 0")
+    kind = options.get("kind", "mse")
+    if kind not in FEATURE_KINDS:
+        raise ConfigError(f"`features`: {teacher}.kind is {kind!r}; expected one of {list(FEATURE_KINDS)}")
+    return FeatureSpec(teacher, _layer(teacher, "layer", options.get("layer", -1)),
+                       _layer(teacher, "student_layer", options.get("student_layer", -1)), float(beta), kind)
+
+
+def parse_features(features: Mapping[str, Any], teachers: Sequence[str]) -> tuple[FeatureSpec, ...]:
+    """Validate the `features` mapping; the one place it is read.
+
+    Args:
+        features: Teacher name -> options (``layer``, ``student_layer``, ``beta``, ``kind``).
+        teachers: The run's teachers; every key of ``features`` must be one of them.
+
+    Returns:
+        One :class:`FeatureSpec` per configured teacher, in the order of ``teachers``.
+
+    Raises:
+        ConfigError: an unknown teacher or option, a bad value, or mixed kinds.
+    """
+    unknown = sorted(set(features) - set(teachers))
+    if unknown:
+        raise ConfigError(f"`features` names teachers {unknown} that are not in `teachers` {list(teachers)}")
+    specs = tuple(_feature(t, features[t]) for t in teachers if t in features)
+    kinds = sorted({s.kind for s in specs})
+    if len(kinds) > 1:
+        raise ConfigError(f"`features`: use one kind (mse or cosine) for all teachers, got {kinds}")
+    return specs
 
 
 def _flag(key: str) -> str:
@@ -47,11 +118,13 @@ class TrainConfig:
     student_kwargs: Mapping[str, Any] = field(default_factory=dict)
     """Keyword arguments for a student factory."""
     aggregate: str = "entropy"
-    """Aggregation operator: mean, loglinear, entropy, confidence, label_aware, gate, routing, mtbkd."""
+    """Aggregation operator (a name of `mtkd_train.aggregate.AGGREGATORS`): mean, loglinear, entropy, confidence,
+    label_aware, gate, routing, mtbkd."""
     aggregate_kwargs: Mapping[str, Any] = field(default_factory=dict)
     """Operator options, e.g. {weights = [0.5, 0.5]}, {tau = 1.0}, {domain_to_teacher = {0 = 1}}."""
     loss: str = "forward_kl"
-    """KD divergence: forward_kl, reverse_kl, js, tv, skew_kl."""
+    """KD divergence (a name of `mtkd_train.losses.LOSS_KINDS`): forward_kl, reverse_kl, js, tv, skew_kl,
+    skew_reverse_kl."""
     tail_mode: str = "bucket"
     """How each teacher's tail mass enters the loss: bucket (one extra outcome) or spread."""
     alpha: float = 0.5
@@ -59,7 +132,8 @@ class TrainConfig:
     temperature: float = 1.0
     """KD temperature T (loss scaled by T^2)."""
     features: Mapping[str, Any] = field(default_factory=dict)
-    """Feature distillation: {teacher = {layer = -1, student_layer = -1, beta = 1.0, kind = "mse"}}."""
+    """Feature distillation: {teacher = {layer = -1, student_layer = -1, beta = 1.0, kind = "mse"}}; each
+    teacher's cached `layer` is matched to the student's `student_layer`; other keys are refused."""
     gate_entropy: float = 0.01
     """Weight of the gate's entropy regulariser (gate aggregator only)."""
     batch_size: int = 8
@@ -67,7 +141,8 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     max_steps: int = 100
-    """Optimizer steps to run."""
+    """Optimizer steps to run. The LR schedule is fixed when a run starts: a --resume with another
+    --max-steps continues that schedule (the LR stays at its minimum past the original end)."""
     lr: float = 3e-4
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.01
@@ -82,8 +157,9 @@ class TrainConfig:
     """Seed of model init, data order and dropout."""
     shuffle_chunks: int = 4
     """Chunks mixed in the shuffle window (bounded shuffle buffer)."""
-    num_workers: int = 0
-    """DataLoader workers."""
+    num_workers: int = 2
+    """DataLoader workers decoding the next batches while the step runs (0: decode in the training
+    process). The batch order, and so the losses, are the same for any value."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N."""
     amp: str = "auto"
@@ -106,6 +182,12 @@ class TrainConfig:
     """Run a full checksum verification of the cache before training."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    find_unused_parameters: bool = False
+    """DDP's find_unused_parameters: set it only for a student whose forward leaves some parameters
+    without a gradient (DDP then says so); it costs a graph traversal per step."""
+    trust_factory: bool = False
+    """Let a --student folder's factory.json import and run the Python factory it names (code from
+    that folder's author). Naming a factory as --student pkg.mod:fn needs no flag."""
 
     def __post_init__(self) -> None:
         if not self.cache:
@@ -114,10 +196,10 @@ class TrainConfig:
             raise ConfigError(f"{_flag('teachers')} is required: e.g. --teachers a,b")
         if not self.student:
             raise ConfigError(f"{_flag('student')} is required: an HF config folder or package.module:function")
-        if self.aggregate not in _AGGREGATORS:
-            raise ConfigError(f"{_flag('aggregate')} is {self.aggregate!r}; expected one of {_AGGREGATORS}")
-        if self.loss not in _LOSSES:
-            raise ConfigError(f"{_flag('loss')} is {self.loss!r}; expected one of {_LOSSES}")
+        if self.aggregate not in AGGREGATORS:
+            raise ConfigError(f"{_flag('aggregate')} is {self.aggregate!r}; expected one of {sorted(AGGREGATORS)}")
+        if self.loss not in LOSS_KINDS:
+            raise ConfigError(f"{_flag('loss')} is {self.loss!r}; expected one of {list(LOSS_KINDS)}")
         if self.tail_mode not in ("bucket", "spread"):
             raise ConfigError(f"{_flag('tail_mode')} is {self.tail_mode!r}; expected 'bucket' or 'spread'")
         if not 0.0 <= self.alpha <= 1.0:
@@ -135,9 +217,12 @@ class TrainConfig:
             raise ConfigError(f"{_flag('amp')} is {self.amp!r}; expected auto, bf16, fp16 or off")
         if len(set(self.teachers)) != len(self.teachers):
             raise ConfigError(f"{_flag('teachers')} lists a teacher twice: {list(self.teachers)}")
-        unknown = set(self.features) - set(self.teachers)
-        if unknown:
-            raise ConfigError(f"`features` names teachers {sorted(unknown)} that are not in `teachers` {list(self.teachers)}")
+        parse_features(self.features, self.teachers)
+
+    @property
+    def feature_specs(self) -> tuple[FeatureSpec, ...]:
+        """`features`, parsed and validated (teacher order)."""
+        return parse_features(self.features, self.teachers)
 
     # -- building --------------------------------------------------------------------------------
     @classmethod

@@ -9,107 +9,163 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from mtkd_cache import CacheReader, SampledBlock, TopkBlock
+from mtkd_train.rows import row_labels
 from mtkd_train.student import Student
-from mtkd_train.uncertainty import expected_calibration_error, mc_dropout_predict
+from mtkd_train.uncertainty import (
+    calibration_bins,
+    ece_from_bins,
+    expected_calibration_error,
+    mc_dropout_predict,
+)
 
 __all__ = ["eval_batches", "evaluate_student", "evaluate_teachers"]
 
 
 def eval_batches(reader: CacheReader, batch_size: int, max_samples: int | None = None,
-                 pad_id: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Sequential batches of the cache's inputs (no targets), in sample order."""
-    seen = 0
+                 pad_id: int = 0, *, rank: int = 0, world: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+    """Sequential batches of the cache's inputs (no targets), in sample order.
+
+    Batches are numbered across chunks; with `world > 1` this rank gets batches j with
+    j % world == rank, and a chunk holding none of them is not read (not decoded).
+    """
+    seen, j = 0, 0
     for c in range(reader.num_chunks):
-        data = reader.read_chunk(c)
-        n = len(data.sample_ids)
-        for s in range(0, n, batch_size):
-            idx = list(range(s, min(n, s + batch_size)))
-            if max_samples is not None:
-                idx = idx[: max(0, max_samples - seen)]
-            if not idx:
-                return
-            seen += len(idx)
-            batch: dict[str, torch.Tensor] = {"sample_ids": torch.as_tensor(data.sample_ids[idx])}
-            if "token_ids" in data.inputs:
-                L = int(data.lengths[idx].max())
-                ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
-                real = torch.zeros((len(idx), L), dtype=torch.bool)
-                for b, i in enumerate(idx):
-                    o, n_i = int(data.offsets[i]), int(data.lengths[i])
-                    ids[b, :n_i] = torch.from_numpy(data.inputs["token_ids"][o : o + n_i])
-                    real[b, :n_i] = True
-                batch.update(input_ids=ids, attention_mask=real.long(), position_mask=real)
-            else:
-                batch.update({k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in data.inputs.items()})
-            if data.labels is not None:
-                batch["labels"] = torch.as_tensor(data.labels[idx])
-            yield batch
+        start, end = reader.inputs.grid.sample_range(c)
+        n = end - start if max_samples is None else min(end - start, max_samples - seen)
+        if n <= 0:
+            return
+        count = -(-n // batch_size)
+        mine = [b for b in range(count) if (j + b) % world == rank]
+        seen, j = seen + n, j + count
+        if mine:
+            data = reader.read_chunk(c)
+            for b in mine:
+                yield _batch(data, list(range(b * batch_size, min(n, (b + 1) * batch_size))), pad_id)
 
 
-def _labels(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    from mtkd_train.objective import row_labels
+def _batch(data: Any, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """The inputs (and labels) of samples `idx` of a decoded chunk, padded to their longest."""
+    batch: dict[str, torch.Tensor] = {"sample_ids": torch.as_tensor(data.sample_ids[idx])}
+    if "token_ids" in data.inputs:
+        L = int(data.lengths[idx].max())
+        ids = torch.full((len(idx), L), pad_id, dtype=torch.long)
+        real = torch.zeros((len(idx), L), dtype=torch.bool)
+        for b, i in enumerate(idx):
+            o, n_i = int(data.offsets[i]), int(data.lengths[i])
+            ids[b, :n_i] = torch.from_numpy(data.inputs["token_ids"][o : o + n_i])
+            real[b, :n_i] = True
+        batch.update(input_ids=ids, attention_mask=real.long(), position_mask=real)
+    else:
+        batch.update({k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in data.inputs.items()})
+    if data.labels is not None:
+        batch["labels"] = torch.as_tensor(data.labels[idx])
+    return batch
 
-    return row_labels(batch, task)
+
+_BINS = 15
+
+
+class _Totals:
+    """Device-side sums of an evaluation; one all-reduce merges the ranks' shares.
+
+    Layout of `sums` (float64): nll, count, correct, then the ECE bins (3 x 15); with MC dropout
+    also mc_nll, mc_correct, predictive entropy, mutual information and the MC ECE bins.
+    """
+
+    def __init__(self, device: torch.device, mc: bool):
+        self.mc = mc
+        self.sums = torch.zeros(3 + 3 * _BINS + (4 + 3 * _BINS if mc else 0), dtype=torch.float64, device=device)
+
+    def add(self, z: torch.Tensor, t: torch.Tensor) -> None:
+        """Scored rows: logits z (P, V) float32, labels t (P,)."""
+        logp = torch.log_softmax(z, -1)
+        conf, pred = logp.max(-1)
+        hit = pred == t
+        head = torch.stack([-logp.gather(1, t[:, None]).sum(), torch.tensor(t.numel(), device=z.device), hit.sum()])
+        self.sums[:3] += head.double()
+        self.sums[3 : 3 + 3 * _BINS] += calibration_bins(conf.exp(), hit, _BINS).flatten()
+
+    def add_mc(self, mean_probs: torch.Tensor, entropy: torch.Tensor, mi: torch.Tensor, t: torch.Tensor) -> None:
+        """One batch's MC-dropout prediction: mean probabilities (P, V), entropy and MI (P,)."""
+        conf, pred = mean_probs.max(-1)
+        hit = pred == t
+        nll = -torch.log(mean_probs.gather(1, t[:, None]).clamp_min(1e-12)).sum()
+        o = 3 + 3 * _BINS
+        self.sums[o : o + 4] += torch.stack([nll, hit.sum(), entropy.sum(), mi.sum()]).double()
+        self.sums[o + 4 :] += calibration_bins(conf, hit, _BINS).flatten()
+
+    def reduce(self, world: int) -> None:
+        if world > 1:
+            dist.all_reduce(self.sums)
+
+    def result(self, task: str, mc_samples: int) -> dict[str, Any]:
+        v = self.sums.cpu()
+        nll, count, correct = float(v[0]), int(v[1]), float(v[2])
+        n = max(count, 1)
+        out: dict[str, Any] = {"positions" if task == "causal_lm" else "samples": count, "accuracy": correct / n,
+                               "nll": nll / n, "ece": ece_from_bins(v[3 : 3 + 3 * _BINS].view(3, _BINS))}
+        if task == "causal_lm":
+            out["perplexity"] = math.exp(out["nll"])
+        if self.mc:
+            o = 3 + 3 * _BINS
+            out["mc"] = {"samples": mc_samples, "accuracy": float(v[o + 1]) / n,
+                         "ece": ece_from_bins(v[o + 4 :].view(3, _BINS)), "nll": float(v[o]) / n,
+                         "predictive_entropy": float(v[o + 2]) / n, "mutual_information": float(v[o + 3]) / n}
+        return out
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
 
 
 @torch.no_grad()
 def evaluate_student(student: Student, reader: CacheReader, *, batch_size: int = 16, max_samples: int | None = None,
-                     mc_samples: int = 0, device: torch.device | None = None, vocab_size: int | None = None
-                     ) -> dict[str, Any]:
-    """Perplexity (causal LM) or accuracy (classifier), ECE, and MC-dropout uncertainty if asked."""
+                     mc_samples: int = 0, device: torch.device | None = None, vocab_size: int | None = None,
+                     amp_dtype: torch.dtype | None = None, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """Perplexity (causal LM) or accuracy (classifier), ECE, and MC-dropout uncertainty if asked.
+
+    Everything is reduced on `device` (no `(P, V)` probabilities leave it), under autocast when
+    `amp_dtype` is given. With `world > 1` rank r scores batches r, r + W, ... and the totals are
+    all-reduced: every rank must call it, and every rank gets the same result.
+    """
     device = device or torch.device("cpu")
     was_training = student.module.training
     student.module.eval()
-    nll, count, correct = 0.0, 0, 0
-    probs_all, labels_all, pe_all, mi_all, mc_probs = [], [], [], [], []
-    for batch in eval_batches(reader, batch_size, max_samples):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits, _ = student.forward(batch)
-        logits = logits[..., :vocab_size] if vocab_size else logits
-        y = _labels(batch, student.task)  # (B, T)
-        keep = y != -100
-        z, t = logits[keep].float(), y[keep]
-        logp = torch.log_softmax(z, -1)
-        nll += float(-logp.gather(1, t[:, None]).sum())
-        count += int(t.numel())
-        correct += int((z.argmax(-1) == t).sum())
-        probs_all.append(logp.exp().cpu())
-        labels_all.append(t.cpu())
-        if mc_samples > 0:
-            student.module.train()
-            pred = mc_dropout_predict(partial(_rows_logits, student, batch, keep, z.shape[-1]), mc_samples)
-            student.module.eval()
-            pe_all.append(pred.predictive_entropy.cpu())
-            mi_all.append(pred.mutual_information.cpu())
-            mc_probs.append(pred.mean_probs.cpu())
-    if was_training:
-        student.module.train()
-    probs, labels = torch.cat(probs_all), torch.cat(labels_all)
-    out: dict[str, Any] = {"positions" if student.task == "causal_lm" else "samples": count,
-                           "accuracy": correct / max(count, 1), "nll": nll / max(count, 1),
-                           "ece": expected_calibration_error(probs, labels)}
-    if student.task == "causal_lm":
-        out["perplexity"] = math.exp(out["nll"])
-    if mc_samples > 0:
-        mp = torch.cat(mc_probs)
-        out["mc"] = {"samples": mc_samples, "accuracy": float((mp.argmax(-1) == labels).float().mean()),
-                     "ece": expected_calibration_error(mp, labels),
-                     "nll": float(-torch.log(mp.gather(1, labels[:, None]).clamp_min(1e-12)).mean()),
-                     "predictive_entropy": float(torch.cat(pe_all).mean()),
-                     "mutual_information": float(torch.cat(mi_all).mean())}
-    return out
+    totals = _Totals(device, mc_samples > 0)
+    try:
+        for batch in eval_batches(reader, batch_size, max_samples, rank=rank, world=world):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            y = row_labels(batch, student.task)  # (B, T)
+            keep = y != -100
+            with _autocast(device, amp_dtype):
+                z = _rows_logits(student, batch, keep, vocab_size)  # (P, V)
+            totals.add(z, y[keep])
+            if mc_samples > 0:
+                student.module.train()
+                with _autocast(device, amp_dtype):
+                    pred = mc_dropout_predict(partial(_rows_logits, student, batch, keep, z.shape[-1]), mc_samples)
+                student.module.eval()
+                totals.add_mc(pred.mean_probs, pred.predictive_entropy, pred.mutual_information, y[keep])
+    finally:
+        student.module.train(was_training)
+    totals.reduce(world)
+    return totals.result(student.task, mc_samples)
 
 
-def _rows_logits(student: Student, batch: dict[str, torch.Tensor], keep: torch.Tensor, vocab: int) -> torch.Tensor:
-    """One stochastic forward (dropout on): logits of the scored rows, (P, V)."""
-    return student.forward(batch)[0][..., :vocab][keep].float()
+def _rows_logits(student: Student, batch: dict[str, torch.Tensor], keep: torch.Tensor, vocab: int | None
+                 ) -> torch.Tensor:
+    """One forward: float32 logits of the scored rows, (P, V); dropout as the module's mode says."""
+    logits = student.forward(batch)[0]
+    return (logits[..., :vocab] if vocab else logits)[keep].float()
 
 
 def _teacher_rows(block: TopkBlock | SampledBlock, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

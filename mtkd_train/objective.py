@@ -6,101 +6,120 @@ classifiers), P = number of real rows in the batch, V vocabulary/classes, N teac
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from mtkd_train.aggregate import AggregationContext, build_aggregator, gate_entropy_regularizer
+from mtkd_train.aggregate import (
+    AggregationContext,
+    AggregationInputError,
+    Aggregator,
+    GateNetwork,
+    OperatorSetup,
+    gate_entropy_regularizer,
+)
+from mtkd_train.aggregate import make_aggregator as build_operator
 from mtkd_train.losses import combine, hard_label_loss, kd_loss, weighted_forward_kl
-from mtkd_train.targets import SparseTargets, from_samples, retemper
+from mtkd_train.rows import row_labels, row_targets, take_rows
 
 __all__ = ["Objective", "make_aggregator", "row_labels", "row_targets"]
+# row_labels / row_targets live in mtkd_train.rows; re-exported here for existing callers.
 
 
-def make_aggregator(name: str, num_teachers: int, vocab_size: int, kwargs: Mapping[str, Any]) -> Any:
-    """Build the operator, passing `vocab_size` to those that take it."""
-    from mtkd_train.aggregate._registry import AGGREGATORS
-
-    kw = dict(kwargs)
-    if "vocab_size" in inspect.signature(AGGREGATORS[name]).parameters and "vocab_size" not in kw:
-        kw["vocab_size"] = vocab_size
-    return build_aggregator(name, num_teachers=num_teachers, **kw)
+def make_aggregator(name: str, num_teachers: int, vocab_size: int, kwargs: Mapping[str, Any], *,
+                    teachers: Sequence[str] | None = None, domains: Sequence[str] | None = None) -> Aggregator:
+    """Build operator `name` for `num_teachers` teachers (names in `kwargs` resolved by the operator)."""
+    names = tuple(teachers) if teachers is not None else tuple(str(i) for i in range(num_teachers))
+    setup = OperatorSetup(names, vocab_size, None if domains is None else tuple(domains))
+    return build_operator(name, setup, kwargs)
 
 
-def row_targets(target: Mapping[str, torch.Tensor], rows: torch.Tensor, capture_temperature: float,
-                vocab_size: int, temperature: float = 1.0) -> SparseTargets:
-    """One teacher's batch targets (B, T, K) at the real rows `rows` (B, T) -> (P, K), tempered to `temperature`.
-
-    Every operator then aggregates distributions at the distillation temperature, whichever
-    loss path runs (tempering before mixing; see docs/LOSSES.md).
-    """
-    if "logp" in target:
-        t = SparseTargets(target["indices"][rows], target["logp"][rows], target["tail"][rows])
-    else:
-        t = from_samples(target["indices"][rows], target["counts"][rows])
-    ratio = temperature / capture_temperature
-    return retemper(t, ratio, vocab_size) if ratio != 1.0 else t
-
-
-def row_labels(batch: Mapping[str, Any], task: str) -> torch.Tensor:
-    """Hard label per row (B, T): the next token for causal LMs (-100 where there is none)."""
-    if task == "causal_lm":
-        ids, real = batch["input_ids"], batch["position_mask"]
-        nxt = torch.full_like(ids, -100)
-        nxt[:, :-1] = torch.where(real[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], -100))
-        return nxt
-    return batch["labels"].view(-1, 1)
+def _hidden_at(hidden: torch.Tensor | Mapping[int, torch.Tensor] | None, layer: int) -> torch.Tensor:
+    """The student hidden state of `layer`: `hidden` itself when one tensor was given."""
+    if hidden is None:
+        raise AggregationInputError(f"the objective needs the student's hidden state of layer {layer}; pass hidden")
+    return hidden if isinstance(hidden, torch.Tensor) else hidden[layer]
 
 
 class Objective(nn.Module):
     """alpha * KD(aggregate(teachers), student) + (1 - alpha) * CE + sum_t beta_t * feature loss.
 
-    Holds the trainable parts that are not the student: the gate and the feature projections.
+    Holds the trainable parts that are not the student: the gate and the feature projections. The
+    operator declares the per-batch context it reads (`Aggregator.context`); the objective fills
+    exactly those fields, and builds a `GateNetwork` of width `hidden_size` when the operator asks
+    for gate logits and no `gate` is given. The gate reads the student's last hidden layer; each
+    feature term reads the student layer given in `feature_layers` (default the last).
     """
 
     def __init__(self, *, teachers: Sequence[str], capture_temperatures: Sequence[float], vocab_size: int,
                  aggregate: str, aggregate_kwargs: Mapping[str, Any], loss: str, tail_mode: str, alpha: float,
                  temperature: float, gate: nn.Module | None = None, gate_entropy: float = 0.0,
-                 features: nn.Module | None = None, feature_keys: Mapping[str, str] | None = None):
+                 features: nn.Module | None = None, feature_keys: Mapping[str, str] | None = None,
+                 feature_layers: Mapping[str, int] | None = None, domains: Sequence[str] | None = None,
+                 hidden_size: int | None = None):
         super().__init__()
         self.teachers = list(teachers)
         self.capture_t = list(capture_temperatures)
         self.vocab_size = vocab_size
-        self.aggregator = make_aggregator(aggregate, len(teachers), vocab_size, aggregate_kwargs)
+        self.aggregator = make_aggregator(aggregate, len(teachers), vocab_size, aggregate_kwargs,
+                                          teachers=teachers, domains=domains)
         self.aggregate_name = aggregate
         self.loss_kind, self.tail_mode, self.alpha, self.T = loss, tail_mode, alpha, temperature
+        if gate is None and "gate_logits" in self.aggregator.context:
+            if hidden_size is None:
+                raise AggregationInputError(f"aggregator {aggregate!r} needs a gate on the student's hidden state; "
+                                            f"pass hidden_size (or a gate)")
+            gate = GateNetwork(hidden_size, len(self.teachers))
         self.gate = gate
         self.gate_entropy = gate_entropy
         self.features = features
         self.feature_keys = dict(feature_keys or {})
+        self.feature_layers = {t: int((feature_layers or {}).get(t, -1)) for t in self.feature_keys}
 
-    def forward(self, batch: Mapping[str, Any], logits: torch.Tensor, hidden: torch.Tensor | None,
-                student_task: str) -> dict[str, torch.Tensor]:
-        """Loss terms for one micro-batch. logits (B, T, V_s); hidden (B, T, D) or None."""
-        rows = batch["position_mask"] if student_task == "causal_lm" else torch.ones(
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        """The student hidden-state layers `forward` reads (empty: none)."""
+        layers = [-1] if self.gate is not None else []
+        layers += [self.feature_layers[t] for t in self.feature_keys] if self.features is not None else []
+        return tuple(dict.fromkeys(layers))
+
+    def _context(self, batch: Mapping[str, Any], mask: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
+                 hidden: torch.Tensor | Mapping[int, torch.Tensor] | None) -> AggregationContext:
+        """The per-batch fields the operator declared, at the real rows (P, ...)."""
+        need = self.aggregator.context
+        domains = batch.get("domains") if "domains" in need else None
+        gate_logits = None
+        if self.gate is not None and "gate_logits" in need:
+            gate_logits = self.gate(take_rows(_hidden_at(hidden, -1), rows).detach())
+        return AggregationContext(
+            labels=labels if "labels" in need else None,
+            domains=None if domains is None else take_rows(domains.view(-1, 1).expand(mask.shape), rows),
+            gate_logits=gate_logits)
+
+    def forward(self, batch: Mapping[str, Any], logits: torch.Tensor,
+                hidden: torch.Tensor | Mapping[int, torch.Tensor] | None, student_task: str
+                ) -> dict[str, torch.Tensor]:
+        """Loss terms for one micro-batch. logits (B, T, V_s); hidden (B, T, D), {layer: (B, T, D)} or None."""
+        mask = batch["position_mask"] if student_task == "causal_lm" else torch.ones(
             logits.shape[:2], dtype=torch.bool, device=logits.device)
-        z = logits[rows]  # (P, V_s)
-        labels = row_labels(batch, student_task)[rows]  # (P,)
+        rows = batch.get("row_index", mask)  # a flat index made on the host gathers without a device sync
+        z = take_rows(logits, rows)  # (P, V_s)
+        labels = take_rows(row_labels(batch, student_task), rows)  # (P,)
         targets = [row_targets(batch["targets"][n], rows, tc, self.vocab_size, self.T)
                    for n, tc in zip(self.teachers, self.capture_t)]
-        domains = batch.get("domains")
-        ctx = AggregationContext(
-            labels=labels,
-            domains=None if domains is None else domains.view(-1, 1).expand(rows.shape)[rows],
-            gate_logits=None if self.gate is None else self.gate(hidden[rows].detach()),  # type: ignore[index]
-        )
+        ctx = self._context(batch, mask, rows, labels, hidden)
         out: dict[str, torch.Tensor] = {}
         weights = self.aggregator.weights(targets, ctx)
         if weights is not None and self.loss_kind == "forward_kl" and self.tail_mode == "spread":
             kd = weighted_forward_kl(z, targets, weights, temperature=self.T, target_temperature=self.T,
                                      tail_mode="spread",
                                      vocab_size=self.vocab_size,
-                                     smoothing=float(getattr(self.aggregator, "prior_strength", 0.0)))
+                                     smoothing=self.aggregator._smoothing())
         else:
-            merged = self.aggregator(targets, ctx, vocab_size=self.vocab_size, tail_mode=self.tail_mode)
+            merged = self.aggregator(targets, ctx, vocab_size=self.vocab_size,
+                                     tail_mode=self.tail_mode)  # type: ignore[arg-type]
             kd = kd_loss(z, merged, kind=self.loss_kind, temperature=self.T, target_temperature=self.T,
                          tail_mode=self.tail_mode, vocab_size=self.vocab_size)  # type: ignore[arg-type]
         ce = hard_label_loss(z[..., : self.vocab_size], labels)  # padded head columns are not tokens
@@ -114,14 +133,17 @@ class Objective(nn.Module):
         elif weights is not None:
             out["teacher_weights"] = weights.detach().mean(0)
         if self.features is not None and hidden is not None:
-            feats = [batch["features"][n][key] for n, key in self.feature_keys.items()]
-            if feats[0].dim() == 3:  # per position: (B, T, D_t) -> (P, D_t)
-                h, feats = hidden[rows], [f[rows] for f in feats]
-            else:  # pooled per sample: mean of the student's real rows, (B, D_s)
-                m = rows.unsqueeze(-1).to(hidden.dtype)
-                h = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-            fl = self.features(h, feats)
-            out["feat"] = fl
-            total = total + fl
+            out["feat"] = self._feature_loss(self.features, batch, mask, rows, hidden)
+            total = total + out["feat"]
         out["loss"] = total
         return out
+
+    def _feature_loss(self, features: nn.Module, batch: Mapping[str, Any], mask: torch.Tensor, rows: torch.Tensor,
+                      hidden: torch.Tensor | Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """sum_t beta_t * d(W_t h_t, f_t), each teacher against its own student layer."""
+        feats = [batch["features"][n][key] for n, key in self.feature_keys.items()]
+        hs = [_hidden_at(hidden, self.feature_layers[n]) for n in self.feature_keys]
+        if feats[0].dim() == 3:  # per position: (B, T, D_t) -> (P, D_t)
+            return features([take_rows(h, rows) for h in hs], [take_rows(f, rows) for f in feats])
+        m = mask.unsqueeze(-1).to(hs[0].dtype)  # pooled per sample: mean of the student's real rows, (B, D_s)
+        return features([(h * m).sum(1) / m.sum(1).clamp_min(1.0) for h in hs], feats)

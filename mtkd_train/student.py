@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,9 +34,13 @@ class Student:
     kwargs: dict[str, Any]
     output_size: int
 
-    def forward(self, batch: Mapping[str, torch.Tensor], want_hidden: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run on a batch; return logits (B, T, V) and, if asked, hidden state `want_hidden` (B, T, D)."""
+    def forward(self, batch: Mapping[str, torch.Tensor], want_hidden: int | Sequence[int] | None = None
+                ) -> tuple[torch.Tensor, Any]:
+        """Run on a batch; return logits (B, T, V) and, if asked, hidden states.
+
+        `want_hidden` an int gives that layer's hidden state (B, T, D); a sequence of layers gives
+        {layer: (B, T, D)}; None gives None.
+        """
         if self.task in ("causal_lm", "sequence_classification"):
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         else:
@@ -46,13 +50,17 @@ class Student:
         logits = out if isinstance(out, torch.Tensor) else out.logits
         if logits.ndim == 2:
             logits = logits.unsqueeze(1)
-        hidden = None
-        if want_hidden is not None:
-            h = out.hidden_states[want_hidden]
-            hidden = h.unsqueeze(1) if h.ndim == 2 else h
-            if self.task != "causal_lm" and hidden.shape[1] != 1:
-                hidden = hidden.mean(1, keepdim=True)
-        return logits, hidden
+        if want_hidden is None:
+            return logits, None
+        if isinstance(want_hidden, int):
+            return logits, self._hidden(out.hidden_states[want_hidden])
+        return logits, {layer: self._hidden(out.hidden_states[layer]) for layer in want_hidden}
+
+    def _hidden(self, h: torch.Tensor) -> torch.Tensor:
+        hidden = h.unsqueeze(1) if h.ndim == 2 else h
+        if self.task != "causal_lm" and hidden.shape[1] != 1:
+            hidden = hidden.mean(1, keepdim=True)
+        return hidden
 
     _array_keys: tuple[str, ...] = ("pixel_values",)
 
@@ -67,44 +75,97 @@ def _task_from_config(folder: Path) -> str:
                        f"causal LM, sequence or image classifier; set `architectures` or use a factory")
 
 
-def load_student(spec: str, kwargs: Mapping[str, Any] | None = None, *, seed: int = 0,
-                 array_keys: tuple[str, ...] = ("pixel_values",)) -> Student:
-    """Build the student from an HF folder (weights loaded if present, else initialised from config) or a factory."""
-    torch.manual_seed(seed)
-    kwargs = dict(kwargs or {})
-    folder = Path(spec)
-    if folder.is_dir() and (folder / "config.json").exists() and not (folder / "factory.json").exists():
-        import transformers
+def _master_float32(module: torch.nn.Module) -> torch.nn.Module:
+    """Float32 master weights: a student saved in bf16/fp16 trains in float32; autocast computes in bf16."""
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in module.parameters()):
+        module = module.to(torch.float32)
+    return module
 
-        task = _task_from_config(folder)
-        auto = {"causal_lm": transformers.AutoModelForCausalLM,
-                "sequence_classification": transformers.AutoModelForSequenceClassification,
-                "image_classification": transformers.AutoModelForImageClassification}[task]
-        has_weights = any(folder.glob("*.safetensors"))
-        if has_weights:
-            module = auto.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False)
+
+def _load_hf(folder: Path) -> Student:
+    import transformers
+
+    task = _task_from_config(folder)
+    auto = {"causal_lm": transformers.AutoModelForCausalLM,
+            "sequence_classification": transformers.AutoModelForSequenceClassification,
+            "image_classification": transformers.AutoModelForImageClassification}[task]
+    try:
+        if any(folder.glob("*.safetensors")):
+            module = auto.from_pretrained(str(folder), use_safetensors=True, trust_remote_code=False,
+                                          dtype=torch.float32)
         else:
             config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
             module = auto.from_config(config)
-        size = int(module.get_output_embeddings().weight.shape[0]) if task == "causal_lm" else int(module.config.num_labels)
-        s = Student(module, task, str(folder), {}, size)
-    elif folder.is_dir() and (folder / "factory.json").exists():
+    except (OSError, ValueError) as e:
+        raise StudentError(f"--student {str(folder)!r} cannot be loaded ({type(e).__name__}: {e}); check its "
+                           f"config.json and weight files") from e
+    size = int(module.get_output_embeddings().weight.shape[0]) if task == "causal_lm" else int(module.config.num_labels)
+    return Student(_master_float32(module), task, str(folder), {}, size)
+
+
+def _load_saved_factory(folder: Path, seed: int, array_keys: tuple[str, ...], trust_factory: bool) -> Student:
+    """A student saved by `save_student` from a factory: factory.json names the code to import."""
+    try:
         meta = json.loads((folder / "factory.json").read_text())
-        s = load_student(meta["spec"], meta["kwargs"], seed=seed, array_keys=array_keys)
-        s.module.load_state_dict(load_file(str(folder / "model.safetensors")))
-        return s
+        spec, kwargs = str(meta["spec"]), dict(meta["kwargs"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise StudentError(f"--student {str(folder)!r}: factory.json is not a saved student ({e}); re-save it "
+                           f"with mtkd_train.student.save_student") from e
+    if not trust_factory:
+        raise StudentError(f"--student {str(folder)!r} holds a factory.json that would import and run {spec!r}; "
+                           f"pass --trust-factory (trust_factory=True) if you trust that folder's author, or "
+                           f"pass --student {spec} yourself")
+    s = _load_factory(spec, kwargs, seed)
+    s.module.load_state_dict(load_file(str(folder / "model.safetensors")))
+    s._array_keys = array_keys
+    return s
+
+
+def _load_factory(spec: str, kwargs: dict[str, Any], seed: int) -> Student:
+    torch.manual_seed(seed)
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise StudentError(f"--student {spec!r}: cannot import {fn_name!r} from {mod_name!r} ({e})") from e
+    module = fn(**kwargs)
+    if not isinstance(module, torch.nn.Module):
+        raise StudentError(f"--student {spec!r} returned {type(module).__name__}, expected a torch.nn.Module")
+    task = getattr(module, "task", "image_classification")
+    size = int(getattr(module, "num_labels", getattr(module, "num_classes", 0)))
+    return Student(_master_float32(module), task, spec, kwargs, size)
+
+
+def load_student(spec: str, kwargs: Mapping[str, Any] | None = None, *, seed: int = 0,
+                 array_keys: tuple[str, ...] = ("pixel_values",), trust_factory: bool = False) -> Student:
+    """Build the student from an HF folder (weights loaded if present, else initialised from config) or a factory.
+
+    Weights are float32 whatever dtype they were saved in (master weights; autocast computes in
+    bf16/fp16). A folder never runs code unless asked: HF folders load with
+    `trust_remote_code=False`, and a folder holding a `factory.json` (a factory student saved by
+    :func:`save_student`) is refused unless `trust_factory`.
+
+    Args:
+        spec: HF folder, a folder saved from a factory student, or `package.module:function`.
+        kwargs: Keyword arguments of a factory named in `spec`.
+        seed: Seed of the initialisation.
+        array_keys: Batch keys a factory student's forward takes.
+        trust_factory: Allow a folder's factory.json to import the factory it names.
+
+    Returns:
+        The student, on the CPU.
+
+    Raises:
+        StudentError: the spec cannot be built, or a factory folder without `trust_factory`.
+    """
+    torch.manual_seed(seed)
+    folder = Path(spec)
+    if folder.is_dir() and (folder / "factory.json").exists():
+        return _load_saved_factory(folder, seed, array_keys, trust_factory)
+    if folder.is_dir() and (folder / "config.json").exists():
+        s = _load_hf(folder)
     elif ":" in spec:
-        mod_name, _, fn_name = spec.partition(":")
-        try:
-            fn = getattr(importlib.import_module(mod_name), fn_name)
-        except (ImportError, AttributeError) as e:
-            raise StudentError(f"--student {spec!r}: cannot import {fn_name!r} from {mod_name!r} ({e})") from e
-        module = fn(**kwargs)
-        if not isinstance(module, torch.nn.Module):
-            raise StudentError(f"--student {spec!r} returned {type(module).__name__}, expected a torch.nn.Module")
-        task = getattr(module, "task", "image_classification")
-        size = int(getattr(module, "num_labels", getattr(module, "num_classes", 0)))
-        s = Student(module, task, spec, kwargs, size)
+        s = _load_factory(spec, dict(kwargs or {}), seed)
     else:
         raise StudentError(f"--student {spec!r} is neither a folder with config.json nor a 'package.module:function' "
                            f"factory; create a config with transformers' AutoConfig and save it there")

@@ -19,6 +19,8 @@ import torch
 __all__ = [
     "MCDropoutPrediction",
     "UncertaintyError",
+    "calibration_bins",
+    "ece_from_bins",
     "expected_calibration_error",
     "mc_dropout_predict",
 ]
@@ -96,6 +98,33 @@ def _confidence_and_correct(
     return confidences.reshape(-1), correct.reshape(-1).to(torch.bool)
 
 
+def calibration_bins(confidences: torch.Tensor, correct: torch.Tensor, n_bins: int = 15) -> torch.Tensor:
+    """Per-bin sums for the ECE, on the inputs' device; sums of several batches (or ranks) add up.
+
+    Args:
+        confidences: ``(n,)`` confidences in ``[0, 1]``.
+        correct: ``(n,)`` bool, whether each prediction was right.
+        n_bins: Number of equal-width bins ``M``.
+
+    Returns:
+        ``(3, M)`` float64: count, summed confidence and summed correctness per bin.
+    """
+    conf = confidences.reshape(-1).double()
+    # bin b holds (b/M, (b+1)/M]; ceil(c*M) - 1 does that, and c = 0 joins bin 0.
+    bins = (torch.ceil(conf * n_bins).long() - 1).clamp(min=0, max=n_bins - 1)  # (n,)
+    out = torch.zeros(3, n_bins, dtype=torch.float64, device=conf.device)
+    out[0].index_add_(0, bins, torch.ones_like(conf))
+    out[1].index_add_(0, bins, conf)
+    out[2].index_add_(0, bins, correct.reshape(-1).double())
+    return out
+
+
+def ece_from_bins(bins: torch.Tensor) -> float:
+    """ECE from :func:`calibration_bins` sums: ``sum_b |hits_b - conf_b| / n``; 0.0 for no samples."""
+    n = float(bins[0].sum())
+    return float((bins[2] - bins[1]).abs().sum() / n) if n > 0 else 0.0
+
+
 def expected_calibration_error(
     probs: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
@@ -125,14 +154,8 @@ def expected_calibration_error(
     if not isinstance(n_bins, int) or n_bins < 1:
         raise UncertaintyError(f"n_bins must be a positive int, got {n_bins!r}")
     conf, hit = _confidence_and_correct(probs, labels, confidences, correct, ignore_index)
-    conf = conf.double()
     if conf.numel() == 0:
         return 0.0
     if bool(((conf < 0) | (conf > 1)).any()):
         raise UncertaintyError("confidences must lie in [0, 1]")
-    # bin b holds (b/M, (b+1)/M]; ceil(c*M) - 1 does that, and c = 0 joins bin 0.
-    bins = (torch.ceil(conf * n_bins).long() - 1).clamp(min=0, max=n_bins - 1)  # (n,)
-    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add(0, bins, conf)
-    hit_sum = torch.zeros(n_bins, dtype=torch.float64).index_add(0, bins, hit.double())
-    gap = (hit_sum - conf_sum).abs()  # |B| * |acc - conf| per bin
-    return float(gap.sum() / conf.numel())
+    return ece_from_bins(calibration_bins(conf, hit, n_bins))

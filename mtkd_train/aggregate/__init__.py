@@ -11,11 +11,17 @@ from mtkd_train.aggregate._base import (
     AggregationContext,
     AggregationInputError,
     Aggregator,
+    OperatorSetup,
 )
 from mtkd_train.aggregate._gate import GateAggregator, GateNetwork, gate_entropy_regularizer
 from mtkd_train.aggregate._linear import LogLinearAggregator, MeanAggregator
 from mtkd_train.aggregate._pooling import linear_pool, log_linear_pool
-from mtkd_train.aggregate._registry import AGGREGATORS, build_aggregator
+from mtkd_train.aggregate._registry import (
+    AGGREGATORS,
+    build_aggregator,
+    make_aggregator,
+    operator_context,
+)
 from mtkd_train.aggregate._routing import RoutingAggregator
 from mtkd_train.aggregate._scored import (
     ConfidenceAggregator,
@@ -42,6 +48,7 @@ __all__ = [
     "LogLinearAggregator",
     "MTBKDAggregator",
     "MeanAggregator",
+    "OperatorSetup",
     "RoutingAggregator",
     "UnionTargets",
     "build_aggregator",
@@ -50,6 +57,8 @@ __all__ = [
     "label_log_prob",
     "linear_pool",
     "log_linear_pool",
+    "make_aggregator",
     "max_prob",
+    "operator_context",
     "teacher_entropy",
 ]

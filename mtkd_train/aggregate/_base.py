@@ -1,4 +1,4 @@
-"""Shared vocabulary of the aggregation package: errors, per-batch context, the protocol.
+"""Shared vocabulary of the aggregation package: errors, per-batch context, the operator base.
 
 Also holds the small ``parse_*`` validators every operator uses for its options, so that every
 bad option is reported the same way: the option, the value, what was expected.
@@ -7,12 +7,13 @@ bad option is reported the same way: the option, the value, what was expected.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import torch
 
+from mtkd_train.aggregate._pooling import linear_pool
 from mtkd_train.targets import SparseTargets, TailMode
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "AggregationContext",
     "AggregationInputError",
     "Aggregator",
+    "CONTEXT_FIELDS",
+    "OperatorSetup",
     "check_teachers",
     "parse_positive",
     "parse_weight_vector",
@@ -50,15 +53,79 @@ class AggregationContext:
     gate_logits: torch.Tensor | None = None
 
 
-@runtime_checkable
-class Aggregator(Protocol):
-    """Merges N teachers' sparse targets, position by position, into one sparse target."""
+CONTEXT_FIELDS = ("labels", "domains", "gate_logits")
+"""The per-batch fields an operator may declare in :attr:`Aggregator.context`."""
+
+
+@dataclass(frozen=True)
+class OperatorSetup:
+    """What the trainer knows when it builds an operator from the names a user wrote.
+
+    Attributes:
+        teachers: Teacher names, in the order of the targets (index = teacher code).
+        vocab_size: ``V``.
+        domains: The cache's domain names (index = domain code); ``()`` for a cache without
+            domains, ``None`` when unknown (then only integer codes are accepted).
+    """
+
+    teachers: tuple[str, ...]
+    vocab_size: int
+    domains: tuple[str, ...] | None = None
+
+
+class Aggregator:
+    """Base of every operator: merges N teachers' sparse targets, position by position.
+
+    An operator declares what it needs, so a trainer builds and feeds it without knowing it:
+
+    * ``context``: the :class:`AggregationContext` fields it reads per batch (a subset of
+      :data:`CONTEXT_FIELDS`); ``"gate_logits"`` asks the trainer for a gate network on the
+      student's hidden state.
+    * ``takes_vocab_size``: whether it is built with ``vocab_size=V``.
+    * :meth:`resolve_options`: how user-facing names in its options (teachers, domains) become
+      the integer codes its constructor takes.
+
+    A linear operator implements ``_weights`` (and ``_smoothing`` if it mixes in the uniform);
+    :meth:`__call__` is then :func:`linear_pool` with those weights. A non-linear one overrides
+    :meth:`weights` (returning ``None``) and ``_pool``.
+    """
+
+    num_teachers: int
+    context: ClassVar[frozenset[str]] = frozenset()
+    takes_vocab_size: ClassVar[bool] = False
+
+    @classmethod
+    def resolve_options(cls, options: Mapping[str, Any], setup: OperatorSetup) -> dict[str, Any]:
+        """The constructor's keyword arguments for these user options (default: unchanged)."""
+        return dict(options)
+
+    def _weights(
+        self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int | None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _smoothing(self) -> float:
+        return 0.0
+
+    def _pool(
+        self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int, tail_mode: TailMode
+    ) -> SparseTargets:
+        w = self._weights(targets, ctx, vocab_size)
+        return linear_pool(
+            targets, w, vocab_size=vocab_size, tail_mode=tail_mode, smoothing=self._smoothing()
+        )
 
     def weights(
         self, targets: Sequence[SparseTargets], ctx: AggregationContext
     ) -> torch.Tensor | None:
-        """``(P, N)`` convex teacher weights, or ``None`` for a non-linear operator."""
-        ...
+        """``(P, N)`` convex teacher weights, or ``None`` for a non-linear operator.
+
+        Raises:
+            AggregationInputError: wrong number of teachers or mismatched positions, or a
+                context field the operator needs is missing.
+        """
+        check_teachers(targets, self.num_teachers)
+        return self._weights(targets, ctx, getattr(self, "vocab_size", None))
 
     def __call__(
         self,
@@ -68,8 +135,20 @@ class Aggregator(Protocol):
         vocab_size: int,
         tail_mode: TailMode,
     ) -> SparseTargets:
-        """The merged target on the union of the teachers' supports, ``(P, U)``."""
-        ...
+        """The merged target on the union of the teachers' supports, ``(P, U)``.
+
+        Raises:
+            AggregationInputError: as :meth:`weights`, or ``vocab_size`` differs from the one
+                the operator was built with.
+        """
+        check_teachers(targets, self.num_teachers)
+        built = getattr(self, "vocab_size", None)
+        if built is not None and built != vocab_size:
+            raise AggregationInputError(
+                f"called with vocab_size={vocab_size} but built with vocab_size={built}; "
+                "build the aggregator with the student's vocabulary size"
+            )
+        return self._pool(targets, ctx, vocab_size, tail_mode)
 
 
 def parse_positive(option: str, value: float) -> float:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,8 +21,9 @@ from mtkd_train.aggregate._base import (
     AggregationConfigError,
     AggregationContext,
     AggregationInputError,
+    Aggregator,
 )
-from mtkd_train.aggregate._linear import LinearOperator, parse_num_teachers
+from mtkd_train.aggregate._linear import parse_num_teachers
 from mtkd_train.targets import SparseTargets
 
 __all__ = ["GateAggregator", "GateNetwork", "gate_entropy_regularizer"]
@@ -116,14 +118,18 @@ def gate_entropy_regularizer(
 
 
 @dataclass(frozen=True)
-class GateAggregator(LinearOperator):
+class GateAggregator(Aggregator):
     """``gate``: ``w = softmax(ctx.gate_logits)`` (learned, per position).
+
+    Declares ``gate_logits`` in its context: a trainer builds a :class:`GateNetwork` on the
+    student's hidden state for it.
 
     Attributes:
         num_teachers: ``N``.
     """
 
     num_teachers: int
+    context: ClassVar[frozenset[str]] = frozenset({"gate_logits"})
 
     def __post_init__(self) -> None:
         parse_num_teachers(self.num_teachers)

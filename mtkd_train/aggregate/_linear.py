@@ -1,7 +1,6 @@
 """Static-weight operators: ``mean`` (linear pooling) and ``loglinear`` (geometric pooling).
 
-Plus the small mixin every linear operator shares: its ``__call__`` is :func:`linear_pool` with
-the operator's ``(P, N)`` weights, so an operator only says how it computes weights.
+Plus the helpers other operators share: :func:`parse_num_teachers` and :func:`static_weights`.
 """
 
 from __future__ import annotations
@@ -14,15 +13,15 @@ import torch
 from mtkd_train.aggregate._base import (
     AggregationConfigError,
     AggregationContext,
-    AggregationInputError,
+    Aggregator,
     check_teachers,
     parse_positive,
     parse_weight_vector,
 )
-from mtkd_train.aggregate._pooling import linear_pool, log_linear_pool
+from mtkd_train.aggregate._pooling import log_linear_pool
 from mtkd_train.targets import SparseTargets, TailMode
 
-__all__ = ["LinearOperator", "LogLinearAggregator", "MeanAggregator", "static_weights"]
+__all__ = ["LogLinearAggregator", "MeanAggregator", "parse_num_teachers", "static_weights"]
 
 
 def static_weights(values: Sequence[float], num_positions: int, like: torch.Tensor) -> torch.Tensor:
@@ -38,62 +37,8 @@ def parse_num_teachers(value: int) -> int:
     return value
 
 
-class LinearOperator:
-    """Mixin: a linear operator = a weight rule + :func:`linear_pool`.
-
-    Subclasses define ``num_teachers``, ``_weights(targets, ctx, vocab_size)`` and may define a
-    ``vocab_size`` field (needed when the weights depend on the spread tail) and ``_smoothing``.
-    """
-
-    num_teachers: int
-
-    def _weights(
-        self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int | None
-    ) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _smoothing(self) -> float:
-        return 0.0
-
-    def weights(self, targets: Sequence[SparseTargets], ctx: AggregationContext) -> torch.Tensor:
-        """``(P, N)`` convex weights (rows sum to one) for these targets and context.
-
-        Raises:
-            AggregationInputError: wrong number of teachers or mismatched positions, or a
-                context field the operator needs is missing.
-        """
-        check_teachers(targets, self.num_teachers)
-        return self._weights(targets, ctx, getattr(self, "vocab_size", None))
-
-    def __call__(
-        self,
-        targets: Sequence[SparseTargets],
-        ctx: AggregationContext,
-        *,
-        vocab_size: int,
-        tail_mode: TailMode,
-    ) -> SparseTargets:
-        """Merged target ``sum_i w_i p_i`` on the union support, ``(P, U)``.
-
-        Raises:
-            AggregationInputError: as :meth:`weights`, or ``vocab_size`` differs from the one
-                the operator was built with.
-        """
-        check_teachers(targets, self.num_teachers)
-        built = getattr(self, "vocab_size", None)
-        if built is not None and built != vocab_size:
-            raise AggregationInputError(
-                f"called with vocab_size={vocab_size} but built with vocab_size={built}; "
-                "build the aggregator with the student's vocabulary size"
-            )
-        w = self._weights(targets, ctx, vocab_size)
-        return linear_pool(
-            targets, w, vocab_size=vocab_size, tail_mode=tail_mode, smoothing=self._smoothing()
-        )
-
-
 @dataclass(frozen=True)
-class MeanAggregator(LinearOperator):
+class MeanAggregator(Aggregator):
     """``mean``: ``m(v) = sum_i w_i p_i(v)`` with static weights (default uniform).
 
     Attributes:
@@ -117,7 +62,7 @@ class MeanAggregator(LinearOperator):
 
 
 @dataclass(frozen=True)
-class LogLinearAggregator:
+class LogLinearAggregator(Aggregator):
     """``loglinear``: ``g(v) ∝ prod_i p_i(v)^(w_i / T)`` (product of experts).
 
     Unkept union tokens use the spread value ``t_i / (V - K_i)`` whatever the tail mode (the
@@ -151,15 +96,9 @@ class LogLinearAggregator:
         check_teachers(targets, self.num_teachers)
         return None
 
-    def __call__(
-        self,
-        targets: Sequence[SparseTargets],
-        ctx: AggregationContext,
-        *,
-        vocab_size: int,
-        tail_mode: TailMode,
+    def _pool(
+        self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int, tail_mode: TailMode
     ) -> SparseTargets:
         """Pooled target on the union support; ``tail_mode`` does not change the result."""
-        p = check_teachers(targets, self.num_teachers)
-        w = static_weights(self.teacher_weights, p, targets[0].logp)
+        w = static_weights(self.teacher_weights, targets[0].logp.shape[0], targets[0].logp)
         return log_linear_pool(targets, w, vocab_size=vocab_size, temperature=self.temperature)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 
@@ -30,10 +30,11 @@ from mtkd_train.aggregate._base import (
     AggregationConfigError,
     AggregationContext,
     AggregationInputError,
+    Aggregator,
     parse_positive,
     parse_weight_vector,
 )
-from mtkd_train.aggregate._linear import LinearOperator, parse_num_teachers
+from mtkd_train.aggregate._linear import parse_num_teachers
 from mtkd_train.targets import SparseTargets, spread_log_value
 
 __all__ = [
@@ -96,36 +97,52 @@ def _softmax_weights(
     return torch.softmax(logits, dim=1)
 
 
-def _need_vocab(name: str, vocab_size: int | None) -> int:
-    if vocab_size is None:
-        raise AggregationInputError(
-            f"the {name!r} aggregator needs the vocabulary size to value the tail; pass "
-            f"vocab_size=V to build_aggregator({name!r}, ...) to call .weights() directly"
-        )
-    return vocab_size
+@dataclass(frozen=True)
+class _ScoredAggregator(Aggregator):
+    """Shared shape of the scored operators: ``w = softmax(score / tau + log b)``.
 
+    Subclasses say only how a teacher is scored (``_scores``); the options and their validation
+    are common. ``vocab_size`` is needed by the scores that value the spread tail.
+    """
 
-def _parse_base(value: Sequence[float] | None, n: int) -> tuple[float, ...] | None:
-    return None if value is None else parse_weight_vector("base_weights", value, n)
+    num_teachers: int
+    tau: float = 1.0
+    base_weights: tuple[float, ...] | None = None
+    vocab_size: int | None = None
+    takes_vocab_size: ClassVar[bool] = True
+    name: ClassVar[str] = ""
 
+    def __post_init__(self) -> None:
+        n = parse_num_teachers(self.num_teachers)
+        object.__setattr__(self, "tau", parse_positive("tau", self.tau))
+        base = None if self.base_weights is None else parse_weight_vector("base_weights", self.base_weights, n)
+        object.__setattr__(self, "base_weights", base)
+        v = self.vocab_size
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise AggregationConfigError(f"vocab_size must be a positive int or None, got {v!r}")
 
-def _parse_vocab(value: int | None) -> int | None:
-    if value is not None and (not isinstance(value, int) or value < 1):
-        raise AggregationConfigError(f"vocab_size must be a positive int or None, got {value!r}")
-    return value
+    def _need_vocab(self, vocab_size: int | None) -> int:
+        if vocab_size is None:
+            raise AggregationInputError(
+                f"the {self.name!r} aggregator needs the vocabulary size to value the tail; pass "
+                f"vocab_size=V to build_aggregator({self.name!r}, ...) to call .weights() directly"
+            )
+        return vocab_size
 
+    def _scores(
+        self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int | None
+    ) -> torch.Tensor:
+        """``(P, N)`` per-teacher scores (higher = more weight)."""
+        raise NotImplementedError
 
-def _parse_scored(op: Any) -> None:
-    """Validate the options every scored operator shares: N, tau, base weights (and V if it has one)."""
-    n = parse_num_teachers(op.num_teachers)
-    object.__setattr__(op, "tau", parse_positive("tau", op.tau))
-    object.__setattr__(op, "base_weights", _parse_base(op.base_weights, n))
-    if hasattr(op, "vocab_size"):
-        object.__setattr__(op, "vocab_size", _parse_vocab(op.vocab_size))
+    def _weights(
+        self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int | None
+    ) -> torch.Tensor:
+        return _softmax_weights(self._scores(targets, ctx, vocab_size), self.tau, self.base_weights)
 
 
 @dataclass(frozen=True)
-class EntropyAggregator(LinearOperator):
+class EntropyAggregator(_ScoredAggregator):
     """``entropy``: ``w_i = softmax_i(-H_i / tau) * b_i`` (confident teachers weigh more).
 
     Attributes:
@@ -135,24 +152,17 @@ class EntropyAggregator(LinearOperator):
         vocab_size: ``V``; required only to call :meth:`weights` outside ``__call__``.
     """
 
-    num_teachers: int
-    tau: float = 1.0
-    base_weights: tuple[float, ...] | None = None
-    vocab_size: int | None = None
+    name: ClassVar[str] = "entropy"
 
-    def __post_init__(self) -> None:
-        _parse_scored(self)
-
-    def _weights(
+    def _scores(
         self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int | None
     ) -> torch.Tensor:
-        v = _need_vocab("entropy", vocab_size)
-        h = torch.stack([teacher_entropy(t, v) for t in targets], dim=1)  # (P, N)
-        return _softmax_weights(-h, self.tau, self.base_weights)
+        v = self._need_vocab(vocab_size)
+        return -torch.stack([teacher_entropy(t, v) for t in targets], dim=1)  # (P, N)
 
 
 @dataclass(frozen=True)
-class ConfidenceAggregator(LinearOperator):
+class ConfidenceAggregator(_ScoredAggregator):
     """``confidence``: ``w_i = softmax_i(max_v p_i(v) / tau) * b_i``.
 
     Attributes:
@@ -160,24 +170,21 @@ class ConfidenceAggregator(LinearOperator):
         tau: Softmax temperature over teachers (> 0). Max-probabilities lie in ``[0, 1]``, so
             ``tau`` around 0.1 gives a clear preference, ``tau >= 1`` nearly the base weights.
         base_weights: Optional static per-teacher trust, default uniform.
+        vocab_size: Unused (the score needs no tail value); accepted for a uniform interface.
     """
 
-    num_teachers: int
     tau: float = 0.1
-    base_weights: tuple[float, ...] | None = None
+    takes_vocab_size: ClassVar[bool] = False
+    name: ClassVar[str] = "confidence"
 
-    def __post_init__(self) -> None:
-        _parse_scored(self)
-
-    def _weights(
+    def _scores(
         self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int | None
     ) -> torch.Tensor:
-        conf = torch.stack([max_prob(t) for t in targets], dim=1)  # (P, N)
-        return _softmax_weights(conf, self.tau, self.base_weights)
+        return torch.stack([max_prob(t) for t in targets], dim=1)  # (P, N)
 
 
 @dataclass(frozen=True)
-class LabelAwareAggregator(LinearOperator):
+class LabelAwareAggregator(_ScoredAggregator):
     """``label_aware`` (CA-MKD): ``w_i = softmax_i(-CE_i / tau) * b_i``, ``CE_i = -log p_i(y)``.
 
     Positions with ``y = -100``, or where every teacher gives ``y`` probability zero, get the
@@ -190,20 +197,11 @@ class LabelAwareAggregator(LinearOperator):
         vocab_size: ``V``; required only to call :meth:`weights` outside ``__call__``.
     """
 
-    num_teachers: int
-    tau: float = 1.0
-    base_weights: tuple[float, ...] | None = None
-    vocab_size: int | None = None
+    context: ClassVar[frozenset[str]] = frozenset({"labels"})
+    name: ClassVar[str] = "label_aware"
 
-    def __post_init__(self) -> None:
-        _parse_scored(self)
-
-    def _weights(
-        self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int | None
-    ) -> torch.Tensor:
-        v = _need_vocab("label_aware", vocab_size)
+    def _labels(self, ctx: AggregationContext, p: int, v: int) -> torch.Tensor:
         labels = ctx.labels
-        p = targets[0].logp.shape[0]
         if labels is None or tuple(labels.shape) != (p,):
             got = None if labels is None else tuple(labels.shape)
             raise AggregationInputError(
@@ -212,48 +210,50 @@ class LabelAwareAggregator(LinearOperator):
             )
         if bool(((labels < 0) & (labels != -100)).any() | (labels >= v).any()):
             raise AggregationInputError(f"ctx.labels must be in [0, {v}) or -100")
-        logp = torch.stack([label_log_prob(t, labels, v) for t in targets], dim=1)  # (P, N)
-        fallback = _softmax_weights(torch.zeros_like(logp), 1.0, self.base_weights)
-        weights = _softmax_weights(logp, self.tau, self.base_weights)
+        return labels
+
+    def _scores(
+        self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int | None
+    ) -> torch.Tensor:
+        """``log p_i(y)``; labels already checked by :meth:`_weights`."""
+        labels, v = ctx.labels, self._need_vocab(vocab_size)
+        return torch.stack([label_log_prob(t, labels, v) for t in targets], dim=1)  # type: ignore[arg-type]
+
+    def _weights(
+        self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int | None
+    ) -> torch.Tensor:
+        labels = self._labels(ctx, targets[0].logp.shape[0], self._need_vocab(vocab_size))
+        weights = super()._weights(targets, ctx, vocab_size)  # (P, N)
+        fallback = _softmax_weights(torch.zeros_like(weights), 1.0, self.base_weights)
         use_fallback = (labels == -100).unsqueeze(1) | torch.isnan(weights).any(1, keepdim=True)
         return torch.where(use_fallback, fallback, weights)
 
 
 @dataclass(frozen=True)
-class MTBKDAggregator(LinearOperator):
+class MTBKDAggregator(EntropyAggregator):
     """``mtbkd``: entropy-weighted mixture, smoothed toward uniform (a Dirichlet-like prior).
 
     ``m = (1 - lam) * sum_i w_i p_i + lam * Uniform(V)`` with ``w`` the :class:`EntropyAggregator`
     weights; :meth:`weights` returns ``w`` (the mixture part). With
-    :func:`mtkd_train.losses.weighted_forward_kl` pass ``smoothing=prior_strength``.
+    :func:`mtkd_train.losses.weighted_forward_kl` pass ``smoothing=self._smoothing()``.
 
     Attributes:
         num_teachers: ``N``.
         tau: Softmax temperature over teachers (> 0).
-        prior_strength: ``lam`` in ``[0, 1)``; default 0.1 (0 makes the operator ``entropy``).
         base_weights: Optional static per-teacher trust, default uniform.
         vocab_size: ``V``; required only to call :meth:`weights` outside ``__call__``.
+        prior_strength: ``lam`` in ``[0, 1)``; default 0.1 (0 makes the operator ``entropy``).
     """
 
-    num_teachers: int
-    tau: float = 1.0
     prior_strength: float = 0.1
-    base_weights: tuple[float, ...] | None = None
-    vocab_size: int | None = None
+    name: ClassVar[str] = "mtbkd"
 
     def __post_init__(self) -> None:
-        _parse_scored(self)
+        super().__post_init__()
         lam = self.prior_strength
         if not (isinstance(lam, int | float) and 0 <= lam < 1):
             raise AggregationConfigError(f"prior_strength must be in [0, 1), got {lam!r}")
         object.__setattr__(self, "prior_strength", float(lam))
-
-    def _weights(
-        self, targets: Sequence[SparseTargets], ctx: AggregationContext, vocab_size: int | None
-    ) -> torch.Tensor:
-        v = _need_vocab("mtbkd", vocab_size)
-        h = torch.stack([teacher_entropy(t, v) for t in targets], dim=1)  # (P, N)
-        return _softmax_weights(-h, self.tau, self.base_weights)
 
     def _smoothing(self) -> float:
         return self.prior_strength

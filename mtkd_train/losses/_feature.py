@@ -62,14 +62,15 @@ class FeatureDistiller(nn.Module):
 
     def forward(
         self,
-        student_hidden: torch.Tensor,
+        student_hidden: torch.Tensor | Sequence[torch.Tensor],
         teacher_features: Sequence[torch.Tensor],
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Weighted feature-matching loss.
 
         Args:
-            student_hidden: ``(P, d_s)``.
+            student_hidden: ``(P, d_s)``, or one ``(P, d_s)`` per teacher (each teacher matched
+                to its own student layer).
             teacher_features: One ``(P, d_t_i)`` tensor per teacher (no gradient needed).
             mask: ``(P,)`` bool positions to average over (default all).
 
@@ -84,15 +85,24 @@ class FeatureDistiller(nn.Module):
                 f"got features from {len(teacher_features)} teachers, built for "
                 f"{len(self.projections)}"
             )
+        hiddens = (
+            [student_hidden] * len(teacher_features)
+            if isinstance(student_hidden, torch.Tensor)
+            else list(student_hidden)
+        )
+        if len(hiddens) != len(teacher_features):
+            raise LossConfigError(
+                f"got {len(hiddens)} student hidden states for {len(teacher_features)} teachers"
+            )
         keep = None if mask is None else mask.to(torch.bool)
-        h = student_hidden if keep is None else student_hidden[keep]  # (M, d_s)
-        total = student_hidden.new_zeros(())
-        for i, (proj, feats) in enumerate(zip(self.projections, teacher_features, strict=True)):
-            if feats.shape[-1] != self.teacher_dims[i] or feats.shape[0] != student_hidden.shape[0]:
+        total = hiddens[0].new_zeros(())
+        for i, (proj, feats, hs) in enumerate(zip(self.projections, teacher_features, hiddens)):
+            if feats.shape[-1] != self.teacher_dims[i] or feats.shape[0] != hs.shape[0]:
                 raise LossConfigError(
                     f"teacher {i} features have shape {tuple(feats.shape)}, expected "
-                    f"({student_hidden.shape[0]}, {self.teacher_dims[i]})"
+                    f"({hs.shape[0]}, {self.teacher_dims[i]})"
                 )
+            h = hs if keep is None else hs[keep]  # (M, d_s)
             f = (feats if keep is None else feats[keep]).to(h.dtype)  # (M, d_t)
             pred = proj(h)  # (M, d_t)
             if self.kind == "mse":

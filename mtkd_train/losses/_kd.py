@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypedDict, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from mtkd_train.losses._divergence import (
 from mtkd_train.targets import SparseTargets, TailMode, parse_tail_mode, retemper
 
 __all__ = [
+    "KDOptions",
     "LossConfigError",
     "combine",
     "hard_label_loss",
@@ -126,25 +128,31 @@ def _masked_mean(values: torch.Tensor) -> torch.Tensor:
     return values.sum() / max(values.numel(), 1)
 
 
+class KDOptions(TypedDict, total=False):
+    """The keyword options :func:`kd_loss` forwards to :func:`kd_loss_per_position`."""
+
+    kind: str
+    temperature: float
+    target_temperature: float
+    tail_mode: TailMode
+    vocab_size: int | None
+    skew: float
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     target: SparseTargets,
     *,
-    kind: str = "forward_kl",
-    temperature: float = 1.0,
-    target_temperature: float = 1.0,
-    tail_mode: TailMode = "bucket",
     mask: torch.Tensor | None = None,
-    vocab_size: int | None = None,
-    skew: float = 0.1,
+    **options: Unpack[KDOptions],
 ) -> torch.Tensor:
     """Mean of :func:`kd_loss_per_position` over the positions where ``mask`` is True.
 
     Args:
         student_logits: ``(..., V_s)``.
         target: ``(..., K)``.
-        kind, temperature, target_temperature, tail_mode, vocab_size, skew: as
-            :func:`kd_loss_per_position`.
+        **options: ``kind``, ``temperature``, ``target_temperature``, ``tail_mode``,
+            ``vocab_size``, ``skew``: as :func:`kd_loss_per_position` (same defaults).
         mask: ``(...,)`` bool; masked-out positions are not computed at all (their targets may
             be garbage). Default: all positions.
 
@@ -155,17 +163,7 @@ def kd_loss(
         keep = mask.to(torch.bool)
         student_logits = student_logits[keep]
         target = SparseTargets(target.indices[keep], target.logp[keep], target.tail[keep])
-    per_position = kd_loss_per_position(
-        student_logits,
-        target,
-        kind=kind,
-        temperature=temperature,
-        target_temperature=target_temperature,
-        tail_mode=tail_mode,
-        vocab_size=vocab_size,
-        skew=skew,
-    )
-    return _masked_mean(per_position)
+    return _masked_mean(kd_loss_per_position(student_logits, target, **options))
 
 
 def _parse_mixture(

@@ -24,6 +24,10 @@ BASE = {"cache": "c", "teachers": ("a", "b"), "student": "s"}
         ({"teachers": ("a", "a")}, "teachers"),
         ({"teachers": ()}, "teachers"),
         ({"features": {"zzz": {"layer": -1}}}, "features"),
+        ({"features": {"a": {"layr": -1}}}, r"unknown option\(s\) \['layr'\]"),
+        ({"features": {"a": {"student_layer": "last"}}}, "a.student_layer"),
+        ({"features": {"a": {"beta": -1}}}, "a.beta"),
+        ({"features": {"a": {"kind": "mse"}, "b": {"kind": "cosine"}}}, "one kind"),
     ],
 )
 def test_bad_values_name_the_key(override: dict, needle: str) -> None:
@@ -65,3 +69,21 @@ def test_bad_config_file(tmp_path: Path) -> None:
         load_config_file(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config_file(tmp_path / "missing.toml")
+
+
+def test_operator_and_loss_names_come_from_the_registries() -> None:
+    from mtkd_train.aggregate import AGGREGATORS
+    from mtkd_train.losses import LOSS_KINDS
+
+    for name in AGGREGATORS:
+        TrainConfig(**BASE, aggregate=name)
+    for kind in LOSS_KINDS:
+        TrainConfig(**BASE, loss=kind)
+    assert "skew_reverse_kl" in LOSS_KINDS
+
+
+def test_features_parse_per_teacher() -> None:
+    cfg = TrainConfig(**BASE, features={"b": {"layer": 2, "student_layer": 0, "beta": 0.5}, "a": {}})
+    a, b = cfg.feature_specs
+    assert (a.teacher, a.layer, a.student_layer, a.beta, a.kind) == ("a", -1, -1, 1.0, "mse")
+    assert (b.teacher, b.layer, b.student_layer, b.beta) == ("b", 2, 0, 0.5)

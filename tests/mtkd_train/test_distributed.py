@@ -4,17 +4,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 from click.testing import CliRunner
 
+from mtkd_cache import open_cache
+from mtkd_train.checkpoint import latest_checkpoint
 from mtkd_train.cli import main
 from mtkd_train.data import CachedDistillDataset
+from mtkd_train.evaluate import evaluate_student
+from mtkd_train.student import load_student
 from tests.mtkd_train._train_target import LMCache, read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -50,7 +56,8 @@ def test_torchrun_two_ranks_matches_one_process_with_grad_accum(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "mtkd_train.cli", *_args(lm_cache, ddp_out, "--batch-size", "2"),
+        "-m", "mtkd_train.cli", *_args(lm_cache, ddp_out, "--batch-size", "2", "--eval-cache", str(lm_cache.cache),
+                                       "--eval-max-samples", "12", "--no-eval-teachers"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -72,3 +79,15 @@ def test_torchrun_two_ranks_matches_one_process_with_grad_accum(
     for name, weight in one.items():
         torch.testing.assert_close(ddp[name], weight, rtol=1e-4, atol=1e-5, msg=name)
     assert not torch.equal(ddp["lm_head.weight"], init["lm_head.weight"])
+
+    # each rank's own RNG stream is in the checkpoint (seeded seed + rank)
+    state = torch.load(latest_checkpoint(ddp_out / "checkpoints"), weights_only=True)
+    assert len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    # the evaluation was split across the ranks and reduced: it equals one process's evaluation
+    student = load_student(str(ddp_out / "student"))
+    alone = evaluate_student(student, open_cache(lm_cache.cache), batch_size=2, max_samples=12, vocab_size=32)
+    split = json.loads((ddp_out / "eval.json").read_text())["student"]
+    assert split["positions"] == alone["positions"] > 0
+    assert split["nll"] == pytest.approx(alone["nll"], rel=1e-5)
+    assert split["accuracy"] == alone["accuracy"] and split["ece"] == pytest.approx(alone["ece"], abs=1e-6)

@@ -122,7 +122,7 @@ def test_classifier_student_reports_accuracy_and_ece(
     assert 0 <= student["accuracy"] <= 1 and 0 <= student["ece"] <= 1
     assert "perplexity" not in student
     # the saved factory student reproduces the reported accuracy
-    saved = load_student(str(image_eval["out"] / "student"))
+    saved = load_student(str(image_eval["out"] / "student"), trust_factory=True)
     again = evaluate_student(saved, open_cache(image_cache.cache), batch_size=5)
     assert again["accuracy"] == student["accuracy"] and again["nll"] == pytest.approx(
         student["nll"]
@@ -147,3 +147,18 @@ def test_classifier_teachers_are_scored_on_labelled_samples(
             _direct_teacher_accuracy(image_cache.cache, name)
         )
         assert math.isfinite(scores["nll"]) and "perplexity" not in scores
+
+
+def test_eval_batches_split_across_ranks_cover_every_batch_once(lm_cache: LMCache) -> None:
+    reader = open_cache(lm_cache.cache)
+    alone = [b["sample_ids"].tolist() for b in eval_batches(reader, 3, max_samples=29)]
+    shares = [[b["sample_ids"].tolist() for b in eval_batches(reader, 3, max_samples=29, rank=r, world=3)]
+              for r in range(3)]  # fmt: skip
+    assert [shares[j % 3][j // 3] for j in range(len(alone))] == alone
+    assert sum(len(s) for s in shares) == len(alone)
+    # a rank decodes only the chunks that hold its batches (chunks of 8 samples, batches of 8)
+    read: list[int] = []
+    original = reader.read_chunk
+    reader.read_chunk = lambda c, *a, **k: read.append(c) or original(c, *a, **k)  # type: ignore[method-assign]
+    assert [b["sample_ids"].tolist()[0] for b in eval_batches(reader, 8, rank=1, world=2)] == [8, 24]
+    assert read == [1, 3]

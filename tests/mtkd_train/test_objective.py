@@ -7,13 +7,15 @@ the same operators through the real trainer.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mtkd_train.aggregate import GateNetwork
+from mtkd_train.aggregate import AGGREGATORS, AggregationContext, Aggregator, GateNetwork
+from mtkd_train.config import TrainConfig
 from mtkd_train.data import CachedDistillDataset
 from mtkd_train.losses import FeatureDistiller
 from mtkd_train.objective import Objective, row_labels, row_targets
@@ -29,7 +31,7 @@ OPERATORS = (
     "routing",
     "mtbkd",
 )
-LOSSES = ("forward_kl", "reverse_kl", "js", "tv", "skew_kl")
+LOSSES = ("forward_kl", "reverse_kl", "js", "tv", "skew_kl", "skew_reverse_kl")
 TAILS = ("bucket", "spread")
 HIDDEN = 8
 
@@ -174,3 +176,57 @@ def test_feature_term_is_added_and_learns(batch: dict[str, Any]) -> None:
         history.append(float(terms["feat"].detach()))
         assert torch.allclose(terms["loss"], 0.5 * terms["kd"] + 0.5 * terms["ce"] + terms["feat"])
     assert history[-1] < 0.8 * history[0], history
+
+
+def test_each_feature_term_reads_its_own_student_layer(batch: dict[str, Any]) -> None:
+    (key,) = batch["features"]["a"]
+    width = batch["features"]["a"][key].shape[-1]
+    torch.manual_seed(0)
+    feats = FeatureDistiller(HIDDEN, [width], kind="mse", betas=[1.0])
+    objective = _objective("mean", "forward_kl", "bucket", features=feats, feature_keys={"a": key},
+                           feature_layers={"a": 1})  # fmt: skip
+    assert objective.hidden_layers == (1,)
+    logits, last = _student(batch)
+    middle = torch.randn_like(last)
+    got = objective(batch, logits, {1: middle, -1: last}, "causal_lm")["feat"]
+    rows = batch["position_mask"]
+    assert torch.allclose(got, feats(middle[rows], [batch["features"]["a"][key][rows]]))
+    assert not torch.allclose(got, feats(last[rows], [batch["features"]["a"][key][rows]]))
+
+
+@dataclass(frozen=True)
+class _LabelPeek(Aggregator):
+    """A new operator, known only to the registry: all weight on teacher 0 where the label is even."""
+
+    num_teachers: int
+    context: ClassVar[frozenset[str]] = frozenset({"labels"})
+
+    def _weights(self, targets: Any, ctx: AggregationContext, vocab_size: int | None) -> torch.Tensor:
+        assert ctx.labels is not None and ctx.domains is None and ctx.gate_logits is None
+        even = (ctx.labels % 2 == 0).float().unsqueeze(1)  # (P, 1)
+        return torch.cat([even, 1 - even], dim=1)
+
+
+def test_a_new_operator_needs_only_the_registry(
+    batch: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(AGGREGATORS, "label_peek", _LabelPeek)
+    TrainConfig(cache="c", teachers=("a", "b"), student="s", aggregate="label_peek")  # a known name
+    objective = _objective("label_peek", "forward_kl", "spread")
+    assert objective.gate is None and objective.hidden_layers == ()
+    logits, _ = _student(batch)
+    terms = objective(batch, logits, None, "causal_lm")
+    labels = row_labels(batch, "causal_lm")[batch["position_mask"]]
+    share = float((labels % 2 == 0).float().mean())
+    assert terms["teacher_weights"].tolist() == pytest.approx([share, 1 - share])
+
+
+def test_gate_is_built_from_the_operators_declaration(batch: dict[str, Any]) -> None:
+    objective = Objective(
+        teachers=["a", "b"], capture_temperatures=[1.0, 1.0], vocab_size=VOCAB, aggregate="gate",
+        aggregate_kwargs={}, loss="forward_kl", tail_mode="bucket", alpha=0.5, temperature=1.0,
+        hidden_size=HIDDEN,
+    )  # fmt: skip
+    assert isinstance(objective.gate, GateNetwork) and objective.hidden_layers == (-1,)
+    logits, hidden = _student(batch)
+    assert objective(batch, logits, hidden, "causal_lm")["gate_weights"].tolist() == pytest.approx([0.5, 0.5])

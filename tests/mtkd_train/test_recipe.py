@@ -12,10 +12,11 @@ import pytest
 import torch
 import transformers
 
-from mtkd_train.config import TrainConfig
+from mtkd_train.config import ConfigError, TrainConfig
 from mtkd_train.data import CachedDistillDataset
 from mtkd_train.evaluate import eval_batches
 from mtkd_train.recipe import DistillRecipe
+from mtkd_train.rows import to_device
 from mtkd_train.student import load_student
 from tests.mtkd_train._train_target import LMCache, read_metrics
 
@@ -128,3 +129,31 @@ def test_saved_student_loads_with_from_pretrained(lm_cache: LMCache, tmp_path: P
     evals = [r for r in read_metrics(tmp_path) if "eval" in r]
     assert [r["step"] for r in evals] == [2, 4]
     assert all(r["eval"]["student"]["positions"] > 0 for r in evals)
+
+
+def test_feature_student_layer_is_honoured(lm_cache: LMCache, tmp_path: Path) -> None:
+    cfg = _cfg(lm_cache, tmp_path, features={"a": {"layer": -1, "student_layer": 0}}, aggregate="gate")
+    recipe = _train(cfg)
+    assert recipe.objective.hidden_layers == (-1, 0)  # the gate reads the last layer, the feature term layer 0
+    assert all(math.isfinite(r["feat"]) for r in read_metrics(tmp_path))
+
+
+def test_sequence_classifier_student_on_token_inputs(lm_cache: LMCache, tmp_path: Path) -> None:
+    """Per-sample targets over token inputs: one scored row per sample, not one per token."""
+    from tests.helpers.tiny_models import save_tiny_bert_classifier
+
+    folder = save_tiny_bert_classifier(tmp_path / "bert", num_labels=3, vocab_size=32, seed=7)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ConfigError, match="no labels for the CE term"):
+        DistillRecipe(_cfg(lm_cache, tmp_path / "run", teachers=("cls",), student=str(folder))).setup()
+    recipe = _train(_cfg(lm_cache, tmp_path / "run", teachers=("cls",), student=str(folder), aggregate="mean",
+                         max_steps=2, alpha=1.0))  # fmt: skip
+    records = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["kd"]) for r in records)
+    assert all(r["ce"] == 0 for r in records)
+    batch = next(iter(recipe._loader()))
+    recipe.model.eval()  # no dropout: two forwards must agree
+    with_index = recipe.model(to_device(batch, recipe.device, per_token=False))["kd"]
+    assert torch.equal(recipe.model(batch)["kd"], with_index)  # host-made index == boolean mask

@@ -10,7 +10,10 @@ from mtkd_train.aggregate import (
     AggregationConfigError,
     AggregationContext,
     Aggregator,
+    OperatorSetup,
     build_aggregator,
+    make_aggregator,
+    operator_context,
 )
 from mtkd_train.targets import from_dense, to_dense
 
@@ -67,3 +70,18 @@ def test_unknown_option_lists_accepted_options() -> None:
         match=r"does not take option\(s\) \['temp'\]; it accepts \['weights', 'temperature'\]",
     ):
         build_aggregator("loglinear", num_teachers=2, temp=2.0)
+
+
+def test_make_aggregator_resolves_names_and_vocab_from_declarations() -> None:
+    setup = OperatorSetup(teachers=("a", "b"), vocab_size=9, domains=("x", "y"))
+    routing = make_aggregator("routing", setup, {"domain_to_teacher": {"x": "b", "y": 0}})
+    assert routing.routes == ((0, (0.0, 1.0)), (1, (1.0, 0.0)))
+    assert operator_context("routing") == {"domains"} and operator_context("mean") == frozenset()
+    assert make_aggregator("entropy", setup, {}).vocab_size == 9  # takes_vocab_size
+    assert make_aggregator("confidence", setup, {}).vocab_size is None
+    with pytest.raises(AggregationConfigError, match=r"domains \['y'\] have no route"):
+        make_aggregator("routing", setup, {"domain_to_teacher": {"x": "a"}})
+    with pytest.raises(AggregationConfigError, match="teacher 'c' is not known"):
+        make_aggregator("routing", setup, {"domain_to_teacher": {"x": "c", "y": "a"}})
+    with pytest.raises(AggregationConfigError, match="has none"):
+        make_aggregator("routing", OperatorSetup(("a", "b"), 9, ()), {"domain_to_teacher": {0: 0}})
