@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from mtkd_train.aggregate import AggregationContext, build_aggregator, label_log_prob
-from mtkd_train.aggregate._registry import AGGREGATORS
+from mtkd_train.aggregate import AggregationContext, label_log_prob
+from mtkd_train.aggregate._base import OperatorSetup
+from mtkd_train.aggregate._registry import AGGREGATORS, make_aggregator
 from mtkd_train.scoring._em import fit_mixture_em
 from mtkd_train.targets import SparseTargets
 from mtkd_train.uncertainty import expected_calibration_error
@@ -97,11 +98,10 @@ def teacher_label_logp(data: HeldOut) -> torch.Tensor:
     return torch.stack([label_log_prob(t, data.labels, data.vocab_size) for t in data.targets], dim=1)
 
 
-def _build(name: str, n: int, vocab_size: int, kwargs: Mapping[str, Any]) -> Any:
-    kw = dict(kwargs)
-    if "vocab_size" in getattr(AGGREGATORS[name], "__dataclass_fields__", {}) and "vocab_size" not in kw:
-        kw["vocab_size"] = vocab_size
-    return build_aggregator(name, num_teachers=n, **kw)
+def _build(data: HeldOut, name: str, kwargs: Mapping[str, Any]) -> Any:
+    n = len(data.targets)
+    setup = OperatorSetup(data.teachers or tuple(str(i) for i in range(n)), data.vocab_size, data.domain_names)
+    return make_aggregator(name, setup, kwargs)
 
 
 def score_operator(data: HeldOut, name: str, kwargs: Mapping[str, Any], *, block: int = 4096, note: str = ""
@@ -117,7 +117,7 @@ def score_operator(data: HeldOut, name: str, kwargs: Mapping[str, Any], *, block
     Returns:
         The :class:`ScoreRow`.
     """
-    agg = _build(name, len(data.targets), data.vocab_size, kwargs)
+    agg = _build(data, name, kwargs)
     nll, confs, oks, wsum = 0.0, [], [], None
     for a in range(0, data.num_positions, block):
         d = data.block(a, min(a + block, data.num_positions))
