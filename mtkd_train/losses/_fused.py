@@ -17,18 +17,28 @@ Cost: ``O(P V)`` reads in the forward and ``O(P V)`` reads + writes in the backw
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 
-from mtkd_train.losses._fused_math import ChunkTerms, RowTargets, chunk_grad, chunk_stats, chunk_terms
+from mtkd_train.losses._fused_math import (
+    ChunkTerms,
+    RowTargets,
+    chunk_grad,
+    chunk_stats,
+    chunk_terms,
+)
 from mtkd_train.losses._kd import LossConfigError, _flatten_target, _parse
 from mtkd_train.targets import SparseTargets, TailMode, parse_tail_mode, retemper
 
-__all__ = ["FusedLoss", "chunk_rows", "fused_kd_ce_loss", "row_targets_for", "target_negentropy"]
+__all__ = ["FusedLoss", "chunk_rows", "fused_kd_ce_loss", "mixture_negentropy", "row_targets_for", "target_negentropy"]
 
-CHUNK_ELEMENTS = 1 << 17
-"""Elements per row chunk (512 KiB of float32): small enough that a chunk stays in L2 between passes."""
+CHUNK_ELEMENTS = 1 << 21
+"""Elements per row chunk (8 MiB of float32). Measured on a 2-core EPYC (1 thread): at V = 8,192
+chunks of 8 rows cost 1.5x chunks of 128 (per-chunk op overhead), at V = 49,152 and 262,144 chunks
+of 8-128 rows are within noise of each other."""
+MIN_CHUNK_ROWS = 16
 
 
 class FusedLoss(NamedTuple):
@@ -51,7 +61,7 @@ def chunk_rows(num_rows: int, vocab: int, chunk: int | None) -> int:
         if not isinstance(chunk, int) or chunk < 1:
             raise LossConfigError(f"chunk_rows must be a positive int, got {chunk!r}")
         return min(chunk, max(num_rows, 1))
-    return max(1, min(max(num_rows, 1), CHUNK_ELEMENTS // max(vocab, 1)))
+    return max(1, min(max(num_rows, 1), max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // max(vocab, 1))))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -108,6 +118,32 @@ def target_negentropy(w: torch.Tensor, tail: torch.Tensor, rt: RowTargets, mode:
     log_unit = safe_tail.log() if mode == "bucket" else safe_tail.log() - rt.n_out.clamp(min=1).log()
     has = has & (rt.n_out > 0) if mode == "spread" else has
     return kept_part + torch.where(has, tail * log_unit, zero)
+
+
+def mixture_negentropy(
+    targets: Sequence[SparseTargets], weights: torch.Tensor, vocab_size: int, smoothing: float = 0.0
+) -> torch.Tensor:
+    """``(P,)`` ``(1 - lam) sum_i w_i sum_v p_i log p_i - lam log V`` under the spread reading.
+
+    Passed as ``target_negentropy`` with the merged spread target, the fused KD value equals
+    :func:`weighted_forward_kl` (and so does the gradient with respect to the weights).
+
+    Args:
+        targets: N ``(P, K_i)`` sparse targets.
+        weights: ``(P, N)`` mixture weights (gradients flow).
+        vocab_size: ``V``.
+        smoothing: ``lam`` (``prior_strength`` of ``mtbkd``).
+    """
+    parts = []
+    for t in targets:
+        kept = t.logp > -math.inf
+        logp = torch.where(kept, t.logp, 0.0)
+        n_out = (vocab_size - kept.sum(dim=1)).to(logp.dtype)
+        has = (t.tail > 0) & (n_out > 0)
+        log_u = torch.where(has, t.tail, 1.0).log() - n_out.clamp(min=1).log()
+        parts.append((logp.exp() * logp * kept).sum(dim=1) + torch.where(has, t.tail * log_u, 0.0))
+    neg = (weights.to(parts[0].dtype) * torch.stack(parts, dim=1)).sum(dim=1)  # (P,)
+    return (1 - smoothing) * neg - smoothing * math.log(vocab_size)
 
 
 class _FusedKDCE(torch.autograd.Function):
