@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from mtkd_train.aggregate import AggregationContext, build_aggregator, gate_entropy_regularizer
-from mtkd_train.losses import combine, hard_label_loss, kd_loss, weighted_forward_kl
+from mtkd_train.losses import (
+    combine,
+    fused_kd_ce_loss,
+    hard_label_loss,
+    kd_loss,
+    mixture_negentropy,
+    weighted_forward_kl,
+)
 from mtkd_train.targets import SparseTargets, from_samples, retemper
 
 __all__ = ["Objective", "make_aggregator", "row_labels", "row_targets"]
@@ -64,7 +71,8 @@ class Objective(nn.Module):
     def __init__(self, *, teachers: Sequence[str], capture_temperatures: Sequence[float], vocab_size: int,
                  aggregate: str, aggregate_kwargs: Mapping[str, Any], loss: str, tail_mode: str, alpha: float,
                  temperature: float, gate: nn.Module | None = None, gate_entropy: float = 0.0,
-                 features: nn.Module | None = None, feature_keys: Mapping[str, str] | None = None):
+                 features: nn.Module | None = None, feature_keys: Mapping[str, str] | None = None,
+                 loss_impl: str = "auto"):
         super().__init__()
         self.teachers = list(teachers)
         self.capture_t = list(capture_temperatures)
@@ -76,6 +84,7 @@ class Objective(nn.Module):
         self.gate_entropy = gate_entropy
         self.features = features
         self.feature_keys = dict(feature_keys or {})
+        self.fused = loss == "forward_kl" and loss_impl in ("auto", "fused")
 
     def forward(self, batch: Mapping[str, Any], logits: torch.Tensor, hidden: torch.Tensor | None,
                 student_task: str) -> dict[str, torch.Tensor]:
@@ -94,18 +103,25 @@ class Objective(nn.Module):
         )
         out: dict[str, torch.Tensor] = {}
         weights = self.aggregator.weights(targets, ctx)
-        if weights is not None and self.loss_kind == "forward_kl" and self.tail_mode == "spread":
-            kd = weighted_forward_kl(z, targets, weights, temperature=self.T, target_temperature=self.T,
-                                     tail_mode="spread",
-                                     vocab_size=self.vocab_size,
-                                     smoothing=float(getattr(self.aggregator, "prior_strength", 0.0)))
-        else:
+        smoothing = float(getattr(self.aggregator, "prior_strength", 0.0))
+        if self.fused:  # one sparse target (the merged one) + the labels, closed-form gradient
             merged = self.aggregator(targets, ctx, vocab_size=self.vocab_size, tail_mode=self.tail_mode)
-            kd = kd_loss(z, merged, kind=self.loss_kind, temperature=self.T, target_temperature=self.T,
-                         tail_mode=self.tail_mode, vocab_size=self.vocab_size)  # type: ignore[arg-type]
-        ce = hard_label_loss(z[..., : self.vocab_size], labels)  # padded head columns are not tokens
+            neg = (mixture_negentropy(targets, weights, self.vocab_size, smoothing)
+                   if weights is not None and self.tail_mode == "spread" else None)  # = weighted_forward_kl
+            total, kd, ce = fused_kd_ce_loss(z, merged, labels, alpha=self.alpha, temperature=self.T,
+                                             target_temperature=self.T, tail_mode=self.tail_mode,  # type: ignore[arg-type]
+                                             vocab_size=self.vocab_size, target_negentropy=neg)
+        else:
+            if weights is not None and self.loss_kind == "forward_kl" and self.tail_mode == "spread":
+                kd = weighted_forward_kl(z, targets, weights, temperature=self.T, target_temperature=self.T,
+                                         tail_mode="spread", vocab_size=self.vocab_size, smoothing=smoothing)
+            else:
+                merged = self.aggregator(targets, ctx, vocab_size=self.vocab_size, tail_mode=self.tail_mode)
+                kd = kd_loss(z, merged, kind=self.loss_kind, temperature=self.T, target_temperature=self.T,
+                             tail_mode=self.tail_mode, vocab_size=self.vocab_size)  # type: ignore[arg-type]
+            ce = hard_label_loss(z[..., : self.vocab_size], labels)  # padded head columns are not tokens
+            total = combine(kd, ce, self.alpha)
         out["kd"], out["ce"] = kd, ce
-        total = combine(kd, ce, self.alpha)
         if self.gate is not None and weights is not None:
             reg = gate_entropy_regularizer(weights)
             out["gate_reg"] = reg

@@ -177,7 +177,7 @@ class DistillRecipe:
             teachers=c.teachers, capture_temperatures=[m.target.temperature for m in self.metas],
             vocab_size=self.vocab_size, aggregate=c.aggregate, aggregate_kwargs=akw, loss=c.loss,
             tail_mode=c.tail_mode, alpha=c.alpha, temperature=c.temperature, gate=gate,
-            gate_entropy=c.gate_entropy, features=feats, feature_keys=keys).to(self.device)
+            gate_entropy=c.gate_entropy, features=feats, feature_keys=keys, loss_impl=c.loss_impl).to(self.device)
         self.model = _Step(self.student, self.objective, self.hidden_layer)
         self.ddp = None
         if self.world > 1:
