@@ -57,8 +57,9 @@ class TrainConfig:
     alpha: float = 0.5
     """loss = alpha * KD + (1 - alpha) * CE on hard labels."""
     loss_impl: str = "auto"
-    """How alpha * KD + (1 - alpha) * CE is computed: auto (fused for forward_kl, else reference), fused
-    (closed-form gradient in row chunks, forward_kl only) or reference (autograd through the sparse losses)."""
+    """How alpha * KD + (1 - alpha) * CE is computed: auto (forward_kl: fused_head if the student allows it, else
+    fused; other losses: reference), fused (closed-form gradient in row chunks, forward_kl only), fused_head (also
+    fused with the LM head: the logits are never built; causal-LM students) or reference (autograd)."""
     temperature: float = 1.0
     """KD temperature T (loss scaled by T^2)."""
     features: Mapping[str, Any] = field(default_factory=dict)
@@ -121,10 +122,11 @@ class TrainConfig:
             raise ConfigError(f"{_flag('aggregate')} is {self.aggregate!r}; expected one of {_AGGREGATORS}")
         if self.loss not in _LOSSES:
             raise ConfigError(f"{_flag('loss')} is {self.loss!r}; expected one of {_LOSSES}")
-        if self.loss_impl not in ("auto", "fused", "reference"):
-            raise ConfigError(f"{_flag('loss_impl')} is {self.loss_impl!r}; expected auto, fused or reference")
-        if self.loss_impl == "fused" and self.loss != "forward_kl":
-            raise ConfigError(f"{_flag('loss_impl')} fused needs --loss forward_kl, got {self.loss!r}; use auto or "
+        if self.loss_impl not in ("auto", "fused", "fused_head", "reference"):
+            raise ConfigError(f"{_flag('loss_impl')} is {self.loss_impl!r}; expected auto, fused, fused_head or "
+                              f"reference")
+        if self.loss_impl in ("fused", "fused_head") and self.loss != "forward_kl":
+            raise ConfigError(f"{_flag('loss_impl')} {self.loss_impl} needs --loss forward_kl, got {self.loss!r}; use auto or "
                               f"reference for the other divergences (docs/LOSSES.md says why they are not fused)")
         if self.tail_mode not in ("bucket", "spread"):
             raise ConfigError(f"{_flag('tail_mode')} is {self.tail_mode!r}; expected 'bucket' or 'spread'")

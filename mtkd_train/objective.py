@@ -17,11 +17,13 @@ from mtkd_train.aggregate import AggregationContext, build_aggregator, gate_entr
 from mtkd_train.losses import (
     combine,
     fused_kd_ce_loss,
+    fused_linear_kd_ce_loss,
     hard_label_loss,
     kd_loss,
     mixture_negentropy,
     weighted_forward_kl,
 )
+from mtkd_train.student import HeadInputs
 from mtkd_train.targets import SparseTargets, from_samples, retemper
 
 __all__ = ["Objective", "make_aggregator", "row_labels", "row_targets"]
@@ -84,14 +86,17 @@ class Objective(nn.Module):
         self.gate_entropy = gate_entropy
         self.features = features
         self.feature_keys = dict(feature_keys or {})
-        self.fused = loss == "forward_kl" and loss_impl in ("auto", "fused")
+        self.fused = loss == "forward_kl" and loss_impl in ("auto", "fused", "fused_head")
+        self.head_fused = self.fused and loss_impl == "fused_head"  # forward() then takes HeadInputs
 
-    def forward(self, batch: Mapping[str, Any], logits: torch.Tensor, hidden: torch.Tensor | None,
+    def forward(self, batch: Mapping[str, Any], logits: torch.Tensor | HeadInputs, hidden: torch.Tensor | None,
                 student_task: str) -> dict[str, torch.Tensor]:
-        """Loss terms for one micro-batch. logits (B, T, V_s); hidden (B, T, D) or None."""
+        """Loss terms for one micro-batch. logits (B, T, V_s), or HeadInputs if head_fused; hidden (B, T, D) or None."""
+        head = logits if isinstance(logits, HeadInputs) else None
+        base = logits.hidden if isinstance(logits, HeadInputs) else logits  # (B, T, V_s) or (B, T, H)
         rows = batch["position_mask"] if student_task == "causal_lm" else torch.ones(
-            logits.shape[:2], dtype=torch.bool, device=logits.device)
-        z = logits[rows]  # (P, V_s)
+            base.shape[:2], dtype=torch.bool, device=base.device)
+        z = base[rows]  # (P, V_s) logits, or (P, H) hidden states for the head-fused loss
         labels = row_labels(batch, student_task)[rows]  # (P,)
         targets = [row_targets(batch["targets"][n], rows, tc, self.vocab_size, self.T)
                    for n, tc in zip(self.teachers, self.capture_t)]
@@ -108,9 +113,10 @@ class Objective(nn.Module):
             merged = self.aggregator(targets, ctx, vocab_size=self.vocab_size, tail_mode=self.tail_mode)
             neg = (mixture_negentropy(targets, weights, self.vocab_size, smoothing)
                    if weights is not None and self.tail_mode == "spread" else None)  # = weighted_forward_kl
-            total, kd, ce = fused_kd_ce_loss(z, merged, labels, alpha=self.alpha, temperature=self.T,
-                                             target_temperature=self.T, tail_mode=self.tail_mode,  # type: ignore[arg-type]
-                                             vocab_size=self.vocab_size, target_negentropy=neg)
+            kw: dict[str, Any] = dict(alpha=self.alpha, temperature=self.T, target_temperature=self.T,
+                                      tail_mode=self.tail_mode, vocab_size=self.vocab_size, target_negentropy=neg)
+            total, kd, ce = (fused_kd_ce_loss(z, merged, labels, **kw) if head is None else
+                             fused_linear_kd_ce_loss(z, head.weight, merged, labels, bias=head.bias, **kw))
         else:
             if weights is not None and self.loss_kind == "forward_kl" and self.tail_mode == "spread":
                 kd = weighted_forward_kl(z, targets, weights, temperature=self.T, target_temperature=self.T,

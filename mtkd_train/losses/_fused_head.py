@@ -160,9 +160,9 @@ def fused_linear_kd_ce_loss(
                               f"{width} rows")
     if hidden.shape[-1] != weight.shape[1]:
         raise LossConfigError(f"hidden {tuple(hidden.shape)} and head weight {tuple(weight.shape)} disagree on H")
-    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise LossConfigError(f"hidden ({hidden.dtype}), weight ({weight.dtype}) and bias must share a dtype; "
-                              "cast them (the head runs in that dtype, the loss math in float32)")
+    # The head runs in the hidden states' dtype (as nn.Linear under autocast); the cast is differentiable.
+    weight = weight.to(hidden.dtype)
+    bias = None if bias is None else bias.to(hidden.dtype)
     leading = tuple(hidden.shape[:-1])
     if tuple(target.logp.shape[:-1]) != leading:
         raise LossConfigError(f"target positions {tuple(target.logp.shape[:-1])} do not match hidden positions "
@@ -172,7 +172,8 @@ def fused_linear_kd_ce_loss(
                                  target_temperature=target_temperature, tail_mode=tail_mode,
                                  dtype=compute_dtype(h.dtype), mask=mask, ignore_index=ignore_index)
     size = chunk_rows(h.shape[0], vocab, chunk)
-    total, cross, ce = _FusedLinearKDCE.apply(h, weight, bias, w, tail, rt, vocab, float(temperature), tail_mode,
-                                              size)
+    with torch.autocast(h.device.type, enabled=False):  # out= matmuls; the dtypes are already chosen
+        total, cross, ce = _FusedLinearKDCE.apply(h, weight, bias, w, tail, rt, vocab, float(temperature),
+                                                  tail_mode, size)
     return finish(total, cross, ce, w, tail, rt, rows, alpha=alpha, temperature=temperature, mode=tail_mode,
                   negentropy=target_negentropy)

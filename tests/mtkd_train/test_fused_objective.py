@@ -69,3 +69,44 @@ def test_loss_impl_is_validated_and_auto_keeps_other_divergences_on_the_referenc
     assert Objective(loss="forward_kl", **common).fused
     assert not Objective(loss="js", **common).fused
     assert not Objective(loss="forward_kl", loss_impl="reference", **common).fused
+
+
+def test_head_fused_objective_equals_logits_path_on_a_real_student(lm_cache: LMCache, batch: dict[str, Any]) -> None:
+    from mtkd_train.student import load_student
+
+    student = load_student(str(lm_cache.student), seed=0)
+    assert student.supports_fused_head()
+    student.module.eval()  # no dropout: both paths see the same network
+    results = []
+    for impl in ("fused_head", "reference"):
+        obj = Objective(teachers=["a", "b"], capture_temperatures=[1.0, 1.0], vocab_size=VOCAB, aggregate="entropy",
+                        aggregate_kwargs={}, loss="forward_kl", tail_mode="bucket", alpha=0.3, temperature=2.0,
+                        loss_impl=impl)
+        assert obj.head_fused == (impl == "fused_head")
+        inputs: Any = (student.forward_head(batch)[0] if obj.head_fused else student.forward(batch)[0])
+        loss = obj(batch, inputs, None, "causal_lm")["loss"]
+        params = list(student.module.parameters())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        results.append((loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]))
+    (loss_h, g_h), (loss_r, g_r) = results
+    torch.testing.assert_close(loss_h, loss_r, atol=1e-5, rtol=1e-6)
+    for a, b in zip(g_h, g_r, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_student_that_scales_its_logits_keeps_the_logits_path(lm_cache: LMCache) -> None:
+    from mtkd_train.student import load_student
+
+    student = load_student(str(lm_cache.student), seed=0)
+    head = student.module.get_output_embeddings()
+    student.module.forward = _scaled(student.module.forward)  # e.g. a logit scale after the head
+    assert isinstance(head, torch.nn.Linear) and not student.supports_fused_head()
+
+
+def _scaled(forward: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    return run
