@@ -87,6 +87,8 @@ def chunk_stats(
     The tail statistic is ``log sum_{v not in S} exp(s_v)`` (bucket) or ``sum_v s_v`` (spread).
     ``buf`` (``(c, V)``, compute dtype) is overwritten.
     """
+    if temperature == 1.0 and x.dtype == buf.dtype:
+        return _stats_t1(x, rt, buf, mode)
     inv_t = 1.0 / temperature
     m = x.amax(dim=1, keepdim=True).to(buf.dtype)  # (c, 1)
     torch.sub(x, m, out=buf)
@@ -106,6 +108,35 @@ def chunk_stats(
     torch.sub(x, m, out=buf)
     buf.exp_()
     return lse_t, m.squeeze(1) + buf.sum(dim=1).log(), aux
+
+
+RISKY_REST = 1e-2
+"""Below this off-support mass, ``r = 1 - sum_S q`` loses digits; such rows get the exact masked sum."""
+
+
+def _stats_t1(
+    x: torch.Tensor, rt: RowTargets, buf: torch.Tensor, mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunk_stats` at ``T = 1`` for compute-dtype logits: one fused log-softmax kernel.
+
+    ``lse = max z - max log_softmax(z)`` (the log-softmax at the argmax is in ``[-log V, 0]``, so
+    nothing cancels). Bucket: ``r = 1 - sum_S q`` in float64 from the gathered log-probabilities;
+    rows where ``r < RISKY_REST`` are recomputed exactly as a masked sum.
+    """
+    m = x.amax(dim=1)  # (c,)
+    torch.ops.aten._log_softmax.out(x, 1, False, out=buf)  # buf := log q
+    lse = m - buf.amax(dim=1)
+    if mode != "bucket":
+        return lse, lse, x.sum(dim=1, dtype=buf.dtype)
+    q_kept = torch.where(rt.kept, buf.gather(1, rt.idx).double().exp(), 0.0)  # (c, C)
+    rest = (1.0 - q_kept.sum(dim=1)).clamp(min=0.0)  # (c,) float64
+    risky = (rest < RISKY_REST).nonzero().squeeze(1)
+    if risky.numel():
+        exact = buf[risky].exp_().scatter_(1, rt.idx[risky], 0.0).sum(dim=1, dtype=torch.float64)
+        rest = rest.index_copy(0, risky, exact)
+    has = rt.kept.any(dim=1)
+    log_rest = torch.where(has, rest.log().to(buf.dtype) + lse, lse)
+    return lse, lse, log_rest
 
 
 def chunk_terms(
@@ -183,6 +214,12 @@ def chunk_grad(
     compute-dtype scratch (it may be ``out`` when ``out`` has the compute dtype and is not ``x``).
     """
     lse_t, lse_1, _ = stats
+    if temperature == 1.0 and x.dtype == buf.dtype:  # q from one fused softmax kernel, then scaled into out
+        q = out if (out.dtype == buf.dtype and out.is_contiguous() and out.data_ptr() != x.data_ptr()) else buf
+        torch.ops.aten._softmax.out(x, 1, False, out=q)
+        torch.mul(q, (terms.coef_t * scale).unsqueeze(1), out=out)
+        _add_sparse(out, terms, rt, scale)
+        return
     work = out if out.dtype == buf.dtype else buf
     if terms.coef_1.any() and work.data_ptr() != buf.data_ptr():
         torch.sub(x, lse_1.unsqueeze(1), out=buf)  # the T = 1 softmax for the CE term, first,
@@ -194,13 +231,18 @@ def chunk_grad(
     if temperature != 1.0:
         work.mul_(1.0 / temperature)
     work.exp_().mul_((terms.coef_t * scale).unsqueeze(1))
-    if bool(terms.shift.any()):
-        work.sub_((terms.shift * scale).unsqueeze(1))
     if one is not None:
         work.add_(one)
     elif bool(terms.coef_1.any()):  # work is buf: no room for a second softmax, add it in place
         work.add_(torch.exp(x.to(buf.dtype) - lse_1.unsqueeze(1)) * (terms.coef_1 * scale).unsqueeze(1))
-    work.scatter_add_(1, rt.idx, terms.corr * scale)
-    work.scatter_add_(1, rt.labels.unsqueeze(1), (terms.label_corr * scale).unsqueeze(1))
+    _add_sparse(work, terms, rt, scale)
     if work.data_ptr() != out.data_ptr():
         out.copy_(work)
+
+
+def _add_sparse(out: torch.Tensor, terms: ChunkTerms, rt: RowTargets, scale: torch.Tensor) -> None:
+    """The per-row shift and the support / label corrections of the gradient."""
+    if bool(terms.shift.any()):
+        out.sub_((terms.shift * scale).unsqueeze(1).to(out.dtype))
+    out.scatter_add_(1, rt.idx, (terms.corr * scale).to(out.dtype))
+    out.scatter_add_(1, rt.labels.unsqueeze(1), (terms.label_corr * scale).unsqueeze(1).to(out.dtype))
