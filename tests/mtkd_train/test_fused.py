@@ -168,15 +168,31 @@ def test_spread_mixture_negentropy_equals_weighted_forward_kl() -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
-def test_bf16_logits_stay_bf16_and_agree_with_float32() -> None:
+@pytest.mark.parametrize("mode", ["bucket", "spread"])
+def test_student_with_almost_no_mass_off_the_support_is_exact(mode: str) -> None:
+    """r = 1 - sum_S q would cancel here (r ~ 1e-9); those rows take the exact masked sum."""
+    t, labels = _teacher(0, 5), _labels()
+    z = torch.randn(P, V, dtype=F64, generator=torch.Generator().manual_seed(3))
+    z.scatter_add_(1, t.indices[:, :3], torch.full((P, 3), 25.0, dtype=F64))  # q off the support ~ 1e-10
+    z.requires_grad_(True)
+    got = fused_kd_ce_loss(z, t, labels, alpha=0.8, tail_mode=mode).loss
+    _check(got, _dense(z, t, labels, alpha=0.8, temperature=1.0, mode=mode), (z,))
+    z32 = z.detach().float().requires_grad_(True)  # float32: r is far below float32's epsilon
+    got32 = fused_kd_ce_loss(z32, SparseTargets(t.indices, t.logp.float(), t.tail.float()), labels, alpha=0.8,
+                             tail_mode=mode).loss
+    torch.testing.assert_close(got32.double(), got.detach(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_bf16_logits_stay_bf16_and_agree_with_float32(temperature: float) -> None:
     t, labels = _teacher(0, 5), _labels()
     t32 = SparseTargets(t.indices, t.logp.float(), t.tail.float())
     z = torch.randn(P, V, generator=torch.Generator().manual_seed(2)).bfloat16().requires_grad_(True)
-    got = fused_kd_ce_loss(z, t32, labels, alpha=0.5, temperature=2.0)
+    got = fused_kd_ce_loss(z, t32, labels, alpha=0.5, temperature=temperature)
     (g,) = torch.autograd.grad(got.loss, z)
     assert g.dtype == torch.bfloat16
     z32 = z.detach().float().requires_grad_(True)
-    ref = fused_kd_ce_loss(z32, t32, labels, alpha=0.5, temperature=2.0)
+    ref = fused_kd_ce_loss(z32, t32, labels, alpha=0.5, temperature=temperature)
     (g32,) = torch.autograd.grad(ref.loss, z32)
     torch.testing.assert_close(got.loss, ref.loss, atol=1e-5, rtol=0)
     torch.testing.assert_close(g.float(), g32, atol=2e-4, rtol=1e-2)
