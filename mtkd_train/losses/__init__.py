@@ -5,7 +5,7 @@ See ``docs/LOSSES.md`` for every formula and how each tail mode is computed.
 
 from mtkd_train.losses._divergence import LOSS_KINDS, LossKind, sparse_divergence
 from mtkd_train.losses._feature import FeatureDistiller
-from mtkd_train.losses._fused import FusedLoss, fused_kd_ce_loss, mixture_negentropy
+from mtkd_train.losses._fused import FusedLoss, FusedOptions, fused_kd_ce_loss, mixture_negentropy
 from mtkd_train.losses._fused_head import fused_linear_kd_ce_loss
 from mtkd_train.losses._kd import (
     LossConfigError,
@@ -20,6 +20,7 @@ __all__ = [
     "LOSS_KINDS",
     "FeatureDistiller",
     "FusedLoss",
+    "FusedOptions",
     "LossConfigError",
     "LossKind",
     "combine",

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypedDict, Unpack
 
 import torch
 
@@ -29,10 +30,10 @@ from mtkd_train.losses._fused_math import (
     chunk_stats,
     chunk_terms,
 )
-from mtkd_train.losses._kd import LossConfigError, _flatten_target, _parse
+from mtkd_train.losses._kd import LossConfigError, _parse
 from mtkd_train.targets import SparseTargets, TailMode, parse_tail_mode, retemper
 
-__all__ = ["FusedLoss", "chunk_rows", "fused_kd_ce_loss", "mixture_negentropy", "row_targets_for", "target_negentropy"]
+__all__ = ["FusedLoss", "FusedOptions", "chunk_rows", "fused_kd_ce_loss", "mixture_negentropy", "row_targets_for", "target_negentropy"]
 
 CHUNK_ELEMENTS = 1 << 21
 """Elements per row chunk (8 MiB of float32). Measured on a 2-core EPYC (1 thread): at V = 8,192
@@ -53,6 +54,59 @@ class FusedLoss(NamedTuple):
     loss: torch.Tensor
     kd: torch.Tensor
     ce: torch.Tensor
+
+
+class FusedOptions(TypedDict, total=False):
+    """Keyword options of both fused entry points; every one is optional.
+
+    Attributes:
+        temperature: Distillation temperature ``T`` (default 1).
+        target_temperature: Temperature ``T_c`` the target is at (default 1); re-tempered by ``T / T_c``.
+        tail_mode: ``"bucket"`` (default) or ``"spread"``.
+        vocab_size: True vocabulary ``V`` (default: all logits / head rows); padded columns are dropped.
+        mask: ``(...,)`` bool rows of the KD term (default all); the others may hold garbage.
+        target_negentropy: ``(...,)`` replaces the target's own ``sum p log p`` in the KD value (e.g.
+            :func:`mixture_negentropy`, to equal :func:`weighted_forward_kl`); the student's gradient
+            does not change.
+        ignore_index: Label value left out of the CE (default -100).
+        chunk: Rows per chunk (default: :func:`chunk_rows`).
+    """
+
+    temperature: float
+    target_temperature: float
+    tail_mode: TailMode
+    vocab_size: int | None
+    mask: torch.Tensor | None
+    target_negentropy: torch.Tensor | None
+    ignore_index: int
+    chunk: int | None
+
+
+@dataclass(frozen=True)
+class Options:
+    """:class:`FusedOptions` with their defaults filled in."""
+
+    temperature: float = 1.0
+    target_temperature: float = 1.0
+    tail_mode: str = "bucket"
+    vocab_size: int | None = None
+    mask: torch.Tensor | None = None
+    target_negentropy: torch.Tensor | None = None
+    ignore_index: int = -100
+    chunk: int | None = None
+
+    @classmethod
+    def parse(cls, options: FusedOptions, width: int) -> tuple[Options, int]:
+        """Fill the defaults and check ``vocab_size`` against the ``width`` logits / head rows."""
+        unknown = sorted(set(options) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise LossConfigError(f"unknown option(s) {unknown}; expected some of {sorted(cls.__dataclass_fields__)}")
+        opts = cls(**options)
+        vocab = width if opts.vocab_size is None else opts.vocab_size
+        if not isinstance(vocab, int) or not 0 < vocab <= width:
+            raise LossConfigError(f"vocab_size={opts.vocab_size!r} must be a positive int no larger than the "
+                                  f"{width} logits / head rows; padded vocabulary columns beyond it are dropped")
+        return opts, vocab
 
 
 def chunk_rows(num_rows: int, vocab: int, chunk: int | None) -> int:
@@ -211,32 +265,34 @@ def _logits_grad(
 
 
 def _prepare(
-    target: SparseTargets, labels: torch.Tensor, leading: tuple[int, ...], vocab: int, *, alpha: float,
-    temperature: float, target_temperature: float, tail_mode: str, dtype: torch.dtype,
-    mask: torch.Tensor | None, ignore_index: int,
+    target: SparseTargets, labels: torch.Tensor, leading: tuple[int, ...], vocab: int, alpha: float, opts: Options,
+    dtype: torch.dtype,
 ) -> tuple[RowTargets, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate the options and build the row targets shared by both fused entry points."""
-    _parse("forward_kl", temperature, target_temperature, 0.1)
-    parse_tail_mode(tail_mode)
+    _parse("forward_kl", opts.temperature, opts.target_temperature, 0.1)
+    parse_tail_mode(opts.tail_mode)
     if not (isinstance(alpha, int | float) and 0 <= alpha <= 1):
         raise LossConfigError(f"alpha must be in [0, 1] (weight of the KD term), got {alpha!r}")
+    if tuple(target.logp.shape[:-1]) != leading:
+        raise LossConfigError(f"target positions {tuple(target.logp.shape[:-1])} do not match the positions {leading}")
     if tuple(labels.shape) != leading:
         raise LossConfigError(f"labels {tuple(labels.shape)} must have the logits' positions {leading}")
     k = target.logp.shape[-1]
     flat = SparseTargets(target.indices.reshape(-1, k), target.logp.reshape(-1, k), target.tail.reshape(-1))
-    if temperature != target_temperature:
-        flat = retemper(flat, temperature / target_temperature, vocab)
-    return row_targets_for(flat, labels, alpha=alpha, temperature=temperature, vocab=vocab, dtype=dtype,
-                           mask=mask, ignore_index=ignore_index)
+    if opts.temperature != opts.target_temperature:
+        flat = retemper(flat, opts.temperature / opts.target_temperature, vocab)
+    return row_targets_for(flat, labels, alpha=alpha, temperature=opts.temperature, vocab=vocab, dtype=dtype,
+                           mask=opts.mask, ignore_index=opts.ignore_index)
 
 
 def finish(
     total: torch.Tensor, cross: torch.Tensor, ce: torch.Tensor, w: torch.Tensor, tail: torch.Tensor,
-    rt: RowTargets, rows: torch.Tensor, *, alpha: float, temperature: float, mode: str,
-    negentropy: torch.Tensor | None,
+    rt: RowTargets, rows: torch.Tensor, alpha: float, opts: Options,
 ) -> FusedLoss:
     """Add the target's own ``sum p log p`` (autograd, for the gate) and the logged means."""
-    neg = target_negentropy(w, tail, rt, mode) if negentropy is None else negentropy.reshape(-1).to(w.dtype)
+    temperature, negentropy = opts.temperature, opts.target_negentropy
+    neg = (target_negentropy(w, tail, rt, opts.tail_mode) if negentropy is None
+           else negentropy.reshape(-1).to(w.dtype))
     neg = torch.where(rows, neg, 0.0)
     n_kd = max(int(rows.sum()), 1)
     kd_rows = torch.where(rows, cross.detach() + neg.detach(), 0.0)
@@ -252,14 +308,7 @@ def fused_kd_ce_loss(
     labels: torch.Tensor,
     *,
     alpha: float,
-    temperature: float = 1.0,
-    target_temperature: float = 1.0,
-    tail_mode: TailMode = "bucket",
-    vocab_size: int | None = None,
-    mask: torch.Tensor | None = None,
-    target_negentropy: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    chunk: int | None = None,
+    **options: Unpack[FusedOptions],
 ) -> FusedLoss:
     """``alpha * kd_loss(forward_kl) + (1 - alpha) * hard_label_loss`` in one fused pass.
 
@@ -272,13 +321,8 @@ def fused_kd_ce_loss(
         target: ``(..., K)`` sparse target; kept indices distinct per row (a merged target).
         labels: ``(...,)`` int64 hard labels; ``ignore_index`` rows are left out of the CE.
         alpha: Weight of the KD term, in ``[0, 1]``.
-        temperature, target_temperature, tail_mode, vocab_size: as :func:`kd_loss`.
-        mask: ``(...,)`` bool rows of the KD term (default all); others may hold garbage.
-        target_negentropy: ``(...,)`` replaces the target's own ``sum p log p`` in the KD value
-            (e.g. ``sum_i w_i sum p_i log p_i`` to equal :func:`weighted_forward_kl`); it does not
-            change the student's gradient.
-        ignore_index: Label value to skip.
-        chunk: Rows per chunk (default: :func:`chunk_rows`).
+        **options: :class:`FusedOptions` (temperature, target_temperature, tail_mode,
+            vocab_size, mask, target_negentropy, ignore_index, chunk).
 
     Returns:
         :class:`FusedLoss` ``(loss, kd, ce)``.
@@ -286,18 +330,10 @@ def fused_kd_ce_loss(
     Raises:
         LossConfigError: a bad option or shape.
     """
-    width = student_logits.shape[-1]
-    vocab = width if vocab_size is None else vocab_size
-    if not isinstance(vocab, int) or not 0 < vocab <= width:
-        raise LossConfigError(f"vocab_size={vocab_size!r} must be a positive int no larger than the logits' "
-                              f"last dimension ({width})")
-    _flatten_target(student_logits, target)  # shape check, names both shapes
-    z = student_logits.reshape(-1, width)
+    opts, vocab = Options.parse(options, student_logits.shape[-1])
+    z = student_logits.reshape(-1, student_logits.shape[-1])
     cd = compute_dtype(z.dtype)
-    rt, w, tail, rows = _prepare(target, labels, tuple(student_logits.shape[:-1]), vocab, alpha=alpha,
-                                 temperature=temperature, target_temperature=target_temperature,
-                                 tail_mode=tail_mode, dtype=cd, mask=mask, ignore_index=ignore_index)
-    size = chunk_rows(z.shape[0], vocab, chunk)
-    total, cross, ce = _FusedKDCE.apply(z, w, tail, rt, vocab, float(temperature), tail_mode, size)
-    return finish(total, cross, ce, w, tail, rt, rows, alpha=alpha, temperature=temperature, mode=tail_mode,
-                  negentropy=target_negentropy)
+    rt, w, tail, rows = _prepare(target, labels, tuple(student_logits.shape[:-1]), vocab, alpha, opts, cd)
+    size = chunk_rows(z.shape[0], vocab, opts.chunk)
+    total, cross, ce = _FusedKDCE.apply(z, w, tail, rt, vocab, float(opts.temperature), opts.tail_mode, size)
+    return finish(total, cross, ce, w, tail, rt, rows, alpha, opts)

@@ -17,12 +17,14 @@ evaluation.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
 from mtkd_train.losses._fused import (
     FusedLoss,
+    FusedOptions,
+    Options,
     _prepare,
     chunk_rows,
     compute_dtype,
@@ -30,7 +32,7 @@ from mtkd_train.losses._fused import (
 )
 from mtkd_train.losses._fused_math import RowTargets, chunk_grad, chunk_stats, chunk_terms
 from mtkd_train.losses._kd import LossConfigError
-from mtkd_train.targets import SparseTargets, TailMode
+from mtkd_train.targets import SparseTargets
 
 __all__ = ["fused_linear_kd_ce_loss"]
 
@@ -126,14 +128,7 @@ def fused_linear_kd_ce_loss(
     *,
     alpha: float,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    target_temperature: float = 1.0,
-    tail_mode: TailMode = "bucket",
-    vocab_size: int | None = None,
-    mask: torch.Tensor | None = None,
-    target_negentropy: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    chunk: int | None = None,
+    **options: Unpack[FusedOptions],
 ) -> FusedLoss:
     """:func:`fused_kd_ce_loss` on ``logits = hidden @ weight.T + bias``, never materialising them.
 
@@ -144,8 +139,7 @@ def fused_linear_kd_ce_loss(
         labels: ``(...,)`` int64 hard labels (``ignore_index`` skipped).
         alpha: Weight of the KD term, in ``[0, 1]``.
         bias: Optional ``(V_s,)`` head bias.
-        temperature, target_temperature, tail_mode, vocab_size, mask, target_negentropy,
-            ignore_index, chunk: as :func:`fused_kd_ce_loss`.
+        **options: :class:`FusedOptions`, as for :func:`fused_kd_ce_loss`.
 
     Returns:
         :class:`FusedLoss` ``(loss, kd, ce)``.
@@ -153,27 +147,16 @@ def fused_linear_kd_ce_loss(
     Raises:
         LossConfigError: a bad option or shape.
     """
-    width = weight.shape[0]
-    vocab = width if vocab_size is None else vocab_size
-    if not isinstance(vocab, int) or not 0 < vocab <= width:
-        raise LossConfigError(f"vocab_size={vocab_size!r} must be a positive int no larger than the head's "
-                              f"{width} rows")
+    opts, vocab = Options.parse(options, weight.shape[0])
     if hidden.shape[-1] != weight.shape[1]:
         raise LossConfigError(f"hidden {tuple(hidden.shape)} and head weight {tuple(weight.shape)} disagree on H")
     # The head runs in the hidden states' dtype (as nn.Linear under autocast); the cast is differentiable.
     weight = weight.to(hidden.dtype)
     bias = None if bias is None else bias.to(hidden.dtype)
-    leading = tuple(hidden.shape[:-1])
-    if tuple(target.logp.shape[:-1]) != leading:
-        raise LossConfigError(f"target positions {tuple(target.logp.shape[:-1])} do not match hidden positions "
-                              f"{leading}")
     h = hidden.reshape(-1, hidden.shape[-1])
-    rt, w, tail, rows = _prepare(target, labels, leading, vocab, alpha=alpha, temperature=temperature,
-                                 target_temperature=target_temperature, tail_mode=tail_mode,
-                                 dtype=compute_dtype(h.dtype), mask=mask, ignore_index=ignore_index)
-    size = chunk_rows(h.shape[0], vocab, chunk)
+    rt, w, tail, rows = _prepare(target, labels, tuple(hidden.shape[:-1]), vocab, alpha, opts, compute_dtype(h.dtype))
+    size = chunk_rows(h.shape[0], vocab, opts.chunk)
     with torch.autocast(h.device.type, enabled=False):  # out= matmuls; the dtypes are already chosen
-        total, cross, ce = _FusedLinearKDCE.apply(h, weight, bias, w, tail, rt, vocab, float(temperature),
-                                                  tail_mode, size)
-    return finish(total, cross, ce, w, tail, rt, rows, alpha=alpha, temperature=temperature, mode=tail_mode,
-                  negentropy=target_negentropy)
+        total, cross, ce = _FusedLinearKDCE.apply(h, weight, bias, w, tail, rt, vocab, float(opts.temperature),
+                                                  opts.tail_mode, size)
+    return finish(total, cross, ce, w, tail, rt, rows, alpha, opts)

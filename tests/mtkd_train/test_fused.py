@@ -212,3 +212,7 @@ def test_bad_inputs_name_the_option() -> None:
         fused_linear_kd_ce_loss(torch.randn(P, H), torch.randn(V, H + 1), t32, labels, alpha=0.5)
     with pytest.raises(LossConfigError, match="chunk"):
         fused_kd_ce_loss(z, t32, labels, alpha=0.5, chunk=0)
+    with pytest.raises(LossConfigError, match="temprature"):
+        fused_kd_ce_loss(z, t32, labels, alpha=0.5, temprature=2.0)  # type: ignore[call-arg]
+    with pytest.raises(LossConfigError, match="positions"):
+        fused_kd_ce_loss(z[:3], t32, labels[:3], alpha=0.5)
