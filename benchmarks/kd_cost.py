@@ -312,6 +312,39 @@ def part_c(rounds: int, steps: int) -> dict[str, Any]:
             "train_step_setting_V8192": _tax(8192, 128, 2, 512, 4, 128, rounds, steps, arms)}
 
 
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Bar charts of (a) KD+CE / CE and (c) the distillation tax, with the targets as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_a, ax_c) = plt.subplots(1, 2, figsize=(11, 4))
+    if "a_time" in res:
+        keys = list(res["a_time"])
+        for i, arm in enumerate(("fused", "fused_loss_only")):
+            ax_a.bar([j + 0.4 * i for j in range(len(keys))], [res["a_time"][k][f"{arm}/ce"]["ratio"] for k in keys],
+                     width=0.4, label=arm)
+        ax_a.axhline(1.15, color="k", ls="--", lw=1, label="target 1.15")
+        ax_a.set_xticks([j + 0.2 for j in range(len(keys))], [k.replace(",", "\n") for k in keys], fontsize=8)
+        ax_a.set_ylabel("time / F.cross_entropy (fwd + bwd)")
+        ax_a.set_title("(a) KD+CE / CE")
+        ax_a.legend(fontsize=8)
+    if "c_tax" in res:
+        keys = list(res["c_tax"])
+        for i, arm in enumerate(("fused_head", "fused", "reference")):
+            ax_c.bar([j + 0.27 * i for j in range(len(keys))], [res["c_tax"][k][f"tax {arm}"]["ratio"] for k in keys],
+                     width=0.27, label=arm)
+        ax_c.axhline(0.85, color="k", ls="--", lw=1)
+        ax_c.axhline(0.9, color="k", ls=":", lw=1)
+        ax_c.set_xticks([j + 0.27 for j in range(len(keys))], keys, fontsize=8)
+        ax_c.set_ylabel("distilling / plain throughput")
+        ax_c.set_title("(c) distillation tax (targets 0.85 / 0.9)")
+        ax_c.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 @click.command()
 @click.option("--parts", default="a,b,c", show_default=True, help="Which parts to run: a (time), b (memory), c (tax).")
 @click.option("--rounds", type=int, default=7, show_default=True, help="Interleaved rounds per part-(a)/(c) setting.")
@@ -344,7 +377,8 @@ def main(parts: str, rounds: int, steps: int, memory_repeats: int, threads: int,
         res["load_average_after"] = f.read().split()[:3]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
-    click.echo(f"wrote {out}")
+    plot(res, out.with_suffix(".png"))
+    click.echo(f"wrote {out} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
