@@ -129,6 +129,10 @@ class TrainConfig:
     """How each teacher's tail mass enters the loss: bucket (one extra outcome) or spread."""
     alpha: float = 0.5
     """loss = alpha * KD + (1 - alpha) * CE on hard labels."""
+    loss_impl: str = "auto"
+    """How alpha * KD + (1 - alpha) * CE is computed: auto (forward_kl: fused_head if the student allows it, else
+    fused; other losses: reference), fused (closed-form gradient in row chunks, forward_kl only), fused_head (also
+    fused with the LM head: the logits are never built; causal-LM students) or reference (autograd)."""
     temperature: float = 1.0
     """KD temperature T (loss scaled by T^2)."""
     features: Mapping[str, Any] = field(default_factory=dict)
@@ -200,6 +204,12 @@ class TrainConfig:
             raise ConfigError(f"{_flag('aggregate')} is {self.aggregate!r}; expected one of {sorted(AGGREGATORS)}")
         if self.loss not in LOSS_KINDS:
             raise ConfigError(f"{_flag('loss')} is {self.loss!r}; expected one of {list(LOSS_KINDS)}")
+        if self.loss_impl not in ("auto", "fused", "fused_head", "reference"):
+            raise ConfigError(f"{_flag('loss_impl')} is {self.loss_impl!r}; expected auto, fused, fused_head or "
+                              f"reference")
+        if self.loss_impl in ("fused", "fused_head") and self.loss != "forward_kl":
+            raise ConfigError(f"{_flag('loss_impl')} {self.loss_impl} needs --loss forward_kl, got {self.loss!r}; use auto or "
+                              f"reference for the other divergences (docs/LOSSES.md says why they are not fused)")
         if self.tail_mode not in ("bucket", "spread"):
             raise ConfigError(f"{_flag('tail_mode')} is {self.tail_mode!r}; expected 'bucket' or 'spread'")
         if not 0.0 <= self.alpha <= 1.0:

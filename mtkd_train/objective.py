@@ -21,8 +21,17 @@ from mtkd_train.aggregate import (
     gate_entropy_regularizer,
 )
 from mtkd_train.aggregate import make_aggregator as build_operator
-from mtkd_train.losses import combine, hard_label_loss, kd_loss, weighted_forward_kl
+from mtkd_train.losses import (
+    combine,
+    fused_kd_ce_loss,
+    fused_linear_kd_ce_loss,
+    hard_label_loss,
+    kd_loss,
+    mixture_negentropy,
+    weighted_forward_kl,
+)
 from mtkd_train.rows import row_labels, row_targets, take_rows
+from mtkd_train.student import HeadInputs
 
 __all__ = ["Objective", "make_aggregator", "row_labels", "row_targets"]
 # row_labels / row_targets live in mtkd_train.rows; re-exported here for existing callers.
@@ -58,7 +67,7 @@ class Objective(nn.Module):
                  temperature: float, gate: nn.Module | None = None, gate_entropy: float = 0.0,
                  features: nn.Module | None = None, feature_keys: Mapping[str, str] | None = None,
                  feature_layers: Mapping[str, int] | None = None, domains: Sequence[str] | None = None,
-                 hidden_size: int | None = None):
+                 hidden_size: int | None = None, loss_impl: str = "auto"):
         super().__init__()
         self.teachers = list(teachers)
         self.capture_t = list(capture_temperatures)
@@ -76,6 +85,8 @@ class Objective(nn.Module):
         self.gate_entropy = gate_entropy
         self.features = features
         self.feature_keys = dict(feature_keys or {})
+        self.fused = loss == "forward_kl" and loss_impl in ("auto", "fused", "fused_head")
+        self.head_fused = self.fused and loss_impl == "fused_head"  # forward() then takes HeadInputs
         self.feature_layers = {t: int((feature_layers or {}).get(t, -1)) for t in self.feature_keys}
 
     @property
@@ -98,33 +109,48 @@ class Objective(nn.Module):
             domains=None if domains is None else take_rows(domains.view(-1, 1).expand(mask.shape), rows),
             gate_logits=gate_logits)
 
-    def forward(self, batch: Mapping[str, Any], logits: torch.Tensor,
+    def forward(self, batch: Mapping[str, Any], logits: torch.Tensor | HeadInputs,
                 hidden: torch.Tensor | Mapping[int, torch.Tensor] | None, student_task: str
                 ) -> dict[str, torch.Tensor]:
-        """Loss terms for one micro-batch. logits (B, T, V_s); hidden (B, T, D), {layer: (B, T, D)} or None."""
+        """Loss terms for one micro-batch.
+
+        logits (B, T, V_s), or HeadInputs (hidden (B, T, H) + head weight) when head_fused;
+        hidden (B, T, D), {layer: (B, T, D)} or None.
+        """
+        head = logits if isinstance(logits, HeadInputs) else None
+        base = logits.hidden if isinstance(logits, HeadInputs) else logits  # (B, T, V_s) or (B, T, H)
         mask = batch["position_mask"] if student_task == "causal_lm" else torch.ones(
-            logits.shape[:2], dtype=torch.bool, device=logits.device)
+            base.shape[:2], dtype=torch.bool, device=base.device)
         rows = batch.get("row_index", mask)  # a flat index made on the host gathers without a device sync
-        z = take_rows(logits, rows)  # (P, V_s)
+        z = take_rows(base, rows)  # (P, V_s) logits, or (P, H) hidden states for the head-fused loss
         labels = take_rows(row_labels(batch, student_task), rows)  # (P,)
         targets = [row_targets(batch["targets"][n], rows, tc, self.vocab_size, self.T)
                    for n, tc in zip(self.teachers, self.capture_t)]
         ctx = self._context(batch, mask, rows, labels, hidden)
         out: dict[str, torch.Tensor] = {}
         weights = self.aggregator.weights(targets, ctx)
-        if weights is not None and self.loss_kind == "forward_kl" and self.tail_mode == "spread":
-            kd = weighted_forward_kl(z, targets, weights, temperature=self.T, target_temperature=self.T,
-                                     tail_mode="spread",
-                                     vocab_size=self.vocab_size,
-                                     smoothing=self.aggregator._smoothing())
-        else:
+        smoothing = self.aggregator._smoothing()
+        if self.fused:  # one sparse target (the merged one) + the labels, closed-form gradient
             merged = self.aggregator(targets, ctx, vocab_size=self.vocab_size,
                                      tail_mode=self.tail_mode)  # type: ignore[arg-type]
-            kd = kd_loss(z, merged, kind=self.loss_kind, temperature=self.T, target_temperature=self.T,
-                         tail_mode=self.tail_mode, vocab_size=self.vocab_size)  # type: ignore[arg-type]
-        ce = hard_label_loss(z[..., : self.vocab_size], labels)  # padded head columns are not tokens
+            neg = (mixture_negentropy(targets, weights, self.vocab_size, smoothing)
+                   if weights is not None and self.tail_mode == "spread" else None)  # = weighted_forward_kl
+            kw: dict[str, Any] = dict(alpha=self.alpha, temperature=self.T, target_temperature=self.T,
+                                      tail_mode=self.tail_mode, vocab_size=self.vocab_size, target_negentropy=neg)
+            total, kd, ce = (fused_kd_ce_loss(z, merged, labels, **kw) if head is None else
+                             fused_linear_kd_ce_loss(z, head.weight, merged, labels, bias=head.bias, **kw))
+        else:
+            if weights is not None and self.loss_kind == "forward_kl" and self.tail_mode == "spread":
+                kd = weighted_forward_kl(z, targets, weights, temperature=self.T, target_temperature=self.T,
+                                         tail_mode="spread", vocab_size=self.vocab_size, smoothing=smoothing)
+            else:
+                merged = self.aggregator(targets, ctx, vocab_size=self.vocab_size,
+                                         tail_mode=self.tail_mode)  # type: ignore[arg-type]
+                kd = kd_loss(z, merged, kind=self.loss_kind, temperature=self.T, target_temperature=self.T,
+                             tail_mode=self.tail_mode, vocab_size=self.vocab_size)  # type: ignore[arg-type]
+            ce = hard_label_loss(z[..., : self.vocab_size], labels)  # padded head columns are not tokens
+            total = combine(kd, ce, self.alpha)
         out["kd"], out["ce"] = kd, ce
-        total = combine(kd, ce, self.alpha)
         if self.gate is not None and weights is not None:
             reg = gate_entropy_regularizer(weights)
             out["gate_reg"] = reg

@@ -65,8 +65,11 @@ class _Step(nn.Module):
         self._student = student
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        layers = self.objective.hidden_layers
-        logits, hidden = self._student.forward(batch, want_hidden=layers or None)
+        layers = self.objective.hidden_layers or None
+        if self.objective.head_fused:  # the loss applies the LM head itself: no (B, T, V) logits
+            inputs, hidden = self._student.forward_head(batch, want_hidden=layers)
+            return self.objective(batch, inputs, hidden, self._student.task)
+        logits, hidden = self._student.forward(batch, want_hidden=layers)
         return self.objective(batch, logits, hidden, self._student.task)
 
 
@@ -197,13 +200,26 @@ class DistillRecipe:
             vocab_size=self.vocab_size, aggregate=c.aggregate, aggregate_kwargs=c.aggregate_kwargs, loss=c.loss,
             tail_mode=c.tail_mode, alpha=c.alpha, temperature=c.temperature, gate_entropy=c.gate_entropy,
             features=feats, feature_keys=keys, feature_layers={s.teacher: s.student_layer for s in specs},
-            domains=tuple(self.reader.inputs.domains or ()), hidden_size=hidden_size).to(self.device)
+            domains=tuple(self.reader.inputs.domains or ()), hidden_size=hidden_size,
+            loss_impl=self._loss_impl()).to(self.device)
         self.model = _Step(self.student, self.objective)
         self.ddp = None
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=c.find_unused_parameters)
+
+    def _loss_impl(self) -> str:
+        """Resolve `loss_impl = auto`; refuse fused_head for a student whose logits are not head(decoder(x))."""
+        impl, head_ok = self.cfg.loss_impl, None
+        if impl in ("auto", "fused_head") and self.cfg.loss == "forward_kl":
+            head_ok = self.student.supports_fused_head()
+        if impl == "fused_head" and not head_ok:
+            raise ConfigError(f"`loss_impl` (--loss-impl) fused_head needs a causal-LM student whose logits are its "
+                              f"output embedding applied to its decoder's output; {self.cfg.student!r} is not; use fused")
+        if impl == "auto":
+            return "reference" if self.cfg.loss != "forward_kl" else ("fused_head" if head_ok else "fused")
+        return impl
 
     def _setup_optimizer(self) -> None:
         c = self.cfg

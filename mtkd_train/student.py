@@ -11,12 +11,12 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["Student", "StudentError", "load_student", "save_student"]
+__all__ = ["HeadInputs", "Student", "StudentError", "load_student", "save_student"]
 
 _TASKS = {"ForCausalLM": "causal_lm", "ForSequenceClassification": "sequence_classification",
           "ForImageClassification": "image_classification"}
@@ -24,6 +24,20 @@ _TASKS = {"ForCausalLM": "causal_lm", "ForSequenceClassification": "sequence_cla
 
 class StudentError(ValueError):
     """The student spec cannot be built or does not fit the cache."""
+
+
+class HeadInputs(NamedTuple):
+    """What the LM head would turn into logits: for the head-fused loss, which never builds them.
+
+    Attributes:
+        hidden: ``(B, T, H)`` final hidden states (after the last norm).
+        weight: ``(V_s, H)`` head weight.
+        bias: ``(V_s,)`` head bias or None.
+    """
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
 
 @dataclass
@@ -50,17 +64,55 @@ class Student:
         logits = out if isinstance(out, torch.Tensor) else out.logits
         if logits.ndim == 2:
             logits = logits.unsqueeze(1)
-        if want_hidden is None:
-            return logits, None
+        return logits, self._pick_hidden(out.hidden_states if want_hidden is not None else None, want_hidden)
+
+    def _pick_hidden(self, states: Sequence[torch.Tensor] | None, want_hidden: int | Sequence[int] | None) -> Any:
+        if want_hidden is None or states is None:
+            return None
         if isinstance(want_hidden, int):
-            return logits, self._hidden(out.hidden_states[want_hidden])
-        return logits, {layer: self._hidden(out.hidden_states[layer]) for layer in want_hidden}
+            return self._hidden(states[want_hidden])
+        return {layer: self._hidden(states[layer]) for layer in want_hidden}
 
     def _hidden(self, h: torch.Tensor) -> torch.Tensor:
         hidden = h.unsqueeze(1) if h.ndim == 2 else h
         if self.task != "causal_lm" and hidden.shape[1] != 1:
             hidden = hidden.mean(1, keepdim=True)
         return hidden
+
+    def forward_head(self, batch: Mapping[str, torch.Tensor], want_hidden: int | Sequence[int] | None = None
+                     ) -> tuple[HeadInputs, Any]:
+        """Causal LMs only: run the decoder, not the head; return the head's inputs and hidden states as `forward`."""
+        out = self.module.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],  # type: ignore[operator]
+                                        output_hidden_states=want_hidden is not None)
+        head = self.module.get_output_embeddings()  # type: ignore[operator]
+        hidden = self._pick_hidden(out.hidden_states if want_hidden is not None else None, want_hidden)
+        return HeadInputs(out.last_hidden_state, head.weight, head.bias), hidden
+
+    def supports_fused_head(self) -> bool:
+        """True if the logits are exactly ``head(decoder(x))`` (checked once on a short input).
+
+        Models that scale or soft-cap their logits after the head fail the check and keep the
+        logits path.
+        """
+        if self.task != "causal_lm":
+            return False
+        head = getattr(self.module, "get_output_embeddings", lambda: None)()
+        decoder = getattr(self.module, "get_decoder", lambda: None)()
+        if not isinstance(head, torch.nn.Linear) or decoder is None:
+            return False
+        param = next(self.module.parameters())
+        ids = torch.arange(1, 5, device=param.device).view(1, 4) % max(self.output_size, 1)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                logits, _ = self.forward(batch)
+                inputs, _ = self.forward_head(batch)
+                fused = torch.nn.functional.linear(inputs.hidden, inputs.weight, inputs.bias)
+            return fused.shape == logits.shape and bool(torch.allclose(fused, logits, atol=1e-5, rtol=1e-4))
+        finally:
+            self.module.train(was_training)
 
     _array_keys: tuple[str, ...] = ("pixel_values",)
 

@@ -1,0 +1,385 @@
+"""KD at the cost of cross-entropy (issue 9): loss time, loss memory, distillation tax.
+
+    python -m benchmarks.kd_cost                  # all three parts, ~10 min on 2 shared cores
+    python -m benchmarks.kd_cost --parts a,c      # a subset
+
+(a) **KD+CE / CE, forward + backward.** One objective as the trainer runs it — the `entropy`
+    operator's weights, the merged target (union), then ``alpha * KD + (1 - alpha) * CE`` with
+    ``alpha = 0.5``, bucket tail, T = 1 — against ``F.cross_entropy`` on the same logits, for
+    the fused loss and for the reference (autograd) loss. V = 8,192 / 49,152 with P = 512
+    positions, V = 262,144 with P = 128 (the reference path needs ~10 float32 ``(P, V)``
+    temporaries, which at P = 512 would be ~5 GB on a machine shared with other jobs). N = 1 and
+    4 teachers, k = 64.
+(b) **Peak memory of the loss / that of cross-entropy.** Each arm runs in a fresh subprocess:
+    inputs built, the kernel's RSS high-water mark reset (``5 > /proc/self/clear_refs``), one
+    forward + backward, then ``VmHWM - VmRSS`` before it (``/proc/self/status``). Large tensors
+    are ``mmap``-ed by glibc, so the RSS follows allocations. The targets are synthetic top-64
+    rows (no dense teacher), with the N = 4 `entropy` merge. Plus the LM-head-fused path against the unfused head
+    (``h @ W^T`` then CE) and its peak at P = 4,096, V = 262,144 (4.3 GB of float32 logits if
+    they were materialised).
+(c) **Distillation tax.** Throughput of an mtkd-train step (student forward, `Objective` with
+    4 top-64 teachers, entropy operator, bucket, alpha 0.5; backward, clipping, AdamW) / a plain
+    hard-label step (HF forward with ``labels``, backward, AdamW), on batches held in memory
+    (no loader: the loader is measured in ``train_loader``). Two students: a 2-layer width-64
+    Llama at V = 49,152 with 8 x 64 tokens, and the ``train_step`` setting's 2-layer width-128
+    Llama at V = 8,192 with 4 x 128 tokens.
+
+Targets are top-64 of teacher distributions ``softmax(4.5 * randn)``-like with a per-teacher scale,
+giving top-64 tails and entropies in the range of trained LMs (printed and stored). Clock: process
+CPU time with torch on one thread (``--threads``); arms interleaved (A, B, C, A, B, C, ...),
+medians over rounds, min-max of the per-round ratios in the JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+import click
+import torch
+import torch.nn.functional as F
+
+from mtkd_train.aggregate import AggregationContext, build_aggregator
+from mtkd_train.losses import (
+    combine,
+    fused_kd_ce_loss,
+    fused_linear_kd_ce_loss,
+    hard_label_loss,
+    kd_loss,
+)
+from mtkd_train.targets import SparseTargets, from_dense
+
+RESULTS = Path(__file__).resolve().parent / "results"
+K = 64
+SCALES = (4.0, 4.5, 5.0, 5.5)  # teacher logit std: top-64 tails of a few percent, entropy 1-3 nats
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+def teachers(p: int, vocab: int, n: int, seed: int) -> list[SparseTargets]:
+    """N top-64 targets of random teacher distributions (exact tails), (P, 64) each."""
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(seed * 100 + i)
+        logits = torch.randn(p, vocab, generator=g).mul_(SCALES[i % len(SCALES)])
+        out.append(from_dense(torch.softmax(logits, dim=1), K))
+        del logits
+    return out
+
+
+def target_stats(ts: list[SparseTargets]) -> dict[str, float]:
+    tails = torch.stack([t.tail for t in ts])
+    return {"mean_tail": float(tails.mean()), "min_tail": float(tails.min()), "max_tail": float(tails.max())}
+
+
+def student_logits(p: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randn(p, vocab, generator=torch.Generator().manual_seed(seed)).mul_(2.0)
+
+
+def labels_for(p: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (p,), generator=torch.Generator().manual_seed(7))
+
+
+# -- the objectives ----------------------------------------------------------------------------------
+def merged_target(ts: list[SparseTargets], labels: torch.Tensor, vocab: int) -> SparseTargets:
+    agg = build_aggregator("entropy", num_teachers=len(ts), vocab_size=vocab)
+    return agg(ts, AggregationContext(labels=labels), vocab_size=vocab, tail_mode="bucket")
+
+
+def loss_fn(arm: str, ts: list[SparseTargets], labels: torch.Tensor, vocab: int) -> Callable[[torch.Tensor], Any]:
+    """The loss of an arm as a function of the logits (aggregation included for KD arms)."""
+    if arm == "ce":
+        return lambda z: F.cross_entropy(z, labels)
+    if arm == "fused":
+        return lambda z: fused_kd_ce_loss(z, merged_target(ts, labels, vocab), labels, alpha=0.5).loss
+    if arm == "fused_loss_only":  # the merged target given: the loss alone, without the aggregation
+        merged = merged_target(ts, labels, vocab)
+        return lambda z: fused_kd_ce_loss(z, merged, labels, alpha=0.5).loss
+    return lambda z: combine(kd_loss(z, merged_target(ts, labels, vocab)), hard_label_loss(z, labels), 0.5)
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    c0 = time.process_time()
+    fn()
+    return time.process_time() - c0
+
+
+def part_a(rounds: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for vocab, p in ((8192, 512), (49152, 512), (262144, 128)):
+        for n in (1, 4):
+            ts, labels = teachers(p, vocab, n, seed=1), labels_for(p, vocab)
+            z = student_logits(p, vocab, seed=2).requires_grad_(True)
+            arms = {a: loss_fn(a, ts, labels, vocab) for a in ("ce", "fused", "fused_loss_only", "reference")}
+            runs = {a: (lambda f=f, z=z: torch.autograd.grad(f(z), z)) for a, f in arms.items()}
+            for run in runs.values():  # warm-up
+                run()
+            times: dict[str, list[float]] = {a: [] for a in arms}
+            for _ in range(rounds):
+                for a, run in runs.items():
+                    times[a].append(_time(run))
+            key = f"V={vocab},N={n}"
+            out[key] = {"P": p, "V": vocab, "N": n, "k": K, "median_ms": {a: 1e3 * median(v) for a, v in times.items()},
+                        **{f"{a}/ce": _ratio(times[a], times["ce"]) for a in ("fused", "fused_loss_only", "reference")},
+                        "targets": target_stats(ts)}
+            click.echo(f"(a) {key} P={p}: " + ", ".join(f"{a}/CE {out[key][f'{a}/ce']['ratio']:.3f}"
+                                                       for a in ("fused", "fused_loss_only", "reference")))
+    return out
+
+
+def _ratio(num: list[float], den: list[float]) -> dict[str, Any]:
+    per_round = [a / b for a, b in zip(num, den, strict=True)]
+    return {"ratio": median(num) / median(den), "per_round_min_max": [min(per_round), max(per_round)]}
+
+
+# -- (b) memory, one arm per fresh process ---------------------------------------------------------------
+def _status(field: str) -> int:
+    """A `/proc/self/status` memory field (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def sparse_teachers(p: int, vocab: int, n: int) -> list[SparseTargets]:
+    """Top-64-shaped targets without a dense (P, V) teacher (memory probes: the set-up stays small)."""
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(40 + i)
+        idx = (torch.randint(0, vocab, (p, 1), generator=g) + torch.arange(K) * (vocab // K)) % vocab  # distinct
+        logp = torch.log_softmax(torch.randn(p, K, generator=g) * 2, dim=1) + torch.log(torch.tensor(0.9))
+        out.append(SparseTargets(idx, logp, torch.full((p,), 0.1)))
+    return out
+
+
+def memory_probe(arm: str, p: int, vocab: int, n: int, hidden: int) -> dict[str, float]:
+    """Peak RSS increase (bytes) of one forward + backward of `arm`, in this (fresh) process.
+
+    The kernel's high-water mark is reset (`5 > /proc/self/clear_refs`) after the inputs are built,
+    so the peak is the loss's own, not the set-up's.
+    """
+    torch.set_num_threads(1)
+    labels = labels_for(p, vocab)
+    target = merged_target(sparse_teachers(p, vocab, n), labels, vocab)
+    g = torch.Generator().manual_seed(3)
+    if arm.endswith("head"):
+        h = torch.randn(p, hidden, generator=g).requires_grad_(True)
+        w = torch.randn(vocab, hidden, generator=g).mul_(0.1).requires_grad_(True)
+        if arm == "fused_head":
+            def run() -> Any:
+                return torch.autograd.grad(fused_linear_kd_ce_loss(h, w, target, labels, alpha=0.5).loss, (h, w))
+        else:
+            def run() -> Any:
+                return torch.autograd.grad(F.cross_entropy(h @ w.T, labels), (h, w))
+    else:
+        z = student_logits(p, vocab, seed=2).requires_grad_(True)
+        losses: dict[str, Callable[[], torch.Tensor]] = {
+            "ce": lambda: F.cross_entropy(z, labels),
+            "fused": lambda: fused_kd_ce_loss(z, target, labels, alpha=0.5).loss,
+            "reference": lambda: combine(kd_loss(z, target), hard_label_loss(z, labels), 0.5)}
+
+        def run() -> Any:
+            return torch.autograd.grad(losses[arm](), z)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status("VmRSS")
+    c0 = time.process_time()
+    grads = run()
+    seconds = time.process_time() - c0
+    peak = _status("VmHWM")
+    del grads
+    return {"peak_delta_bytes": peak - base, "cpu_seconds": seconds}
+
+
+def _probe_subprocess(arm: str, p: int, vocab: int, n: int, hidden: int) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "benchmarks.kd_cost", "--probe", f"{arm},{p},{vocab},{n},{hidden}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def part_b(repeats: int) -> dict[str, Any]:
+    cases = [("ce", 512, 49152, 4, 64), ("fused", 512, 49152, 4, 64), ("reference", 512, 49152, 4, 64),
+             ("ce", 512, 8192, 4, 64), ("fused", 512, 8192, 4, 64),
+             ("ce_head", 512, 262144, 1, 64), ("fused_head", 512, 262144, 1, 64),
+             ("fused_head", 4096, 262144, 1, 64)]
+    raw: dict[str, list[dict[str, float]]] = {}
+    for _ in range(repeats):  # interleaved; each probe a fresh process
+        for arm, p, vocab, n, hidden in cases:
+            raw.setdefault(f"{arm},P={p},V={vocab},N={n},H={hidden}", []).append(
+                _probe_subprocess(arm, p, vocab, n, hidden))
+    peak = {k: median([r["peak_delta_bytes"] for r in v]) for k, v in raw.items()}
+    mb = {k: v / 2**20 for k, v in peak.items()}
+
+    def ratio(a: str, b: str) -> float:
+        return peak[a] / peak[b]
+
+    out = {"method": "fresh subprocess per probe; high-water mark reset (5 > /proc/self/clear_refs) after set-up, "
+                     "then VmHWM after one forward + backward minus VmRSS before it (/proc/self/status)",
+           "peak_delta_MiB": mb, "raw": raw,
+           "fused/ce V=49152": ratio("fused,P=512,V=49152,N=4,H=64", "ce,P=512,V=49152,N=4,H=64"),
+           "reference/ce V=49152": ratio("reference,P=512,V=49152,N=4,H=64", "ce,P=512,V=49152,N=4,H=64"),
+           "fused/ce V=8192": ratio("fused,P=512,V=8192,N=4,H=64", "ce,P=512,V=8192,N=4,H=64"),
+           "fused_head/ce_head V=262144 P=512": ratio("fused_head,P=512,V=262144,N=1,H=64",
+                                                       "ce_head,P=512,V=262144,N=1,H=64"),
+           "logits_MiB_if_materialised P=4096 V=262144": 4096 * 262144 * 4 / 2**20}
+    click.echo(f"(b) peak MiB: {json.dumps({k: round(v, 1) for k, v in mb.items()})}")
+    return out
+
+
+# -- (c) distillation tax ------------------------------------------------------------------------------
+def _student(vocab: int, width: int, layers: int, intermediate: int, length: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = max(1, width // 64)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                      max_position_embeddings=length, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def _batch(b: int, length: int, vocab: int, n: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(4, vocab, (b, length), generator=g)
+    ts = teachers(b * length, vocab, n, seed=5)
+    targets = {f"t{i}": {"indices": t.indices.view(b, length, K), "logp": t.logp.view(b, length, K),
+                         "tail": t.tail.view(b, length)} for i, t in enumerate(ts)}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_mask": torch.ones_like(ids, dtype=torch.bool),
+            "targets": targets, "_stats": target_stats(ts)}
+
+
+def _objective(batch: dict[str, Any], impl: str, vocab: int) -> Any:
+    from mtkd_train.objective import Objective
+
+    return Objective(teachers=list(batch["targets"]), capture_temperatures=[1.0] * len(batch["targets"]),
+                     vocab_size=vocab, aggregate="entropy", aggregate_kwargs={}, loss="forward_kl", tail_mode="bucket",
+                     alpha=0.5, temperature=1.0, loss_impl=impl)
+
+
+def _distill_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, Any], obj: Any) -> None:
+    """What `DistillRecipe` does per step (`_Step.forward`, backward, clip, AdamW) on an in-memory batch."""
+    from mtkd_train.student import HeadInputs
+
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if obj.head_fused:  # the decoder only; the loss applies the head
+        out = HeadInputs(model.model(**inputs).last_hidden_state, model.lm_head.weight, None)
+        loss = obj(batch, out, None, "causal_lm")["loss"]
+    else:
+        loss = obj(batch, model(**inputs).logits, None, "causal_lm")["loss"]
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _plain_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, Any]) -> None:
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["input_ids"]).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _tax(vocab: int, width: int, layers: int, intermediate: int, b: int, length: int, rounds: int, steps: int,
+         arms: tuple[str, ...]) -> dict[str, Any]:
+    batch = _batch(b, length, vocab, 4)
+    models = {a: _student(vocab, width, layers, intermediate, length) for a in ("plain", *arms)}
+    opts = {a: torch.optim.AdamW(m.parameters(), lr=3e-4) for a, m in models.items()}
+    runs: dict[str, Callable[[], None]] = {"plain": lambda: _plain_step(models["plain"], opts["plain"], batch)}
+    objs = {a: _objective(batch, a, vocab) for a in arms}
+    for a in arms:
+        runs[a] = lambda a=a: _distill_step(models[a], opts[a], batch, objs[a])
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {a: [] for a in runs}
+    for _ in range(rounds):
+        for a, run in runs.items():
+            times[a].append(_time(lambda run=run: [run() for _ in range(steps)]) / steps)
+    pos = b * length
+    out: dict[str, Any] = {"V": vocab, "width": width, "layers": layers, "batch": [b, length], "targets": batch["_stats"],
+                           "positions_per_cpu_s": {a: pos / median(t) for a, t in times.items()}}
+    for a in arms:  # tax = distill throughput / plain throughput = plain time / distill time
+        out[f"tax {a}"] = _ratio(times["plain"], times[a])
+    click.echo(f"(c) V={vocab} width={width}: " + ", ".join(f"{a} {out[f'tax {a}']['ratio']:.3f}" for a in arms))
+    return out
+
+
+def part_c(rounds: int, steps: int) -> dict[str, Any]:
+    arms = ("fused", "fused_head", "reference")
+    return {"width64_V49152": _tax(49152, 64, 2, 256, 8, 64, rounds, steps, arms),
+            "train_step_setting_V8192": _tax(8192, 128, 2, 512, 4, 128, rounds, steps, arms)}
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Bar charts of (a) KD+CE / CE and (c) the distillation tax, with the targets as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_a, ax_c) = plt.subplots(1, 2, figsize=(11, 4))
+    if "a_time" in res:
+        keys = list(res["a_time"])
+        for i, arm in enumerate(("fused", "fused_loss_only")):
+            ax_a.bar([j + 0.4 * i for j in range(len(keys))], [res["a_time"][k][f"{arm}/ce"]["ratio"] for k in keys],
+                     width=0.4, label=arm)
+        ax_a.axhline(1.15, color="k", ls="--", lw=1, label="target 1.15")
+        ax_a.set_xticks([j + 0.2 for j in range(len(keys))], [k.replace(",", "\n") for k in keys], fontsize=8)
+        ax_a.set_ylabel("time / F.cross_entropy (fwd + bwd)")
+        ax_a.set_title("(a) KD+CE / CE")
+        ax_a.legend(fontsize=8)
+    if "c_tax" in res:
+        keys = list(res["c_tax"])
+        for i, arm in enumerate(("fused_head", "fused", "reference")):
+            ax_c.bar([j + 0.27 * i for j in range(len(keys))], [res["c_tax"][k][f"tax {arm}"]["ratio"] for k in keys],
+                     width=0.27, label=arm)
+        ax_c.axhline(0.85, color="k", ls="--", lw=1)
+        ax_c.axhline(0.9, color="k", ls=":", lw=1)
+        ax_c.set_xticks([j + 0.27 for j in range(len(keys))], keys, fontsize=8)
+        ax_c.set_ylabel("distilling / plain throughput")
+        ax_c.set_title("(c) distillation tax (targets 0.85 / 0.9)")
+        ax_c.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+@click.command()
+@click.option("--parts", default="a,b,c", show_default=True, help="Which parts to run: a (time), b (memory), c (tax).")
+@click.option("--rounds", type=int, default=7, show_default=True, help="Interleaved rounds per part-(a)/(c) setting.")
+@click.option("--steps", type=int, default=3, show_default=True, help="Training steps per part-(c) block.")
+@click.option("--memory-repeats", type=int, default=2, show_default=True, help="Fresh-process probes per (b) arm.")
+@click.option("--threads", type=int, default=1, show_default=True, help="torch intra-op threads.")
+@click.option("--probe", default=None, hidden=True, help="Internal: arm,P,V,N,H of one (b) memory probe.")
+@click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "kd_cost.json", show_default=True,
+              help="JSON results file (parts not run keep their previous results).")
+def main(parts: str, rounds: int, steps: int, memory_repeats: int, threads: int, probe: str | None, out: Path) -> None:
+    """Fused KD+CE vs cross-entropy: time, peak memory and distillation tax."""
+    torch.set_num_threads(threads)
+    if probe is not None:
+        arm, p, vocab, n, hidden = probe.split(",")
+        click.echo(json.dumps(memory_probe(arm, int(p), int(vocab), int(n), int(hidden))))
+        return
+    res: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
+    res.update({"benchmark": "kd_cost", "torch_threads": torch.get_num_threads(), "clock": "process CPU time",
+                "command": "python -m benchmarks.kd_cost " + " ".join(sys.argv[1:])})
+    t0 = time.perf_counter()
+    chosen = parts.split(",")
+    if "a" in chosen:
+        res["a_time"] = part_a(rounds)
+    if "b" in chosen:
+        res["b_memory"] = part_b(memory_repeats)
+    if "c" in chosen:
+        res["c_tax"] = part_c(rounds, steps)
+    res["wall_seconds_last_run"] = round(time.perf_counter() - t0, 1)
+    with open("/proc/loadavg") as f:
+        res["load_average_after"] = f.read().split()[:3]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    plot(res, out.with_suffix(".png"))
+    click.echo(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""Closed-form forward KL + cross-entropy on sparse targets: one row chunk at a time.
+
+The pieces shared by the logits-level (:mod:`._fused`) and the LM-head-level
+(:mod:`._fused_head`) fused objectives. For a row with logits ``z`` (``V`` tokens), ``s = z / T``,
+``lse_T = logsumexp(s)``, ``q = softmax(s)``, and a sparse target with probabilities ``w_j`` on
+distinct tokens ``S`` (``W = sum_S w``) and tail ``t``, the part of ``KL(p || q)`` that depends on
+the student (its *cross* term) is
+
+* bucket: ``-sum_S w_j (s_j - lse_T) - t log r``, ``r = sum_{v not in S} q_v`` (the student's mass
+  off the support, from a log-sum-exp over the off-support logits: no ``1 - sum`` cancellation);
+* spread: ``-sum_S w_j (s_j - lse_T) - u sum_{v not in S} (s_v - lse_T)``, ``u = t / (V - |S|)``.
+
+Its gradient with respect to ``s`` is ``A q - B`` plus a correction on ``S``:
+
+* bucket: ``A = W + t - t/r``, ``B = 0``, correction ``q_j t/r - w_j``;
+* spread: ``A = W + u (V - |S|)``, ``B = u``, correction ``u - w_j``;
+
+and the cross-entropy ``lse_1 - z_y`` adds ``q^(1) - onehot(y)``. So one pass over the row gives
+the statistics (``lse_T``, ``lse_1``, the off-support log-mass or the row sum) and one pass writes
+the gradient: the same two passes as ``F.cross_entropy``. The cross term is linear in ``(w, t)``;
+its gradient with respect to them (``lse_T - s_j`` and ``-log r`` or the spread analogue) comes
+from the statistics for free, which is how a learned gate gets its gradient.
+
+Every function works on a chunk of ``c`` rows and a caller-owned ``(c, V)`` buffer in the compute
+dtype (float32, or float64 for float64 logits); ``x`` may be bf16/fp16 (read, never upcast whole).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["ChunkTerms", "RowTargets", "chunk_grad", "chunk_stats", "chunk_terms"]
+
+
+class RowTargets(NamedTuple):
+    """Flat per-row target and weights, already sanitised (no NaN on excluded rows).
+
+    Attributes:
+        idx: ``(P, C)`` int64 token ids; padding entries point at a kept token of the same row
+            (or 0 in a row with none), so scatters need no spare column.
+        w: ``(P, C)`` target probabilities, 0 on padding (compute dtype).
+        kept: ``(P, C)`` bool, non-padding entries.
+        tail: ``(P,)`` tail mass (0 on excluded rows).
+        labels: ``(P,)`` int64 hard labels, ignored ones replaced by 0.
+        labelled: ``(P,)`` bool, rows with a real label (their CE is computed even at alpha = 1).
+        kd_row: ``(P,)`` weight of the row's cross term (``alpha T^2 / n_kd`` or 0).
+        ce_row: ``(P,)`` weight of the row's cross-entropy (``(1 - alpha) / n_ce`` or 0).
+        n_out: ``(P,)`` number of tokens off the support, ``V - |S|`` (compute dtype).
+    """
+
+    idx: torch.Tensor
+    w: torch.Tensor
+    kept: torch.Tensor
+    tail: torch.Tensor
+    labels: torch.Tensor
+    labelled: torch.Tensor
+    kd_row: torch.Tensor
+    ce_row: torch.Tensor
+    n_out: torch.Tensor
+
+    def rows(self, a: int, b: int) -> RowTargets:
+        """The chunk of rows ``[a, b)``."""
+        return RowTargets(*(t[a:b] for t in self))
+
+
+class ChunkTerms(NamedTuple):
+    """Per-row results for one chunk: loss pieces, gradient coefficients, target gradients."""
+
+    cross: torch.Tensor  # (c,) KD cross term
+    ce: torch.Tensor  # (c,) cross-entropy
+    coef_t: torch.Tensor  # (c,) multiplies q at temperature T in d/dz
+    coef_1: torch.Tensor  # (c,) multiplies q at temperature 1 (0 when folded into coef_t)
+    shift: torch.Tensor  # (c,) subtracted from every token's d/dz
+    corr: torch.Tensor  # (c, C) added on the support
+    label_corr: torch.Tensor  # (c,) added at the label
+    grad_w: torch.Tensor  # (c, C) d total / d w
+    grad_tail: torch.Tensor  # (c,) d total / d tail
+
+
+def chunk_stats(
+    x: torch.Tensor, rt: RowTargets, buf: torch.Tensor, temperature: float, mode: str, need_ce: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One read of the chunk: ``lse_T``, ``lse_1`` and the tail statistic, each ``(c,)``.
+
+    The tail statistic is ``log sum_{v not in S} exp(s_v)`` (bucket) or ``sum_v s_v`` (spread).
+    ``buf`` (``(c, V)``, compute dtype) is overwritten.
+    """
+    if temperature == 1.0 and x.dtype == buf.dtype:
+        return _stats_t1(x, rt, buf, mode)
+    inv_t = 1.0 / temperature
+    m = x.amax(dim=1, keepdim=True).to(buf.dtype)  # (c, 1)
+    torch.sub(x, m, out=buf)
+    if temperature != 1.0:
+        buf.mul_(inv_t)
+    buf.exp_()
+    lse_t = (m.squeeze(1) * inv_t) + buf.sum(dim=1).log()
+    if mode == "bucket":
+        buf.scatter_(1, rt.idx, 0.0)  # padding points at a kept token: zeroed anyway
+        rest = buf.sum(dim=1)
+        has = rt.kept.any(dim=1)
+        aux = torch.where(has, m.squeeze(1) * inv_t + rest.log(), lse_t)
+    else:
+        aux = x.sum(dim=1, dtype=buf.dtype) * inv_t
+    if temperature == 1.0 or not need_ce:
+        return lse_t, lse_t, aux
+    torch.sub(x, m, out=buf)
+    buf.exp_()
+    return lse_t, m.squeeze(1) + buf.sum(dim=1).log(), aux
+
+
+RISKY_REST = 1e-2
+"""Below this off-support mass, ``r = 1 - sum_S q`` loses digits; such rows get the exact masked sum."""
+
+
+def _stats_t1(
+    x: torch.Tensor, rt: RowTargets, buf: torch.Tensor, mode: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`chunk_stats` at ``T = 1`` for compute-dtype logits: one fused log-softmax kernel.
+
+    ``lse = max z - max log_softmax(z)`` (the log-softmax at the argmax is in ``[-log V, 0]``, so
+    nothing cancels). Bucket: ``r = 1 - sum_S q`` in float64 from the gathered log-probabilities;
+    rows where ``r < RISKY_REST`` are recomputed exactly as a masked sum.
+    """
+    m = x.amax(dim=1)  # (c,)
+    torch.ops.aten._log_softmax.out(x, 1, False, out=buf)  # buf := log q
+    lse = m - buf.amax(dim=1)
+    if mode != "bucket":
+        return lse, lse, x.sum(dim=1, dtype=buf.dtype)
+    q_kept = torch.where(rt.kept, buf.gather(1, rt.idx).double().exp(), 0.0)  # (c, C)
+    rest = (1.0 - q_kept.sum(dim=1)).clamp(min=0.0)  # (c,) float64
+    risky = (rest < RISKY_REST).nonzero().squeeze(1)
+    if risky.numel():
+        exact = buf[risky].exp_().scatter_(1, rt.idx[risky], 0.0).sum(dim=1, dtype=torch.float64)
+        rest = rest.index_copy(0, risky, exact)
+    has = rt.kept.any(dim=1)
+    log_rest = torch.where(has, rest.log().to(buf.dtype) + lse, lse)
+    return lse, lse, log_rest
+
+
+def chunk_terms(
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    s_kept: torch.Tensor,
+    z_label: torch.Tensor,
+    rt: RowTargets,
+    temperature: float,
+    mode: str,
+) -> ChunkTerms:
+    """Loss pieces and gradient coefficients of a chunk from its statistics (no ``V`` work).
+
+    Args:
+        stats: From :func:`chunk_stats`.
+        s_kept: ``(c, C)`` ``z[idx] / T`` in the compute dtype.
+        z_label: ``(c,)`` ``z[label]`` in the compute dtype.
+        rt: The chunk's targets.
+        temperature: ``T``.
+        mode: ``"bucket"`` or ``"spread"``.
+    """
+    lse_t, lse_1, aux = stats
+    zero = torch.zeros((), dtype=lse_t.dtype, device=lse_t.device)
+    neg_logq = torch.where(rt.kept, lse_t.unsqueeze(1) - s_kept, zero)  # (c, C) -log q_j on S
+    cross = (rt.w * neg_logq).sum(dim=1)
+    q_kept = torch.exp(-neg_logq)
+    w_sum = rt.w.sum(dim=1)
+    has_tail = rt.tail > 0
+    if mode == "bucket":
+        neg_log_r = lse_t - aux  # -log r, +inf if the student has no mass off the support
+        cross = cross + torch.where(has_tail, rt.tail * neg_log_r, zero)
+        t_over_r = torch.where(has_tail, rt.tail * torch.exp(neg_log_r), zero)
+        coef = w_sum + rt.tail - t_over_r
+        shift = torch.zeros_like(coef)
+        corr = torch.where(rt.kept, q_kept * t_over_r.unsqueeze(1) - rt.w, zero)
+        grad_tail = torch.where(has_tail, neg_log_r, zero)
+    else:
+        out = rt.n_out > 0
+        u = torch.where(out & has_tail, rt.tail / rt.n_out.clamp(min=1), zero)
+        s_off = aux - torch.where(rt.kept, s_kept, zero).sum(dim=1)  # sum of s off the support
+        neg_logq_off = torch.where(out, (rt.n_out * lse_t - s_off) / rt.n_out.clamp(min=1), zero)
+        cross = cross + u * rt.n_out * neg_logq_off
+        coef = w_sum + u * rt.n_out
+        shift = u
+        corr = torch.where(rt.kept, u.unsqueeze(1) - rt.w, zero)
+        grad_tail = neg_logq_off
+    kd, ce_w, inv_t = rt.kd_row, rt.ce_row, 1.0 / temperature
+    ce = lse_1 - z_label
+    folded = temperature == 1.0
+    return ChunkTerms(
+        cross=cross,
+        ce=ce,
+        coef_t=kd * coef * inv_t + (ce_w if folded else 0.0),
+        coef_1=torch.zeros_like(ce) if folded else ce_w,
+        shift=kd * shift * inv_t,
+        corr=kd.unsqueeze(1) * corr * inv_t,
+        label_corr=-ce_w,
+        grad_w=kd.unsqueeze(1) * neg_logq,
+        grad_tail=kd * grad_tail,
+    )
+
+
+def chunk_grad(
+    x: torch.Tensor,
+    out: torch.Tensor,
+    buf: torch.Tensor,
+    terms: ChunkTerms,
+    stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    rt: RowTargets,
+    temperature: float,
+    scale: torch.Tensor,
+) -> None:
+    """Write ``scale * d total / d z`` for the chunk into ``out`` (``(c, V)``, any float dtype).
+
+    ``out`` may be ``x`` itself (the head-fused path overwrites its logits chunk); ``buf`` is the
+    compute-dtype scratch (it may be ``out`` when ``out`` has the compute dtype and is not ``x``).
+    """
+    lse_t, lse_1, _ = stats
+    if temperature == 1.0 and x.dtype == buf.dtype:  # q from one fused softmax kernel, then scaled into out
+        q = out if (out.dtype == buf.dtype and out.is_contiguous() and out.data_ptr() != x.data_ptr()) else buf
+        torch.ops.aten._softmax.out(x, 1, False, out=q)
+        torch.mul(q, (terms.coef_t * scale).unsqueeze(1), out=out)
+        _add_sparse(out, terms, rt, scale)
+        return
+    work = out if out.dtype == buf.dtype else buf
+    if terms.coef_1.any() and work.data_ptr() != buf.data_ptr():
+        torch.sub(x, lse_1.unsqueeze(1), out=buf)  # the T = 1 softmax for the CE term, first,
+        buf.exp_().mul_((terms.coef_1 * scale).unsqueeze(1))  # as `work` may overwrite `x`
+        one = buf
+    else:
+        one = None
+    torch.sub(x, (lse_t * temperature).unsqueeze(1), out=work)
+    if temperature != 1.0:
+        work.mul_(1.0 / temperature)
+    work.exp_().mul_((terms.coef_t * scale).unsqueeze(1))
+    if one is not None:
+        work.add_(one)
+    elif bool(terms.coef_1.any()):  # work is buf: no room for a second softmax, add it in place
+        work.add_(torch.exp(x.to(buf.dtype) - lse_1.unsqueeze(1)) * (terms.coef_1 * scale).unsqueeze(1))
+    _add_sparse(work, terms, rt, scale)
+    if work.data_ptr() != out.data_ptr():
+        out.copy_(work)
+
+
+def _add_sparse(out: torch.Tensor, terms: ChunkTerms, rt: RowTargets, scale: torch.Tensor) -> None:
+    """The per-row shift and the support / label corrections of the gradient."""
+    if bool(terms.shift.any()):
+        out.sub_((terms.shift * scale).unsqueeze(1).to(out.dtype))
+    out.scatter_add_(1, rt.idx, (terms.corr * scale).to(out.dtype))
+    out.scatter_add_(1, rt.labels.unsqueeze(1), (terms.label_corr * scale).unsqueeze(1).to(out.dtype))
