@@ -153,3 +153,25 @@ def test_tokenizer_fingerprint_ignores_fast_or_slow_and_follows_ids() -> None:
 def test_tokenizer_fingerprint_refuses_an_empty_vocabulary() -> None:
     with pytest.raises(ValueError, match="'empty_tok' has an empty vocabulary"):
         tokenizer_fingerprint(_Tok({}, name="empty_tok"))
+
+
+def test_tokenizer_fingerprint_lists_the_vocabulary_by_id_not_by_token() -> None:
+    vocab = {"zeta": 0, "alpha": 1}  # id order differs from alphabetical order
+    payload = {"vocab": [["zeta", 0], ["alpha", 1]], "special": {"eos_token": "b"}, "class": "_Tok"}
+    want = hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode())
+    assert tokenizer_fingerprint(_Tok(vocab)) == want.hexdigest()[:32]
+
+
+class _Nameless:
+    special_tokens_map: dict[str, str] = {}
+
+    def get_vocab(self) -> dict[str, int]:
+        return {}
+
+    def __repr__(self) -> str:
+        return "<nameless tokenizer>"
+
+
+def test_an_empty_vocabulary_without_a_name_is_named_by_the_tokenizer_itself() -> None:
+    with pytest.raises(ValueError, match="<nameless tokenizer>"):
+        tokenizer_fingerprint(_Nameless())
