@@ -106,3 +106,17 @@ def test_int8_rows_of_a_batch_keep_their_leading_axes() -> None:
     assert q.shape == (2, 5, 7) and scale.shape == (2, 5)
     assert np.all(np.abs(q).max(-1) == 127)
     np.testing.assert_allclose(q * scale[..., None], x, atol=float(scale.max()) / 2 + 1e-6)
+
+
+def test_u8log_clips_tiny_positive_log_probabilities_to_code_0() -> None:
+    """A float32 log-softmax can come out slightly above 0; it must not wrap around the uint8."""
+    codes = encode_values(np.array([1e-6, 0.4, 3.0], dtype=np.float32), ValueEncoding("u8log", 1 / 16))
+    np.testing.assert_array_equal(codes, [0, 0, 0])
+
+
+def test_u8log_encodes_the_float32_value_of_its_input() -> None:
+    """Codes are defined on float32 log-probabilities (what extraction produces), whatever the input dtype."""
+    enc = ValueEncoding("u8log", 1 / 16)
+    x64 = np.array([-0.03125000001, -0.09375000001])  # just past a half step in float64 only
+    np.testing.assert_array_equal(encode_values(x64, enc), encode_values(x64.astype(np.float32), enc))
+    np.testing.assert_array_equal(encode_values(x64, enc), [0, 2])  # float32: exact half steps, to even

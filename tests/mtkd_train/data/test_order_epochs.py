@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mtkd_cache import ChunkGrid
 from mtkd_train.data import SampleOrder
 
 
@@ -68,3 +69,42 @@ def test_stream_schedule_reads_each_epochs_own_chunk_order() -> None:
     # position 50 is epoch 1, offset 2: the first window of epoch 1 starts at schedule index 6
     assert order.schedule_index(50) == 6
     assert order.schedule_index(48 + 16) == 6 + 2
+
+
+def test_the_order_is_recomputed_identically_once_its_memo_is_evicted() -> None:
+    """Determinism comes from the seeds, not from the lru_cache that memoises the last epochs."""
+    order = SampleOrder(96, 8, seed=11, shuffle_chunks=3)
+    first = (order.chunk_order(0).copy(), order.samples(0).copy())
+    for epoch in range(1, 12):  # more keys than any memo holds
+        order.samples(epoch)
+    np.testing.assert_array_equal(order.chunk_order(0), first[0])
+    np.testing.assert_array_equal(order.samples(0), first[1])
+    other_seed = SampleOrder(96, 8, seed=12, shuffle_chunks=3)
+    assert not np.array_equal(other_seed.chunk_order(0), first[0])
+
+
+def test_from_grid_takes_the_grid_sizes() -> None:
+    grid = ChunkGrid(num_samples=37, num_chunks=5, chunk_samples=8, chunk_positions=128,
+                     inner_samples=8, inner_positions=128)  # fmt: skip
+    order = SampleOrder.from_grid(grid, seed=4, shuffle=False, shuffle_chunks=2)
+    assert order == SampleOrder(37, 8, seed=4, shuffle=False, shuffle_chunks=2)
+    assert SampleOrder.from_grid(grid) == SampleOrder(37, 8, seed=0, shuffle=True, shuffle_chunks=4)
+    assert order.num_chunks == 5
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_empty_slices_are_empty_int64_arrays(shuffle: bool) -> None:
+    order = SampleOrder(40, 8, seed=1, shuffle=shuffle, shuffle_chunks=2)
+    for got in (order.samples(0, 5, 5), order.samples(1, 40, 40), order.stream_samples(45, 45)):
+        assert got.dtype == np.int64 and got.shape == (0,)
+    np.testing.assert_array_equal(order.samples(0, 3, 7), order.samples(0)[3:7])
+    if not shuffle:
+        np.testing.assert_array_equal(order.samples(0, 3, 7), [3, 4, 5, 6])
+
+
+@pytest.mark.parametrize(("epoch", "start", "stop"), [(0, 5, 3), (0, 0, 41), (0, -1, 4), (-1, 0, 4)])
+def test_offsets_outside_the_epoch_are_refused(epoch: int, start: int, stop: int) -> None:
+    for shuffle in (True, False):
+        order = SampleOrder(40, 8, seed=1, shuffle=shuffle)
+        with pytest.raises(IndexError, match=rf"offsets \[{start}, {stop}\) of epoch {epoch} are outside \[0, 40\)"):
+            order.samples(epoch, start, stop)
