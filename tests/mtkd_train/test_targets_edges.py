@@ -15,6 +15,7 @@ from mtkd_train.targets import (
     check_targets,
     from_samples,
     renormalize,
+    retemper,
     to_dense,
 )
 
@@ -132,3 +133,33 @@ def test_to_dense_of_batched_targets_matches_row_by_row() -> None:
             row = SparseTargets(t.indices[b, r][None], t.logp[b, r][None], t.tail[b, r][None])
             torch.testing.assert_close(dense[b, r], to_dense(row, 9)[0])
     torch.testing.assert_close(dense.sum(-1), torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("temperature", [0.5, 3.0])
+def test_retemper_of_batched_targets_matches_row_by_row(temperature: float) -> None:
+    t = _batched(1)
+    out = retemper(t, temperature, 9)
+    assert out.logp.shape == (2, 3, 4) and out.tail.shape == (2, 3)
+    for b in range(2):
+        for r in range(3):
+            row = SparseTargets(t.indices[b, r][None], t.logp[b, r][None], t.tail[b, r][None])
+            one = retemper(row, temperature, 9)
+            torch.testing.assert_close(out.logp[b, r], one.logp[0])
+            torch.testing.assert_close(out.tail[b, r], one.tail[0])
+
+
+def test_retemper_leaves_an_empty_row_empty_without_nan() -> None:
+    t = SparseTargets(torch.tensor([[0, 1], [2, 3]]), torch.tensor([[-INF, -INF], [-0.5, -1.5]]),
+                      torch.tensor([0.0, 0.1]))  # fmt: skip
+    out = retemper(t, 2.0, 6)
+    assert not torch.isnan(out.logp).any() and not torch.isnan(out.tail).any()
+    assert torch.equal(out.logp[0], torch.tensor([-INF, -INF])) and out.tail[0] == 0
+
+
+def test_to_dense_keeps_double_precision() -> None:
+    t = _batched(2)
+    t64 = SparseTargets(t.indices, t.logp.double(), t.tail.double())
+    for mode in ("spread", "bucket"):
+        dense = to_dense(t64, 9, mode)  # type: ignore[arg-type]
+        assert dense.dtype == torch.float64
+        torch.testing.assert_close(dense, to_dense(t, 9, mode).double(), rtol=1e-6, atol=1e-7)  # type: ignore[arg-type]
