@@ -25,11 +25,9 @@ import zarr
 
 
 def _blake(arrays: list[np.ndarray]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
+    h = hashlib.blake2b(digest_size=16)  # FORMAT.md: header f"{dtype.str}{shape}", then C-order bytes
+    for a in map(np.ascontiguousarray, arrays):
+        h.update(f"{a.dtype.str}{a.shape}".encode() + a.tobytes())
     return h.hexdigest()
 
 
