@@ -120,3 +120,19 @@ def test_u8log_encodes_the_float32_value_of_its_input() -> None:
     x64 = np.array([-0.03125000001, -0.09375000001])  # just past a half step in float64 only
     np.testing.assert_array_equal(encode_values(x64, enc), encode_values(x64.astype(np.float32), enc))
     np.testing.assert_array_equal(encode_values(x64, enc), [0, 2])  # float32: exact half steps, to even
+
+
+def test_int8_of_an_all_zero_row_never_divides_by_zero() -> None:
+    x = np.zeros((2, 4), dtype=np.float32)
+    x[1, 2] = 3.0
+    with np.errstate(all="raise"):
+        q, scale = quantize_rows_int8(x)
+    np.testing.assert_array_equal(q, [[0, 0, 0, 0], [0, 0, 127, 0]])
+    np.testing.assert_array_equal(scale, np.array([0.0, 3.0 / 127.0], dtype=np.float32))
+
+
+def test_int8_codes_are_those_of_the_float32_values() -> None:
+    x64 = np.array([[127.0, 0.5 + 1e-12]])  # 0.5 + 1e-12 rounds up in float64 only
+    q, _ = quantize_rows_int8(x64)
+    np.testing.assert_array_equal(q, quantize_rows_int8(x64.astype(np.float32))[0])
+    np.testing.assert_array_equal(q, [[127, 0]])
