@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtkd_train.losses import FeatureDistiller, combine, hard_label_loss
 from mtkd_train.errors import LossConfigError
+from mtkd_train.losses import FeatureDistiller, combine, hard_label_loss
 
 
 def _inputs(p: int = 5, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
