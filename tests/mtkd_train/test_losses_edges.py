@@ -5,6 +5,7 @@ and batched logits, and `combine` at alpha 0.
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -12,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from mtkd_train.errors import LossConfigError
-from mtkd_train.losses import FeatureDistiller, combine, hard_label_loss
+from mtkd_train.losses import FeatureDistiller, combine, hard_label_loss, weighted_forward_kl
+from mtkd_train.targets import SparseTargets, from_dense, retemper, to_dense
 
 
 def _inputs(p: int = 5, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -90,3 +92,39 @@ def test_combine_weights_and_bounds() -> None:
     for bad in (-0.1, 1.5):
         with pytest.raises(LossConfigError, match=re.escape(f"alpha must be in [0, 1] (weight of the KD term), got {bad!r}")):
             combine(kd, ce, bad)
+
+
+def _dense_weighted_kl(z: torch.Tensor, targets: list, w: torch.Tensor, T: float, Tt: float, lam: float,  # type: ignore[type-arg]
+                       vocab: int) -> torch.Tensor:  # fmt: skip
+    """Per-row reference: T^2 [(1 - lam) sum_i w_i KL(p_i || q) + lam KL(U || q)], dense."""
+    logq = torch.log_softmax(z[:, :vocab] / T, dim=-1)  # (P, V)
+    out = torch.zeros(z.shape[0])
+    for i, t in enumerate(targets):
+        p = to_dense(retemper(t, T / Tt, vocab), vocab)  # (P, V)
+        kl = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - logq), 0.0).sum(-1)
+        out = out + (1 - lam) * w[:, i] * kl
+    uniform = -math.log(vocab) - logq.mean(-1)
+    return T**2 * (out + lam * uniform)
+
+
+@pytest.mark.parametrize(("T", "Tt", "lam"), [(1.0, 1.0, 0.0), (2.0, 0.5, 0.0), (2.0, 1.0, 0.3), (1.5, 1.5, 0.2)])
+def test_weighted_forward_kl_matches_a_dense_reference_on_kept_rows(T: float, Tt: float, lam: float) -> None:
+    g = torch.Generator().manual_seed(4)
+    vocab, rows = 9, 6
+    z = torch.randn(rows, vocab + 3, generator=g)  # student head padded past the vocabulary
+    targets = [from_dense(torch.softmax(torch.randn(rows, vocab, generator=g) * 2, -1), k) for k in (3, 5)]
+    w = torch.softmax(torch.randn(rows, 2, generator=g), -1)
+    keep = torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool)
+    bad = [SparseTargets(t.indices, torch.where(keep[:, None], t.logp, math.nan), t.tail) for t in targets]
+    got = weighted_forward_kl(z, bad, w, temperature=T, target_temperature=Tt, smoothing=lam,
+                              mask=keep.long(), vocab_size=vocab)  # fmt: skip
+    want = _dense_weighted_kl(z[keep], [SparseTargets(t.indices[keep], t.logp[keep], t.tail[keep]) for t in targets],
+                              w[keep], T, Tt, lam, vocab).mean()  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [1.0, 1.5, -0.1])
+def test_weighted_forward_kl_refuses_smoothing_outside_0_1(lam: float) -> None:
+    t = from_dense(torch.softmax(torch.randn(2, 5), -1), 2)
+    with pytest.raises(LossConfigError, match=re.escape(f"smoothing must be in [0, 1), got {lam!r}")):
+        weighted_forward_kl(torch.randn(2, 5), [t], torch.tensor([1.0]), smoothing=lam)
