@@ -9,12 +9,16 @@ import re
 import pytest
 import torch
 
+from mtkd_cache.errors import NonFiniteLogitsError, TopKTooLargeError
 from mtkd_cache.precompute.extract import (
+    check_finite,
     dequantize_int8_rows,
     distribution_stats,
     pool_features,
     quantize_int8_rows,
     sample_targets,
+    topk_targets,
+    topk_targets_with_stats,
 )
 
 
@@ -81,3 +85,52 @@ def test_int8_scales_are_float32_for_half_inputs_and_round_trip() -> None:
     back = dequantize_int8_rows(q, scale)
     assert back.dtype == torch.float32
     assert bool(((back - x.float()).abs() <= scale.unsqueeze(-1) / 2 + 1e-6).all())
+
+
+def test_check_finite_names_exactly_the_bad_samples() -> None:
+    logits = torch.zeros(4, 3, 5)
+    logits[1, 2, 4] = float("nan")
+    logits[3, 0, 0] = float("-inf")
+    with pytest.raises(NonFiniteLogitsError, match=r"sample ids \[11, 13\]"):
+        check_finite(logits, [10, 11, 12, 13])
+    check_finite(logits[[0, 2]], [10, 12])  # the good ones pass
+
+
+def test_check_finite_accepts_huge_finite_logits_whose_sum_overflows() -> None:
+    big = torch.full((2, 3, 4), 3e38)  # finite, but a float32 row sum is inf
+    check_finite(big, torch.tensor([5, 6]))
+    half = torch.full((2, 8), 60000.0, dtype=torch.float16)
+    check_finite(half, [0, 1])
+    big[1, 1, 2] = float("inf")
+    with pytest.raises(NonFiniteLogitsError, match=r"sample ids \[6\]"):
+        check_finite(big, torch.tensor([5, 6]))
+
+
+def test_check_finite_ignores_padding_and_checks_its_arguments() -> None:
+    logits = torch.zeros(2, 3, 4)
+    logits[0, 2] = float("nan")  # a padding position of sample 0
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    check_finite(logits, [0, 1], mask=mask)
+    with pytest.raises(NonFiniteLogitsError, match=r"\[0\]"):
+        check_finite(logits, [0, 1])
+    with pytest.raises(ValueError, match=r"^sample_ids has 3 ids for a batch of 2 samples$"):
+        check_finite(logits, [0, 1, 2])
+    want = "mask of shape (2, 4) does not match logits (2, 3, 4); expected (B, T) for (B, T, V) logits"
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        check_finite(logits, [0, 1], mask=torch.ones(2, 4))
+    want = "mask of shape (2,) does not match logits (2, 4); expected (B, T) for (B, T, V) logits"
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        check_finite(torch.zeros(2, 4), [0, 1], mask=torch.ones(2))
+
+
+@pytest.mark.parametrize("fn", [topk_targets, topk_targets_with_stats])
+def test_top_1_is_allowed_and_k_above_the_real_vocabulary_is_refused(fn) -> None:  # noqa: ANN001
+    logits = torch.randn(1, 2, 8, generator=torch.Generator().manual_seed(5))
+    logits[..., 6:] = 100.0  # padding columns
+    out = fn(logits, 1, 1.0, vocab_size=6)
+    assert out[0].shape == (1, 2, 1) and bool((out[0] < 6).all())
+    p = torch.softmax(logits[..., :6], -1)
+    torch.testing.assert_close(out[2], 1 - p.amax(-1), rtol=1e-5, atol=1e-6)
+    want = "k=7 top-k entries were requested but the vocabulary has 6 tokens; pass a top-k between 1 and 6"
+    with pytest.raises(TopKTooLargeError, match=f"^{re.escape(want)}$"):
+        fn(logits, 7, 1.0, vocab_size=6)
