@@ -134,3 +134,20 @@ def test_top_1_is_allowed_and_k_above_the_real_vocabulary_is_refused(fn) -> None
     want = "k=7 top-k entries were requested but the vocabulary has 6 tokens; pass a top-k between 1 and 6"
     with pytest.raises(TopKTooLargeError, match=f"^{re.escape(want)}$"):
         fn(logits, 7, 1.0, vocab_size=6)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_a_temperature_of_zero_or_below_is_refused_by_every_extractor(temperature: float) -> None:
+    logits = torch.zeros(1, 2, 4)
+    want = f"^temperature must be > 0, got {temperature}$"
+    for call in (lambda: topk_targets(logits, 2, temperature), lambda: distribution_stats(logits, temperature),
+                 lambda: sample_targets(logits, 2, temperature, torch.Generator())):  # fmt: skip
+        with pytest.raises(ValueError, match=want):
+            call()
+
+
+def test_two_dimensional_logits_are_refused_with_the_fix() -> None:
+    want = ("logits must have shape (batch, positions, vocab), got (2, 5); classifier outputs (B, V) "
+            "need a position axis: logits.unsqueeze(1)")  # fmt: skip
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        topk_targets(torch.zeros(2, 5), 2)
