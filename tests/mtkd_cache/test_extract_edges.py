@@ -1,0 +1,153 @@
+"""Edges of `mtkd_cache.precompute.extract` that the mutation run (docs/TESTING.md) showed
+untested: `distribution_stats` on its own, one draw per row, the pooling and int8 contracts.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from mtkd_cache.errors import NonFiniteLogitsError, TopKTooLargeError
+from mtkd_cache.precompute.extract import (
+    check_finite,
+    dequantize_int8_rows,
+    distribution_stats,
+    pool_features,
+    quantize_int8_rows,
+    sample_targets,
+    topk_targets,
+    topk_targets_with_stats,
+)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_distribution_stats_match_the_real_vocabulary_softmax(temperature: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 12, generator=g) * 3
+    logits[..., 10:] = 50.0  # padding columns past the real vocabulary of 10
+    entropy, top1 = distribution_stats(logits.to(torch.bfloat16), temperature, vocab_size=10)
+    assert entropy.shape == (2, 3) and top1.shape == (2, 3)
+    assert entropy.dtype == torch.float32 and top1.dtype == torch.float32
+    p = torch.softmax(logits.to(torch.bfloat16).float()[..., :10] / temperature, dim=-1)
+    torch.testing.assert_close(entropy, -(p * p.log()).sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(top1, p.amax(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_distribution_stats_of_certain_and_uniform_rows() -> None:
+    logits = torch.zeros(1, 2, 8)
+    logits[0, 0, 3] = 1e4  # certain: entropy 0, top-1 1
+    entropy, top1 = distribution_stats(logits)
+    torch.testing.assert_close(entropy[0], torch.tensor([0.0, torch.log(torch.tensor(8.0)).item()]))
+    torch.testing.assert_close(top1[0], torch.tensor([1.0, 1 / 8]))
+    with pytest.raises(ValueError):
+        distribution_stats(logits, temperature=0.0)
+
+
+def test_one_draw_per_row_is_allowed_and_zero_is_refused() -> None:
+    logits = torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(1))
+    indices, counts = sample_targets(logits, 1, 1.0, torch.Generator().manual_seed(0))
+    assert indices.shape == (1, 4, 1) and torch.equal(counts, torch.ones(1, 4, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"^n_draws must be >= 1, got 0$"):
+        sample_targets(logits, 0, 1.0, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    ("hidden", "mask"),
+    [(torch.zeros(2, 4), torch.ones(2, 4)), (torch.zeros(2, 4, 3), torch.ones(2, 5))],
+)
+def test_pool_features_names_both_shapes_when_they_do_not_fit(
+    hidden: torch.Tensor, mask: torch.Tensor
+) -> None:
+    want = f"hidden {tuple(hidden.shape)} and mask {tuple(mask.shape)} must be (B, T, D) and (B, T)"
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        pool_features(hidden, mask, "mean")
+
+
+def test_mean_pooling_is_a_float32_mean_over_real_tokens() -> None:
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [9.0, 9.0]], [[5.0, 7.0], [0.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    out = pool_features(hidden.to(torch.bfloat16), mask, "mean")
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([[2.0, 3.0], [5.0, 7.0]]))  # one real token: itself
+    assert torch.equal(pool_features(hidden, torch.zeros(2, 3), "mean"), torch.zeros(2, 2))
+    third = torch.tensor([[[1.001, 0.0], [1.002, 0.0], [1.003, 0.0]]]).to(torch.bfloat16)
+    mean32 = third.float().mean(1)
+    torch.testing.assert_close(pool_features(third, torch.ones(1, 3), "mean"), mean32, rtol=0, atol=1e-6)
+
+
+def test_int8_scales_are_float32_for_half_inputs_and_round_trip() -> None:
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    q, scale = quantize_int8_rows(x)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32
+    assert torch.equal(q.abs().amax(-1), torch.full((3,), 127, dtype=torch.int8))
+    back = dequantize_int8_rows(q, scale)
+    assert back.dtype == torch.float32
+    assert bool(((back - x.float()).abs() <= scale.unsqueeze(-1) / 2 + 1e-6).all())
+
+
+def test_check_finite_names_exactly_the_bad_samples() -> None:
+    logits = torch.zeros(4, 3, 5)
+    logits[1, 2, 4] = float("nan")
+    logits[3, 0, 0] = float("-inf")
+    with pytest.raises(NonFiniteLogitsError, match=r"sample ids \[11, 13\]"):
+        check_finite(logits, [10, 11, 12, 13])
+    check_finite(logits[[0, 2]], [10, 12])  # the good ones pass
+
+
+def test_check_finite_accepts_huge_finite_logits_whose_sum_overflows() -> None:
+    big = torch.full((2, 3, 4), 3e38)  # finite, but a float32 row sum is inf
+    check_finite(big, torch.tensor([5, 6]))
+    half = torch.full((2, 8), 60000.0, dtype=torch.float16)
+    check_finite(half, [0, 1])
+    big[1, 1, 2] = float("inf")
+    with pytest.raises(NonFiniteLogitsError, match=r"sample ids \[6\]"):
+        check_finite(big, torch.tensor([5, 6]))
+
+
+def test_check_finite_ignores_padding_and_checks_its_arguments() -> None:
+    logits = torch.zeros(2, 3, 4)
+    logits[0, 2] = float("nan")  # a padding position of sample 0
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    check_finite(logits, [0, 1], mask=mask)
+    with pytest.raises(NonFiniteLogitsError, match=r"\[0\]"):
+        check_finite(logits, [0, 1])
+    with pytest.raises(ValueError, match=r"^sample_ids has 3 ids for a batch of 2 samples$"):
+        check_finite(logits, [0, 1, 2])
+    want = "mask of shape (2, 4) does not match logits (2, 3, 4); expected (B, T) for (B, T, V) logits"
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        check_finite(logits, [0, 1], mask=torch.ones(2, 4))
+    want = "mask of shape (2,) does not match logits (2, 4); expected (B, T) for (B, T, V) logits"
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        check_finite(torch.zeros(2, 4), [0, 1], mask=torch.ones(2))
+
+
+@pytest.mark.parametrize("fn", [topk_targets, topk_targets_with_stats])
+def test_top_1_is_allowed_and_k_above_the_real_vocabulary_is_refused(fn) -> None:  # noqa: ANN001
+    logits = torch.randn(1, 2, 8, generator=torch.Generator().manual_seed(5))
+    logits[..., 6:] = 100.0  # padding columns
+    out = fn(logits, 1, 1.0, vocab_size=6)
+    assert out[0].shape == (1, 2, 1) and bool((out[0] < 6).all())
+    p = torch.softmax(logits[..., :6], -1)
+    torch.testing.assert_close(out[2], 1 - p.amax(-1), rtol=1e-5, atol=1e-6)
+    want = "k=7 top-k entries were requested but the vocabulary has 6 tokens; pass a top-k between 1 and 6"
+    with pytest.raises(TopKTooLargeError, match=f"^{re.escape(want)}$"):
+        fn(logits, 7, 1.0, vocab_size=6)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0])
+def test_a_temperature_of_zero_or_below_is_refused_by_every_extractor(temperature: float) -> None:
+    logits = torch.zeros(1, 2, 4)
+    want = f"^temperature must be > 0, got {temperature}$"
+    for call in (lambda: topk_targets(logits, 2, temperature), lambda: distribution_stats(logits, temperature),
+                 lambda: sample_targets(logits, 2, temperature, torch.Generator())):  # fmt: skip
+        with pytest.raises(ValueError, match=want):
+            call()
+
+
+def test_two_dimensional_logits_are_refused_with_the_fix() -> None:
+    want = ("logits must have shape (batch, positions, vocab), got (2, 5); classifier outputs (B, V) "
+            "need a position axis: logits.unsqueeze(1)")  # fmt: skip
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        topk_targets(torch.zeros(2, 5), 2)
