@@ -63,11 +63,12 @@ def _finite_teacher(cache: Path, name: str, vocab: int) -> tuple[bool, str]:
         return False, "no arrays stored"
     floats = [k for k, a in arrays.items() if a.dtype.kind == "f" and not np.isfinite(a).all()]
     indices = arrays.get("indices")
-    too_big = indices is not None and int(indices.max()) >= vocab
+    top = -1 if indices is None else int(indices.max())
+    too_big = top >= vocab
     meta = json.loads((cache / "teachers" / name / "teacher.json").read_text())
     if floats or too_big or meta.get("vocab_size") != vocab:
         return False, (f"non-finite {floats}; " if floats else "") + (
-            f"indices up to {int(indices.max())} >= tokenizer {vocab}; " if too_big else "") + \
+            f"indices up to {top} >= tokenizer {vocab}; " if too_big else "") + \
             f"teacher.json vocab_size {meta.get('vocab_size')}"
     return True, ""
 

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -124,6 +125,7 @@ def _file_job(ctx: Ctx, fx: Fixtures, key: str, how: str, folder: Path, seed: in
     if not path.is_file():
         return [Trial(case, "skipped", f"{key} does not exist in this layout")]
     before = path.read_bytes()
+    table = _table(path)
     rng = random.Random(seed)
     if how == "flip":
         # Parquet: stay out of the footer, which only breaks the file; the data pages are the test.
@@ -132,7 +134,23 @@ def _file_job(ctx: Ctx, fx: Fixtures, key: str, how: str, folder: Path, seed: in
     else:
         damage = f"{key} {edit_digit(path, rng)}"
     assert path.read_bytes() != before
+    if table is not None:
+        after = _table(path)
+        damage += ", " + ("no longer decodes" if after is None else "decodes to the same table" if after.equals(table)
+                          else "decodes to a different table")
     return [_train_trial(ctx, fx, case, cache, damage, [path.name, key], {})]
+
+
+def _table(path: Path) -> Any:
+    """The decoded Parquet table (None if it does not decode, or is not Parquet)."""
+    if path.suffix != ".parquet":
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except Exception:  # any pyarrow error: the file no longer decodes
+        return None
 
 
 def _edit_json(path: Path, edit: Callable[[dict], None]) -> None:

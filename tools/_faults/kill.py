@@ -29,6 +29,9 @@ from tools._faults.proc import Ctx, Monitored, Outcome, Trial, any_file, judge, 
 
 __all__ = ["kill_trials", "teacher_ok", "train_same"]
 
+WINDOW = 0.85
+"""Kills fall in the first 85% of the measured work time: the rest is finishing and exiting."""
+
 
 def teacher_ok(cache: Path, ref: Path, name: str) -> tuple[bool, str]:
     folder, ref_folder = cache / "teachers" / name, ref / "teachers" / name
@@ -128,7 +131,7 @@ def kill_trials(ctx: Ctx, fx: Fixtures, n: int, seed: int) -> list[tuple[str, Ca
     jobs: list[tuple[str, Callable[[], list[Trial]]]] = []
     for kind, fn in kinds.items():
         for i in range(n):
-            delay = rng.uniform(0.0, 1.0) * fx.work_seconds[kind]
+            delay = rng.uniform(0.0, WINDOW) * fx.work_seconds[kind]
             folder = ctx.work / "kill" / f"{kind}_{i:02d}"
 
             def job(fn: Callable[..., list[Trial]] = fn, folder: Path = folder, delay: float = delay) -> list[Trial]:

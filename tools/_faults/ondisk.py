@@ -21,8 +21,9 @@ __all__ = [
     "shard_files", "step_losses", "student_weights", "tree_digest", "user_files_lost",
 ]
 
-VOLATILE_KEYS = ("created", "updated", "mtkd_version", "time")
-"""JSON fields that hold times or versions: left out when two runs' metadata are compared."""
+VOLATILE_KEYS = ("created", "updated", "mtkd_version", "time", "bytes", "bytes_per_position")
+"""JSON fields that hold times, versions or stored sizes (which depend on leftover files, not on the
+data): left out when two runs' metadata are compared; the arrays themselves are compared bit for bit."""
 
 
 def copy_tree(src: Path, dst: Path) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,9 @@ __all__ = ["VERDICTS", "Ctx", "Monitored", "Outcome", "Trial", "any_file", "erro
 VERDICTS = ("clean", "silent-wrong", "data-loss", "traceback", "hang", "wrong-outcome", "skipped")
 TRACEBACK = "Traceback (most recent call last)"
 DEFAULT_TIMEOUT = 240.0
+PROGRESS = re.compile(r"\d+%\||/s\]$|\?\w*/s\]$")
+"""A tqdm progress-bar line (mtkd shows them on stderr)."""
+EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning)\b")
 
 
 @dataclass
@@ -44,7 +48,8 @@ class Outcome:
         """rc and the first error line (or the last stderr line), for the table."""
         if self.timed_out:
             return f"timed out after {self.seconds:.0f} s"
-        line = error_line(self) or _last_line(self.stderr) or _last_line(self.stdout)
+        line = error_line(self) or (exception_line(self.stderr) if has_traceback(self) else "")
+        line = line or _last_line(self.stderr) or _last_line(self.stdout)
         return f"exit {self.rc}" + (f": {line[:220]}" if line else "")
 
 
@@ -63,9 +68,26 @@ class Trial:
             raise ValueError(f"verdict {self.verdict!r} is not one of {VERDICTS}")
 
 
+def lines_of(text: str) -> list[str]:
+    """Non-empty lines, with progress-bar redraws (carriage returns) split off and dropped."""
+    out = []
+    text = re.sub(r"\](?=(Error|PROBLEM): )", "]\n", text)  # a message printed right after a bar
+    for line in text.replace("\r", "\n").splitlines():
+        line = line.strip()
+        if line and not PROGRESS.search(line):
+            out.append(line)
+    return out
+
+
 def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    lines = lines_of(text)
     return lines[-1] if lines else ""
+
+
+def exception_line(text: str) -> str:
+    """The last `SomeError: message` line of a traceback."""
+    found = [ln for ln in lines_of(text) if EXCEPTION.match(ln)]
+    return found[-1] if found else _last_line(text)
 
 
 def has_traceback(out: Outcome) -> bool:
@@ -74,9 +96,9 @@ def has_traceback(out: Outcome) -> bool:
 
 def error_line(out: Outcome) -> str:
     """The one-line error message of a refused command ('Error: ...'), or '' if there is none."""
-    for line in out.stderr.splitlines():
+    for line in lines_of(out.stderr):
         if line.startswith(("Error:", "PROBLEM:")):  # click's refusal; `verify`'s report lines
-            return line.strip()
+            return line
     return ""
 
 

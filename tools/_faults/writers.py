@@ -191,7 +191,9 @@ def _other_kwargs(ctx: Ctx, fx: Fixtures, folder: Path) -> list[Trial]:
     cache = copy_tree(fx.kill_ref, folder / "cache")
     note = partial_teacher(cache, "f", _half_commits)
     args = fx.kill_run_args(cache)
-    args[args.index("--model-kwargs") + 1] = json.dumps({"width": HEAD, "vocab": VOCAB, "padded": HEAD, "seed": 4})
+    # Same weights, other outputs: only the recorded kwargs can tell the two models apart.
+    args[args.index("--model-kwargs") + 1] = json.dumps({"width": HEAD, "vocab": VOCAB, "padded": HEAD, "seed": 3,
+                                                         "scale": 3.0})
     out = ctx.run("cache", args)
     verdict, what = judge(out, correct=False, must_fail=True, names=["kwargs"])
     return [Trial("resume with other --model-kwargs", verdict, f"{note}; rerun {what}", out.seconds)]
@@ -242,7 +244,7 @@ def writer_trials(ctx: Ctx, fx: Fixtures, races: int) -> list[Job]:
     root = ctx.work / "writers"
     jobs: list[Job] = [(f"race-{i}", partial(_race, ctx, fx, root / f"race-{i}", 0.3 if i % 2 == 0 else 0.0))
                        for i in range(races)]
-    jobs += [("identical-runs", partial(_identical, ctx, fx, root / "identical"))]
+    jobs += [(f"identical-runs-{i}", partial(_identical, ctx, fx, root / f"identical-{i}")) for i in range(2)]
     for overwrite in (False, True):
         jobs.append((f"prepare-foreign-{overwrite}", partial(_prepare_foreign, ctx, fx, root / f"foreign-{overwrite}",
                                                              overwrite)))

@@ -32,7 +32,7 @@ class FaultLM(torch.nn.Module):
     """
 
     def __init__(self, width: int, vocab: int, padded: int | None, hidden: int,
-                 nan_first_tokens: Sequence[int], nan_padding: bool) -> None:
+                 nan_first_tokens: Sequence[int], nan_padding: bool, scale: float = 1.0) -> None:
         super().__init__()
         self.vocab_size = vocab
         if padded is not None:
@@ -44,6 +44,7 @@ class FaultLM(torch.nn.Module):
         self.head = torch.nn.Linear(hidden, width)
         self.nan_first = list(nan_first_tokens)
         self.nan_padding = nan_padding
+        self.scale = scale
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_hidden_states: bool = False) -> Output:
@@ -53,7 +54,7 @@ class FaultLM(torch.nn.Module):
             time.sleep(delay)
         embedded = self.embed(input_ids)  # (B, L, D)
         hidden = torch.tanh(self.layer(embedded))  # (B, L, D)
-        logits = self.head(hidden)  # (B, L, W)
+        logits = self.head(hidden) * self.scale  # (B, L, W)
         if self.nan_first:
             bad = torch.isin(input_ids[:, 0], torch.tensor(self.nan_first, device=input_ids.device))  # (B,)
             logits = torch.where(bad[:, None, None], torch.full_like(logits, float("nan")), logits)
@@ -64,8 +65,10 @@ class FaultLM(torch.nn.Module):
 
 
 def lm(width: int = 40, vocab: int | None = None, padded: int | None = None, hidden: int = 16, seed: int = 0,
-       nan_first_tokens: Sequence[int] = (), nan_padding: bool = False) -> FaultLM:
-    """A seeded `FaultLM`; `vocab` defaults to `width` (no padding columns)."""
+       nan_first_tokens: Sequence[int] = (), nan_padding: bool = False, scale: float = 1.0) -> FaultLM:
+    """A seeded `FaultLM`; `vocab` defaults to `width` (no padding columns). `scale` multiplies the
+    logits: another model with the same weights (the weights hash cannot tell them apart)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return FaultLM(width, width if vocab is None else vocab, padded, hidden, nan_first_tokens, nan_padding)
+        return FaultLM(width, width if vocab is None else vocab, padded, hidden, nan_first_tokens, nan_padding,
+                       scale)
