@@ -242,7 +242,7 @@ def _migrate(ctx: Ctx, fx: Fixtures, folder: Path) -> list[Trial]:
 
 def writer_trials(ctx: Ctx, fx: Fixtures, races: int) -> list[Job]:
     root = ctx.work / "writers"
-    jobs: list[Job] = [(f"race-{i}", partial(_race, ctx, fx, root / f"race-{i}", 0.3 if i % 2 == 0 else 0.0))
+    jobs: list[Job] = [(f"race-{i}", partial(_race, ctx, fx, root / f"race-{i}", 1.0 if i % 2 == 0 else 0.0))
                        for i in range(races)]
     jobs += [(f"identical-runs-{i}", partial(_identical, ctx, fx, root / f"identical-{i}")) for i in range(2)]
     for overwrite in (False, True):
