@@ -76,28 +76,20 @@ def _finite_teacher(cache: Path, name: str, vocab: int) -> tuple[bool, str]:
 def _nan_padding(ctx: Ctx, fx: Fixtures, folder: Path) -> list[Trial]:
     cache = copy_tree(fx.kill_inputs, folder / "cache")
     out = ctx.run("cache", factory_run(cache, "padnan", nan_padding=True))
-    why: list[str] = []
-    verdict, what = judge(out, correct=lambda: _keep(_finite_teacher(cache, "padnan", VOCAB), why), may_fail=False)
-    return [Trial("non-finite teacher: NaN only in padded vocab columns", verdict,
-                  what + (f" ({why[0]})" if why and why[0] else ""), out.seconds)]
-
-
-def _keep(result: tuple[bool, str], why: list[str]) -> bool:
-    why.append(result[1])
-    return result[0]
+    verdict, what = judge(out, correct=lambda: _finite_teacher(cache, "padnan", VOCAB), may_fail=False)
+    return [Trial("non-finite teacher: NaN only in padded vocab columns", verdict, what, out.seconds)]
 
 
 def _width(ctx: Ctx, fx: Fixtures, folder: Path, width: int) -> list[Trial]:
     cache = copy_tree(fx.kill_inputs, folder / "cache")
     out = ctx.run("cache", factory_run(cache, "w", width=width, vocab=width, padded=None))
-    why: list[str] = []
     if width < VOCAB:
         verdict, what = judge(out, correct=False, must_fail=True)
         case = f"factory output narrower than the tokenizer ({width} < {VOCAB})"
     else:
-        verdict, what = judge(out, correct=lambda: _keep(_finite_teacher(cache, "w", VOCAB), why))
+        verdict, what = judge(out, correct=lambda: _finite_teacher(cache, "w", VOCAB))
         case = f"factory output wider than the tokenizer ({width} > {VOCAB}), no padding declared"
-    return [Trial(case, verdict, what + (f" ({why[0]})" if why and why[0] else ""), out.seconds)]
+    return [Trial(case, verdict, what, out.seconds)]
 
 
 def _remote_code_teacher(ctx: Ctx, fx: Fixtures, folder: Path) -> list[Trial]:

@@ -68,16 +68,8 @@ def _train_trial(ctx: Ctx, fx: Fixtures, case: str, cache: Path, damage: str, na
                  facts: dict[str, object]) -> Trial:
     run = cache.parent / "run"
     out = ctx.run("train", train_args(fx, cache, run))
-    why: list[str] = []
-
-    def correct() -> bool:
-        ok, reason = train_same(run, fx.ref_train)
-        why.append(reason)
-        return ok
-
-    verdict, what = judge(out, correct=correct, names=names)
-    return Trial(case, verdict, f"{damage}; train {what}" + (f" ({why[0]})" if why and why[0] else ""),
-                 out.seconds, facts)
+    verdict, what = judge(out, correct=lambda: train_same(run, fx.ref_train), names=names)
+    return Trial(case, verdict, f"{damage}; train {what}", out.seconds, facts)
 
 
 def _array_job(ctx: Ctx, fx: Fixtures, kind: str, key: str, how: str, folder: Path, seed: int) -> list[Trial]:

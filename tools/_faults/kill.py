@@ -57,18 +57,11 @@ def train_same(run: Path, ref: Path) -> tuple[bool, str]:
 
 def _verdict(case: str, res: Monitored, out: Outcome, check: Callable[[], tuple[bool, str]], mid: bool,
              extra: str, delay: float) -> Trial:
-    why: list[str] = []
-
-    def correct() -> bool:
-        ok, reason = check()
-        why.append(reason)
-        return ok
-
-    verdict, what = judge(out, correct=correct, may_fail=False)
+    verdict, what = judge(out, correct=check, may_fail=False)
     kill = f"killed {delay:.2f} s into the work" + (" (mid-work)" if mid else " (work had not started / had ended)")
     if not res.killed:
         kill = "the command ended before the kill"
-    what = f"{kill}{extra}; resume {what}" + (f" ({why[0]})" if why and why[0] else "")
+    what = f"{kill}{extra}; resume {what}"
     return Trial(case, verdict, what, res.out.seconds + out.seconds,
                  {"killed": res.killed, "mid_work": mid, "delay": round(delay, 3)})
 

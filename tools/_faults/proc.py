@@ -102,14 +102,15 @@ def error_line(out: Outcome) -> str:
     return ""
 
 
-def judge(out: Outcome, *, correct: Callable[[], bool] | bool, must_fail: bool = False,
+def judge(out: Outcome, *, correct: Callable[[], bool | tuple[bool, str]] | bool, must_fail: bool = False,
           may_fail: bool = True, lost: Sequence[str] = (), note: str = "",
           names: Sequence[str] = ()) -> tuple[str, str]:
     """(verdict, what happened) for one command under the module's rules.
 
     Args:
         out: the command's outcome.
-        correct: whether the data it left is right (called only when the exit code is 0).
+        correct: whether the data it left is right (called only when the exit code is 0); a
+            callable may return (ok, reason) to say what differs.
         must_fail: the input is bad: exit 0 is `silent-wrong` whatever the data.
         may_fail: a one-line refusal is an acceptable outcome (else `wrong-outcome`).
         lost: user files that were deleted or changed (non-empty: `data-loss`).
@@ -126,8 +127,10 @@ def judge(out: Outcome, *, correct: Callable[[], bool] | bool, must_fail: bool =
     if out.rc == 0:
         if must_fail:
             return "silent-wrong", f"{what}; exit 0 on bad input"
-        ok = correct() if callable(correct) else correct
-        return ("clean", what) if ok else ("silent-wrong", f"{what}; data differs from the reference")
+        res = correct() if callable(correct) else correct
+        ok, reason = res if isinstance(res, tuple) else (res, "")
+        return ("clean", what) if ok else ("silent-wrong", f"{what}; data differs from the reference"
+                                           + (f" ({reason})" if reason else ""))
     if not error_line(out):
         return "wrong-outcome", f"{what}; no one-line error message"
     if not may_fail and not must_fail:

@@ -170,15 +170,9 @@ def _stuck_values(ctx: Ctx, fx: Fixtures, folder: Path) -> list[Trial]:
     note = partial_teacher(cache, "a", lambda p: p.name == "_run.json" or str(p) in ("zarr.json", "indices/zarr.json"))
     out = ctx.run("cache", ["run", str(cache), "--teacher", "a", "--model", str(fx.teacher_a), "--top-k", "8",
                             "--features", "-1", "--device", "cpu"])
-    why: list[str] = []
-    verdict, what = judge(out, correct=lambda: _ok(teacher_ok(cache, fx.main, "a"), why), may_fail=False)
-    return [Trial("rerun after a kill between creating indices and values", verdict,
-                  f"{note}; rerun {what}" + (f" ({why[0]})" if why and why[0] else ""), out.seconds)]
-
-
-def _ok(result: tuple[bool, str], why: list[str]) -> bool:
-    why.append(result[1])
-    return result[0]
+    verdict, what = judge(out, correct=lambda: teacher_ok(cache, fx.main, "a"), may_fail=False)
+    return [Trial("rerun after a kill between creating indices and values", verdict, f"{note}; rerun {what}",
+                  out.seconds)]
 
 
 def _half_commits(p: Path) -> bool:
@@ -205,8 +199,7 @@ def _relative_model(ctx: Ctx, fx: Fixtures, folder: Path) -> list[Trial]:
     note = partial_teacher(cache, "a", lambda p: not (p.parts[0] == "_commits" and p.stem.isdigit() and int(p.stem) >= 3))
     out = ctx.run("cache", ["run", str(cache), "--teacher", "a", "--model", f"./{fx.teacher_a.name}", "--top-k", "8",
                             "--features", "-1", "--device", "cpu"], cwd=fx.teacher_a.parent)
-    why: list[str] = []
-    verdict, what = judge(out, correct=lambda: _ok(teacher_ok(cache, fx.main, "a"), why), may_fail=False)
+    verdict, what = judge(out, correct=lambda: teacher_ok(cache, fx.main, "a"), may_fail=False)
     return [Trial("resume with --model ./a for /abs/a", verdict, f"{note}; rerun {what}", out.seconds)]
 
 
@@ -221,8 +214,7 @@ def _repair(ctx: Ctx, fx: Fixtures, folder: Path) -> list[Trial]:
              ["run", str(cache), "--teacher", "a", "--model", str(fx.teacher_a), "--top-k", "8", "--features", "-1",
               "--device", "cpu"], ["verify", str(cache)]]
     outs = [ctx.run("cache", s) for s in steps]
-    why: list[str] = []
-    verdict, what = judge(outs[-1], correct=lambda: _ok(teacher_ok(cache, fx.main, "a"), why), may_fail=False)
+    verdict, what = judge(outs[-1], correct=lambda: teacher_ok(cache, fx.main, "a"), may_fail=False)
     if outs[0].rc == 0 and verdict == "clean":
         verdict, what = "wrong-outcome", "verify --repair exited 0 on a damaged cache"
     return [Trial(case, verdict, f"repair {outs[0].brief()}; run {outs[1].brief()}; verify {what}",
@@ -236,7 +228,7 @@ def _migrate(ctx: Ctx, fx: Fixtures, folder: Path) -> list[Trial]:
         return [Trial(case, "wrong-outcome", "not available yet: `mtkd-cache --help` lists no migrate command")]
     cache = copy_tree(fx.main, folder / "cache")
     out = ctx.run("cache", ["migrate", str(cache)])
-    verdict, what = judge(out, correct=lambda: teacher_ok(cache, fx.main, "a")[0])
+    verdict, what = judge(out, correct=lambda: teacher_ok(cache, fx.main, "a"))
     return [Trial(case, verdict, f"migrate of a current cache: {what}", out.seconds)]
 
 
