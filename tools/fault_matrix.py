@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     work = a.work or Path(tempfile.mkdtemp(prefix="mtkd-faults-"))
     work.mkdir(parents=True, exist_ok=True)
+    for old in work.iterdir():  # a reused --work keeps its finished fixtures, never old trial folders
+        if old.name != "fixtures":
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     ctx = Ctx(repo=REPO, work=work, extra_paths=[FACTORY_DIR])
     t0 = time.monotonic()
     try:

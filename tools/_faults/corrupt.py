@@ -113,7 +113,8 @@ def edit_digit(path: Path, rng: random.Random) -> str:
 def _file_job(ctx: Ctx, fx: Fixtures, key: str, how: str, folder: Path, seed: int) -> list[Trial]:
     cache = copy_tree(fx.main, folder / "cache")
     path = cache / key
-    case = f"{'flipped byte' if how == 'flip' else 'edited digit'}: {key.split('/', 1)[0]}/…/{path.name}"
+    kind = re.sub(r"teachers/[^/]+/", "teachers/<t>/", re.sub(r"/\d{8}\.json$", "/<chunk>.json", key))
+    case = f"{'flipped byte' if how == 'flip' else 'edited digit'}: {kind}"
     if not path.is_file():
         return [Trial(case, "skipped", f"{key} does not exist in this layout")]
     before = path.read_bytes()

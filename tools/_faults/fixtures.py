@@ -44,7 +44,7 @@ class Fixtures:
     kill_inputs: Path
     kill_ref: Path
     big_ref: Path
-    forward_delay: float = 0.1
+    forward_delay: float = 0.2
     """Seconds each forward of the run-kill teacher sleeps (FAULTS_FORWARD_DELAY)."""
     work_seconds: dict[str, float] = field(default_factory=dict)
     """prepare / run / train: measured work time of the uninterrupted reference (kill window)."""

@@ -28,7 +28,7 @@ __all__ = ["VERDICTS", "Ctx", "Monitored", "Outcome", "Trial", "any_file", "erro
 VERDICTS = ("clean", "silent-wrong", "data-loss", "traceback", "hang", "wrong-outcome", "skipped")
 TRACEBACK = "Traceback (most recent call last)"
 DEFAULT_TIMEOUT = 240.0
-PROGRESS = re.compile(r"\d+%\||/s\]$|\?\w*/s\]$")
+PROGRESS = re.compile(r"\d+%\||\[\d+:\d\d[<,]|/s\]$")
 """A tqdm progress-bar line (mtkd shows them on stderr)."""
 EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning)\b")
 
