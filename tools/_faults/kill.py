@@ -25,7 +25,16 @@ from tools._faults.ondisk import (
     step_losses,
     student_weights,
 )
-from tools._faults.proc import Ctx, Monitored, Outcome, Trial, any_file, judge, monitored
+from tools._faults.proc import (
+    Ctx,
+    Monitored,
+    Outcome,
+    Trial,
+    any_file,
+    error_line,
+    judge,
+    monitored,
+)
 
 __all__ = ["kill_trials", "teacher_ok", "train_same"]
 
@@ -103,7 +112,8 @@ def _train_trial(ctx: Ctx, fx: Fixtures, folder: Path, delay: float) -> list[Tri
     logged = len(step_losses(run))
     mid = res.killed and not (run / "student").exists()
     out = ctx.run("train", [*args, "--resume"])
-    if out.rc != 0 and not ((run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())):
+    complete = (run / "checkpoints").is_dir() and any(p.suffix == ".pt" for p in (run / "checkpoints").iterdir())
+    if out.rc != 0 and (not complete or "no checkpoint" in error_line(out).lower()):
         out = ctx.run("train", args)  # killed before the first checkpoint: start again, as the error says
     trial = _verdict("sigkill train, resume", res, out, lambda: train_same(run, fx.ref_long), mid,
                      f", {logged} step(s) logged", delay)
