@@ -68,6 +68,8 @@ def _race(ctx: Ctx, fx: Fixtures, folder: Path, delay: float) -> list[Trial]:
         verdict = "hang"
     elif any(has_traceback(o) for o in [*outs, inspect]):
         verdict, what = "traceback", what + "; " + next(o.brief() for o in outs if has_traceback(o))
+    elif inspect.rc != 0:
+        verdict, what = "wrong-outcome", f"{what}; inspect {inspect.brief()}"
     elif lost:
         verdict, what = "silent-wrong", f"{what}; {lost} exited 0 but are lost"
     elif not all(ok) and not all(error_line(o) for o, good in zip(outs, ok) if not good):
