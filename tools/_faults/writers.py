@@ -218,8 +218,6 @@ def _repair(ctx: Ctx, fx: Fixtures, folder: Path) -> list[Trial]:
               "--device", "cpu"], ["verify", str(cache)]]
     outs = [ctx.run("cache", s) for s in steps]
     verdict, what = judge(outs[-1], correct=lambda: teacher_ok(cache, fx.main, "a"), may_fail=False)
-    if outs[0].rc == 0 and verdict == "clean":
-        verdict, what = "wrong-outcome", "verify --repair exited 0 on a damaged cache"
     return [Trial(case, verdict, f"repair {outs[0].brief()}; run {outs[1].brief()}; verify {what}",
                   sum(o.seconds for o in outs))]
 
