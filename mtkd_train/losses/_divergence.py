@@ -129,7 +129,11 @@ def sparse_divergence_from_log_probs(
     if tail_mode == "bucket":
         tail = target.tail.to(logq.dtype)
         log_tail = torch.where(tail > 0, tail.clamp(min=1e-45).log(), -math.inf)  # (P,)
-        return kept_terms + _terms(kind, log_tail, _log_rest_mass(logq, in_s), skew)
+        # A row whose support is the whole vocabulary has no bucket outcome for the student to
+        # match: its tail (mass the teachers put on tokens others kept) is left out of the loss.
+        full = in_s.all(dim=1)
+        bucket = _terms(kind, log_tail, _log_rest_mass(logq, in_s), skew)
+        return kept_terms + torch.where(full, torch.zeros_like(bucket), bucket)
     log_u = spread_log_value(target, vocab).to(logq.dtype)  # (P,)
     if kind == "forward_kl":
         # sum_{v not kept} u (log u - log q_v) = tail_eff * log u - u * sum_{v not kept} log q_v

@@ -170,7 +170,7 @@ def target_negentropy(w: torch.Tensor, tail: torch.Tensor, rt: RowTargets, mode:
     has = tail > 0
     safe_tail = torch.where(has, tail, 1.0)
     log_unit = safe_tail.log() if mode == "bucket" else safe_tail.log() - rt.n_out.clamp(min=1).log()
-    has = has & (rt.n_out > 0) if mode == "spread" else has
+    has = has & (rt.n_out > 0)  # a full support has no bucket (and no token to spread over)
     return kept_part + torch.where(has, tail * log_unit, zero)
 
 

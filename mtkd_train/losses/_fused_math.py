@@ -165,13 +165,16 @@ def chunk_terms(
     w_sum = rt.w.sum(dim=1)
     has_tail = rt.tail > 0
     if mode == "bucket":
-        neg_log_r = lse_t - aux  # -log r, +inf if the student has no mass off the support
-        cross = cross + torch.where(has_tail, rt.tail * neg_log_r, zero)
-        t_over_r = torch.where(has_tail, rt.tail * torch.exp(neg_log_r), zero)
-        coef = w_sum + rt.tail - t_over_r
+        # a row whose support is the whole vocabulary has no bucket outcome: its tail is left out
+        # (as in the reference path; docs/LOSSES.md "A full support has no bucket")
+        bucket = has_tail & (rt.n_out > 0)
+        neg_log_r = lse_t - aux  # -log r
+        cross = cross + torch.where(bucket, rt.tail * neg_log_r, zero)
+        t_over_r = torch.where(bucket, rt.tail * torch.exp(neg_log_r), zero)
+        coef = w_sum + torch.where(bucket, rt.tail, zero) - t_over_r
         shift = torch.zeros_like(coef)
         corr = torch.where(rt.kept, q_kept * t_over_r.unsqueeze(1) - rt.w, zero)
-        grad_tail = torch.where(has_tail, neg_log_r, zero)
+        grad_tail = torch.where(bucket, neg_log_r, zero)
     else:
         out = rt.n_out > 0
         u = torch.where(out & has_tail, rt.tail / rt.n_out.clamp(min=1), zero)

@@ -11,6 +11,7 @@ import pytest
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from mtkd_cache import ValueEncoding
+from mtkd_cache.errors import CacheFormatError
 from mtkd_cache.format.codecs import (
     array_checksum,
     compressor_from_dict,
@@ -68,14 +69,16 @@ def test_index_width_boundaries_and_bad_vocabulary() -> None:
 def test_compressors_from_metadata() -> None:
     default = compressor_from_dict({})
     assert isinstance(default, ZstdCodec) and default.level == 3
-    z = compressor_from_dict({"name": "zstd", "level": "7"})
+    z = compressor_from_dict({"name": "zstd", "level": 7})
     assert isinstance(z, ZstdCodec) and z.level == 7
+    with pytest.raises(CacheFormatError, match="level must be an integer"):  # metadata is typed, not coerced
+        compressor_from_dict({"name": "zstd", "level": "7"})
     b = compressor_from_dict({"name": "blosc", "level": 5})
     assert isinstance(b, BloscCodec) and b.clevel == 5 and b.cname.value == "zstd"
     assert b.shuffle.value == "shuffle"
     bit = compressor_from_dict({"name": "blosc", "shuffle": "bitshuffle"})
     assert bit.shuffle.value == "bitshuffle" and bit.clevel == 3
-    with pytest.raises(ValueError, match="compressor 'lz4' is not supported; use 'zstd' or 'blosc'"):
+    with pytest.raises(ValueError, match="compressor 'lz4' is not supported; use one of \('zstd', 'blosc'\)"):
         compressor_from_dict({"name": "lz4"})
 
 

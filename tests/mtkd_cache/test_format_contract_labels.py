@@ -57,15 +57,16 @@ def check_inputs(root_str: str) -> dict[str, Any]:
         assert _blake(content) == s["content_hash"], f"sample {s['sample_id']}"
         fp.update(bytes.fromhex(s["content_hash"]))
     assert fp.hexdigest()[:32] == inputs["dataset_fingerprint"] == manifest["dataset_fingerprint"]
-    for name in manifest["teachers"]:
-        meta = json.loads((root / f"teachers/{name}/teacher.json").read_bytes())
+    for done in sorted(root.glob("teachers/*/teacher.json")):  # FORMAT.md v2: teacher.json marks completion
+        name = done.parent.name
+        meta = json.loads(done.read_bytes())
         assert meta["dataset_fingerprint"] == inputs["dataset_fingerprint"], name
     return {
         "labels": [s["label"] for s in samples],
         "domains": [s["domain"] for s in samples],
         "label_names": inputs["label_names"],
         "has_labels": inputs["has_labels"],
-        "teachers": manifest["teachers"],
+        "teachers": sorted(p.parent.name for p in root.glob("teachers/*/teacher.json")),
     }
 
 
