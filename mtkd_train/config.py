@@ -119,7 +119,8 @@ class TrainConfig:
     """Keyword arguments for a student factory."""
     aggregate: str = "entropy"
     """Aggregation operator (a name of `mtkd_train.aggregate.AGGREGATORS`): mean, loglinear, entropy, confidence,
-    label_aware, gate, routing, mtbkd."""
+    label_aware, gate, routing, mtbkd; or auto: score them on held-out cached positions (the eval cache if
+    given, else the end of the cache) before step 0 and use the best (see mtkd-score)."""
     aggregate_kwargs: Mapping[str, Any] = field(default_factory=dict)
     """Operator options, e.g. {weights = [0.5, 0.5]}, {tau = 1.0}, {domain_to_teacher = {0 = 1}}."""
     loss: str = "forward_kl"
@@ -200,8 +201,11 @@ class TrainConfig:
             raise ConfigError(f"{_flag('teachers')} is required: e.g. --teachers a,b")
         if not self.student:
             raise ConfigError(f"{_flag('student')} is required: an HF config folder or package.module:function")
-        if self.aggregate not in AGGREGATORS:
-            raise ConfigError(f"{_flag('aggregate')} is {self.aggregate!r}; expected one of {sorted(AGGREGATORS)}")
+        if self.aggregate not in AGGREGATORS and self.aggregate != "auto":
+            raise ConfigError(f"{_flag('aggregate')} is {self.aggregate!r}; expected auto or one of {sorted(AGGREGATORS)}")
+        if self.aggregate == "auto" and self.aggregate_kwargs:
+            raise ConfigError(f"{_flag('aggregate')} auto chooses the options itself; drop `aggregate_kwargs` "
+                              f"{dict(self.aggregate_kwargs)} or name an operator")
         if self.loss not in LOSS_KINDS:
             raise ConfigError(f"{_flag('loss')} is {self.loss!r}; expected one of {list(LOSS_KINDS)}")
         if self.loss_impl not in ("auto", "fused", "fused_head", "reference"):

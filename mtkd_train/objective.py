@@ -6,6 +6,7 @@ classifiers), P = number of real rows in the batch, V vocabulary/classes, N teac
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,8 @@ from mtkd_train.aggregate import (
     GateNetwork,
     OperatorSetup,
     gate_entropy_regularizer,
+    gate_scoring_loss,
+    label_log_prob,
 )
 from mtkd_train.aggregate import make_aggregator as build_operator
 from mtkd_train.losses import (
@@ -32,6 +35,7 @@ from mtkd_train.losses import (
 )
 from mtkd_train.rows import row_labels, row_targets, take_rows
 from mtkd_train.student import HeadInputs
+from mtkd_train.targets import SparseTargets
 
 __all__ = ["Objective", "make_aggregator", "row_labels", "row_targets"]
 # row_labels / row_targets live in mtkd_train.rows; re-exported here for existing callers.
@@ -126,7 +130,10 @@ class Objective(nn.Module):
         labels = take_rows(row_labels(batch, student_task), rows)  # (P,)
         targets = [row_targets(batch["targets"][n], rows, tc, self.vocab_size, self.T)
                    for n, tc in zip(self.teachers, self.capture_t)]
-        ctx = self._context(batch, mask, rows, labels, hidden)
+        gate_ctx = self._context(batch, mask, rows, labels, hidden)
+        # the KD target never trains the gate (it would reward the teacher the student already matches)
+        ctx = gate_ctx if gate_ctx.gate_logits is None else dataclasses.replace(
+            gate_ctx, gate_logits=gate_ctx.gate_logits.detach())
         out: dict[str, torch.Tensor] = {}
         weights = self.aggregator.weights(targets, ctx)
         smoothing = self.aggregator._smoothing()
@@ -152,10 +159,7 @@ class Objective(nn.Module):
             total = combine(kd, ce, self.alpha)
         out["kd"], out["ce"] = kd, ce
         if self.gate is not None and weights is not None:
-            reg = gate_entropy_regularizer(weights)
-            out["gate_reg"] = reg
-            total = total + self.gate_entropy * reg
-            out["gate_weights"] = weights.detach().mean(0)
+            total = total + self._gate_loss(targets, gate_ctx, labels, out)
         elif weights is not None:
             out["teacher_weights"] = weights.detach().mean(0)
         if self.features is not None and hidden is not None:
@@ -163,6 +167,20 @@ class Objective(nn.Module):
             total = total + out["feat"]
         out["loss"] = total
         return out
+
+    def _gate_loss(self, targets: Sequence[SparseTargets], ctx: AggregationContext, labels: torch.Tensor,
+                   out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The gate's own objective: a proper scoring rule on the labelled rows, plus the entropy term."""
+        w = self.aggregator.weights(targets, ctx)  # (P, N), gradients to the gate only
+        if w is None:
+            raise AggregationInputError(f"aggregator {self.aggregate_name!r} has a gate but no linear weights")
+        log_true = torch.stack([label_log_prob(t, labels, self.vocab_size) for t in targets], dim=1)
+        out["gate_nll"] = gate_scoring_loss(log_true.detach(), w, labels)
+        out["gate_reg"] = gate_entropy_regularizer(w)
+        wd = w.detach()
+        out["gate_weights"] = wd.mean(0)
+        out["gate_entropy"] = -(wd * wd.clamp_min(1e-30).log()).sum(1).mean()
+        return out["gate_nll"] + self.gate_entropy * out["gate_reg"]
 
     def _feature_loss(self, features: nn.Module, batch: Mapping[str, Any], mask: torch.Tensor, rows: torch.Tensor,
                       hidden: torch.Tensor | Mapping[int, torch.Tensor]) -> torch.Tensor:

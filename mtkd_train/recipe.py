@@ -46,6 +46,7 @@ from mtkd_train.objective import Objective
 from mtkd_train.optim import build_optimizer, build_scaler
 from mtkd_train.rng import gather_rng_states, restore_rng, seed_all
 from mtkd_train.rows import to_device
+from mtkd_train.scoring import choose_aggregate
 from mtkd_train.shared import check_shared
 from mtkd_train.signals import StopSignal
 from mtkd_train.student import Student, load_student, save_student
@@ -137,6 +138,10 @@ class DistillRecipe:
         self.vocab_size = self.metas[0].vocab_size
         self.teacher_ids = teacher_identities(self.reader, c.teachers)
         self.eval_reader = self._open_eval_cache() if c.eval_cache else None
+        self.aggregate, self.aggregate_kwargs = c.aggregate, dict(c.aggregate_kwargs)
+        if c.aggregate == "auto":
+            self.aggregate, self.aggregate_kwargs = choose_aggregate(
+                self.eval_reader or self.reader, c.teachers, self.out if self.rank == 0 else None)
 
     def _open_eval_cache(self) -> CacheReader:
         """The held-out cache, checked before step 0: same tokenizer (or input kind), usable teachers."""
@@ -183,7 +188,7 @@ class DistillRecipe:
 
     def _setup_objective(self) -> None:
         c, specs = self.cfg, self.feature_specs
-        needs_hidden = "gate_logits" in operator_context(c.aggregate) or bool(specs)
+        needs_hidden = "gate_logits" in operator_context(self.aggregate) or bool(specs)
         hidden_size = self._hidden_size() if needs_hidden else None
         feats, keys = None, {}
         if specs:
@@ -197,7 +202,7 @@ class DistillRecipe:
                                      betas=[s.beta for s in specs])
         self.objective = Objective(
             teachers=c.teachers, capture_temperatures=[m.target.temperature for m in self.metas],
-            vocab_size=self.vocab_size, aggregate=c.aggregate, aggregate_kwargs=c.aggregate_kwargs, loss=c.loss,
+            vocab_size=self.vocab_size, aggregate=self.aggregate, aggregate_kwargs=self.aggregate_kwargs, loss=c.loss,
             tail_mode=c.tail_mode, alpha=c.alpha, temperature=c.temperature, gate_entropy=c.gate_entropy,
             features=feats, feature_keys=keys, feature_layers={s.teacher: s.student_layer for s in specs},
             domains=tuple(self.reader.inputs.domains or ()), hidden_size=hidden_size,

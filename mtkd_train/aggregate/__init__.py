@@ -13,7 +13,12 @@ from mtkd_train.aggregate._base import (
     Aggregator,
     OperatorSetup,
 )
-from mtkd_train.aggregate._gate import GateAggregator, GateNetwork, gate_entropy_regularizer
+from mtkd_train.aggregate._gate import (
+    GateAggregator,
+    GateNetwork,
+    gate_entropy_regularizer,
+    gate_scoring_loss,
+)
 from mtkd_train.aggregate._linear import LogLinearAggregator, MeanAggregator
 from mtkd_train.aggregate._pooling import linear_pool, log_linear_pool
 from mtkd_train.aggregate._registry import (
@@ -54,6 +59,7 @@ __all__ = [
     "build_aggregator",
     "build_union",
     "gate_entropy_regularizer",
+    "gate_scoring_loss",
     "label_log_prob",
     "linear_pool",
     "log_linear_pool",

@@ -117,6 +117,30 @@ def gate_entropy_regularizer(
     return -(ent * m).sum() / m.sum().clamp(min=1.0)
 
 
+def gate_scoring_loss(
+    log_true: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """The gate's proper scoring rule: NLL of the true token under the gated mixture.
+
+    ``-mean_p log sum_i w_i(p) p_i(y_p)`` over labelled rows. It rewards the weights that put
+    mass on the teacher that predicted the data, whatever the student currently matches (training
+    the gate through the student's KD loss instead rewards the teacher the student already
+    imitates, and collapses onto it).
+
+    Args:
+        log_true: ``(P, N)`` each teacher's log-probability of the true token (``-inf`` allowed).
+        weights: ``(P, N)`` gate weights, with gradients.
+        labels: ``(P,)`` true tokens; ``-100`` rows are skipped.
+
+    Returns:
+        Scalar; 0 when no row is labelled.
+    """
+    keep = (labels != -100) & torch.isfinite(log_true).any(dim=1)  # (P,)
+    mix = torch.logsumexp(log_true + weights.clamp_min(1e-30).log(), dim=1)  # (P,)
+    mix = torch.where(keep, mix, torch.zeros_like(mix))
+    return -mix.sum() / keep.sum().clamp_min(1)
+
+
 @dataclass(frozen=True)
 class GateAggregator(Aggregator):
     """``gate``: ``w = softmax(ctx.gate_logits)`` (learned, per position).

@@ -7,7 +7,7 @@ weights fitted by EM (:func:`fit_mixture_em`, global and per domain) and ``tau``
 :func:`choose` returns the best as ``mtkd-train`` config keys. CLI: ``mtkd-score``.
 """
 
-from mtkd_train.scoring._choose import choose, score_cache
+from mtkd_train.scoring._choose import choose, choose_aggregate, score_cache
 from mtkd_train.scoring._em import EMResult, fit_mixture_em, mixture_log_likelihood
 from mtkd_train.scoring._heldout import collect_heldout
 from mtkd_train.scoring._score import (
@@ -23,6 +23,7 @@ __all__ = [
     "HeldOut",
     "ScoreRow",
     "choose",
+    "choose_aggregate",
     "collect_heldout",
     "fit_mixture_em",
     "mixture_log_likelihood",

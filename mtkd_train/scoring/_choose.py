@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from mtkd_cache import open_cache
+from mtkd_cache import CacheReader, open_cache
 from mtkd_train.scoring._heldout import collect_heldout
 from mtkd_train.scoring._score import HeldOut, ScoreRow, rank_operators
 
-__all__ = ["choose", "score_cache"]
+__all__ = ["choose", "choose_aggregate", "score_cache"]
+
+log = logging.getLogger("mtkd_train")
 
 
 def choose(rows: Sequence[ScoreRow], data: HeldOut) -> dict[str, Any]:
@@ -51,3 +56,27 @@ def score_cache(cache: str, teachers: Sequence[str], *, max_positions: int = 20_
     data = collect_heldout(reader, teachers, max_positions=max_positions)
     rows = rank_operators(data, operators=operators)
     return rows, choose(rows, data)
+
+
+def choose_aggregate(reader: CacheReader, teachers: Sequence[str], out: Path | None = None, *,
+                     max_positions: int = 20_000) -> tuple[str, dict[str, Any]]:
+    """`aggregate = "auto"`: score every operator on `reader`'s held-out positions and pick one.
+
+    Logs the choice and, with `out`, writes the ranked table to `out/auto_aggregate.json`.
+
+    Returns:
+        ``(aggregate, aggregate_kwargs)`` for the trainer.
+    """
+    data = collect_heldout(reader, teachers, max_positions=max_positions)
+    rows = rank_operators(data)
+    chosen = choose(rows, data)
+    best = next(r for r in rows if r.auto)
+    log.info("aggregate=auto chose %s %s (held-out NLL %.4f over %d positions of %s; best single teacher %.4f)",
+             chosen["aggregate"], json.dumps(chosen["aggregate_kwargs"]), best.nll, data.num_positions, reader.url,
+             min(r.nll for r in rows if r.note.endswith(" alone")))
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "auto_aggregate.json").write_text(json.dumps(
+            {"chosen": chosen, "positions": data.num_positions, "cache": reader.url,
+             "ranked": [r.to_dict() for r in rows]}, indent=2, default=str))
+    return chosen["aggregate"], chosen["aggregate_kwargs"]
