@@ -78,7 +78,7 @@ def test_compressors_from_metadata() -> None:
     assert b.shuffle.value == "shuffle"
     bit = compressor_from_dict({"name": "blosc", "shuffle": "bitshuffle"})
     assert bit.shuffle.value == "bitshuffle" and bit.clevel == 3
-    with pytest.raises(ValueError, match="compressor 'lz4' is not supported; use one of \('zstd', 'blosc'\)"):
+    with pytest.raises(ValueError, match=r"compressor 'lz4' is not supported; use one of \('zstd', 'blosc'\)"):
         compressor_from_dict({"name": "lz4"})
 
 
