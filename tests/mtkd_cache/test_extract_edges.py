@@ -22,12 +22,17 @@ from mtkd_cache.precompute.extract import (
 )
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.5])
-def test_distribution_stats_match_the_real_vocabulary_softmax(temperature: float) -> None:
+@pytest.mark.parametrize("temperature", [None, 1.0, 2.0, 2.5])
+def test_distribution_stats_match_the_real_vocabulary_softmax(temperature: float | None) -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 12, generator=g) * 3
     logits[..., 10:] = 50.0  # padding columns past the real vocabulary of 10
-    entropy, top1 = distribution_stats(logits.to(torch.bfloat16), temperature, vocab_size=10)
+    half = logits.to(torch.bfloat16)
+    if temperature is None:  # the default is 1
+        entropy, top1 = distribution_stats(half, vocab_size=10)
+        temperature = 1.0
+    else:
+        entropy, top1 = distribution_stats(half, temperature, vocab_size=10)
     assert entropy.shape == (2, 3) and top1.shape == (2, 3)
     assert entropy.dtype == torch.float32 and top1.dtype == torch.float32
     p = torch.softmax(logits.to(torch.bfloat16).float()[..., :10] / temperature, dim=-1)
