@@ -22,12 +22,17 @@ from mtkd_cache.precompute.extract import (
 )
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.5])
-def test_distribution_stats_match_the_real_vocabulary_softmax(temperature: float) -> None:
+@pytest.mark.parametrize("temperature", [None, 1.0, 2.0, 2.5])
+def test_distribution_stats_match_the_real_vocabulary_softmax(temperature: float | None) -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 12, generator=g) * 3
     logits[..., 10:] = 50.0  # padding columns past the real vocabulary of 10
-    entropy, top1 = distribution_stats(logits.to(torch.bfloat16), temperature, vocab_size=10)
+    half = logits.to(torch.bfloat16)
+    if temperature is None:  # the default is 1
+        entropy, top1 = distribution_stats(half, vocab_size=10)
+        temperature = 1.0
+    else:
+        entropy, top1 = distribution_stats(half, temperature, vocab_size=10)
     assert entropy.shape == (2, 3) and top1.shape == (2, 3)
     assert entropy.dtype == torch.float32 and top1.dtype == torch.float32
     p = torch.softmax(logits.to(torch.bfloat16).float()[..., :10] / temperature, dim=-1)
@@ -151,3 +156,31 @@ def test_two_dimensional_logits_are_refused_with_the_fix() -> None:
             "need a position axis: logits.unsqueeze(1)")  # fmt: skip
     with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
         topk_targets(torch.zeros(2, 5), 2)
+
+
+def test_stats_cover_every_row_when_there_are_more_rows_than_tokens() -> None:
+    logits = torch.randn(4, 8, 3, generator=torch.Generator().manual_seed(6)) * 3  # 32 rows, V = 3
+    p = torch.softmax(logits, -1)
+    entropy, top1 = distribution_stats(logits)
+    torch.testing.assert_close(entropy, -(p * p.log()).sum(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(top1, p.amax(-1))
+    _, _, _, entropy2, top1_2 = topk_targets_with_stats(logits, 2)
+    torch.testing.assert_close(entropy2, entropy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(top1_2, top1)  # per row, not the block's maximum
+
+
+def test_a_real_vocabulary_of_one_token_and_the_too_wide_error() -> None:
+    indices, logp, tail = topk_targets(torch.randn(1, 2, 4), 1, vocab_size=1)
+    assert torch.equal(indices, torch.zeros(1, 2, 1, dtype=torch.int64)) and torch.equal(tail, torch.zeros(1, 2))
+    want = ("vocab_size=5 must be between 1 and the logits width 4; pass the tokenizer's vocabulary size, "
+            "not a larger number")  # fmt: skip
+    with pytest.raises(ValueError, match=f"^{re.escape(want)}$"):
+        topk_targets(torch.randn(1, 2, 4), 1, vocab_size=5)
+
+
+def test_non_finite_error_says_how_to_fix_it() -> None:
+    want = ("the teacher produced NaN/inf logits for sample ids [7]; this usually means fp16 overflow "
+            "(re-run with --dtype bf16 or --dtype fp32, plus --overwrite since the dtype is part of the "
+            "stored settings) or broken inputs for those samples")  # fmt: skip
+    with pytest.raises(NonFiniteLogitsError, match=f"^{re.escape(want)}$"):
+        check_finite(torch.full((1, 2), float("nan")), [7])

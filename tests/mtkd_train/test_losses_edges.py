@@ -13,7 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from mtkd_train.errors import LossConfigError
-from mtkd_train.losses import FeatureDistiller, combine, hard_label_loss, weighted_forward_kl
+from mtkd_train.losses import (
+    FeatureDistiller,
+    combine,
+    hard_label_loss,
+    kd_loss,
+    weighted_forward_kl,
+)
 from mtkd_train.targets import SparseTargets, from_dense, retemper, to_dense
 
 
@@ -128,3 +134,23 @@ def test_weighted_forward_kl_refuses_smoothing_outside_0_1(lam: float) -> None:
     t = from_dense(torch.softmax(torch.randn(2, 5), -1), 2)
     with pytest.raises(LossConfigError, match=re.escape(f"smoothing must be in [0, 1), got {lam!r}")):
         weighted_forward_kl(torch.randn(2, 5), [t], torch.tensor([1.0]), smoothing=lam)
+
+
+@pytest.mark.parametrize(("option", "value"), [("temperature", 0.0), ("temperature", math.inf),
+                                               ("target_temperature", 0.0), ("target_temperature", "2")])  # fmt: skip
+def test_kd_loss_refuses_temperatures_that_are_not_positive_finite_numbers(option: str, value: object) -> None:
+    t = from_dense(torch.softmax(torch.randn(2, 5), -1), 2)
+    with pytest.raises(LossConfigError, match=f"^{re.escape(f'{option} must be a positive finite number, got {value!r}')}$"):
+        kd_loss(torch.randn(2, 5), t, **{option: value})  # type: ignore[arg-type]
+
+
+def test_skew_zero_is_allowed_and_one_is_refused() -> None:
+    t = from_dense(torch.softmax(torch.randn(2, 5), -1), 2)
+    assert torch.isfinite(kd_loss(torch.randn(2, 5), t, kind="skew_kl", skew=0.0))
+    with pytest.raises(LossConfigError, match=r"^skew must be in \[0, 1\), got 1\.0$"):
+        kd_loss(torch.randn(2, 5), t, kind="skew_kl", skew=1.0)
+
+
+def test_a_vocabulary_of_one_is_allowed() -> None:
+    t = SparseTargets(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1), torch.zeros(2))
+    assert float(kd_loss(torch.randn(2, 4), t, vocab_size=1)) == pytest.approx(0.0, abs=1e-6)
