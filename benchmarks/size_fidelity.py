@@ -49,7 +49,8 @@ from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.format.store import CacheStore
 from mtkd_cache.format.targets import TeacherWriter
 from mtkd_cache.precompute.batching import length_grouped_batches, pad_batch
-from mtkd_cache.precompute.models import forward_teacher, load_teacher
+from mtkd_cache.precompute.forward import forward_teacher
+from mtkd_cache.precompute.models import load_teacher
 
 __all__ = ["Codec", "main", "teacher_pass"]
 

@@ -17,6 +17,11 @@ import click
 
 from mtkd_cache import errors
 from mtkd_cache._version import __version__
+from mtkd_cache.format.codecs import (  # the CLI's choices come from the registries
+    COMPRESSORS,
+    VALUE_CODECS,
+)
+from mtkd_cache.format.kinds import FEATURE_ENCODINGS
 
 _USER_ERRORS = (errors.CacheNotFoundError, errors.CacheFormatError, errors.CacheIncompleteError,
                 errors.CacheMismatchError, errors.CacheExistsError, errors.CacheCorruptError,
@@ -93,11 +98,11 @@ def prepare(cache: str, **kw: Any) -> None:
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="Instead of top-k: draws per position, stored as tokens + counts.")
 @click.option("--features", callback=_layers, default=None, help="Hidden-state layers to store, e.g. '6,-1'.")
 @click.option("--pool", type=click.Choice(["none", "mean"]), default="none", show_default=True, help="Keep features per position or mean-pool per sample.")
-@click.option("--feature-dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True, help="Stored feature type (int8 has a per-row scale).")
+@click.option("--feature-dtype", type=click.Choice(list(FEATURE_ENCODINGS)), default="float16", show_default=True, help="Stored feature type (int8 has a per-row scale).")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Capture temperature of the stored distribution.")
-@click.option("--values", "value_codec", type=click.Choice(["u8log", "fp16", "fp32"]), default="u8log", show_default=True, help="Encoding of top-k log-probabilities.")
+@click.option("--values", "value_codec", type=click.Choice(list(VALUE_CODECS)), default="u8log", show_default=True, help="Encoding of top-k log-probabilities.")
 @click.option("--logp-step", type=float, default=1.0 / 16.0, show_default=True, help="Grid step (nats) of the u8log code.")
-@click.option("--compression", type=click.Choice(["zstd", "blosc"]), default="zstd", show_default=True, help="Compressor.")
+@click.option("--compression", type=click.Choice(list(COMPRESSORS)), default="zstd", show_default=True, help="Compressor.")
 @click.option("--compression-level", type=int, default=3, show_default=True, help="Compression level.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Samples per forward pass.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Budget of padded tokens per batch.")

@@ -30,7 +30,8 @@ from mtkd_cache.precompute.extract import (
     sample_targets,
     topk_targets_with_stats,
 )
-from mtkd_cache.precompute.models import LoadedTeacher, forward_teacher
+from mtkd_cache.precompute.forward import forward_teacher
+from mtkd_cache.precompute.models import LoadedTeacher
 
 __all__ = ["ChunkOutput", "batch_inputs", "cpu_reducers", "run_chunk"]
 

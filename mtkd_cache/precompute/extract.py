@@ -108,6 +108,13 @@ def topk_targets(
         TopKTooLargeError: ``k`` exceeds the vocabulary size.
         ValueError: Bad shape, ``vocab_size`` or ``temperature``.
     """
+    indices, top_logp, tail, _, _ = _checked_topk(logits, k, temperature, vocab_size, with_stats=False)
+    return indices, top_logp, tail
+
+
+def _checked_topk(logits: torch.Tensor, k: int, temperature: float, vocab_size: int | None, *, with_stats: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Validate ``k`` and ``temperature`` against the real vocabulary, then run the row-blocked top-k."""
     real = _real_vocab_logits(logits, vocab_size)  # (B, T, V)
     vocab = real.shape[-1]
     if not 1 <= k <= vocab:
@@ -116,8 +123,7 @@ def topk_targets(
             f"pass a top-k between 1 and {vocab}"
         )
     _check_temperature(temperature)
-    indices, top_logp, tail, _, _ = _topk_blocks(real, k, temperature, with_stats=False)
-    return indices, top_logp, tail
+    return _topk_blocks(real, k, temperature, with_stats=with_stats)
 
 
 def topk_targets_with_stats(
@@ -136,16 +142,8 @@ def topk_targets_with_stats(
         ``(indices, logp, tail, entropy, top1)``: the first three as ``topk_targets``, then
         entropy (B, T) float32 in nats and top1 (B, T) float32, the largest probability.
     """
-    real = _real_vocab_logits(logits, vocab_size)  # (B, T, V)
-    vocab = real.shape[-1]
-    if not 1 <= k <= vocab:
-        raise TopKTooLargeError(
-            f"k={k} top-k entries were requested but the vocabulary has {vocab} tokens; "
-            f"pass a top-k between 1 and {vocab}"
-        )
-    _check_temperature(temperature)
-    indices, top_logp, tail, entropy, top1 = _topk_blocks(real, k, temperature, with_stats=True)
-    assert entropy is not None and top1 is not None
+    indices, top_logp, tail, entropy, top1 = _checked_topk(logits, k, temperature, vocab_size, with_stats=True)
+    assert entropy is not None and top1 is not None  # with_stats=True always returns them
     return indices, top_logp, tail, entropy, top1
 
 

@@ -23,7 +23,8 @@ from mtkd_cache.format.meta import Compressor, FeatureSpec, TeacherMeta, ValueEn
 from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.precompute.chunk import batch_inputs
 from mtkd_cache.precompute.config import RunConfig, model_key
-from mtkd_cache.precompute.models import LoadedTeacher, forward_teacher, load_teacher
+from mtkd_cache.precompute.forward import forward_teacher
+from mtkd_cache.precompute.models import LoadedTeacher, load_teacher
 
 __all__ = ["setup_teacher"]
 

@@ -34,11 +34,11 @@ from mtkd_cache.precompute.device import (
     resolve_device,
     resolve_dtype,
 )
+from mtkd_cache.precompute.forward import forward_teacher
 from mtkd_cache.precompute.models import (
     LoadedTeacher,
     TeacherLoadError,
     UnsupportedTeacherError,
-    forward_teacher,
     load_teacher,
 )
 

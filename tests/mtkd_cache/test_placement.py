@@ -16,7 +16,8 @@ from mtkd_cache import RunConfig, open_cache
 from mtkd_cache.cli import main
 from mtkd_cache.errors import DeviceError, UnsupportedTeacherError
 from mtkd_cache.precompute.device import gpu_group
-from mtkd_cache.precompute.models import forward_teacher, load_teacher
+from mtkd_cache.precompute.forward import forward_teacher
+from mtkd_cache.precompute.models import load_teacher
 from tests.mtkd_cache.test_distributed import teacher_arrays
 
 CPU = torch.device("cpu")
