@@ -60,10 +60,34 @@ def _max_memory(ctx: click.Context, param: click.Parameter, value: str | None) -
     return out
 
 
+def _storage_options(ctx: click.Context, param: click.Parameter, value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        opts = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"not valid JSON ({e.msg}); give an object such as "
+                                 "'{\"client_kwargs\": {\"endpoint_url\": \"http://...\"}}'") from None
+    if not isinstance(opts, dict):
+        raise click.BadParameter("give a JSON object of fsspec options")
+    return opts
+
+
+def _so() -> dict[str, Any]:
+    """The group's --storage-options (never echoed: they may hold credentials)."""
+    return dict(click.get_current_context().find_root().obj or {})
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mtkd-cache")
-def main() -> None:
+@click.option("--storage-options", envvar="MTKD_STORAGE_OPTIONS", callback=_storage_options, default=None,
+              help="fsspec options for a remote CACHE, as JSON (e.g. an S3 endpoint_url); also read from "
+                   "$MTKD_STORAGE_OPTIONS. Credentials are better left to the environment (AWS_ACCESS_KEY_ID, ...), "
+                   "as boto/fsspec read them.")
+@click.pass_context
+def main(ctx: click.Context, storage_options: dict[str, Any]) -> None:
     """Precompute teacher soft labels into a versioned Zarr v3 + Parquet cache (docs/FORMAT.md)."""
+    ctx.obj = storage_options
 
 
 @main.command()
@@ -84,7 +108,7 @@ def prepare(cache: str, **kw: Any) -> None:
     """Tokenize a dataset once and write the inputs every teacher run will see."""
     from mtkd_cache.precompute.prepare import prepare as _prepare
 
-    meta = _prepare(cache, kw.pop("data"), **kw)
+    meta = _prepare(cache, kw.pop("data"), storage_options=_so() or None, **kw)
     click.echo(f"prepared {meta.num_samples:,} samples, {meta.num_positions:,} positions in "
                f"{meta.grid.num_chunks} chunks; dataset fingerprint {meta.dataset_fingerprint}")
 
@@ -130,7 +154,7 @@ def run(cache: str, model_kwargs: str | None, **kw: Any) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        meta = run_teacher(cache, RunConfig(**kw), factory_kwargs=fkw)
+        meta = run_teacher(cache, RunConfig(**kw), factory_kwargs=fkw, storage_options=_so() or None)
     finally:
         logger.removeHandler(handler)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -150,7 +174,7 @@ def inspect(cache: str, as_json: bool, plot: Path | None, max_chunks: int) -> No
     """Report samples, positions, teachers, bytes per position, tail mass, entropy and agreement."""
     from mtkd_cache.ops.inspect import format_report, inspect_cache, plot_report
 
-    r = inspect_cache(cache, max_chunks=max_chunks)
+    r = inspect_cache(cache, max_chunks=max_chunks, storage_options=_so() or None)
     if plot is not None:
         plot_report(r, plot)
     r.pop("_hist")
@@ -168,7 +192,7 @@ def verify(cache: str, as_json: bool, repair: bool) -> None:
     """Check completeness, per-chunk checksums and fingerprints; exit 1 naming any bad chunk."""
     from mtkd_cache.ops.verify import verify_cache
 
-    report = verify_cache(cache, repair=repair)
+    report = verify_cache(cache, repair=repair, storage_options=_so() or None)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -193,7 +217,7 @@ def migrate(cache: str) -> None:
     """Upgrade a cache of an older format version in place, without recomputing any target."""
     from mtkd_cache.ops.migrate import migrate_cache
 
-    done = migrate_cache(cache)
+    done = migrate_cache(cache, storage_options=_so() or None)
     click.echo(f"{cache}: format_version {done.from_version} -> {done.to_version}; "
                f"{done.arrays_rewritten} arrays rewritten, teachers {done.teachers}")
 

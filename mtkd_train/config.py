@@ -175,6 +175,9 @@ class TrainConfig:
     """Write metrics every N steps."""
     eval_cache: str | None = None
     """Held-out cache (same tokenizer) for perplexity/accuracy and ECE."""
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """fsspec options for remote caches (e.g. {client_kwargs = {endpoint_url = "http://..."}}). Never written
+    to config.json, checkpoints or logs: pass them again on --resume (or use environment credentials)."""
     eval_every: int = 0
     """Evaluate every N steps (0: only at the end)."""
     eval_max_samples: int | None = None
@@ -264,6 +267,7 @@ class TrainConfig:
         d["student_kwargs"] = dict(self.student_kwargs)
         d["aggregate_kwargs"] = dict(self.aggregate_kwargs)
         d["features"] = dict(self.features)
+        d.pop("storage_options")  # may hold credentials: never stored, logged or fingerprinted
         return d
 
     def fingerprint(self) -> str:

@@ -125,9 +125,10 @@ class DistillRecipe:
 
     def _setup_cache(self) -> None:
         c = self.cfg
-        self.reader: CacheReader = open_cache(c.cache)
+        so = dict(c.storage_options) or None
+        self.reader: CacheReader = open_cache(c.cache, so)
         if c.verify_cache and self.rank == 0:
-            report = verify_cache(c.cache, progress=False)
+            report = verify_cache(c.cache, progress=False, storage_options=so)
             if not report.ok:
                 raise ConfigError(f"cache {c.cache} fails verification: {report.problems[:5]}; "
                                   f"re-run the `mtkd-cache` step it names")
@@ -145,7 +146,7 @@ class DistillRecipe:
 
     def _open_eval_cache(self) -> CacheReader:
         """The held-out cache, checked before step 0: same tokenizer (or input kind), usable teachers."""
-        reader = open_cache(self.cfg.eval_cache)  # type: ignore[arg-type]
+        reader = open_cache(self.cfg.eval_cache, dict(self.cfg.storage_options) or None)  # type: ignore[arg-type]
         train_tok, eval_tok = self.reader.inputs.tokenizer, reader.inputs.tokenizer
         same = (train_tok is None and eval_tok is None) or (
             train_tok is not None and eval_tok is not None and train_tok.fingerprint == eval_tok.fingerprint)

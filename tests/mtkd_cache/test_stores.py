@@ -108,3 +108,24 @@ def test_reading_never_writes(backend) -> None:  # noqa: ANN001
     verify_cache(url, storage_options=so)
     inspect_cache(url, storage_options=so)
     assert _listing(fs, root) == before
+
+
+def test_cli_takes_storage_options_and_never_prints_them(s3_server) -> None:  # noqa: ANN001
+    import json
+
+    from click.testing import CliRunner
+    from services import CREDENTIALS
+
+    from mtkd_cache.cli import main
+
+    bucket, so = s3_server.new_bucket(), s3_server.storage_options()
+    url = f"s3://{bucket}/cache"
+    _build(url, so)
+    for args in (["verify", url], ["inspect", url]):
+        res = CliRunner().invoke(main, ["--storage-options", json.dumps(so), *args])
+        assert res.exit_code == 0, res.output
+        assert CREDENTIALS["secret"] not in res.output
+    env = CliRunner(env={"MTKD_STORAGE_OPTIONS": json.dumps(so)}).invoke(main, ["verify", url])
+    assert env.exit_code == 0 and "OK" in env.output
+    bad = CliRunner().invoke(main, ["--storage-options", "{not json", "verify", url])
+    assert bad.exit_code == 2 and "not valid JSON" in bad.output
