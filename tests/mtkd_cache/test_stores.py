@@ -17,7 +17,6 @@ import fsspec
 import numpy as np
 import pytest
 from helpers import tiny_models
-from services import http_server, s3_server  # noqa: F401 - fixtures
 
 from mtkd_cache import (
     RunConfig,

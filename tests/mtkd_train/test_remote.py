@@ -12,7 +12,7 @@ from pathlib import Path
 
 import fsspec
 from click.testing import CliRunner
-from services import CREDENTIALS, http_server, s3_server  # noqa: F401 - fixtures
+from services import CREDENTIALS
 
 from mtkd_train.cli import main
 from tests.mtkd_train._train_target import LMCache, read_metrics
