@@ -18,8 +18,11 @@ from mtkd_train.losses import (
     combine,
     hard_label_loss,
     kd_loss,
+    kd_loss_per_position,
+    sparse_divergence,
     weighted_forward_kl,
 )
+from mtkd_train.losses._divergence import sparse_divergence_from_log_probs
 from mtkd_train.targets import SparseTargets, from_dense, retemper, to_dense
 
 
@@ -154,3 +157,48 @@ def test_skew_zero_is_allowed_and_one_is_refused() -> None:
 def test_a_vocabulary_of_one_is_allowed() -> None:
     t = SparseTargets(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1), torch.zeros(2))
     assert float(kd_loss(torch.randn(2, 4), t, vocab_size=1)) == pytest.approx(0.0, abs=1e-6)
+
+
+def _one_target(rows: int = 4, vocab: int = 6, k: int = 2, seed: int = 7) -> tuple[torch.Tensor, SparseTargets]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, vocab, generator=g), from_dense(torch.softmax(torch.randn(rows, vocab, generator=g), -1), k)
+
+
+def test_skew_reaches_the_divergence_and_its_default_is_0_1() -> None:
+    z, t = _one_target()
+    base = kd_loss_per_position(z, t, kind="skew_kl")
+    torch.testing.assert_close(base, kd_loss_per_position(z, t, kind="skew_kl", skew=0.1))
+    assert not torch.allclose(kd_loss_per_position(z, t, kind="skew_kl", skew=0.4), base)
+    for fn, first in ((sparse_divergence, z), (sparse_divergence_from_log_probs, torch.log_softmax(z, -1))):
+        default = fn(first, t, kind="skew_kl", tail_mode="bucket")
+        torch.testing.assert_close(default, fn(first, t, kind="skew_kl", tail_mode="bucket", skew=0.1))
+
+
+def test_a_mean_over_one_position_is_that_position() -> None:
+    z, t = _one_target()
+    one = torch.tensor([False, False, True, False])
+    torch.testing.assert_close(kd_loss(z, t, mask=one), kd_loss_per_position(z, t)[2])
+    torch.manual_seed(1)
+    fd = FeatureDistiller(4, [3])
+    h, feats = _inputs()
+    keep = torch.tensor([False, True, False, False, False])
+    torch.testing.assert_close(fd(h, feats[:1], keep), ((fd.projections[0](h[1]) - feats[0][1]) ** 2).mean())
+
+
+def test_cosine_feature_loss_without_a_mask() -> None:
+    torch.manual_seed(2)
+    fd = FeatureDistiller(4, [3], kind="cosine")
+    h, feats = _inputs()
+    want = (1 - F.cosine_similarity(fd.projections[0](h), feats[0], dim=1)).mean()
+    torch.testing.assert_close(fd(h, feats[:1]), want)
+
+
+def test_targets_and_vocabulary_that_do_not_fit_the_logits_are_named() -> None:
+    z, t = _one_target()
+    want = "target positions (4,) do not match logits positions (2, 2)"
+    with pytest.raises(LossConfigError, match=f"^{re.escape(want)}$"):
+        kd_loss(z.reshape(2, 2, 6), t)
+    want = ("vocab_size=0 must be a positive int no larger than the logits' last dimension (6); padded "
+            "vocabulary columns beyond it are dropped")  # fmt: skip
+    with pytest.raises(LossConfigError, match=f"^{re.escape(want)}$"):
+        kd_loss(z, t, vocab_size=0)
