@@ -82,14 +82,14 @@ def main(cache: str | None, config: str | None, resume: bool, eval_teachers: boo
     Example: mtkd-train CACHE --teachers a,b,c --aggregate entropy --loss forward_kl --alpha 0.5
     --temperature 2 --student PATH --out RUN
     """
-    from mtkd_train.errors import USER_ERRORS
+    from mtkd_train.errors import USER_ERRORS, one_line
     from mtkd_train.recipe import DistillRecipe
 
     try:
         cfg = build_config(cache, config, flags)
         recipe = DistillRecipe(cfg).setup(resume=resume)
     except USER_ERRORS as e:
-        raise click.ClickException(f"{type(e).__name__}: {e}") from e
+        raise click.ClickException(one_line(e)) from e
     try:
         losses = recipe.train()
         path = recipe.save()
@@ -100,7 +100,7 @@ def main(cache: str | None, config: str | None, resume: bool, eval_teachers: boo
                 (recipe.out / "eval.json").write_text(json.dumps(res, indent=2))
                 click.echo(json.dumps(res, indent=2))
     except USER_ERRORS as e:
-        raise click.ClickException(f"{type(e).__name__}: {e}") from e
+        raise click.ClickException(one_line(e)) from e
     finally:
         recipe.close()
 

@@ -25,6 +25,7 @@ TeacherNotFoundError = _stream.TeacherNotFoundError
 
 __all__ = [
     "USER_ERRORS",
+    "one_line",
     "AggregationConfigError",
     "AggregationInputError",
     "CheckpointError",
@@ -42,7 +43,22 @@ __all__ = [
 ]
 
 USER_ERRORS: tuple[type[Exception], ...] = tuple(
-    [globals()[name] for name in __all__ if name != "USER_ERRORS"]
+    [globals()[name] for name in __all__ if name not in ("USER_ERRORS", "one_line")]
     + [getattr(_cache_errors, name) for name in _cache_errors.__all__]
 )
 """The error classes of mtkd_train and mtkd_cache (for `except USER_ERRORS`)."""
+
+
+def one_line(error: BaseException) -> str:
+    """`Name: message` of a user error, on one line.
+
+    An error raised in a DataLoader worker comes back re-raised by torch with the worker's whole
+    traceback in its message ("Caught X in DataLoader worker process 0. Original Traceback ...");
+    the user needs only the last line of it, which is the original error and its message.
+    """
+    text = str(error)
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
+        name, sep, message = last.partition(": ")
+        return f"{name.rsplit('.', 1)[-1]}: {message}" if sep else last
+    return f"{type(error).__name__}: {text}"
