@@ -180,7 +180,7 @@ def test_a_real_vocabulary_of_one_token_and_the_too_wide_error() -> None:
 
 def test_non_finite_error_says_how_to_fix_it() -> None:
     want = ("the teacher produced NaN/inf logits for sample ids [7]; this usually means fp16 overflow "
-            "(re-run with --dtype bf16 or --dtype fp32, plus --overwrite since the dtype is part of the "
-            "stored settings) or broken inputs for those samples")  # fmt: skip
+            "(re-run with --dtype bf16 or --dtype fp32 plus --overwrite: the dtype is a stored setting, so "
+            "the teacher is recomputed) or broken inputs for those samples")  # fmt: skip
     with pytest.raises(NonFiniteLogitsError, match=f"^{re.escape(want)}$"):
         check_finite(torch.full((1, 2), float("nan")), [7])
