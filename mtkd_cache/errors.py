@@ -6,6 +6,8 @@ wrong, what was found, what was expected and how to fix it.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "CacheCorruptError",
     "CacheExistsError",
@@ -94,3 +96,22 @@ class DeviceError(ValueError):
 class DtypeError(ValueError):
     """A ``--dtype`` value that is not one of the supported precisions."""
 
+
+def write_error(e: OSError, url: str, what: str) -> OSError:
+    """`e` as a one-line `CacheWriteError` (`DiskFullError` for ENOSPC) naming the file and the fix.
+
+    Returns `e` itself when it is not a failed write (a missing input, an mtkd error already
+    worded for the user), so callers re-raise it unchanged.
+    """
+    cause = e if e.errno is not None else e.__cause__
+    if not isinstance(cause, OSError) or cause.errno is None or isinstance(e, (CacheNotFoundError, DiskFullError)):
+        return e
+    where = cause.filename or url
+    if cause.errno == errno.ENOSPC:
+        return DiskFullError(
+            f"disk full while {what}: cannot write {where}; free space on that disk (or move the cache) "
+            f"and re-run the same command: committed work is kept and only the rest is computed")
+    if isinstance(e, CacheWriteError):
+        return e
+    return CacheWriteError(f"{what}: cannot write {where} ({cause.strerror}); fix the destination and "
+                           f"re-run the same command: committed work is kept")

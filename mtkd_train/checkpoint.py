@@ -78,7 +78,15 @@ def save_checkpoint(folder: Path, step: int, state: dict[str, Any], cfg: TrainCo
             f"checkpoint {path} could not be written ({type(e).__name__}: {str(e).splitlines()[0][:200]}); free "
             f"space on that disk or choose an --out with room, then --resume (the latest complete checkpoint is "
             f"{before.name if before else 'none'})") from e
+    _prune(folder, cfg.keep_checkpoints)
     return path
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (only `step_*.pt`, the files mtkd writes here)."""
+    if keep > 0:
+        for old in sorted(folder.glob("step_*.pt"))[:-keep]:
+            old.unlink(missing_ok=True)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -21,7 +21,7 @@ from mtkd_train.losses import LOSS_KINDS
 __all__ = ["FEATURE_KINDS", "RUN_ONLY_KEYS", "ConfigError", "FeatureSpec", "TrainConfig", "load_config_file",
            "parse_features"]
 
-RUN_ONLY_KEYS = ("out", "max_steps", "checkpoint_every", "log_every", "eval_cache", "eval_every", "eval_max_samples",
+RUN_ONLY_KEYS = ("out", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_cache", "eval_every", "eval_max_samples",
                  "mc_samples", "tensorboard", "verify_cache", "num_workers", "device", "progress", "trust_factory",
                  "find_unused_parameters")
 """Keys that do not change what a training step computes: left out of `TrainConfig.fingerprint`."""
@@ -171,6 +171,8 @@ class TrainConfig:
     """auto (bf16 on CUDA, off on CPU), bf16, fp16, off."""
     checkpoint_every: int = 50
     """Save a checkpoint every N optimizer steps (0: only on SIGTERM); always at the end of the run."""
+    keep_checkpoints: int = 3
+    """Keep the newest N checkpoints mtkd wrote in out/checkpoints and delete older ones (0: keep all)."""
     log_every: int = 1
     """Write metrics every N steps."""
     eval_cache: str | None = None
@@ -227,7 +229,7 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{_flag(key)} is {getattr(self, key)}; expected an integer >= 1")
         for key in ("lr", "weight_decay", "clip_grad", "gate_entropy", "warmup_steps", "eval_every", "mc_samples",
-                    "num_workers", "checkpoint_every"):
+                    "num_workers", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{_flag(key)} is {getattr(self, key)}; expected a value >= 0")
         if self.amp not in ("auto", "bf16", "fp16", "off"):

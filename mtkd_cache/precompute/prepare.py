@@ -9,11 +9,12 @@ cache without one was never finished and is cleared by the next `prepare`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mtkd_cache._version import FORMAT_NAME
-from mtkd_cache.errors import CacheExistsError, CacheFormatError, CacheNotFoundError, InputDataError
+from mtkd_cache.errors import (
+    CacheExistsError,
+    CacheFormatError,
+    CacheNotFoundError,
+    InputDataError,
+    write_error,
+)
 from mtkd_cache.format.fingerprint import (
     DatasetHasher,
     sample_content,
@@ -166,6 +173,22 @@ def _claim(store: CacheStore, settings: dict[str, Any], overwrite: bool,
     return None
 
 
+def _one_line_writes(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A failed write (a full disk, no permission) anywhere in `fn` becomes a one-line error."""
+    @functools.wraps(fn)
+    def wrapper(cache: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(cache, *args, **kwargs)
+        except OSError as e:
+            err = write_error(e, str(cache), "preparing the inputs")
+            if err is e:
+                raise
+            raise err from e
+
+    return wrapper
+
+
+@_one_line_writes
 def prepare(
     cache: str | os.PathLike[str],
     data: str | os.PathLike[str],
@@ -260,17 +283,17 @@ def prepare(
                 yield Sample(row, (np.asarray(piece, dtype=np.int64),), lab, dom, starts if pack else None)
 
     hasher = DatasetHasher({"kind": "tokens", "tokenizer": fp, "max_length": max_length, "pack": pack})
-    bar = tqdm(desc="prepare", unit=" samples", disable=not progress)
-    for i, s in enumerate(samples()):
-        if max_samples is not None and i >= max_samples:
-            break
-        writer.add(s)
-        bar.update(1)
-    bar.close()
+    with tqdm(desc="prepare", unit=" samples", disable=not progress) as bar:  # closed (a newline) on errors too
+        for i, s in enumerate(samples()):
+            if max_samples is not None and i >= max_samples:
+                break
+            writer.add(s)
+            bar.update(1)
     return writer.finish(hasher, max_length=max_length, tokenizer=info, settings=settings, source=str(data),
                          packed=pack)
 
 
+@_one_line_writes
 def prepare_arrays(
     cache: str | os.PathLike[str],
     arrays: Mapping[str, np.ndarray],

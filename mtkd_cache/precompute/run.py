@@ -12,7 +12,6 @@ chunk that is fine is committed, then one error names every bad sample.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
 import os
@@ -27,9 +26,8 @@ from tqdm.auto import tqdm
 from mtkd_cache.errors import (
     CacheFormatError,
     CacheNotFoundError,
-    CacheWriteError,
-    DiskFullError,
     NonFiniteLogitsError,
+    write_error,
 )
 from mtkd_cache.format.meta import TeacherMeta
 from mtkd_cache.format.reader import CacheReader
@@ -105,7 +103,7 @@ def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_option
             barrier(info)
             return result
     except OSError as e:  # a full disk anywhere (lock, claim, arrays, finish): one line, not a traceback
-        err = _write_error(e, store, f"running teacher {cfg.teacher!r}")
+        err = write_error(e, store.url, f"running teacher {cfg.teacher!r}")
         if err is e:
             raise
         raise err from e
@@ -224,20 +222,4 @@ def _guard_write(write: Any, store: CacheStore, what: str) -> Any:
     try:
         return write()
     except OSError as e:
-        raise _write_error(e, store, what) from e
-
-
-def _write_error(e: OSError, store: CacheStore, what: str) -> OSError:
-    """`e` as a one-line `CacheWriteError` naming the file and the fix; `e` itself if it is not a write error."""
-    cause = e if e.errno is not None else e.__cause__
-    if (not isinstance(cause, OSError) or cause.errno is None or isinstance(e, (CacheNotFoundError, DiskFullError))):
-        return e
-    where = cause.filename or store.url
-    if cause.errno == errno.ENOSPC:
-        return DiskFullError(
-            f"disk full while {what}: cannot write {where}; free space on that disk (or move the cache) "
-            f"and re-run the same command: committed chunks are kept and only the rest is computed")
-    if isinstance(e, CacheWriteError):
-        return e
-    return CacheWriteError(f"{what}: cannot write {where} ({cause.strerror}); fix the destination and "
-                           f"re-run the same command: committed chunks are kept")
+        raise write_error(e, store.url, what) from e

@@ -357,3 +357,20 @@ def test_the_second_of_two_identical_runs_gets_a_one_line_error(
     run_teacher(cache, RunConfig(teacher="twin", model=str(lm_dir), top_k=4), progress=False)  # takes over
     assert "twin" in open_cache(cache).teacher_names and verify_cache(cache, progress=False).ok
     assert not (cache / "teachers" / "twin.lock").exists()
+
+
+def test_disk_full_during_prepare_is_one_line_naming_the_file(
+    tmp_path: Path, corpus: Path, lm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mtkd_cache.format.inputs import InputsWriter
+
+    def full(self: InputsWriter, sample: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache/inputs/token_ids/c/0"))
+
+    monkeypatch.setattr(InputsWriter, "add", full)
+    result = CliRunner().invoke(main, ["prepare", str(tmp_path / "cache"), "--data", str(corpus), "--tokenizer",
+                                       str(lm_dir), "--max-length", "8"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    [line] = error_lines(result.output)
+    assert "DiskFullError: disk full while preparing the inputs" in line and "inputs/token_ids/c/0" in line
+    assert corpus.exists()
