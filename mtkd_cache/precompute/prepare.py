@@ -258,39 +258,49 @@ def prepare(
     writer = InputsWriter(store, kind="tokens", chunk_samples=chunk_samples, positions_per_sample=max_length,
                           token_dtype="int32" if len(tok) > 1 << 16 else "uint16")
 
-    def docs() -> Iterator[tuple[int, list[int], Any, Any]]:
-        row = 0
-        for batch in iter_source(data, split=split, columns=columns, batch_size=batch_size):
-            texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
-            enc = tok(texts, add_special_tokens=not pack, truncation=False)["input_ids"]
-            labels = batch[label_column] if label_column else [None] * len(texts)
-            domains = batch[domain_column] if domain_column else [None] * len(texts)
-            for ids, lab, dom in zip(enc, labels, domains):
-                yield row, list(ids), lab, dom
-                row += 1
-
-    def samples() -> Iterator[Sample]:
-        if pack:
-            src = ((row, ids) for row, ids, _, _ in docs() if ids)
-            for row, ids, starts in _packed(src, max_length, eos):
-                yield Sample(row, (np.asarray(ids, dtype=np.int64),), None, None, starts)
-            return
-        for row, ids, lab, dom in docs():
-            if len(ids) < 2 and label_column is None:
-                continue  # a single token teaches a causal LM nothing
-            pieces = [(ids[:max_length], [0])] if label_column else list(_windows(ids, max_length))
-            for piece, starts in pieces:
-                yield Sample(row, (np.asarray(piece, dtype=np.int64),), lab, dom, starts if pack else None)
-
     hasher = DatasetHasher({"kind": "tokens", "tokenizer": fp, "max_length": max_length, "pack": pack})
     with tqdm(desc="prepare", unit=" samples", disable=not progress) as bar:  # closed (a newline) on errors too
-        for i, s in enumerate(samples()):
+        docs = _documents(tok, data, split=split, columns=columns, batch_size=batch_size, text_column=text_column,
+                          label_column=label_column, domain_column=domain_column, pack=pack)
+        for i, s in enumerate(_token_samples(docs, max_length, pack=pack, eos=-1 if eos is None else eos,
+                                                labelled=label_column is not None)):
             if max_samples is not None and i >= max_samples:
                 break
             writer.add(s)
             bar.update(1)
     return writer.finish(hasher, max_length=max_length, tokenizer=info, settings=settings, source=str(data),
                          packed=pack)
+
+
+def _documents(tok: Any, data: Any, *, split: str, columns: list[str], batch_size: int, text_column: str,
+               label_column: str | None, domain_column: str | None, pack: bool
+               ) -> Iterator[tuple[int, list[int], Any, Any]]:
+    """``(source row, token ids, label, domain)`` of every document, tokenized in batches."""
+    row = 0
+    for batch in iter_source(data, split=split, columns=columns, batch_size=batch_size):
+        texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
+        enc = tok(texts, add_special_tokens=not pack, truncation=False)["input_ids"]
+        labels = batch[label_column] if label_column else [None] * len(texts)
+        domains = batch[domain_column] if domain_column else [None] * len(texts)
+        for ids, lab, dom in zip(enc, labels, domains):
+            yield row, list(ids), lab, dom
+            row += 1
+
+
+def _token_samples(docs: Iterator[tuple[int, list[int], Any, Any]], max_length: int, *, pack: bool,
+                   eos: int, labelled: bool) -> Iterator[Sample]:
+    """Documents -> samples: packed to `max_length`, one truncated sample per labelled document, or windows."""
+    if pack:
+        src = ((row, ids) for row, ids, _, _ in docs if ids)
+        for row, ids, starts in _packed(src, max_length, eos):
+            yield Sample(row, (np.asarray(ids, dtype=np.int64),), None, None, starts)
+        return
+    for row, ids, lab, dom in docs:
+        if len(ids) < 2 and not labelled:
+            continue  # a single token teaches a causal LM nothing
+        pieces = [(ids[:max_length], [0])] if labelled else list(_windows(ids, max_length))
+        for piece, _starts in pieces:
+            yield Sample(row, (np.asarray(piece, dtype=np.int64),), lab, dom, None)
 
 
 @_one_line_writes
