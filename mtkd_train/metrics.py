@@ -65,8 +65,9 @@ class MetricLogger:
     def __init__(self, out: Path, *, tensorboard: bool = False, resume_step: int | None = None):
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "metrics.jsonl"
-        if resume_step is not None:
-            truncate_metrics(self.path, resume_step)
+        # a resume keeps the records up to its checkpoint; a fresh run in this folder (an earlier
+        # attempt died before its first checkpoint) starts the file anew, so no step is logged twice
+        truncate_metrics(self.path, resume_step if resume_step is not None else 0)
         self._tb: Any = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

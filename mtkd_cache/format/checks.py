@@ -34,6 +34,17 @@ def teacher_fix(url: str, teacher: str) -> str:
             f"{teacher!r} (only the damaged chunks are recomputed)")
 
 
+def metadata_error(path: str, error: Exception, fix: str) -> CacheCorruptError:
+    """A damaged zarr.json (invalid JSON, an unknown codec, inconsistent shapes) as a one-line error."""
+    first = (str(error).splitlines() or [""])[0][:160]
+    return CacheCorruptError(f"{path} is damaged ({type(error).__name__}: {first}); {fix}")
+
+
+def teacher_metadata_fix(url: str, teacher: str) -> str:
+    return (f"restore it from a copy of the cache, or re-run `mtkd-cache run --overwrite` for teacher {teacher!r} "
+            f"on {url} (array metadata cannot be repaired chunk by chunk)")
+
+
 def inputs_fix(url: str) -> str:
     return (f"the inputs of {url} are damaged: restore them from a copy, or re-create them with "
             f"`mtkd-cache prepare --overwrite` (teachers must then be re-run)")

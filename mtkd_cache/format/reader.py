@@ -30,8 +30,10 @@ from mtkd_cache.format.checks import (
     check_teacher_json,
     corrupt_error,
     inputs_fix,
+    metadata_error,
     read_rows,
     teacher_fix,
+    teacher_metadata_fix,
 )
 from mtkd_cache.format.kinds import FEATURE_ENCODINGS, TARGET_KINDS, SampledBlock, TopkBlock
 from mtkd_cache.format.layout import ChunkGrid, chunk_of_row, chunk_rows, feature_grid
@@ -83,6 +85,9 @@ class TeacherReader:
                 raise CacheCorruptError(f"teacher {self.meta.name!r} array {key!r}: its zarr metadata "
                                         f"({self.store.path(self.key + '/' + key + '/zarr.json')}) is missing; "
                                         f"{teacher_fix(self.store.url, self.meta.name)}") from e
+            except ValueError as e:  # invalid JSON, an unknown codec, shapes that do not fit
+                raise metadata_error(self.store.path(f"{self.key}/{key}/zarr.json"), e,
+                                     teacher_metadata_fix(self.store.url, self.meta.name)) from e
         return self._arrays[key]
 
     def _read(self, names: Sequence[str], start: int, stop: int, on: str) -> dict[str, np.ndarray]:
@@ -275,7 +280,10 @@ class CacheReader:
     def _input_rows(self, key: str, start: int, stop: int, on: str) -> np.ndarray:
         """Rows [start, stop) of the inputs' array `key`, checked (finished inputs never change)."""
         if key not in self._input_arrays:
-            self._input_arrays[key] = self.store.open_group("inputs", mode="r", strict=self.check)[key]
+            try:
+                self._input_arrays[key] = self.store.open_group("inputs", mode="r", strict=self.check)[key]
+            except ValueError as e:  # a damaged zarr.json
+                raise metadata_error(self.store.path(f"inputs/{key}/zarr.json"), e, inputs_fix(self.store.url)) from e
         return read_rows(self.store, self._input_arrays[key], owner="inputs", group_key="inputs", name=key,
                          start=start, stop=stop, grid=self.inputs.grid, on=on, fix=inputs_fix(self.url))
 
