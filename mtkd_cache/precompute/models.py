@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -127,6 +128,9 @@ def load_teacher(
             classifier, remote code is needed but not trusted, or a factory misbehaves.
     """
     placement = _Placement(device, device_map, dict(max_memory) if max_memory else None)
+    if device_map is not None and importlib.util.find_spec("accelerate") is None:
+        raise UnsupportedTeacherError(f"--device-map {device_map} places the teacher with accelerate, which is not "
+                                      "installed: pip install accelerate (or drop --device-map)")
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
