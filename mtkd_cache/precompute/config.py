@@ -17,13 +17,17 @@ from typing import Any
 
 from mtkd_cache.format.meta import TargetSpec
 
-__all__ = ["RunConfig", "canonical_kwargs", "model_key", "parse_teacher_name"]
+__all__ = ["RunConfig", "canonical_kwargs", "model_key", "parse_new_teacher_name"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-def parse_teacher_name(name: str) -> str:
+def parse_new_teacher_name(name: str) -> str:
     """Return `name` if it is a portable folder name, else raise `ValueError` naming `--teacher`.
+
+    Stricter than `format.meta.parse_teacher_name`, which is the rule for reading: a cache written
+    before this check may hold a name (e.g. with a space) that stays readable but is no longer
+    accepted for a new teacher.
 
     Allowed: letters, digits, '_', '.', '-'; first character a letter or digit; no '..'; at most
     128 characters. Path separators (`/`, `\\`), drive letters and relative parts are refused.
@@ -115,7 +119,7 @@ class RunConfig:
             raise ValueError(f"--feature-dtype must be 'float16' or 'int8', got {self.feature_dtype!r}")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        parse_teacher_name(self.teacher)
+        parse_new_teacher_name(self.teacher)
         if self.device_map not in (None, "auto", "balanced", "balanced_low_0", "sequential"):
             raise ValueError(f"--device-map must be auto, balanced, balanced_low_0 or sequential, got {self.device_map!r}")
         if self.max_memory is not None and self.device_map is None:
