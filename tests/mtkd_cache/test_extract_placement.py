@@ -81,6 +81,27 @@ def test_documented_dtypes_hold_when_the_default_dtype_is_float64() -> None:
     assert dequantize_int8_rows(q, scale.to(torch.float16)).dtype == torch.float32
 
 
+def test_pooling_and_dequantisation_give_float32_even_from_float64() -> None:
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64)
+    pooled = pool_features(hidden, torch.tensor([[1, 1, 0], [1, 0, 0]]), "mean")
+    assert pooled.dtype == torch.float32
+    torch.testing.assert_close(pooled[1], hidden[1, 0].float())
+    q, scale = quantize_int8_rows(torch.randn(3, 8))
+    restored = dequantize_int8_rows(q, scale.to(torch.float64))
+    assert restored.dtype == torch.float32
+    torch.testing.assert_close(restored, q.float() * scale.unsqueeze(-1))
+
+
+def test_draws_from_half_precision_logits_are_the_draws_of_their_float32_copy() -> None:
+    # The softmax runs in float32 whatever the logits' dtype, so the same generator state gives
+    # the same tokens for bf16 logits and for the float32 tensor holding the same values.
+    logits = (torch.randn(2, 4, 300, generator=torch.Generator().manual_seed(5)) * 3).to(torch.bfloat16)
+    drawn = sample_targets(logits, 64, 1.3, torch.Generator().manual_seed(9))
+    reference = sample_targets(logits.float(), 64, 1.3, torch.Generator().manual_seed(9))
+    assert torch.equal(drawn[0], reference[0])
+    assert torch.equal(drawn[1], reference[1])
+
+
 @pytest.mark.parametrize(
     ("rows", "vocab", "device", "expected"),
     [
@@ -90,6 +111,7 @@ def test_documented_dtypes_hold_when_the_default_dtype_is_float64() -> None:
         (5, 1 << 24, "cuda", [(0, 4), (4, 5)]),  # 64 Mi logits per accelerator block
         (5, 1 << 24, "meta", [(0, 4), (4, 5)]),  # unknown device types get the accelerator size
         (3, 0, "cpu", [(0, 3)]),  # no logits per row: one block
+        ((1 << 19) + 1, 1, "cpu", [(0, (1 << 19) + 1)]),  # one logit per row: 1 Mi rows per block
         (0, 100, "cpu", []),
     ],
 )
