@@ -1,0 +1,81 @@
+"""`mtkd_train.aggregate._scored`: scores of padded, tail-free and batched targets, the label
+errors and ``mtbkd``'s prior strength (survivors of the mutation run in docs/TESTING.md)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mtkd_train.aggregate import AggregationContext, AggregationInputError, build_aggregator
+from mtkd_train.aggregate._scored import (
+    EntropyAggregator,
+    LabelAwareAggregator,
+    MTBKDAggregator,
+    max_prob,
+    teacher_entropy,
+)
+from mtkd_train.targets import SparseTargets, from_dense, to_dense
+
+V = 6
+
+
+def _dense_entropy(probs: torch.Tensor) -> torch.Tensor:
+    return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+
+
+def test_entropy_of_a_target_without_tail_is_the_entropy_of_its_kept_tokens() -> None:
+    probs = torch.softmax(torch.randn(3, V, generator=torch.Generator().manual_seed(0)), -1)
+    full = from_dense(probs, V)  # every token kept: tail 0
+    assert bool((full.tail == 0).all())
+    torch.testing.assert_close(teacher_entropy(full, V), _dense_entropy(probs))
+
+
+def test_padding_slots_add_nothing_to_entropy_or_max_prob() -> None:
+    probs = torch.softmax(torch.randn(3, V, generator=torch.Generator().manual_seed(1)), -1)
+    kept = from_dense(probs, 2)
+    padded = SparseTargets(
+        torch.cat([kept.indices, torch.zeros(3, 2, dtype=torch.int64)], dim=1),
+        torch.cat([kept.logp, torch.full((3, 2), -math.inf)], dim=1),
+        kept.tail,
+    )
+    torch.testing.assert_close(teacher_entropy(padded, V), teacher_entropy(kept, V))
+    torch.testing.assert_close(max_prob(padded), max_prob(kept))
+
+
+def test_scores_of_batched_targets_are_per_row() -> None:
+    probs = torch.softmax(torch.randn(2, 3, V, generator=torch.Generator().manual_seed(2)), -1)
+    rows = from_dense(probs.reshape(6, V), 4)
+    batched = SparseTargets(rows.indices.reshape(2, 3, 4), rows.logp.reshape(2, 3, 4), rows.tail.reshape(2, 3))
+    torch.testing.assert_close(teacher_entropy(batched, V), teacher_entropy(rows, V).reshape(2, 3))
+    torch.testing.assert_close(max_prob(batched), probs.amax(-1))
+
+
+@pytest.mark.parametrize(
+    ("labels", "got"),
+    [(None, "None"), (torch.tensor([1, 2]), "(2,)"), (torch.tensor([[1], [2], [3]]), "(3, 1)")],
+)
+def test_label_aware_names_the_shape_it_got_and_how_to_pass_labels(labels: torch.Tensor | None, got: str) -> None:
+    probs = torch.softmax(torch.randn(3, V, generator=torch.Generator().manual_seed(3)), -1)
+    targets = [from_dense(probs, 2), from_dense(probs, 3)]
+    with pytest.raises(AggregationInputError) as err:
+        LabelAwareAggregator(2, vocab_size=V).weights(targets, AggregationContext(labels=labels))
+    assert str(err.value) == (
+        f"'label_aware' needs ctx.labels of shape (3,), got {got}; pass the "
+        "next-token labels (with -100 for ignored positions) in AggregationContext"
+    )
+
+
+def test_mtbkd_prior_strength_zero_is_the_entropy_operator_and_is_stored_as_float() -> None:
+    agg = build_aggregator("mtbkd", num_teachers=2, prior_strength=0)
+    assert isinstance(agg, MTBKDAggregator)
+    assert type(agg.prior_strength) is float and agg.prior_strength == 0.0
+    assert agg._smoothing() == 0.0
+    probs = torch.softmax(torch.randn(2, 3, V, generator=torch.Generator().manual_seed(4)), -1)
+    targets = [from_dense(probs[0], 2), from_dense(probs[1], 4)]
+    merged = agg(targets, AggregationContext(), vocab_size=V, tail_mode="spread")
+    entropy = EntropyAggregator(2)(targets, AggregationContext(), vocab_size=V, tail_mode="spread")
+    torch.testing.assert_close(to_dense(merged, V), to_dense(entropy, V))
+    half = build_aggregator("mtbkd", num_teachers=2, prior_strength=1 / 2)
+    assert half.prior_strength == 0.5 and half._smoothing() == 0.5
