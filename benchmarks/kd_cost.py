@@ -109,9 +109,9 @@ def _time(fn: Callable[[], Any]) -> float:
     return time.process_time() - c0
 
 
-def part_a(rounds: int) -> dict[str, Any]:
+def part_a(rounds: int, vocabs: tuple[int, ...] = (8192, 49152, 262144)) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for vocab, p in ((8192, 512), (49152, 512), (262144, 128)):
+    for vocab, p in ((v, p) for v, p in ((8192, 512), (49152, 512), (262144, 128)) if v in vocabs):
         for n in (1, 4):
             ts, labels = teachers(p, vocab, n, seed=1), labels_for(p, vocab)
             z = student_logits(p, vocab, seed=2).requires_grad_(True)
@@ -306,10 +306,14 @@ def _tax(vocab: int, width: int, layers: int, intermediate: int, b: int, length:
     return out
 
 
-def part_c(rounds: int, steps: int) -> dict[str, Any]:
+def part_c(rounds: int, steps: int, vocabs: tuple[int, ...] = (8192, 49152)) -> dict[str, Any]:
     arms = ("fused", "fused_head", "reference")
-    return {"width64_V49152": _tax(49152, 64, 2, 256, 8, 64, rounds, steps, arms),
-            "train_step_setting_V8192": _tax(8192, 128, 2, 512, 4, 128, rounds, steps, arms)}
+    out = {}
+    if 49152 in vocabs:
+        out["width64_V49152"] = _tax(49152, 64, 2, 256, 8, 64, rounds, steps, arms)
+    if 8192 in vocabs:
+        out["train_step_setting_V8192"] = _tax(8192, 128, 2, 512, 4, 128, rounds, steps, arms)
+    return out
 
 
 def plot(res: dict[str, Any], path: Path) -> None:
@@ -350,11 +354,14 @@ def plot(res: dict[str, Any], path: Path) -> None:
 @click.option("--rounds", type=int, default=7, show_default=True, help="Interleaved rounds per part-(a)/(c) setting.")
 @click.option("--steps", type=int, default=3, show_default=True, help="Training steps per part-(c) block.")
 @click.option("--memory-repeats", type=int, default=2, show_default=True, help="Fresh-process probes per (b) arm.")
+@click.option("--vocabs", default="8192,49152,262144", show_default=True,
+              help="Vocabulary sizes of (a) and (c) to run (results of the others are kept).")
 @click.option("--threads", type=int, default=1, show_default=True, help="torch intra-op threads.")
 @click.option("--probe", default=None, hidden=True, help="Internal: arm,P,V,N,H of one (b) memory probe.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "kd_cost.json", show_default=True,
               help="JSON results file (parts not run keep their previous results).")
-def main(parts: str, rounds: int, steps: int, memory_repeats: int, threads: int, probe: str | None, out: Path) -> None:
+def main(parts: str, rounds: int, steps: int, memory_repeats: int, vocabs: str, threads: int, probe: str | None,
+         out: Path) -> None:
     """Fused KD+CE vs cross-entropy: time, peak memory and distillation tax."""
     torch.set_num_threads(threads)
     if probe is not None:
@@ -367,11 +374,11 @@ def main(parts: str, rounds: int, steps: int, memory_repeats: int, threads: int,
     t0 = time.perf_counter()
     chosen = parts.split(",")
     if "a" in chosen:
-        res["a_time"] = part_a(rounds)
+        res.setdefault("a_time", {}).update(part_a(rounds, tuple(int(v) for v in vocabs.split(","))))
     if "b" in chosen:
         res["b_memory"] = part_b(memory_repeats)
     if "c" in chosen:
-        res["c_tax"] = part_c(rounds, steps)
+        res.setdefault("c_tax", {}).update(part_c(rounds, steps, tuple(int(v) for v in vocabs.split(","))))
     res["wall_seconds_last_run"] = round(time.perf_counter() - t0, 1)
     with open("/proc/loadavg") as f:
         res["load_average_after"] = f.read().split()[:3]

@@ -38,11 +38,13 @@ from typing import Any
 import torch
 
 from benchmarks._models import default_smollm2_dir, ensure_smollm2, shakespeare_jsonl, tiny_llama
-from mtkd_cache import runner
 from mtkd_cache.errors import CacheExistsError
 from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.format.store import CacheStore
+from mtkd_cache.precompute import chunk as chunk_mod
+from mtkd_cache.precompute import run as run_mod
 from mtkd_cache.precompute.batching import length_grouped_batches
+from mtkd_cache.precompute.config import RunConfig
 from mtkd_cache.precompute.models import LoadedTeacher, load_teacher
 from mtkd_cache.precompute.prepare import prepare
 
@@ -81,7 +83,7 @@ def prepare_cache(work: Path, model_dir: Path, *, max_length: int, samples: int,
     return cache
 
 
-def planned_batches(cache: Path, cfg: runner.RunConfig) -> list[dict[str, torch.Tensor]]:
+def planned_batches(cache: Path, cfg: RunConfig) -> list[dict[str, torch.Tensor]]:
     """The batches `run_teacher` forwards, in its order (same plan, same padding)."""
     reader = CacheReader(CacheStore(cache))
     tok = reader.inputs.tokenizer
@@ -90,7 +92,7 @@ def planned_batches(cache: Path, cfg: runner.RunConfig) -> list[dict[str, torch.
     for c in range(reader.inputs.grid.num_chunks):
         data = reader.read_chunk(c)
         for idx in length_grouped_batches(data.lengths.tolist(), cfg.max_tokens, cfg.batch_size):
-            out.append(runner._batch_inputs(data, idx, pad_id))
+            out.append(chunk_mod.batch_inputs(data, idx, pad_id))
     return out
 
 
@@ -141,7 +143,7 @@ def _clear_run(cache: Path) -> None:
         store.remove(f"teachers/{_RUN_NAME}")
 
 
-def time_run(cache: Path, cfg: runner.RunConfig, *, stages: bool = False) -> dict[str, float]:
+def time_run(cache: Path, cfg: RunConfig, *, stages: bool = False) -> dict[str, float]:
     """Wall seconds of one `run_teacher` call from scratch; `load` is the `load_teacher` part.
 
     With `stages`, the runner's calls are wrapped to split the time (see `stage_table`).
@@ -149,20 +151,17 @@ def time_run(cache: Path, cfg: runner.RunConfig, *, stages: bool = False) -> dic
     _clear_run(cache)
     acc: dict[str, float] = {}
     with contextlib.ExitStack() as patches:
-        patches.enter_context(_timing(runner, "load_teacher", acc, "load"))
+        patches.enter_context(_timing(run_mod, "load_teacher", acc, "load"))
         if stages:
-            targets = [(runner, "_process", "process"), (runner, "_run_chunk", "run_chunk"),
-                       (CacheReader, "read_chunk", "read_inputs"), (runner, "forward_teacher", "forward"),
-                       (runner, "check_finite", "check_finite"), (runner, "_commit", "writer_thread"),
-                       (runner.TeacherWriter, "finish", "finish")]
-            if hasattr(runner, "topk_targets_with_stats"):  # blocked reductions in worker threads, stats fused
-                targets += [(runner, "_reduce_batch", "reductions"), (runner, "topk_targets_with_stats", "topk")]
-            else:  # the runner before: whole-tensor top-k, entropy stats inline
-                targets += [(runner, "topk_targets", "topk")]
+            targets = [(run_mod, "_process", "process"), (run_mod, "run_chunk", "run_chunk"),
+                       (CacheReader, "read_chunk", "read_inputs"), (chunk_mod, "forward_teacher", "forward"),
+                       (chunk_mod, "nonfinite_samples", "check_finite"), (run_mod, "_commit", "writer_thread"),
+                       (run_mod.TeacherWriter, "finish", "finish"), (chunk_mod, "_reduce_batch", "reductions"),
+                       (chunk_mod, "topk_targets_with_stats", "topk")]
             for owner, name, key in targets:
                 patches.enter_context(_timing(owner, name, acc, key, in_chunk=key in ("read_inputs", "forward")))
         t0 = time.perf_counter()
-        meta = runner.run_teacher(cache, cfg, progress=False)
+        meta = run_mod.run_teacher(cache, cfg, progress=False)
         acc["total"] = time.perf_counter() - t0
     acc["pipeline"] = acc["total"] - acc["load"]
     acc["bytes_per_position"] = float(meta.stats["bytes_per_position"])
@@ -205,7 +204,7 @@ def measure_case(case: TeacherCase, work: Path, *, repeats: int, max_length: int
     """Interleaved bare/run measurements of one teacher, plus one instrumented run."""
     cache = prepare_cache(work, case.model_dir, max_length=max_length, samples=case.samples,
                           chunk_samples=chunk_samples)
-    cfg = runner.RunConfig(teacher=_RUN_NAME, model=str(case.model_dir), top_k=64, batch_size=batch_size,
+    cfg = RunConfig(teacher=_RUN_NAME, model=str(case.model_dir), top_k=64, batch_size=batch_size,
                            device="cpu", dtype="fp32")
     batches = planned_batches(cache, cfg)
     positions = int(sum(int(b["attention_mask"].sum()) for b in batches))

@@ -344,10 +344,10 @@ def _fmt(c: dict[str, Any], clock: str) -> str:
 
 
 def _table(res: dict[str, Any]) -> str:
-    o, cvo = res["overhead_and_tax"], res["cached_vs_online"]
+    o, cvo = res["overhead_and_tax"], res.get("cached_vs_online", {})
     rows = [("streaming overhead: step time streaming / in memory (N=4)", o["streaming_overhead"], "<= 1.05"),
             ("distillation tax: throughput distilling from 4 cached teachers / plain", o["distillation_tax"], ">= 0.9")]
-    rows += [(f"cached / online throughput, N={n}", cvo[f"N={n}"], "> 1") for n in (1, 2, 4)]
+    rows += [(f"cached / online throughput, N={n}", cvo[f"N={n}"], "> 1") for n in (1, 2, 4) if f"N={n}" in cvo]
     lines = ["| measurement | CPU time: ratio (per-round min-max) | wall time: ratio (min-max) | target |",
              "|---|---:|---:|---|"]
     lines += [f"| {name} | {_fmt(c, 'cpu')} | {_fmt(c, 'wall')} | {t} |" for name, c, t in rows]
@@ -367,11 +367,13 @@ def _table(res: dict[str, Any]) -> str:
 @click.option("--online-rounds", type=int, default=3, show_default=True, help="Interleaved rounds for cached vs online.")
 @click.option("--online-steps", type=int, default=2, show_default=True, help="Steps per online block.")
 @click.option("--repeats", type=int, default=7, show_default=True, help="Repeats of the per-component breakdown.")
+@click.option("--online/--no-online", default=True, show_default=True,
+              help="Also measure cached vs online (--no-online: overhead, tax and breakdown only).")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch intra-op threads (1: on shared cores, spinning OpenMP threads inflate CPU time).")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "train_step.json", show_default=True,
               help="JSON results file.")
-def main(work: Path, rounds: int, online_rounds: int, online_steps: int, repeats: int, threads: int,
+def main(work: Path, rounds: int, online_rounds: int, online_steps: int, repeats: int, online: bool, threads: int,
          out: Path) -> None:
     """Streaming overhead, distillation tax (with a breakdown) and cached vs online throughput."""
     torch.set_num_threads(threads)
@@ -383,7 +385,8 @@ def main(work: Path, rounds: int, online_rounds: int, online_steps: int, repeats
                                "torch_threads": torch.get_num_threads()}
         res["overhead_and_tax"] = overhead_and_tax(paths, rounds, tmp)
         res["breakdown"] = breakdown(paths, repeats, tmp)
-        res["cached_vs_online"] = cached_vs_online(paths, online_rounds, online_steps, tmp)
+        if online:
+            res["cached_vs_online"] = cached_vs_online(paths, online_rounds, online_steps, tmp)
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
     res["command"] = "python -m benchmarks.train_step " + " ".join(sys.argv[1:])
     out.parent.mkdir(parents=True, exist_ok=True)

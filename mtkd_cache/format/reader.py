@@ -3,7 +3,8 @@
 The manifest is read first and its format version checked. A teacher is complete exactly when
 its `teachers/<name>/teacher.json` exists; only complete teachers are read. Reads go chunk by
 chunk (sequential) or by sample id (random access); each decodes only the zarr inner chunks it
-touches, and every read is checked (format/checks.py): a missing or damaged chunk, an id out of
+touches (whole-shard reads decode with numcodecs, format/shards.py), and every read is checked
+(format/checks.py): a missing or damaged chunk, an id out of
 range or an edited teacher.json is a `CacheCorruptError`, never silently wrong data. A reader
 opens its zarr stores read-only and never writes to the cache.
 """
@@ -38,6 +39,7 @@ from mtkd_cache.format.checks import (
 from mtkd_cache.format.kinds import FEATURE_ENCODINGS, TARGET_KINDS, SampledBlock, TopkBlock
 from mtkd_cache.format.layout import ChunkGrid, chunk_of_row, chunk_rows, feature_grid
 from mtkd_cache.format.meta import FeatureSpec, InputsMeta, Manifest, TeacherMeta
+from mtkd_cache.format.shards import ShardedArray
 from mtkd_cache.format.store import CacheStore
 
 __all__ = ["CacheReader", "ChunkData", "SampledBlock", "TeacherReader", "TopkBlock", "open_cache"]
@@ -80,7 +82,8 @@ class TeacherReader:
         """The group's array `key`, opened once (opening reads metadata, which is then fixed)."""
         if key not in self._arrays:
             try:
-                self._arrays[key] = self.group[key]
+                self._arrays[key] = ShardedArray(self.store, f"{self.key}/{key}", self.group[key],
+                                                   strict=self.check)
             except KeyError as e:
                 raise CacheCorruptError(f"teacher {self.meta.name!r} array {key!r}: its zarr metadata "
                                         f"({self.store.path(self.key + '/' + key + '/zarr.json')}) is missing; "
@@ -281,7 +284,8 @@ class CacheReader:
         """Rows [start, stop) of the inputs' array `key`, checked (finished inputs never change)."""
         if key not in self._input_arrays:
             try:
-                self._input_arrays[key] = self.store.open_group("inputs", mode="r", strict=self.check)[key]
+                arr = self.store.open_group("inputs", mode="r", strict=self.check)[key]
+                self._input_arrays[key] = ShardedArray(self.store, f"inputs/{key}", arr, strict=self.check)
             except ValueError as e:  # a damaged zarr.json
                 raise metadata_error(self.store.path(f"inputs/{key}/zarr.json"), e, inputs_fix(self.store.url)) from e
         return read_rows(self.store, self._input_arrays[key], owner="inputs", group_key="inputs", name=key,

@@ -11,7 +11,8 @@
   token). Outside the union every token has the same value ``prod_i u_i^(w_i/T)``, so the merged
   tail is ``(V - U) * prod_i u_i^(w_i/T) / Z``: exact under the spread reading.
 
-Both cost ``O(P * N * U)`` after :func:`build_union`.
+Linear pooling costs ``O(P * sum K_i)`` after the union's sort (:func:`union_mixture`, no
+``(P, N, U)`` table); log-linear ``O(P * N * U)`` after :func:`build_union`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mtkd_train.aggregate._union import build_union
+from mtkd_train.aggregate._union import build_union, union_mixture
 from mtkd_train.targets import SparseTargets, TailMode, spread_log_value
 
 __all__ = ["linear_pool", "log_linear_pool"]
@@ -53,10 +54,9 @@ def linear_pool(
     Returns:
         ``(P, U)`` merged targets; ``tail`` is the merged mass outside the union.
     """
-    union = build_union(targets, vocab_size=vocab_size, tail_mode=tail_mode)
-    probs = union.logp.exp()  # (P, N, U)
-    merged = torch.einsum("pn,pnu->pu", weights.to(probs.dtype), probs)  # (P, U)
-    tail = (weights.to(probs.dtype) * union.tail_out).sum(dim=1)  # (P,)
+    union = union_mixture(targets, weights, vocab_size=vocab_size, tail_mode=tail_mode)
+    merged = union.probs  # (P, U)
+    tail = (weights.to(merged.dtype) * union.tail_out).sum(dim=1)  # (P,)
     if smoothing > 0:
         outside = (vocab_size - union.size).to(tail.dtype)  # (P,)
         merged = (1 - smoothing) * merged + union.valid.to(merged.dtype) * (smoothing / vocab_size)

@@ -184,3 +184,21 @@ def test_non_finite_error_says_how_to_fix_it() -> None:
             "the teacher is recomputed) or broken inputs for those samples")  # fmt: skip
     with pytest.raises(NonFiniteLogitsError, match=f"^{re.escape(want)}$"):
         check_finite(torch.full((1, 2), float("nan")), [7])
+
+
+@pytest.mark.parametrize("vocab", [49_152, 49_152 + 37, 8 * 64 * 16])
+def test_two_stage_topk_keeps_exactly_the_top_k(vocab: int) -> None:
+    """`_topk_rows` ranks group maxima first; it must keep the same entries as torch.topk."""
+    from mtkd_cache.precompute.extract import _topk_rows
+
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(9, vocab, generator=g) * 3
+    x[0, -5:] += 40.0  # the winners in the partial last group
+    x[1, :64] += 40.0  # all winners in one group
+    x[2, ::700] += 40.0  # one winner per group
+    for k in (1, 16):
+        values, idx = _topk_rows(x, k)
+        ref_values, ref_idx = torch.topk(x, k, dim=-1)
+        assert torch.equal(idx.sort(dim=-1).values, ref_idx.sort(dim=-1).values)
+        assert torch.equal(values.sort(dim=-1).values, ref_values.sort(dim=-1).values)
+        assert torch.equal(x.gather(1, idx), values)
