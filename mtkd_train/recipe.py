@@ -239,7 +239,7 @@ class DistillRecipe:
         self.dataset = CachedDistillDataset(
             self.reader, teachers=list(self.cfg.teachers), features=feats or None, batch_size=self.cfg.batch_size,
             seed=self.cfg.seed, shuffle=True, shuffle_chunks=self.cfg.shuffle_chunks, rank=self.rank,
-            world_size=self.world)
+            world_size=self.world, lanes=self.cfg.lanes)
 
     def _loader(self) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
