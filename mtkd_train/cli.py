@@ -92,6 +92,10 @@ def main(cache: str | None, config: str | None, resume: bool, eval_teachers: boo
         raise click.ClickException(one_line(e)) from e
     try:
         losses = recipe.train()
+        if recipe.stopped:  # SIGTERM: the checkpoint is written; leave before the grace period ends
+            if recipe.rank == 0:
+                click.echo(f"stopped by SIGTERM after step {recipe.step}; checkpoint saved; continue with --resume")
+            return
         path = recipe.save()
         res = recipe.evaluate(teachers=eval_teachers) if cfg.eval_cache else None  # every rank takes a share
         if recipe.rank == 0:

@@ -23,7 +23,7 @@ __all__ = ["FEATURE_KINDS", "RUN_ONLY_KEYS", "ConfigError", "FeatureSpec", "Trai
 
 RUN_ONLY_KEYS = ("out", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_cache", "eval_every", "eval_max_samples",
                  "mc_samples", "tensorboard", "verify_cache", "num_workers", "device", "progress", "trust_factory",
-                 "find_unused_parameters")
+                 "find_unused_parameters", "lanes")
 """Keys that do not change what a training step computes: left out of `TrainConfig.fingerprint`."""
 FEATURE_KINDS = ("mse", "cosine")
 _FEATURE_OPTIONS = ("layer", "student_layer", "beta", "kind")
@@ -162,6 +162,10 @@ class TrainConfig:
     """Seed of model init, data order and dropout."""
     shuffle_chunks: int = 4
     """Chunks mixed in the shuffle window (bounded shuffle buffer)."""
+    lanes: int | None = None
+    """Lanes of the data order (interleaved disjoint chunk sets): with R ranks, each rank decodes only its
+    L/R lanes' chunks when R divides L and L divides batch_size * R. Default: the world size. A --resume keeps
+    the checkpoint's value (exact on any world size; disjoint where it still divides)."""
     num_workers: int = 2
     """DataLoader workers decoding the next batches while the step runs (0: decode in the training
     process). The batch order, and so the losses, are the same for any value."""
@@ -225,6 +229,8 @@ class TrainConfig:
             raise ConfigError(f"{_flag('alpha')} is {self.alpha}; expected a value in [0, 1]")
         if not self.temperature > 0:
             raise ConfigError(f"{_flag('temperature')} is {self.temperature}; expected a value > 0")
+        if self.lanes is not None and self.lanes < 1:
+            raise ConfigError(f"{_flag('lanes')} is {self.lanes}; expected an integer >= 1")
         for key in ("batch_size", "grad_accum", "max_steps", "log_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{_flag(key)} is {getattr(self, key)}; expected an integer >= 1")

@@ -48,7 +48,7 @@ from mtkd_train.rng import gather_rng_states, restore_rng, seed_all
 from mtkd_train.rows import to_device
 from mtkd_train.scoring import choose_aggregate
 from mtkd_train.shared import check_shared
-from mtkd_train.signals import StopSignal
+from mtkd_train.signals import StopSignal, ignore_sigterm
 from mtkd_train.student import Student, load_student, save_student
 
 __all__ = ["DistillRecipe"]
@@ -82,6 +82,8 @@ class DistillRecipe:
         self.out = Path(cfg.out)
         self.step = 0
         self.losses: list[float] = []
+        self.stopped = False
+        """True once `train` returned early on SIGTERM (on every rank): a checkpoint of that step exists."""
         self.metrics: MetricLogger | None = None
         self._resumed_from: int | None = None
 
@@ -239,12 +241,12 @@ class DistillRecipe:
         self.dataset = CachedDistillDataset(
             self.reader, teachers=list(self.cfg.teachers), features=feats or None, batch_size=self.cfg.batch_size,
             seed=self.cfg.seed, shuffle=True, shuffle_chunks=self.cfg.shuffle_chunks, rank=self.rank,
-            world_size=self.world)
+            world_size=self.world, lanes=self.cfg.lanes)
 
     def _loader(self) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=self.cfg.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
+            pin_memory=self.device.type == "cuda", persistent_workers=False, worker_init_fn=ignore_sigterm)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
@@ -343,6 +345,7 @@ class DistillRecipe:
                     self.save_checkpoint()
                 if c.eval_every and self.step % c.eval_every == 0 and c.eval_cache:
                     self._log_eval()
+            self.stopped = stop.stopped and self.step < c.max_steps
             if stop.stopped or not c.checkpoint_every or self.step % c.checkpoint_every:
                 self.save_checkpoint()  # the run's last step is always resumable
         finally:

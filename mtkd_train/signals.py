@@ -3,6 +3,12 @@
 `StopSignal` installs a SIGTERM handler that only sets a flag; the loop asks `should_stop()` once
 per step, which all-reduces the flag (MAX) under DDP so every rank stops after the same step and
 the final checkpoint is consistent. `restore()` puts the previous handler back.
+
+torchrun stops a job by sending SIGTERM to each worker's whole process group, DataLoader workers
+included, and SIGKILL after its grace period (`torchrun --shutdown-timeout`, default 30 s). A
+DataLoader worker killed by that SIGTERM would make the training process fail before it saves, so
+workers ignore SIGTERM (`ignore_sigterm`, their `worker_init_fn`) and end when the loader is shut
+down. The final checkpoint then costs at most the rest of the current step plus one save.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["StopSignal"]
+__all__ = ["StopSignal", "ignore_sigterm"]
 
 
 class StopSignal:
@@ -50,3 +56,8 @@ class StopSignal:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+
+
+def ignore_sigterm(worker_id: int = 0) -> None:
+    """`worker_init_fn` of the training DataLoader: its workers survive a process-group SIGTERM."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

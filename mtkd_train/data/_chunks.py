@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mtkd_cache import ChunkData
 from mtkd_train.data._errors import StreamConfigError
@@ -27,6 +27,7 @@ class ChunkCacheStats:
 
     Attributes:
         reads: Chunks decoded (in the consumer or the read-ahead thread).
+        decoded: Times each chunk id was decoded (its keys are the chunks this process read).
         hits: `get` calls served from the LRU.
         prefetch_hits: `get` calls served by a read-ahead.
         peak_cached: Most decoded chunks the LRU ever held (never above `capacity`).
@@ -38,6 +39,7 @@ class ChunkCacheStats:
     prefetch_hits: int = 0
     peak_cached: int = 0
     peak_in_flight: int = 0
+    decoded: dict[int, int] = field(default_factory=dict)
 
 
 class ChunkCache:
@@ -45,7 +47,8 @@ class ChunkCache:
 
     Args:
         read: Decodes one chunk (e.g. `functools.partial(reader.read_chunk, teachers=...)`).
-        schedule: Chunk at a schedule index (`SampleOrder.scheduled_chunk`).
+        schedule: Chunk at a schedule index (`SampleOrder.scheduled_chunk`), or None for an entry
+            this process does not read (another rank's lane).
         capacity: Most decoded chunks kept (>= 1).
         prefetch: Most chunks read ahead at once (0 = no thread).
         lookahead: How many schedule entries past the current window start the read-ahead may go.
@@ -55,7 +58,7 @@ class ChunkCache:
     def __init__(
         self,
         read: Callable[[int], ChunkData],
-        schedule: Callable[[int], int],
+        schedule: Callable[[int], int | None],
         *,
         capacity: int,
         prefetch: int,
@@ -122,7 +125,7 @@ class ChunkCache:
         while len(self._pending) + len(self._abandoned) < self.prefetch and self._next < stop:
             chunk = self._schedule(self._next)
             held = chunk in self._lru or any(c == chunk for c, _ in self._pending.values())
-            if not held:
+            if chunk is not None and not held:
                 self._pending[self._next] = (chunk, self._pool.submit(self._counted_read, chunk))
             self._next += 1
         in_flight = len(self._pending) + len(self._abandoned)
@@ -142,6 +145,7 @@ class ChunkCache:
         data = self._read(chunk)
         with self._lock:  # the consumer and the read-ahead thread both count
             self.stats.reads += 1
+            self.stats.decoded[chunk] = self.stats.decoded.get(chunk, 0) + 1
         return data
 
     def _take_pending(self, chunk: int) -> Future[ChunkData] | None:

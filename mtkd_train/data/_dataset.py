@@ -2,20 +2,28 @@
 
 The stream is the sample sequence of `SampleOrder` (epochs concatenated). Counting from the
 position P0 the iteration starts at, global batch j holds stream positions
-[P0 + j*B*R, P0 + (j+1)*B*R) for B samples per rank and R ranks; rank r takes the r-th contiguous
-slice of B; DataLoader worker w of W takes global batches j with j % W == w. The DataLoader
-takes results from its workers round-robin, so the batches come out in the same order for any W,
-and since the order depends only on the stream position, a stream resumed at a position with
-another R or W yields exactly the samples the uninterrupted one would have. A batch may hold the
-end of one epoch and the start of the next, so every batch of an endless stream is full; only a
-finite stream (`epochs=k`) can end on a partial batch, split as evenly as possible over ranks
-(or dropped with `drop_last`).
+[P0 + j*B*R, P0 + (j+1)*B*R) for B samples per rank and R ranks. DataLoader worker w of W takes
+global batches j with j % W == w; the DataLoader takes results from its workers round-robin, so
+the batches come out in the same order for any W. Since the order depends only on the stream
+position, a stream resumed at a position with another R or W yields exactly the samples the
+uninterrupted one would have. A batch may hold the end of one epoch and the start of the next, so
+every batch of an endless stream is full; only a finite stream (`epochs=k`) can end on a partial
+batch, split as evenly as possible over ranks (or dropped with `drop_last`).
+
+Which rank takes which samples of a global batch (rank-disjoint decoding): the order has `lanes`
+L (default: the world size of the run that started the stream; a resume keeps the saved value).
+When R divides L and L divides B*R, rank r owns lanes [r*L/R, (r+1)*L/R) and takes the batch's
+positions in its lanes: exactly B in the round-robin part of an epoch, so it decodes only its own
+lanes' chunks, disjoint from every other rank's. Positions in an epoch's short tail (the lanes'
+leftovers, about one window per lane) fill the ranks up to B in rank order; only there can two
+ranks decode the same chunk. Otherwise (e.g. a resume on a world size that does not divide L)
+rank r takes the r-th contiguous slice of B: the same global batches, but every rank decodes
+(nearly) every chunk of a window.
 
 Each reading process (main or DataLoader worker) decodes whole chunks into a count-bounded LRU
-and reads `prefetch` chunks ahead in a thread: memory is bounded by (cache_chunks + prefetch + 1)
-decoded chunks, never the whole cache. A global batch spans a whole shuffle window, so every
-rank and every worker decodes (nearly) every chunk: workers overlap decoding with training but
-do not split it.
+and reads `prefetch` chunks of its own lanes ahead in a thread: memory is bounded by
+(cache_chunks + prefetch + 1) decoded chunks, never the whole cache. Workers overlap decoding with
+training but do not split it.
 
 Resume state is owned by the consumer: the trainer calls `consumed(n)` for every batch it has
 actually used (workers prefetching ahead do not move it), and `state_dict()` saves the global
@@ -24,6 +32,7 @@ position; `load_state_dict()` makes the next iteration start there.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +49,7 @@ from mtkd_train.data._chunks import ChunkCache, ChunkCacheStats
 from mtkd_train.data._collate import BatchBuilder, BatchSpec
 from mtkd_train.data._errors import StreamConfigError, StreamStateError
 from mtkd_train.data._order import SampleOrder
+from mtkd_train.data._ranks import lane_share, rank_slice
 from mtkd_train.data._validate import validate_teachers
 
 __all__ = ["BatchStream", "CachedDistillDataset", "StreamState"]
@@ -101,7 +111,11 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
         batch_size: Samples per rank per batch (B).
         seed: Seed of the order (>= 0).
         shuffle: Permute chunks and samples within windows; off reads 0..N-1.
-        shuffle_chunks: Chunks per shuffle window.
+        shuffle_chunks: Chunks per shuffle window (per lane).
+        lanes: Lanes of the order (`SampleOrder.lanes`); default the world size, so each rank
+            decodes only its own chunks. `load_state_dict` adopts the saved value, so a resume on
+            another world size keeps the order; pick a multiple of every world size you may
+            resume with to keep decoding disjoint there too.
         drop_last: Drop the final partial batch of a finite stream. Without it that batch is split
             as evenly as possible over ranks, so some ranks may get one batch less: under DDP use
             drop_last or an endless stream.
@@ -134,6 +148,7 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
         world_size: int | None = None,
         prefetch: int = 2,
         cache_chunks: int | None = None,
+        lanes: int | None = None,
         pad_to_max_length: bool = False,
         storage_options: Mapping[str, Any] | None = None,
     ):
@@ -153,10 +168,11 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
         self.drop_last = drop_last
         self.epochs = epochs
         self.prefetch = prefetch
-        self.order = SampleOrder.from_grid(
-            self.reader.inputs.grid, seed=seed, shuffle=shuffle, shuffle_chunks=shuffle_chunks
-        )
-        self.cache_chunks = cache_chunks or self.order.window_chunks
+        self._cache_chunks = cache_chunks
+        self._set_order(SampleOrder.from_grid(
+            self.reader.inputs.grid, seed=seed, shuffle=shuffle, shuffle_chunks=shuffle_chunks,
+            lanes=self.world_size if lanes is None else lanes,
+        ))
         self.spec = self._batch_spec(pad_to_max_length)
         self._state = StreamState()
 
@@ -165,6 +181,20 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
             f"CachedDistillDataset({self.reader.url!r}, teachers={list(self.teachers)}, "
             f"batch_size={self.batch_size}, rank={self.rank}/{self.world_size}, state={self._state})"
         )
+
+    def _set_order(self, order: SampleOrder) -> None:
+        self.order = order
+        own = self.own_lanes
+        self.cache_chunks = self._cache_chunks or order.window_chunks * (len(own) if own else 1)
+
+    @property
+    def own_lanes(self) -> range | None:
+        """The lanes this rank owns, or None when ranks split batches contiguously (see module)."""
+        lanes, world = self.order.lanes, self.world_size
+        if lanes % world or self.global_batch_size % lanes:
+            return None
+        per = lanes // world
+        return range(self.rank * per, (self.rank + 1) * per)
 
     def _batch_spec(self, pad_to_max_length: bool) -> BatchSpec:
         inputs = self.reader.inputs
@@ -226,11 +256,18 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Make the next iteration start at the saved position (any batch size, ranks or workers).
 
+        The saved `lanes` (1 for states saved before lanes existed) replaces this stream's.
+
         Raises:
             StreamStateError: the state comes from a stream with another order (seed, shuffle,
                 shuffle_chunks) or other data, or is malformed.
         """
+        lanes = state.get("lanes", 1)
+        if not isinstance(lanes, int) or lanes < 1:
+            raise StreamStateError(f"stream state field 'lanes' is {lanes!r}, expected an integer >= 1")
         for key, want in self._order_settings().items():
+            if key == "lanes":
+                continue
             if key in state and state[key] != want:
                 raise StreamStateError(
                     f"the saved stream has {key}={state[key]!r} but this stream has {want!r}; resume "
@@ -242,6 +279,7 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
                 f"samples_consumed={new.samples_consumed} exceeds this cache's "
                 f"{self.num_samples} samples; the state is from another cache"
             )
+        self._set_order(dataclasses.replace(self.order, lanes=lanes))
         self._state = StreamState.at(new.position(self.num_samples), self.num_samples)
 
     def _order_settings(self) -> dict[str, Any]:
@@ -250,6 +288,7 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
             "seed": o.seed,
             "shuffle": o.shuffle,
             "shuffle_chunks": o.shuffle_chunks,
+            "lanes": o.lanes,
             "num_samples": o.num_samples,
             "dataset_fingerprint": self.reader.inputs.dataset_fingerprint,
         }
@@ -271,15 +310,20 @@ class BatchStream(Iterator[Batch]):
     def __init__(self, ds: CachedDistillDataset, start: int, worker: int, workers: int):
         self.ds, self.start, self.worker, self.workers = ds, start, worker, workers
         self._j = worker
-        order = ds.order
+        order, own = ds.order, ds.own_lanes
+        self._own = own
         self._cache = ChunkCache(
             ds.read_chunk,
-            order.scheduled_chunk,
+            order.scheduled_chunk if own is None else self._own_scheduled_chunk,
             capacity=ds.cache_chunks,
             prefetch=ds.prefetch,
-            lookahead=order.window_chunks + ds.prefetch,
+            lookahead=2 * order.window_chunks * order.lanes + ds.prefetch,
             end=None if ds.epochs is None else ds.epochs * order.num_chunks,
         )
+
+    def _own_scheduled_chunk(self, index: int) -> int | None:
+        order = self.ds.order
+        return order.scheduled_chunk(index) if order.scheduled_lane(index) in self._own else None  # type: ignore[operator]
 
     @property
     def stats(self) -> ChunkCacheStats:
@@ -289,8 +333,8 @@ class BatchStream(Iterator[Batch]):
     def cache(self) -> ChunkCache:
         return self._cache
 
-    def positions(self, j: int) -> tuple[int, int] | None:
-        """This rank's stream positions [a, b) in global batch `j` after the start (None: past the end)."""
+    def positions(self, j: int) -> np.ndarray | None:
+        """This rank's stream positions in global batch `j` after the start, ascending (None: past the end)."""
         ds = self.ds
         g0, size = self.start + j * ds.global_batch_size, ds.global_batch_size
         end = ds.end
@@ -298,20 +342,25 @@ class BatchStream(Iterator[Batch]):
             size = end - g0
             if size <= 0 or ds.drop_last:
                 return None
-        lo, hi = _rank_slice(size, ds.batch_size, ds.world_size, ds.rank)
-        return (g0 + lo, g0 + hi) if hi > lo else None
+        if self._own is not None and size == ds.global_batch_size:
+            mine = lane_share(ds.order.stream_lanes(g0, g0 + size), self._own, ds.batch_size, ds.rank)
+            if mine is not None:
+                return g0 + mine
+        lo, hi = rank_slice(size, ds.batch_size, ds.world_size, ds.rank)
+        return np.arange(g0 + lo, g0 + hi, dtype=np.int64) if hi > lo else None
 
     def __next__(self) -> Batch:
-        span = self.positions(self._j)
-        if span is None:
+        pos = self.positions(self._j)
+        if pos is None:
             self.close()
             raise StopIteration
         self._j += self.workers
-        return self._assemble(*span)
+        return self._assemble(pos)
 
-    def _assemble(self, a: int, b: int) -> Batch:
+    def _assemble(self, pos: np.ndarray) -> Batch:
         ds, order = self.ds, self.ds.order
-        ids = order.stream_samples(a, b)  # (n,)
+        a = int(pos[0])
+        ids = order.stream_samples(a, int(pos[-1]) + 1)[pos - a]  # (n,)
         self._cache.release_before(order.schedule_index(a))
         chunk_of = ids // order.chunk_samples
         _, first = np.unique(chunk_of, return_index=True)
@@ -330,15 +379,6 @@ class BatchStream(Iterator[Batch]):
     def __del__(self) -> None:
         if hasattr(self, "_cache"):
             self.close()
-
-
-def _rank_slice(size: int, batch: int, world: int, rank: int) -> tuple[int, int]:
-    """Rank's [lo, hi) of a global batch of `size` <= batch * world samples (even split if short)."""
-    if size == batch * world:
-        return rank * batch, (rank + 1) * batch
-    base, extra = divmod(size, world)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (rank < extra)
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_ranks_stream_disjoint_slices_of_the_global_batch(lm_cache: LMCache) -> None:
     def ids(rank: int, world: int, batch: int, n: int) -> list[list[int]]:
         ds = CachedDistillDataset(
-            lm_cache.cache, ["a"], batch_size=batch, rank=rank, world_size=world, seed=3
+            lm_cache.cache, ["a"], batch_size=batch, rank=rank, world_size=world, seed=3, lanes=1
         )
         it = iter(ds)
         return [next(it)["sample_ids"].tolist() for _ in range(n)]
@@ -41,6 +41,9 @@ def test_ranks_stream_disjoint_slices_of_the_global_batch(lm_cache: LMCache) -> 
         assert r0[step] + r1[step] == single[step]
 
 
+# --lanes 1: rank r takes the r-th slice of each global batch, i.e. the same split into micro-batches as
+# one process accumulating them (the per-micro-batch loss means make the gradients depend on the split);
+# the default lanes (rank-disjoint decoding) are tested in tests/mtkd_train/data/test_lanes.py.
 def _args(lm: LMCache, out: Path, *extra: str) -> list[str]:
     return [
         str(lm.cache), "--teachers", "a,b", "--student", str(lm.student), "--out", str(out),
@@ -56,7 +59,7 @@ def test_torchrun_two_ranks_matches_one_process_with_grad_accum(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "mtkd_train.cli", *_args(lm_cache, ddp_out, "--batch-size", "2", "--eval-cache", str(lm_cache.cache),
+        "-m", "mtkd_train.cli", *_args(lm_cache, ddp_out, "--batch-size", "2", "--lanes", "1", "--eval-cache", str(lm_cache.cache),
                                        "--eval-max-samples", "12", "--no-eval-teachers"),
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
@@ -65,7 +68,7 @@ def test_torchrun_two_ranks_matches_one_process_with_grad_accum(
 
     # one process, the same global batch (2 ranks x 2) as two accumulated micro-batches of 2
     result = CliRunner().invoke(
-        main, _args(lm_cache, one_out, "--batch-size", "2", "--grad-accum", "2"),
+        main, _args(lm_cache, one_out, "--batch-size", "2", "--grad-accum", "2", "--lanes", "1"),
         catch_exceptions=False,
     )  # fmt: skip
     assert result.exit_code == 0, result.output

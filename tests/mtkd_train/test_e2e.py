@@ -1,8 +1,9 @@
 """End to end on CPU: cached teachers -> `mtkd-train` -> interrupted -> resumed -> same losses.
 
 Two runs are interrupted in real subprocesses (slowed down by `_train_target.py` so a signal lands
-after the step-10 checkpoint and long before step 30): one is SIGKILLed, one gets SIGTERM. Each is
-resumed with `--resume`, and its per-step losses must equal, bit for bit, those of a run that was
+after the step-10 checkpoint and long before step 30): one is SIGKILLed, one gets SIGTERM the way
+torchrun sends it (to the whole process group, DataLoader workers included, with SIGKILL once its
+30 s grace period is over). Each is resumed with `--resume`, and its per-step losses must equal, bit for bit, those of a run that was
 never interrupted. The teachers' model folders were deleted after caching (see conftest), so every
 run here also shows that training and evaluation never load a teacher.
 """
@@ -28,6 +29,7 @@ from tests.mtkd_train._train_target import LMCache, read_metrics, step_losses
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 30
+GRACE = 30.0  # torchrun's default --shutdown-timeout (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
 DELAY = 0.4  # seconds per training batch in the interrupted runs: 12 s from start to end
 
 
@@ -64,6 +66,7 @@ def _start_slowed(args: list[str]) -> subprocess.Popen[bytes]:
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as under torchrun
     )
 
 
@@ -77,7 +80,7 @@ def _signal_after_first_checkpoint(
         for sig, (proc, out) in list(waiting.items()):
             if (out / "checkpoints" / "step_00000010.pt").exists():
                 assert proc.poll() is None, "the run finished before it could be interrupted"
-                proc.send_signal(sig)
+                os.killpg(proc.pid, sig)  # torchrun signals the group: the DataLoader workers too
                 del waiting[sig]
             elif proc.poll() is not None:
                 pytest.fail(f"run exited early ({proc.returncode}): {proc.stderr.read().decode()}")  # type: ignore[union-attr]
@@ -101,12 +104,15 @@ def runs(lm_cache: LMCache, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             {signal.SIGKILL: (kill, outs["kill"]), signal.SIGTERM: (term, outs["term"])}
         )
         kill.wait(timeout=60)
-        term.wait(timeout=60)
+        try:
+            term.wait(timeout=GRACE)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {GRACE:.0f} s after SIGTERM: torchrun would SIGKILL it before it saved")
         yield {"outs": outs, "kill": kill, "term": term}
     finally:
         for proc in (kill, term):
             if proc.poll() is None:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
 
@@ -151,8 +157,10 @@ def test_sigterm_checkpoints_the_current_step_exits_0_and_resumes(
     assert proc.returncode == 0, proc.stderr.read().decode()
     stopped_at = max(step_losses(out))
     assert 10 <= stopped_at < STEPS
+    assert f"stopped by SIGTERM after step {stopped_at}" in proc.stdout.read().decode()
     ckpt = latest_checkpoint(out / "checkpoints")
     assert ckpt is not None and ckpt.name == f"step_{stopped_at:08d}.pt"
+    assert not (out / "student").exists()  # nothing slow (student, evaluation) after the checkpoint
 
     _invoke([*_args(lm_cache, out), "--resume"])
 

@@ -28,6 +28,7 @@ def _stream(reader: CacheReader, **kw: Any) -> CachedDistillDataset:
         "seed": 7,
         "shuffle_chunks": 3,
         "epochs": 1,
+        "lanes": 1,  # ranks slice batches contiguously; lanes are tested in test_lanes.py
     }
     return CachedDistillDataset(reader, **{**args, **kw})
 
