@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mtkd_cache.precompute.encoder import hidden_states_of
 from mtkd_cache.precompute.pooling import PoolingSpec
 from mtkd_train.student import Student, StudentError, load_student, save_student
 
@@ -44,10 +45,8 @@ class EncoderStudent:
         """Hidden states of `layer` (HF index), (B, L, D) (or (B, D) from a factory that pools itself)."""
         keys = _INPUT_KEYS if "input_ids" in batch else tuple(k for k in batch if k == "pixel_values")
         out: Any = self.module(**{k: batch[k] for k in keys if k in batch}, output_hidden_states=True)
-        states = out if isinstance(out, tuple | list) else getattr(out, "hidden_states", None)
-        if states is None and isinstance(out, torch.Tensor):
-            states = (out,)
-        if not states:
+        states = hidden_states_of(out)
+        if states is None:
             raise StudentError(f"--student {self.spec!r} returned {type(out).__name__} without hidden states; return "
                                ".hidden_states (embeddings, then one per layer) or the last layer as a tensor")
         return states[layer]

@@ -28,8 +28,8 @@ from mtkd_cache.precompute.device import autocast_context
 from mtkd_cache.precompute.models import LoadedTeacher
 from mtkd_cache.precompute.pooling import pool_hidden, resolve_pool
 
-__all__ = ["check_layers", "encoder_hidden", "encoder_settings", "feature_only_meta", "run_feature_chunk",
-           "teacher_pool"]
+__all__ = ["check_layers", "encoder_hidden", "encoder_settings", "feature_only_meta", "hidden_states_of",
+           "run_feature_chunk", "teacher_pool"]
 
 
 def check_layers(teacher: LoadedTeacher, layers: Sequence[int], name: str) -> None:
@@ -94,13 +94,19 @@ def encoder_hidden(teacher: LoadedTeacher, batch: Mapping[str, torch.Tensor]) ->
     inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
     with torch.inference_mode():
         out: Any = module(**inputs, output_hidden_states=True)
+    hidden = hidden_states_of(out)
+    if hidden is None:
+        raise UnsupportedTeacherError(f"teacher {teacher.model_id!r} returned {type(out).__name__} without hidden "
+                                      "states; return .hidden_states (a tuple of (B, L, D)) or the last one as a tensor")
+    return hidden
+
+
+def hidden_states_of(out: Any) -> tuple[torch.Tensor, ...] | None:
+    """The hidden states in a forward's output: `.hidden_states`, a tuple of them, or one tensor (the last)."""
     hidden = out if isinstance(out, tuple | list) else getattr(out, "hidden_states", None)
     if hidden is None and isinstance(out, torch.Tensor):
         hidden = (out,)
-    if not hidden:
-        raise UnsupportedTeacherError(f"teacher {teacher.model_id!r} returned {type(out).__name__} without hidden "
-                                      "states; return .hidden_states (a tuple of (B, L, D)) or the last one as a tensor")
-    return tuple(hidden)
+    return tuple(hidden) if hidden else None
 
 
 def _features(teacher: LoadedTeacher, batch: Mapping[str, torch.Tensor], layers: Sequence[int], how: str

@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 from helpers.tiny_encoders import save_tiny_encoder
 from transformers import BertModel
 
-from mtkd_cache import open_cache, verify_cache
+from mtkd_cache import RunConfig, open_cache, run_teacher, verify_cache
 from mtkd_cache.cli import main
 from mtkd_cache.format.kinds import NoTargetsBlock
 from mtkd_cache.ops.inspect import format_report, inspect_cache
@@ -120,3 +120,51 @@ def test_layer_out_of_range_for_a_teacher_with_a_head(copy_cache: Callable[..., 
     cache = copy_cache(lm_template)
     ran = invoke("run", cache, "--teacher", "lm2", "--model", lm_dir, "--features", "7")
     assert ran.exit_code != 0 and "--features 7: teacher 'lm2' has 2 layers" in ran.output
+
+
+FACTORY = '''
+import torch
+
+
+class HiddenOnly(torch.nn.Module):
+    """No vocab_size / num_labels: a feature-only teacher returning its hidden states as a tuple."""
+
+    num_layers, hidden_size = 1, 8
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(64, 8)
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
+        e = self.emb(input_ids)
+        return (e, torch.tanh(self.lin(e)))
+
+
+def make():
+    return HiddenOnly()
+'''
+
+
+def test_a_factory_returning_hidden_states_is_a_feature_only_teacher(
+        copy_cache: Callable[..., Path], inputs_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mtkd_test_hidden_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from mtkd_test_hidden_factory import make  # type: ignore[import-not-found]
+
+    cache = copy_cache(inputs_template)
+    meta = run_teacher(cache, RunConfig(teacher="fac", model="mtkd_test_hidden_factory:make", features=(-1,),
+                                        pool="mean"), progress=False)
+    assert meta.task == "encoder" and meta.target.kind == "none" and meta.features[0].dim == 8
+    reader, module = open_cache(cache), make().eval()
+    for c in range(reader.num_chunks):
+        data = reader.read_chunk(c, teachers=["fac"], features={"fac": [-1]})
+        for i in range(len(data.sample_ids)):
+            ids = torch.as_tensor(data.inputs["token_ids"][data.offsets[i]: data.offsets[i] + data.lengths[i]])[None]
+            with torch.no_grad():
+                want = module(ids)[-1][0].mean(0).numpy()
+            np.testing.assert_allclose(data.features["fac"]["layer_m1"][i], want, atol=2e-3)
+    with pytest.raises(ValueError, match="--features 3: teacher 'fac2' has 1 layers"):
+        run_teacher(cache, RunConfig(teacher="fac2", model="mtkd_test_hidden_factory:make", features=(3,)),
+                    progress=False)
