@@ -118,10 +118,10 @@ def prepare(cache: str, **kw: Any) -> None:
 @click.option("--teacher", required=True, help="Name of the teacher group in the cache, e.g. 'qwen7b'.")
 @click.option("--model", required=True, help="HF model folder or id, or a 'package.module:function' factory.")
 @click.option("--model-kwargs", default=None, help="JSON object of keyword arguments for a factory.")
-@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep the k most likely tokens + exact tail mass (default 64).")
+@click.option("--top-k", type=click.IntRange(min=1), default=None, help="Keep the k most likely tokens + exact tail mass (default 64; a teacher without a head stores features only).")
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="Instead of top-k: draws per position, stored as tokens + counts.")
 @click.option("--features", callback=_layers, default=None, help="Hidden-state layers to store, e.g. '6,-1'.")
-@click.option("--pool", type=click.Choice(["none", "mean"]), default="none", show_default=True, help="Keep features per position or mean-pool per sample.")
+@click.option("--pool", default="none", show_default=True, help="Keep features per position (none) or pool per sample: mean, cls, max, mean_sqrt_len, weightedmean, lasttoken ('+'-joined, optional '+normalize'), or auto (the model folder's 1_Pooling/config.json).")
 @click.option("--feature-dtype", type=click.Choice(list(FEATURE_ENCODINGS)), default="float16", show_default=True, help="Stored feature type (int8 has a per-row scale).")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Capture temperature of the stored distribution.")
 @click.option("--values", "value_codec", type=click.Choice(list(VALUE_CODECS)), default="u8log", show_default=True, help="Encoding of top-k log-probabilities.")
@@ -142,8 +142,6 @@ def run(cache: str, model_kwargs: str | None, **kw: Any) -> None:
     """Run one teacher over the cache's inputs and store its targets (resumable; torchrun-shardable)."""
     from mtkd_cache.precompute.run import RunConfig, run_teacher
 
-    if kw["top_k"] is None and kw["samples"] is None:
-        kw["top_k"] = 64
     try:
         fkw = json.loads(model_kwargs) if model_kwargs else None
     except json.JSONDecodeError as e:
@@ -161,7 +159,9 @@ def run(cache: str, model_kwargs: str | None, **kw: Any) -> None:
         return  # rank 0 reports for the whole torchrun job
     s = meta.stats
     click.echo(f"teacher {meta.name!r}: {s.get('positions', 0):,} positions, "
-               f"{s.get('bytes_per_position', 0):.1f} B/position, mean tail {s.get('mean_tail', float('nan')):.4f}")
+               f"{s.get('bytes_per_position', 0):.1f} B/position, "
+               + (f"mean tail {s.get('mean_tail', float('nan')):.4f}" if meta.target.kind != "none" else
+                  "features only (" + ", ".join(f"layer {f.layer} {f.dim}-d {f.pool}" for f in meta.features) + ")"))
 
 
 @main.command()

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from mtkd_train.config import TrainConfig, load_config_file
+from mtkd_train.config import ConfigError, TrainConfig, load_config_file
 
 _TYPES: dict[str, Any] = {"int": int, "float": float, "bool": bool, "str": str, "str | None": str,
                           "int | None": int}
@@ -83,11 +83,9 @@ def main(cache: str | None, config: str | None, resume: bool, eval_teachers: boo
     --temperature 2 --student PATH --out RUN
     """
     from mtkd_train.errors import USER_ERRORS, one_line
-    from mtkd_train.recipe import DistillRecipe
-
     try:
         cfg = build_config(cache, config, flags)
-        recipe = DistillRecipe(cfg).setup(resume=resume)
+        recipe = _recipe(cfg).setup(resume=resume)
     except USER_ERRORS as e:
         raise click.ClickException(one_line(e)) from e
     try:
@@ -107,6 +105,22 @@ def main(cache: str | None, config: str | None, resume: bool, eval_teachers: boo
         raise click.ClickException(one_line(e)) from e
     finally:
         recipe.close()
+
+
+def _recipe(cfg: TrainConfig) -> Any:
+    """`FeatureRecipe` when every teacher is feature-only (no head: features alone), else `DistillRecipe`."""
+    from mtkd_cache import open_cache
+    from mtkd_train.embed import FeatureRecipe, is_feature_only
+    from mtkd_train.recipe import DistillRecipe
+
+    reader = open_cache(cfg.cache, dict(cfg.storage_options) or None)
+    if is_feature_only(reader, list(cfg.teachers)):
+        return FeatureRecipe(cfg)
+    only = [t for t in cfg.teachers if t in reader.teacher_names and reader.teacher(t).meta.target.kind == "none"]
+    if only:
+        raise ConfigError(f"`teachers` (--teachers): {only} are feature-only (no head, no targets) and the others "
+                          f"store targets; distil feature-only teachers in a run of their own")
+    return DistillRecipe(cfg)
 
 
 if __name__ == "__main__":

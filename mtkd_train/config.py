@@ -25,8 +25,9 @@ RUN_ONLY_KEYS = ("out", "max_steps", "checkpoint_every", "keep_checkpoints", "lo
                  "mc_samples", "tensorboard", "verify_cache", "num_workers", "device", "progress", "trust_factory",
                  "find_unused_parameters", "lanes")
 """Keys that do not change what a training step computes: left out of `TrainConfig.fingerprint`."""
-FEATURE_KINDS = ("mse", "cosine")
-_FEATURE_OPTIONS = ("layer", "student_layer", "beta", "kind")
+_FEATURE_DEFAULTS = {"feature_aggregate": "per_teacher", "feature_tau": 0.05, "student_pooling": "auto"}
+FEATURE_KINDS = ("mse", "cosine", "similarity", "contrastive")  # = losses.FEATURE_LOSS_KINDS
+_FEATURE_OPTIONS = ("layer", "student_layer", "beta", "kind", "projection")
 
 
 class ConfigError(ValueError):
@@ -42,7 +43,9 @@ class FeatureSpec:
         layer: The teacher's cached hidden-state layer (HF index, as given at precompute).
         student_layer: The student's hidden-state layer matched to it (HF index; -1 = last).
         beta: Weight of the term (>= 0).
-        kind: ``"mse"`` or ``"cosine"``.
+        kind: ``"mse"``, ``"cosine"``, or relational ``"similarity"`` / ``"contrastive"``.
+        projection: A learned ``Linear(student width, teacher width)`` before matching; None = the
+            recipe's default (on with logits, off for feature-only teachers).
     """
 
     teacher: str
@@ -50,6 +53,7 @@ class FeatureSpec:
     student_layer: int = -1
     beta: float = 1.0
     kind: str = "mse"
+    projection: bool | None = None
 
 
 def _layer(teacher: str, key: str, value: Any) -> int:
@@ -72,8 +76,12 @@ def _feature(teacher: str, options: Any) -> FeatureSpec:
     kind = options.get("kind", "mse")
     if kind not in FEATURE_KINDS:
         raise ConfigError(f"`features`: {teacher}.kind is {kind!r}; expected one of {list(FEATURE_KINDS)}")
+    projection = options.get("projection")
+    if projection is not None and not isinstance(projection, bool):
+        raise ConfigError(f"`features`: {teacher}.projection is {projection!r}; expected true or false")
     return FeatureSpec(teacher, _layer(teacher, "layer", options.get("layer", -1)),
-                       _layer(teacher, "student_layer", options.get("student_layer", -1)), float(beta), kind)
+                       _layer(teacher, "student_layer", options.get("student_layer", -1)), float(beta), kind,
+                       projection)
 
 
 def parse_features(features: Mapping[str, Any], teachers: Sequence[str]) -> tuple[FeatureSpec, ...]:
@@ -95,7 +103,7 @@ def parse_features(features: Mapping[str, Any], teachers: Sequence[str]) -> tupl
     specs = tuple(_feature(t, features[t]) for t in teachers if t in features)
     kinds = sorted({s.kind for s in specs})
     if len(kinds) > 1:
-        raise ConfigError(f"`features`: use one kind (mse or cosine) for all teachers, got {kinds}")
+        raise ConfigError(f"`features`: use one kind ({', '.join(FEATURE_KINDS)}) for all teachers, got {kinds}")
     return specs
 
 
@@ -137,8 +145,16 @@ class TrainConfig:
     temperature: float = 1.0
     """KD temperature T (loss scaled by T^2)."""
     features: Mapping[str, Any] = field(default_factory=dict)
-    """Feature distillation: {teacher = {layer = -1, student_layer = -1, beta = 1.0, kind = "mse"}}; each
-    teacher's cached `layer` is matched to the student's `student_layer`; other keys are refused."""
+    """Feature distillation: {teacher = {layer = -1, student_layer = -1, beta = 1.0, kind = "mse", projection}}; each
+    teacher's cached `layer` is matched to the student's `student_layer`; kind mse, cosine, or relational
+    similarity / contrastive; other keys are refused. Only feature-only teachers: no KD or CE term."""
+    feature_aggregate: str = "per_teacher"
+    """Several feature teachers: `per_teacher` (one term and projection each) or `mean` (one mean target)."""
+    feature_tau: float = 0.05
+    """Softmax temperature of the `contrastive` feature loss."""
+    student_pooling: str = "auto"
+    """Feature-only teachers with pooled features: the student's sentence pooling (`auto` = the teachers',
+    else e.g. `mean`, `cls`, `mean+normalize`); saved beside the student as 1_Pooling/config.json."""
     gate_entropy: float = 0.01
     """Weight of the gate's entropy regulariser (gate aggregator only)."""
     batch_size: int = 8
@@ -243,6 +259,10 @@ class TrainConfig:
         if len(set(self.teachers)) != len(self.teachers):
             raise ConfigError(f"{_flag('teachers')} lists a teacher twice: {list(self.teachers)}")
         parse_features(self.features, self.teachers)
+        if self.feature_aggregate not in ("per_teacher", "mean"):
+            raise ConfigError(f"{_flag('feature_aggregate')} is {self.feature_aggregate!r}; expected per_teacher or mean")
+        if not self.feature_tau > 0:
+            raise ConfigError(f"{_flag('feature_tau')} is {self.feature_tau}; expected a value > 0")
 
     @property
     def feature_specs(self) -> tuple[FeatureSpec, ...]:
@@ -283,6 +303,9 @@ class TrainConfig:
         d = self.to_dict()
         for volatile in RUN_ONLY_KEYS:
             d.pop(volatile)
+        for key, default in _FEATURE_DEFAULTS.items():  # runs from before these keys keep their fingerprint
+            if d.get(key) == default:
+                d.pop(key)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

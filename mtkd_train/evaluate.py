@@ -187,11 +187,13 @@ def evaluate_teachers(reader: CacheReader, teachers: Sequence[str], max_samples:
     out: dict[str, Any] = {}
     for name in teachers:
         meta = reader.teacher(name).meta
+        if meta.target.kind == "none":  # a feature-only teacher has no distribution to score
+            continue
         nll, count, correct, confs, oks = 0.0, 0, 0, [], []
         seen = 0
         for c in range(reader.num_chunks):
             data = reader.read_chunk(c, teachers=[name])
-            idx, p, spread = _teacher_rows(data.targets[name], meta.vocab_size)
+            idx, p, spread = _teacher_rows(data.targets[name], meta.vocab_size)  # type: ignore[arg-type]
             # the same samples as `evaluate_student`: the first `max_samples`, labelled ones only
             take = len(data.sample_ids) if max_samples is None else min(len(data.sample_ids), max_samples - seen)
             if meta.grid == "token":

@@ -202,7 +202,8 @@ class DistillRecipe:
                 dims.append(f.dim)
                 keys[s.teacher] = f.name
             feats = FeatureDistiller(hidden_size, dims, kind=specs[0].kind,  # type: ignore[arg-type]
-                                     betas=[s.beta for s in specs])
+                                     betas=[s.beta for s in specs], projections=[s.projection is not False for s in specs],
+                                     aggregate=c.feature_aggregate, tau=c.feature_tau)
         self.objective = Objective(
             teachers=c.teachers, capture_temperatures=[m.target.temperature for m in self.metas],
             vocab_size=self.vocab_size, aggregate=self.aggregate, aggregate_kwargs=self.aggregate_kwargs, loss=c.loss,

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FEATURE_ENCODINGS",
+    "NoTargetsBlock",
     "TARGET_KINDS",
     "ArrayDef",
     "SampledBlock",
@@ -55,6 +56,10 @@ class SampledBlock(NamedTuple):
     counts: np.ndarray
 
 
+class NoTargetsBlock(NamedTuple):
+    """The targets of a feature-only teacher (kind `none`): nothing; its features are read apart."""
+
+
 class ArrayDef(NamedTuple):
     """One stored array: `name` relative to its owner, shape of one row, storage dtype."""
 
@@ -75,7 +80,7 @@ class StoredArray(NamedTuple):
 class TargetKind(Protocol):
     def arrays(self, meta: TeacherMeta) -> list[ArrayDef]: ...
     def encode(self, meta: TeacherMeta, rows: Raw) -> dict[str, np.ndarray]: ...
-    def decode(self, meta: TeacherMeta, raw: Raw) -> TopkBlock | SampledBlock: ...
+    def decode(self, meta: TeacherMeta, raw: Raw) -> TopkBlock | SampledBlock | NoTargetsBlock: ...
     def check(self, meta: TeacherMeta, raw: Raw) -> tuple[str, str] | None: ...
 
 
@@ -153,6 +158,22 @@ class Sampled:
         return None
 
 
+class NoTargets:
+    """`none`: a teacher without an output head (an encoder) stores no targets, only its features."""
+
+    def arrays(self, meta: TeacherMeta) -> list[ArrayDef]:
+        return []
+
+    def encode(self, meta: TeacherMeta, rows: Raw) -> dict[str, np.ndarray]:
+        return {}
+
+    def decode(self, meta: TeacherMeta, raw: Raw) -> NoTargetsBlock:
+        return NoTargetsBlock()
+
+    def check(self, meta: TeacherMeta, raw: Raw) -> tuple[str, str] | None:
+        return None
+
+
 class Float16Feature:
     """`float16`: the hidden state itself."""
 
@@ -189,7 +210,7 @@ class Int8Feature:
         return None
 
 
-TARGET_KINDS: dict[str, TargetKind] = {"topk": Topk(), "sample": Sampled()}
+TARGET_KINDS: dict[str, TargetKind] = {"topk": Topk(), "sample": Sampled(), "none": NoTargets()}
 FEATURE_ENCODINGS: dict[str, FeatureEncoding] = {"float16": Float16Feature(), "int8": Int8Feature()}
 
 

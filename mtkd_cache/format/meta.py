@@ -40,7 +40,10 @@ __all__ = [
 #: teacher.json written with it, so an edited teacher.json is detected.
 TEACHER_HASH_KEY = "mtkd:teacher_json_sha256"
 
-TARGET_KINDS = ("topk", "sample")
+TARGET_KINDS = ("topk", "sample", "none")
+#: Feature pooling modes (sentence-transformers' order); a pooled feature's `pool` is "+"-joined
+#: modes, optionally ending in "+normalize" (L2), e.g. "mean+normalize" (see precompute/pooling.py).
+POOL_MODES = ("cls", "max", "mean", "mean_sqrt_len", "weightedmean", "lasttoken")
 FEATURE_DTYPES = ("float16", "int8")
 INDEX_DTYPES = ("uint16", "uint32", "int32")
 TAIL_DTYPES = ("float16", "float32")
@@ -63,6 +66,16 @@ def parse_teacher_name(name: Any) -> str:
         raise CacheFormatError(f"teacher name {name!r} is not a plain folder name: use letters, digits, '-', "
                                f"'.' or '_' (not first), without '/', '\\' or ':', e.g. 'qwen7b'")
     return name
+
+
+def parse_pool(value: Any) -> str:
+    """A feature pooling: "none", or "+"-joined `POOL_MODES` with an optional trailing "+normalize"."""
+    parts = value.split("+") if isinstance(value, str) else []
+    modes = parts[:-1] if parts[-1:] == ["normalize"] else parts
+    if value != "none" and (not modes or any(m not in POOL_MODES for m in modes) or len(set(modes)) < len(modes)):
+        raise CacheFormatError(f"feature pool {value!r} must be 'none' or modes from {list(POOL_MODES)} joined by "
+                               f"'+', optionally ending in '+normalize' (e.g. 'mean+normalize')")
+    return str(value)
 
 
 def _from(cls: Any, d: dict[str, Any], where: str) -> Any:
@@ -168,9 +181,10 @@ class InputsMeta:
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """What soft labels a teacher stores: `topk` (k entries + exact tail) or `sample` (draws)."""
+    """What soft labels a teacher stores: `topk` (k entries + exact tail), `sample` (draws), or
+    `none` (a teacher without an output head, e.g. a sentence encoder: features only)."""
 
-    kind: Literal["topk", "sample"]
+    kind: Literal["topk", "sample", "none"]
     k: int | None = None
     draws: int | None = None
     temperature: float = 1.0
@@ -180,6 +194,9 @@ class TargetSpec:
         parse_choice(self.kind, TARGET_KINDS, "target kind")
         if self.kind == "topk":
             parse_positive(self.k, "target k (top-k entries)")
+        elif self.kind == "none":
+            if self.k is not None or self.draws is not None:
+                raise CacheFormatError(f"target kind 'none' stores no targets, got k={self.k!r}, draws={self.draws!r}")
         else:
             parse_positive(self.draws, "target draws (samples per position)")
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float) \
@@ -189,7 +206,9 @@ class TargetSpec:
 
     @property
     def width(self) -> int:
-        """Entries stored per position: k, or the draw count (unique tokens <= draws)."""
+        """Entries stored per position: k, or the draw count (unique tokens <= draws); 0 for `none`."""
+        if self.kind == "none":
+            return 0
         return int(self.k if self.kind == "topk" else self.draws)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
@@ -206,13 +225,14 @@ class FeatureSpec:
     """One cached intermediate feature: hidden state `layer` (HF index; 0 = embeddings, -1 = last)."""
 
     layer: int
-    pool: Literal["none", "mean"] = "none"
+    pool: str = "none"
+    """`none` (per position), or pooled per sample: "+"-joined `POOL_MODES`, optionally "+normalize"."""
     dtype: Literal["float16", "int8"] = "float16"
     dim: int = 0
 
     def __post_init__(self) -> None:
         parse_int(self.layer, "feature layer")
-        parse_choice(self.pool, ("none", "mean"), "feature pool")
+        parse_pool(self.pool)
         parse_choice(self.dtype, FEATURE_DTYPES, "feature dtype")
         parse_int(self.dim, "feature dim")
 

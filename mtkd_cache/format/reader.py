@@ -36,7 +36,13 @@ from mtkd_cache.format.checks import (
     teacher_fix,
     teacher_metadata_fix,
 )
-from mtkd_cache.format.kinds import FEATURE_ENCODINGS, TARGET_KINDS, SampledBlock, TopkBlock
+from mtkd_cache.format.kinds import (
+    FEATURE_ENCODINGS,
+    TARGET_KINDS,
+    NoTargetsBlock,
+    SampledBlock,
+    TopkBlock,
+)
 from mtkd_cache.format.layout import ChunkGrid, chunk_of_row, chunk_rows, feature_grid
 from mtkd_cache.format.meta import FeatureSpec, InputsMeta, Manifest, TeacherMeta
 from mtkd_cache.format.shards import ShardedArray
@@ -61,7 +67,7 @@ class ChunkData:
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None
     domains: np.ndarray | None
-    targets: dict[str, TopkBlock | SampledBlock] = field(default_factory=dict)
+    targets: dict[str, TopkBlock | SampledBlock | NoTargetsBlock] = field(default_factory=dict)
     features: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
@@ -109,7 +115,7 @@ class TeacherReader:
         """Rows [r0, r1) chunk `chunk` reserves on `grid` (default: the teacher's)."""
         return chunk_rows(self.inputs.grid, chunk, grid or self.meta.grid)
 
-    def read_targets(self, start: int, stop: int) -> TopkBlock | SampledBlock:
+    def read_targets(self, start: int, stop: int) -> TopkBlock | SampledBlock | NoTargetsBlock:
         """Decoded targets for rows [start, stop) of this teacher's grid."""
         kind = TARGET_KINDS[self.meta.target.kind]
         raw = self._read([a.name for a in kind.arrays(self.meta)], start, stop, self.meta.grid)

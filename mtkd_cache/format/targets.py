@@ -146,13 +146,13 @@ class TeacherWriter:
         arr.with_config(_WRITE_ALL)[r0:r1] = block
         checks[name] = array_checksum(block)
 
-    def write_chunk(self, chunk: int, *, indices: np.ndarray, logp: np.ndarray | None = None,
+    def write_chunk(self, chunk: int, *, indices: np.ndarray | None = None, logp: np.ndarray | None = None,
                     tail: np.ndarray | None = None, counts: np.ndarray | None = None,
                     features: Mapping[int, np.ndarray] | None = None, stats: Mapping[str, float] | None = None) -> None:
         """Write one chunk's real rows (decoded values; encoding happens here) and commit it.
 
         Args:
-            indices: (R, W) token ids. logp / tail: (R, W) and (R,) for top-k.
+            indices: (R, W) token ids (None for a feature-only teacher, target kind `none`). logp / tail: (R, W) and (R,) for top-k.
             counts: (R, W) draw counts for sampled targets.
             features: layer -> (R, D) per-position or (n_samples, D) pooled rows, float.
             stats: additive per-chunk statistics (e.g. positions, tail_sum, entropy_sum).
@@ -169,7 +169,8 @@ class TeacherWriter:
             grid = feature_grid(m.grid, spec.pool)
             for name, block in FEATURE_ENCODINGS[spec.dtype].encode(spec, (features or {})[spec.layer]).items():
                 self._put(f"features/{name}", chunk, grid, block, checks)
-        marker = {"chunk": chunk, "rows": int(len(indices)), "checksums": checks, "stats": dict(stats or {}),
+        rows = len(indices) if indices is not None else len(next(iter((features or {}).values()), ()))
+        marker = {"chunk": chunk, "rows": int(rows), "checksums": checks, "stats": dict(stats or {}),
                   "settings_sha256": m.settings_hash(), "time": time.time()}
         self.store.write_json(marker_key(m.name, chunk), marker)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mtkd_cache.format.kinds import NoTargetsBlock
 from mtkd_cache.format.reader import CacheReader, SampledBlock, TopkBlock, open_cache
 
 __all__ = ["inspect_cache", "plot_report", "format_report"]
@@ -57,10 +58,12 @@ def inspect_cache(url: str | os.PathLike[str] | CacheReader, *, max_chunks: int 
     chunks = sorted(set(np.linspace(0, inp.grid.num_chunks - 1, min(max_chunks, inp.grid.num_chunks)).astype(int)))
     top1: dict[str, list[np.ndarray]] = {n: [] for n in names}
     hist: dict[str, dict[str, list[float]]] = {n: {"entropy": [], "tail": []} for n in names}
+    scored = [n for n in names if reader.teacher(n).meta.target.kind != "none"]  # feature-only: no distribution
     for c in chunks:
-        data = reader.read_chunk(int(c), teachers=names)
-        for n in names:
+        data = reader.read_chunk(int(c), teachers=scored)
+        for n in scored:
             block = data.targets[n]
+            assert not isinstance(block, NoTargetsBlock)
             top1[n].append(_top1(block))
             hist[n]["entropy"].extend(_entropy(block, reader.teacher(n).meta.vocab_size).tolist())
             if isinstance(block, TopkBlock):
@@ -74,6 +77,7 @@ def inspect_cache(url: str | os.PathLike[str] | CacheReader, *, max_chunks: int 
             "vocab_size": m.vocab_size, "values": m.values.codec, "index_dtype": m.index_dtype,
             "features": [f.to_dict() for f in m.features],
             "bytes": m.stats.get("bytes"), "bytes_per_position": m.stats.get("bytes", 0) / positions,
+            "bytes_per_sample": m.stats.get("bytes", 0) / max(1, inp.num_samples),
             "mean_tail_mass": m.stats.get("mean_tail"), "mean_entropy": m.stats.get("mean_entropy"),
             "mean_top1_prob": m.stats.get("mean_top1_prob"),
             "fidelity_kept_mass": None if m.stats.get("mean_tail") is None else 1.0 - m.stats["mean_tail"],
@@ -98,6 +102,11 @@ def format_report(r: Mapping[str, Any]) -> str:
     if r["incomplete_teachers"]:
         lines.append(f"  INCOMPLETE teachers: {', '.join(r['incomplete_teachers'])}")
     for n, t in r["teachers"].items():
+        if t["kind"] == "none":
+            feats = ", ".join(f"layer {f['layer']} {f['dim']}-d {f['pool']} {f['dtype']}" for f in t["features"])
+            lines.append(f"  teacher {n}: {t['task']} features only ({feats})  "
+                         f"{t['bytes_per_position']:.1f} B/position  {t['bytes_per_sample']:.1f} B/sample")
+            continue
         what = f"top-{t['k']}" if t["kind"] == "topk" else f"{t['draws']} draws"
         tail = "" if t["mean_tail_mass"] is None else f"  mean tail {t['mean_tail_mass']:.4f}"
         lines.append(f"  teacher {n}: {t['task']} {what} ({t['values']}, {t['index_dtype']})  "

@@ -26,12 +26,12 @@ from mtkd_cache.precompute.device import autocast_context
 from mtkd_cache.precompute.extract import (
     distribution_stats,
     nonfinite_samples,
-    pool_features,
     sample_targets,
     topk_targets_with_stats,
 )
 from mtkd_cache.precompute.forward import forward_teacher
 from mtkd_cache.precompute.models import LoadedTeacher
+from mtkd_cache.precompute.pooling import pool_hidden
 
 __all__ = ["ChunkOutput", "batch_inputs", "cpu_reducers", "run_chunk"]
 
@@ -170,8 +170,6 @@ def _features(meta: TeacherMeta, hidden: Sequence[torch.Tensor | None] | None, m
     for f in meta.features:
         h = hidden[f.layer]  # type: ignore[index]
         assert h is not None, f"layer {f.layer} was requested from the teacher"
-        if f.pool == "mean" and h.ndim == 3:
-            m = mask if mask is not None else torch.ones(h.shape[:2])
-            h = pool_features(h, m.to(h.device), "mean")
+        h = pool_hidden(h, mask, f.pool)  # mean, cls, ... as the teacher was trained (precompute/pooling.py)
         feats[f.layer] = h.float().cpu().numpy()
     return feats

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtkd_cache.format.meta import TargetSpec
+from mtkd_cache.format.meta import TargetSpec, parse_pool
 
 __all__ = ["RunConfig", "canonical_kwargs", "model_key", "parse_new_teacher_name"]
 
@@ -67,14 +67,16 @@ class RunConfig:
     """Name of the teacher group in the cache (`--teacher`)."""
     model: str
     """HF model folder or id, or a `package.module:function` factory (`--model`)."""
-    top_k: int | None = 64
-    """Keep the k most likely tokens per position plus the exact tail mass (`--top-k`)."""
+    top_k: int | None = None
+    """Keep the k most likely tokens per position plus the exact tail mass (`--top-k`); with neither
+    this nor `samples`, 64 for a teacher with a head and no targets (features only) for one without."""
     samples: int | None = None
     """Instead of top-k, draw this many tokens per position and store counts (`--samples`)."""
     features: tuple[int, ...] = ()
     """Hidden-state layers to store (`--features`, HF indices: 0 = embeddings, -1 = last)."""
     pool: str = "none"
-    """`none` keeps features per position, `mean` pools them per sample (`--pool`)."""
+    """`none` keeps features per position; `mean`, `cls`, `max`, ... (`+`-joined, optional `+normalize`)
+    pool them per sample; `auto` reads the model folder's `1_Pooling/config.json` (`--pool`)."""
     feature_dtype: str = "float16"
     """`float16` or `int8` (per-row scale) for stored features (`--feature-dtype`)."""
     temperature: float = 1.0
@@ -111,10 +113,15 @@ class RunConfig:
     """Replace a teacher group stored with other settings (`--overwrite`)."""
 
     def __post_init__(self) -> None:
-        if (self.top_k is None) == (self.samples is None):
-            raise ValueError("give exactly one of --top-k K or --samples N")
-        if self.pool not in ("none", "mean"):
-            raise ValueError(f"--pool must be 'none' or 'mean', got {self.pool!r}")
+        if self.top_k is not None and self.samples is not None:
+            raise ValueError("give exactly one of --top-k K or --samples N, not both (neither: top-k 64, or features "
+                             "only for a teacher without a head)")
+        if self.pool != "auto":
+            try:
+                parse_pool(self.pool)
+            except ValueError as e:
+                raise ValueError(f"--pool {self.pool!r}: use none, auto, mean, cls, max, mean_sqrt_len, weightedmean "
+                                 f"or lasttoken ('+'-joined, optionally '+normalize', e.g. mean+normalize)") from e
         if self.feature_dtype not in ("float16", "int8"):
             raise ValueError(f"--feature-dtype must be 'float16' or 'int8', got {self.feature_dtype!r}")
         if self.batch_size < 1:
@@ -127,6 +134,6 @@ class RunConfig:
 
     @property
     def target(self) -> TargetSpec:
-        if self.top_k is not None:
-            return TargetSpec("topk", k=self.top_k, temperature=self.temperature, seed=self.seed)
+        if self.samples is None:
+            return TargetSpec("topk", k=self.top_k or 64, temperature=self.temperature, seed=self.seed)
         return TargetSpec("sample", draws=self.samples, temperature=self.temperature, seed=self.seed)

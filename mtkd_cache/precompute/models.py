@@ -43,20 +43,22 @@ __all__ = [
     "load_teacher",
 ]
 
-TeacherTask = Literal["causal_lm", "sequence_classification", "image_classification", "custom"]
+TeacherTask = Literal["causal_lm", "sequence_classification", "image_classification", "encoder", "custom"]
 
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _HUB_ID_RE = re.compile(r"^[\w][\w.-]*(/[\w][\w.-]*)?$")
-_HFTask = Literal["causal_lm", "sequence_classification", "image_classification"]
+_HFTask = Literal["causal_lm", "sequence_classification", "image_classification", "encoder"]
 _AUTO_CLASS: dict[_HFTask, str] = {
     "causal_lm": "AutoModelForCausalLM",
     "sequence_classification": "AutoModelForSequenceClassification",
     "image_classification": "AutoModelForImageClassification",
+    "encoder": "AutoModel",
 }
 _ARCH_SUFFIXES: dict[_HFTask, tuple[str, ...]] = {
     "causal_lm": ("ForCausalLM", "LMHeadModel"),
     "sequence_classification": ("ForSequenceClassification",),
     "image_classification": ("ForImageClassification",),
+    "encoder": ("Model",),  # BertModel, DINOv2Model...: no head, hidden states only (features-only teacher)
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
 _HASH_CHUNK = 1 << 22
@@ -196,6 +198,7 @@ def _detect_task(config: Mapping[str, Any], where: str) -> _HFTask:
         "causal_lm": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         "sequence_classification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
         "image_classification": modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        "encoder": modeling_auto.MODEL_MAPPING_NAMES,  # last: a head wins over the base model
     }
     architectures = [str(arch) for arch in config.get("architectures") or []]
     auto_map = dict(config.get("auto_map") or {})
@@ -210,8 +213,8 @@ def _detect_task(config: Mapping[str, Any], where: str) -> _HFTask:
             return task
     raise UnsupportedTeacherError(
         f"{where} declares architectures {architectures} (auto_map {sorted(auto_map)}), none of "
-        "which is a causal LM, sequence classifier or image classifier; save the model with a "
-        "task head (e.g. *ForCausalLM) or wrap it in a 'package.module:function' factory"
+        "which is a causal LM, sequence or image classifier, or a base model (AutoModel); save the "
+        "model with save_pretrained (or a task head) or wrap it in a 'package.module:function' factory"
     )
 
 
@@ -311,6 +314,9 @@ def _vocab_sizes(
     module: PreTrainedModel, task: str, folder: Path, trust_remote_code: bool
 ) -> tuple[int, int]:
     """(padded_vocab_size, vocab_size) of a Hugging Face model."""
+    if task == "encoder":  # no head: the embedding table's width is the vocabulary it reads
+        size = getattr(module.config.get_text_config(), "vocab_size", None)
+        return (int(size), int(size)) if isinstance(size, int) and size > 0 else (1, 1)
     if task != "causal_lm":
         labels = module.config.num_labels
         if labels is None or labels < 1:
@@ -367,16 +373,15 @@ def _load_factory(
         )
     weights_hash = _hash_state_dict(module, spec)
     vocab = _factory_int(module, spec, ("vocab_size", "num_labels", "num_classes"))
-    if vocab is None:
-        raise UnsupportedTeacherError(
-            f"factory {spec!r} returned a module without an int attribute vocab_size, "
-            "num_labels or num_classes; set one so the cache knows how many classes to trust"
-        )
+    # Without vocab_size / num_labels / num_classes the module is a feature-only teacher (an encoder
+    # or backbone returning hidden states); `run` then refuses it unless only --features are asked.
+    task: TeacherTask = "custom" if vocab is not None and not getattr(module, "features_only", False) else "encoder"
+    vocab = vocab or 1
     padded = _factory_int(module, spec, ("padded_vocab_size",)) or vocab
     module = _freeze(module.to(device=device, dtype=dtype))
     return LoadedTeacher(
         module=module,
-        task="custom",
+        task=task,
         model_id=spec,
         revision=None,
         weights_hash=weights_hash,

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["POOLING_MODES", "PoolingSpec", "pool", "read_pooling"]
+from mtkd_cache.format.meta import POOL_MODES
 
-POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len", "weightedmean", "lasttoken")
+__all__ = ["POOLING_MODES", "PoolingSpec", "pool", "pool_hidden", "read_pooling", "resolve_pool"]
+
+POOLING_MODES = POOL_MODES
 _ST_KEYS = {"cls": "pooling_mode_cls_token", "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens",
             "mean_sqrt_len": "pooling_mode_mean_sqrt_len_tokens",
             "weightedmean": "pooling_mode_weightedmean_tokens", "lasttoken": "pooling_mode_lasttoken"}
@@ -113,3 +115,37 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, spec: PoolingSpec) -> torch.T
             out.append(h[torch.arange(h.shape[0], device=h.device), pos])
     v = torch.cat(out, dim=-1)
     return torch.nn.functional.normalize(v, p=2, dim=1) if spec.normalize else v
+
+
+def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """A feature as stored: ``hidden`` unchanged for ``"none"``, else :func:`pool` with the parsed spec.
+
+    Args:
+        hidden: ``(B, L, D)``; a ``(B, D)`` tensor (already one vector per sample) is returned as is.
+        mask: ``(B, L)``, or None for all positions real.
+        how: ``"none"`` or a pooling string such as ``"mean"``, ``"cls"``, ``"mean+normalize"``.
+    """
+    if how == "none" or hidden.ndim == 2:
+        return hidden
+    m = mask if mask is not None else torch.ones(hidden.shape[:2], device=hidden.device)
+    return pool(hidden, m.to(hidden.device), PoolingSpec.parse(how))
+
+
+def resolve_pool(value: str, folder: str | None, where: str) -> str:
+    """``--pool``: ``"auto"`` becomes the pooling the model folder declares (``1_Pooling/config.json``).
+
+    Args:
+        value: ``"none"``, ``"auto"`` or a pooling string (``"mean"``, ``"cls"``, ``"mean+normalize"``).
+        folder: The teacher's model folder (None for a factory).
+        where: The teacher, for error messages.
+
+    Raises:
+        ValueError: ``auto`` but the folder declares no pooling (or there is no folder).
+    """
+    if value != "auto":
+        return value if value == "none" else str(PoolingSpec.parse(value))
+    spec = read_pooling(folder) if folder is not None and Path(folder).is_dir() else None
+    if spec is None:
+        raise ValueError(f"--pool auto: {where} has no sentence-transformers pooling (modules.json + "
+                         f"1_Pooling/config.json) in its folder; pass the pooling, e.g. --pool mean or --pool cls")
+    return str(spec)

@@ -45,6 +45,7 @@ from mtkd_cache.precompute.distributed import (
     share_of,
     shutdown,
 )
+from mtkd_cache.precompute.encoder import run_feature_chunk
 from mtkd_cache.precompute.extract import NONFINITE_FIX
 from mtkd_cache.precompute.lock import TeacherLock, check_shared_store
 from mtkd_cache.precompute.models import LoadedTeacher, load_teacher
@@ -196,7 +197,8 @@ def _process(reader: CacheReader, teacher: LoadedTeacher, meta: TeacherMeta, wri
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtkd-writer") as pool, cpu_reducers(device) as reducers, \
             contextlib.closing(bar):  # the bar ends its line before any error message
         for c in pending:
-            out = run_chunk(reader.read_chunk(c), teacher, meta, c, seed=cfg.seed, batch_size=cfg.batch_size,
+            run = run_feature_chunk if meta.target.kind == "none" else run_chunk  # a teacher without a head
+            out = run(reader.read_chunk(c), teacher, meta, c, seed=cfg.seed, batch_size=cfg.batch_size,
                             max_tokens=cfg.max_tokens, device=device, dtype=dtype, pad_id=pad_id, reducers=reducers)
             while in_flight:  # keep one chunk compressing while the next one computes
                 in_flight.pop(0).result()

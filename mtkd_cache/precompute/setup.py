@@ -23,6 +23,12 @@ from mtkd_cache.format.meta import Compressor, FeatureSpec, TeacherMeta, ValueEn
 from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.precompute.chunk import batch_inputs
 from mtkd_cache.precompute.config import RunConfig, model_key
+from mtkd_cache.precompute.encoder import (
+    check_layers,
+    encoder_settings,
+    feature_only_meta,
+    teacher_pool,
+)
 from mtkd_cache.precompute.forward import forward_teacher
 from mtkd_cache.precompute.models import LoadedTeacher, load_teacher
 
@@ -44,6 +50,12 @@ def setup_teacher(reader: CacheReader, cfg: RunConfig, model_kwargs: Mapping[str
     teacher = _check_vocab(reader, teacher, cfg)
     tok = reader.inputs.tokenizer
     pad_id = tok.pad_token_id if tok and tok.pad_token_id is not None else 0
+    check_layers(teacher, cfg.features, cfg.teacher)
+    cfg = dataclasses.replace(cfg, pool=teacher_pool(cfg, teacher))
+    if teacher.task == "encoder":  # no head: features only (precompute/encoder.py)
+        dims = encoder_settings(reader, teacher, cfg, pad_id)
+        meta = _teacher_meta(reader, teacher, cfg, model_kwargs, dtype, dims, reader.inputs.kind == "tokens")
+        return teacher, feature_only_meta(meta, cfg.pool), pad_id
     dims, per_token, width = _probe(reader, teacher, cfg, pad_id)
     _check_width(reader, teacher, cfg, per_token, width)
     if cfg.top_k is not None and cfg.top_k > teacher.vocab_size:
@@ -54,7 +66,7 @@ def setup_teacher(reader: CacheReader, cfg: RunConfig, model_kwargs: Mapping[str
 
 def _check_vocab(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig) -> LoadedTeacher:
     inputs = reader.inputs
-    if inputs.tokenizer is not None and teacher.task in ("causal_lm", "sequence_classification"):
+    if inputs.tokenizer is not None and teacher.task in ("causal_lm", "sequence_classification", "encoder"):
         if teacher.tokenizer_path is not None:
             from mtkd_cache.precompute.prepare import load_tokenizer
 

@@ -21,23 +21,26 @@ import torch.nn.functional as F
 
 from mtkd_train.losses._kd import LossConfigError
 
-__all__ = ["RELATIONAL_KINDS", "relational_loss"]
+__all__ = ["RELATIONAL_KINDS", "relational_loss", "similarity_matrix"]
 
 RELATIONAL_KINDS = ("similarity", "contrastive")
 
 
-def _similarity(x: torch.Tensor) -> torch.Tensor:
+def similarity_matrix(x: torch.Tensor) -> torch.Tensor:
+    """In-batch cosine similarities ``(M, D) -> (M, M)`` in float32."""
     n = F.normalize(x.float(), p=2, dim=-1, eps=1e-8)
     return n @ n.T  # (M, M)
 
 
 def relational_loss(student: torch.Tensor, teacher: torch.Tensor, *,
-                    kind: Literal["similarity", "contrastive"] = "similarity", tau: float = 0.05) -> torch.Tensor:
+                    kind: Literal["similarity", "contrastive"] = "similarity", tau: float = 0.05,
+                    target_is_similarity: bool = False) -> torch.Tensor:
     """Relational distillation loss between two batches of embeddings of the same M items.
 
     Args:
         student: ``(M, D_s)``.
-        teacher: ``(M, D_t)`` (no gradient needed).
+        teacher: ``(M, D_t)`` (no gradient needed), or with ``target_is_similarity`` an ``(M, M)``
+            similarity matrix already (e.g. the mean of several teachers').
         kind: ``"similarity"`` or ``"contrastive"``.
         tau: Softmax temperature of ``"contrastive"`` (> 0).
 
@@ -51,13 +54,15 @@ def relational_loss(student: torch.Tensor, teacher: torch.Tensor, *,
         raise LossConfigError(f"relational kind must be one of {RELATIONAL_KINDS}, got {kind!r}")
     if not tau > 0:
         raise LossConfigError(f"tau must be > 0, got {tau!r}")
-    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
+    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0] or (
+            target_is_similarity and teacher.shape[1] != teacher.shape[0]):
         raise LossConfigError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must be "
                               "(M, D_s) and (M, D_t) over the same M items")
     m = student.shape[0]
     if m < 2:
         return student.sum() * 0.0
-    s, t = _similarity(student), _similarity(teacher.detach())
+    s = similarity_matrix(student)
+    t = teacher.detach().float() if target_is_similarity else similarity_matrix(teacher.detach())
     off = ~torch.eye(m, dtype=torch.bool, device=student.device)
     if kind == "similarity":
         return (s - t)[off].pow(2).mean()

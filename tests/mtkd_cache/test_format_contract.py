@@ -144,9 +144,13 @@ def read_plain(root: Path) -> dict[str, np.ndarray]:
                 _check_every_shard_and_crc(root, str(zarr_json.parent.relative_to(root)))
         token_grid = meta["grid"] == "token"
         rows = grid["num_chunks"] * (C if token_grid else S)
-        indices = _array(root, f"{key}/indices")
-        assert indices.dtype == np.dtype(meta["index_dtype"]) and indices.shape[0] == rows
-        indices = indices[:].astype(np.int64)
+        arrays: dict[str, np.ndarray] = {}
+        if meta["target"]["kind"] == "none":  # a teacher without a head: features only
+            assert not (root / key / "indices").exists()
+        else:
+            stored = _array(root, f"{key}/indices")
+            assert stored.dtype == np.dtype(meta["index_dtype"]) and stored.shape[0] == rows
+            indices = stored[:].astype(np.int64)
         if meta["target"]["kind"] == "topk":
             values = _array(root, f"{key}/values")
             assert (
@@ -161,7 +165,7 @@ def read_plain(root: Path) -> dict[str, np.ndarray]:
                 "tail": _array(root, f"{key}/tail")[:].astype(np.float32),
             }
             assert _array(root, f"{key}/tail").dtype == np.dtype(meta["tail_dtype"])
-        else:
+        elif meta["target"]["kind"] == "sample":
             arrays = {
                 "indices": indices,
                 "counts": _array(root, f"{key}/counts")[:].astype(np.int32),
@@ -213,12 +217,17 @@ def dump_plain(root: str, out: str) -> None:
 def contract_cache(
     tmp_path_factory: pytest.TempPathFactory, inputs_template: Path, lm_dir: Path, bert_dir: Path
 ) -> Path:
-    """Token grid (u8log + per-position fp16 feature), sampled, and sample grid (fp16 + int8 pooled)."""
+    """Token grid (u8log + per-position fp16 feature), sampled, sample grid (fp16 + int8 pooled), and a
+    feature-only encoder (target kind none, CLS pooling + normalize)."""
     import shutil
+
+    from helpers.tiny_encoders import save_tiny_encoder
 
     from mtkd_cache import RunConfig, run_teacher
 
     cache = Path(shutil.copytree(inputs_template, tmp_path_factory.mktemp("contract") / "cache"))
+    enc = save_tiny_encoder(tmp_path_factory.mktemp("contract_enc") / "enc", pooling="cls")
+    run_teacher(cache, RunConfig(teacher="enc", model=str(enc), features=(-1,), pool="auto"), progress=False)
     run_teacher(
         cache, RunConfig(teacher="lm", model=str(lm_dir), top_k=8, features=(0,)), progress=False
     )
@@ -264,11 +273,11 @@ def test_plain_reader_needs_no_mtkd_and_equals_open_cache(
     from mtkd_cache import open_cache
 
     reader = open_cache(contract_cache)
-    teachers = ["bert", "lm", "lm_sampled"]
+    teachers = ["bert", "enc", "lm", "lm_sampled"]
     assert reader.teacher_names == teachers
     compared = set()
     for c in range(reader.num_chunks):
-        data = reader.read_chunk(c, teachers=teachers, features={"lm": [0], "bert": [-1]})
+        data = reader.read_chunk(c, teachers=teachers, features={"lm": [0], "bert": [-1], "enc": [-1]})
         for i, sid in enumerate(data.sample_ids.tolist()):
             pos = slice(data.offsets[i], data.offsets[i] + data.lengths[i])
             label = -100 if data.labels is None else data.labels[i]
@@ -283,6 +292,7 @@ def test_plain_reader_needs_no_mtkd_and_equals_open_cache(
                     expected[f"{sid}/{name}/{what}"] = value[rows]
             expected[f"{sid}/lm/layer_0"] = data.features["lm"]["layer_0"][pos]
             expected[f"{sid}/bert/layer_m1"] = data.features["bert"]["layer_m1"][i : i + 1]
+            expected[f"{sid}/enc/layer_m1"] = data.features["enc"]["layer_m1"][i : i + 1]
             for key, value in expected.items():
                 np.testing.assert_array_equal(plain[key], value, err_msg=key)
                 compared.add(key)

@@ -266,12 +266,12 @@ def test_from_dict_names_the_field_the_value_and_what_was_expected(
     [
         (lambda: RunConfig(teacher="a/b", model="m"), "--teacher 'a/b'"),
         (
-            lambda: RunConfig(teacher="t", model="m", top_k=None),
+            lambda: RunConfig(teacher="t", model="m", top_k=4, samples=4),
             "exactly one of --top-k K or --samples N",
         ),
         (
-            lambda: RunConfig(teacher="t", model="m", pool="max"),
-            "--pool must be 'none' or 'mean', got 'max'",
+            lambda: RunConfig(teacher="t", model="m", pool="median"),
+            "--pool 'median': use none, auto, mean, cls",
         ),
         (
             lambda: RunConfig(teacher="t", model="m", batch_size=0),
@@ -292,7 +292,7 @@ def test_settings_validators_name_the_flag(make: Callable[[], Any], message: str
         (lambda: TargetSpec("topk", k=4, temperature=0.0), "target temperature must be a finite number > 0, got 0.0"),
         (lambda: TargetSpec("soft", k=4), "target kind: 'soft' is not one of"),
         (lambda: ValueEncoding("u4"), "values.codec 'u4' is not one of"),
-        (lambda: FeatureSpec(1, pool="max"), "feature pool: 'max'"),
+        (lambda: FeatureSpec(1, pool="median"), "feature pool 'median' must be"),
         (lambda: TeacherMeta(**{**TEACHER.__dict__, "vocab_size": 0}), "teacher vocab_size must be positive"),
         (lambda: TeacherMeta(**{**TEACHER.__dict__, "compressor": {"name": "lz4"}}), "compressor 'lz4'"),
         (lambda: TeacherMeta(**{**TEACHER.__dict__, "grid": "pixel"}), "teacher grid: 'pixel'"),

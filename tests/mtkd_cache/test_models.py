@@ -251,10 +251,17 @@ def _folder_with_config(llama_dir: Path, tmp_path: Path, **changes: object) -> P
     return tmp_path
 
 
-def test_architecture_without_task_head_is_unsupported(llama_dir: Path, tmp_path: Path) -> None:
-    folder = _folder_with_config(llama_dir, tmp_path, architectures=["LlamaModel"])
-    with pytest.raises(UnsupportedTeacherError, match="LlamaModel"):
+def test_unknown_architecture_is_unsupported(llama_dir: Path, tmp_path: Path) -> None:
+    folder = _folder_with_config(llama_dir, tmp_path, architectures=["LlamaForSomethingElse"])
+    with pytest.raises(UnsupportedTeacherError, match="LlamaForSomethingElse"):
         load_teacher(str(folder), device=CPU, dtype=torch.float32)
+
+
+def test_base_model_without_head_loads_as_a_feature_only_encoder(llama_dir: Path, tmp_path: Path) -> None:
+    folder = _folder_with_config(llama_dir, tmp_path, architectures=["LlamaModel"])
+    teacher = load_teacher(str(folder), device=CPU, dtype=torch.float32)
+    assert teacher.task == "encoder" and type(teacher.module).__name__ == "LlamaModel"
+    assert teacher.num_layers == 2 and teacher.hidden_size is not None
 
 
 def test_remote_code_is_refused_unless_trusted(llama_dir: Path, tmp_path: Path) -> None:
