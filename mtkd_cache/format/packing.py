@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["DOC_START", "doc_start_marks", "document_ids", "document_ids_from_marks", "packed_attention_mask",
-           "packed_position_ids"]
+__all__ = ["DOC_START", "doc_start_marks", "document_ids", "document_ids_from_marks", "isolated_inputs",
+           "packed_attention_mask", "packed_position_ids"]
 
 DOC_START = "doc_start"
 """Key of the per-position document-start marks in ``ChunkData.inputs`` of packed caches (not stored)."""
@@ -102,3 +102,19 @@ def document_ids_from_marks(marks: torch.Tensor, real: torch.Tensor) -> torch.Te
     starts[:, 0] = True
     doc = starts.long().cumsum(1) - 1
     return torch.where(real, doc, torch.full_like(doc, -1))
+
+
+def isolated_inputs(doc_start: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype
+                    ) -> dict[str, torch.Tensor]:
+    """HF decoder keywords that isolate packed documents: a 4-D ``attention_mask`` and ``position_ids``.
+
+    Args:
+        doc_start: ``(B, L)`` bool, True where a document starts (right padding False).
+        attention_mask: ``(B, L)`` 2-D mask, 1 on real tokens.
+        dtype: The model's floating dtype (the additive mask's).
+
+    Returns:
+        ``{"attention_mask": (B, 1, L, L), "position_ids": (B, L)}``.
+    """
+    doc = document_ids_from_marks(doc_start.bool(), attention_mask.bool())
+    return {"attention_mask": packed_attention_mask(doc, dtype), "position_ids": packed_position_ids(doc)}
