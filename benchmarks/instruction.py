@@ -146,6 +146,7 @@ def main() -> None:
     ev = a.out / "cache_eval"
     prepare(ev, eval_chat, tokenizer=a.teacher, max_length=96, messages_column="messages", progress=False)
     student = student_config(a.out, a.teacher)
+    packing(a, train_text, student, log)
     for seed in range(a.seeds):
         for name, mode, alpha in (("mask_on", "assistant", 0.5), ("mask_off", "all", 0.5), ("no_kd", "assistant", 0.0)):
             r = train_and_eval(caches[mode], ev, student, a.out / f"run_{name}_{seed}", seed=seed, alpha=alpha,
@@ -157,7 +158,6 @@ def main() -> None:
         summary[name] = {"mean": statistics.mean(ppl), "stdev": statistics.stdev(ppl) if len(ppl) > 1 else 0.0,
                          "per_seed": ppl}
     log("assistant_token_perplexity", summary)
-    packing(a, train_text, student, log)
 
 
 def packing(a: argparse.Namespace, text: Path, student: Path, log: Any) -> None:

@@ -104,3 +104,28 @@ def test_bad_instruction_inputs_are_one_line_errors_naming_the_sample(chat, tmp_
     errors = [line for line in out.output.splitlines() if line.startswith("Error")]
     assert out.exit_code != 0 and "Traceback" not in out.output and len(errors) == 1 and "chat template" in errors[0]
     assert not (tmp_path / "c6" / "manifest.json").exists()
+
+
+def test_the_documented_layout_reads_with_plain_zarr_and_rehashes(chat, tmp_path) -> None:  # noqa: ANN001
+    """docs/FORMAT.md "Loss mask": zarr + pyarrow + hashlib alone recover the mask and each content hash."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+    import zarr
+
+    tok_dir, data = chat
+    prepare(tmp_path / "c", data, tokenizer=tok_dir, max_length=64, messages_column="messages", chunk_samples=4,
+            progress=False)
+    group = zarr.open_group(str(tmp_path / "c" / "inputs"), mode="r")
+    ids, mask = np.asarray(group["token_ids"][:]), np.asarray(group["loss_mask"][:])
+    assert mask.dtype == np.uint8 and group["loss_mask"].chunks == group["token_ids"].chunks
+    table = pq.read_table(tmp_path / "c" / "inputs" / "samples.parquet").to_pylist()
+    for row in table:
+        span = slice(row["offset"], row["offset"] + row["num_positions"])
+        h = hashlib.blake2b(digest_size=16)
+        for a in (ids[span].astype("<i8"), mask[span]):
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        assert h.hexdigest() == row["content_hash"]
+    checksums = pq.read_table(tmp_path / "c" / "inputs" / "chunks.parquet").column("array").to_pylist()
+    assert checksums.count("loss_mask") == checksums.count("token_ids") == 2
