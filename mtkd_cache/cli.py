@@ -90,6 +90,21 @@ def main(ctx: click.Context, storage_options: dict[str, Any]) -> None:
     ctx.obj = storage_options
 
 
+def _instruction_options(f: Any) -> Any:
+    """`prepare`'s options for instruction data (docs/INSTRUCTION.md)."""
+    options = [
+        click.option("--messages-column", default=None, help="Column of conversations (lists of {role, content}), "
+                     "rendered with the tokenizer's chat template; one sample per row with a stored loss mask."),
+        click.option("--prompt-column", default=None, help="Column of prompts (with --completion-column)."),
+        click.option("--completion-column", default=None, help="Column of completions (with --prompt-column)."),
+        click.option("--train-on", type=click.Choice(["assistant", "all"]), default=None,
+                     help="Instruction data: learn the assistant's tokens only (default) or all tokens."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @main.command()
 @click.argument("cache")
 @click.option("--data", required=True, help="Local text/json/jsonl/parquet/csv file or folder, a saved HF dataset, or a dataset id.")
@@ -103,6 +118,7 @@ def main(ctx: click.Context, storage_options: dict[str, Any]) -> None:
 @click.option("--chunk-samples", type=click.IntRange(min=1), default=None, help="Samples per chunk (unit of work/commit). Default: ~32k positions per chunk.")
 @click.option("--max-samples", type=click.IntRange(min=1), default=None, help="Stop after this many samples.")
 @click.option("--overwrite", is_flag=True, help="Replace inputs prepared with other settings (removes mtkd's own keys, so every teacher; never other files or the data).")
+@_instruction_options
 @_friendly
 def prepare(cache: str, **kw: Any) -> None:
     """Tokenize a dataset once and write the inputs every teacher run will see."""

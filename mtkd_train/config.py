@@ -23,7 +23,7 @@ __all__ = ["FEATURE_KINDS", "RUN_ONLY_KEYS", "ConfigError", "FeatureSpec", "Trai
 
 RUN_ONLY_KEYS = ("out", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_cache", "eval_every", "eval_max_samples",
                  "mc_samples", "tensorboard", "verify_cache", "num_workers", "device", "progress", "trust_factory",
-                 "find_unused_parameters", "lanes")
+                 "find_unused_parameters", "lanes", "merge_lora")
 """Keys that do not change what a training step computes: left out of `TrainConfig.fingerprint`."""
 _FEATURE_DEFAULTS = {"feature_aggregate": "per_teacher", "feature_tau": 0.05, "student_pooling": "auto"}
 FEATURE_KINDS = ("mse", "cosine", "similarity", "contrastive")  # = losses.FEATURE_LOSS_KINDS
@@ -218,6 +218,15 @@ class TrainConfig:
     trust_factory: bool = False
     """Let a --student folder's factory.json import and run the Python factory it names (code from
     that folder's author). Naming a factory as --student pkg.mod:fn needs no flag."""
+    lora_r: int = 0
+    """LoRA rank: > 0 freezes the (pretrained) student and trains low-rank adapters instead (needs
+    the optional extra `mtkd[lora]`, i.e. peft; docs/INSTRUCTION.md). 0: full fine-tuning."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: the adapter update is alpha / r * B A."""
+    lora_targets: str = ""
+    """Comma-separated module names to adapt (e.g. q_proj,v_proj); empty: peft's default for the architecture."""
+    merge_lora: bool = False
+    """Save the final student with the adapters merged into its weights (a plain HF model) instead of the adapters."""
 
     def __post_init__(self) -> None:
         if not self.cache:
@@ -226,6 +235,7 @@ class TrainConfig:
             raise ConfigError(f"{_flag('teachers')} is required: e.g. --teachers a,b")
         if not self.student:
             raise ConfigError(f"{_flag('student')} is required: an HF config folder or package.module:function")
+        self._check_lora()
         if self.aggregate not in AGGREGATORS and self.aggregate != "auto":
             raise ConfigError(f"{_flag('aggregate')} is {self.aggregate!r}; expected auto or one of {sorted(AGGREGATORS)}")
         if self.aggregate == "auto" and self.aggregate_kwargs:
@@ -297,6 +307,17 @@ class TrainConfig:
         d["features"] = dict(self.features)
         d.pop("storage_options")  # may hold credentials: never stored, logged or fingerprinted
         return d
+
+    def _check_lora(self) -> None:
+        from mtkd_train.lora import PEFT_FIX, peft_available
+
+        if self.lora_r < 0 or self.lora_alpha <= 0:
+            raise ConfigError(f"{_flag('lora_r')} must be >= 0 and {_flag('lora_alpha')} > 0; got {self.lora_r} "
+                              f"and {self.lora_alpha}")
+        if self.lora_r == 0 and (self.lora_targets or self.merge_lora):
+            raise ConfigError(f"{_flag('lora_targets')} and {_flag('merge_lora')} need {_flag('lora_r')} > 0")
+        if self.lora_r > 0 and not peft_available():
+            raise ConfigError(f"{_flag('lora_r')} needs the peft package, which is not installed; {PEFT_FIX}")
 
     def fingerprint(self) -> str:
         """Hash of the fields that change what a step computes (not run length, logging, paths)."""

@@ -3,6 +3,9 @@ MC-dropout predictive uncertainty; and each cached teacher's own scores, read fr
 (no teacher is loaded).
 
 For causal LMs every real position j with a next token j+1 counts; for classifiers every sample.
+With a stored loss mask (instruction data) only rows whose next token is marked count, so the
+perplexity is the assistant-token perplexity; in packed inputs a document's last row (whose next
+token begins another document) does not count.
 """
 
 from __future__ import annotations
@@ -64,11 +67,39 @@ def _batch(data: Any, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
             ids[b, :n_i] = torch.from_numpy(data.inputs["token_ids"][o : o + n_i])
             real[b, :n_i] = True
         batch.update(input_ids=ids, attention_mask=real.long(), position_mask=real)
+        batch.update(_token_extras(data, idx, L))
     else:
         batch.update({k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in data.inputs.items()})
     if data.labels is not None:
         batch["labels"] = torch.as_tensor(data.labels[idx])
     return batch
+
+
+def _token_extras(data: Any, idx: list[int], length: int) -> dict[str, torch.Tensor]:
+    """The loss mask and document-start marks of samples `idx`, (B, L) bool, when the chunk has them."""
+    out: dict[str, torch.Tensor] = {}
+    for key in ("loss_mask", "doc_start"):
+        if key in data.inputs:
+            arr = torch.zeros((len(idx), length), dtype=torch.bool)
+            for b, i in enumerate(idx):
+                o, n_i = int(data.offsets[i]), int(data.lengths[i])
+                arr[b, :n_i] = torch.from_numpy(data.inputs[key][o : o + n_i])
+            out[key] = arr
+    return out
+
+
+def _teacher_token_rows(data: Any, take: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scored for a token-grid teacher and their next tokens: as the student's (`row_labels`)."""
+    toks = data.inputs["token_ids"]
+    keep = np.ones(len(toks), dtype=bool)
+    for key in ("loss_mask", "doc_start"):
+        if key in data.inputs:  # the next token is marked / lies in the same document
+            keep &= data.inputs[key] if key == "loss_mask" else ~data.inputs[key]
+    rows: list[int] = []
+    for o, n_i in zip(data.offsets[:take], data.lengths[:take]):
+        rows.extend(j for j in range(int(o), int(o + n_i - 1)) if keep[j + 1])
+    rows_a = np.asarray(rows, dtype=np.int64)
+    return rows_a, toks[rows_a + 1].astype(np.int64)
 
 
 _BINS = 15
@@ -158,7 +189,10 @@ def evaluate_student(student: Student, reader: CacheReader, *, batch_size: int =
     finally:
         student.module.train(was_training)
     totals.reduce(world)
-    return totals.result(student.task, mc_samples)
+    out = totals.result(student.task, mc_samples)
+    if student.task == "causal_lm":
+        out["scored"] = "loss_mask" if reader.inputs.arrays.get("loss_mask") else "all"
+    return out
 
 
 def _rows_logits(student: Student, batch: dict[str, torch.Tensor], keep: torch.Tensor, vocab: int | None
@@ -197,13 +231,7 @@ def evaluate_teachers(reader: CacheReader, teachers: Sequence[str], max_samples:
             # the same samples as `evaluate_student`: the first `max_samples`, labelled ones only
             take = len(data.sample_ids) if max_samples is None else min(len(data.sample_ids), max_samples - seen)
             if meta.grid == "token":
-                toks = data.inputs["token_ids"]
-                rows: list[int] = []
-                ys: list[int] = []
-                for o, n_i in zip(data.offsets[:take], data.lengths[:take]):
-                    rows.extend(range(int(o), int(o + n_i - 1)))
-                    ys.extend(toks[int(o) + 1 : int(o + n_i)].tolist())
-                rows_a, y = np.asarray(rows, dtype=np.int64), np.asarray(ys, dtype=np.int64)
+                rows_a, y = _teacher_token_rows(data, take)
             else:
                 labels = data.labels[:take] if data.labels is not None else np.full(take, -100)
                 rows_a = np.flatnonzero(labels >= 0)

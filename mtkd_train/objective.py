@@ -33,7 +33,7 @@ from mtkd_train.losses import (
     mixture_negentropy,
     weighted_forward_kl,
 )
-from mtkd_train.rows import row_labels, row_targets, take_rows
+from mtkd_train.rows import loss_rows, row_labels, row_targets, take_rows
 from mtkd_train.student import HeadInputs
 from mtkd_train.targets import SparseTargets
 
@@ -125,7 +125,10 @@ class Objective(nn.Module):
         base = logits.hidden if isinstance(logits, HeadInputs) else logits  # (B, T, V_s) or (B, T, H)
         mask = batch["position_mask"] if student_task == "causal_lm" else torch.ones(
             base.shape[:2], dtype=torch.bool, device=base.device)
-        rows = batch.get("row_index", mask)  # a flat index made on the host gathers without a device sync
+        if "row_index" in batch:  # a flat index made on the host gathers without a device sync
+            rows = batch["row_index"]
+        else:
+            rows = loss_rows(batch) if student_task == "causal_lm" else mask
         z = take_rows(base, rows)  # (P, V_s) logits, or (P, H) hidden states for the head-fused loss
         labels = take_rows(row_labels(batch, student_task), rows)  # (P,)
         targets = [row_targets(batch["targets"][n], rows, tc, self.vocab_size, self.T)

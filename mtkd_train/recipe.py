@@ -40,6 +40,7 @@ from mtkd_train.checkpoint import (
 from mtkd_train.config import ConfigError, TrainConfig
 from mtkd_train.data import CachedDistillDataset, validate_teachers
 from mtkd_train.evaluate import evaluate_student, evaluate_teachers
+from mtkd_train.lora import apply_lora, save_lora_student
 from mtkd_train.losses import FeatureDistiller
 from mtkd_train.metrics import MetricLogger, write_error
 from mtkd_train.objective import Objective
@@ -180,6 +181,8 @@ class DistillRecipe:
         if grid == "sample" and size not in (0, self.vocab_size):
             raise ConfigError(f"`student` {c.student!r} has {size} classes but the teachers {teachers} have "
                               f"{self.vocab_size}; give the student {self.vocab_size} outputs")
+        if c.lora_r > 0:
+            self.student = apply_lora(self.student, r=c.lora_r, alpha=c.lora_alpha, targets=c.lora_targets, seed=c.seed)
         self.student.module.to(self.device)
 
     def _hidden_size(self) -> int:
@@ -397,6 +400,8 @@ class DistillRecipe:
             return None
         try:
             (self.out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
+            if self.cfg.lora_r > 0:
+                return save_lora_student(self.student, self.out / "student", merge=self.cfg.merge_lora)
             return save_student(self.student, self.out / "student")
         except OSError as e:
             raise write_error(self.out / "student", e) from e

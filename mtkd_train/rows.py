@@ -13,7 +13,7 @@ import torch
 
 from mtkd_train.targets import SparseTargets, from_samples, retemper
 
-__all__ = ["row_index", "row_labels", "row_targets", "take_rows", "to_device"]
+__all__ = ["loss_rows", "row_index", "row_labels", "row_targets", "take_rows", "to_device"]
 
 
 def row_index(mask: torch.Tensor) -> torch.Tensor:
@@ -52,14 +52,39 @@ def row_targets(target: Mapping[str, torch.Tensor], rows: torch.Tensor, capture_
     return retemper(t, ratio, vocab_size) if ratio != 1.0 else t
 
 
+def _next_in_document(batch: Mapping[str, Any]) -> torch.Tensor:
+    """``(B, L)`` bool: row j has a next token j + 1 in its sample and (packed inputs) its document."""
+    real = batch["position_mask"]
+    nxt = torch.zeros_like(real)
+    nxt[:, :-1] = real[:, 1:]
+    if "doc_start" in batch:  # a document's last row would predict the next document's first token
+        nxt[:, :-1] &= ~batch["doc_start"][:, 1:]
+    if "loss_mask" in batch:  # row j learns token j + 1 only where that token is marked
+        nxt[:, :-1] &= batch["loss_mask"][:, 1:]
+    return nxt
+
+
+def loss_rows(batch: Mapping[str, Any]) -> torch.Tensor:
+    """``(B, L)`` bool: the rows of a causal-LM batch that KD and CE train.
+
+    Every real position, as the teacher's distribution there is known; with a stored loss mask
+    (instruction data, ``inputs/loss_mask``) only rows j whose next token j + 1 is marked and lies
+    in the same document (so the last row of a sample never trains).
+    """
+    real = batch["position_mask"]
+    if "loss_mask" not in batch:
+        return real
+    return real & _next_in_document(batch)
+
+
 def row_labels(batch: Mapping[str, Any], task: str) -> torch.Tensor:
-    """Hard label per row (B, T): the next token for causal LMs (-100 where there is none); for
-    classifiers the sample's label (-100 for all samples of a cache without labels)."""
+    """Hard label per row (B, T): the next token for causal LMs (-100 where there is none in the
+    sample or the document, or where the loss mask leaves it out); for classifiers the sample's
+    label (-100 for all samples of a cache without labels)."""
     if task == "causal_lm":
-        ids, real = batch["input_ids"], batch["position_mask"]
+        ids = batch["input_ids"]
         nxt = torch.full_like(ids, -100)
-        nxt[:, :-1] = torch.where(real[:, 1:], ids[:, 1:], torch.full_like(ids[:, 1:], -100))
-        return nxt
+        return torch.where(_next_in_document(batch), torch.roll(ids, -1, dims=1), nxt)
     if "labels" not in batch:
         return torch.full((len(batch["sample_ids"]), 1), -100, dtype=torch.long, device=batch["sample_ids"].device)
     return batch["labels"].view(-1, 1)
@@ -71,7 +96,7 @@ def to_device(batch: dict[str, Any], device: torch.device, per_token: bool) -> d
     `per_token` (causal LM students): the real positions; otherwise one row per sample (T = 1).
     """
     if "row_index" not in batch:
-        rows = row_index(batch["position_mask"]) if per_token else torch.arange(len(batch["sample_ids"]))
+        rows = row_index(loss_rows(batch)) if per_token else torch.arange(len(batch["sample_ids"]))
         batch = {**batch, "row_index": rows}
     if device.type == "cpu":
         return batch

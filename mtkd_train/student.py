@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from mtkd_cache.format.packing import isolated_inputs
+
 __all__ = ["HeadInputs", "Student", "StudentError", "load_student", "save_student"]
 
 _TASKS = {"ForCausalLM": "causal_lm", "ForSequenceClassification": "sequence_classification",
@@ -56,7 +58,7 @@ class Student:
         {layer: (B, T, D)}; None gives None.
         """
         if self.task in ("causal_lm", "sequence_classification"):
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            inputs = {"input_ids": batch["input_ids"], **self._attention(batch)}
         else:
             inputs = {k: v for k, v in batch.items() if k in self._array_keys}
         kw: dict[str, Any] = {"output_hidden_states": True} if want_hidden is not None else {}
@@ -82,11 +84,21 @@ class Student:
     def forward_head(self, batch: Mapping[str, torch.Tensor], want_hidden: int | Sequence[int] | None = None
                      ) -> tuple[HeadInputs, Any]:
         """Causal LMs only: run the decoder, not the head; return the head's inputs and hidden states as `forward`."""
-        out = self.module.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],  # type: ignore[operator]
+        out = self.module.get_decoder()(input_ids=batch["input_ids"], **self._attention(batch),  # type: ignore[operator]
                                         output_hidden_states=want_hidden is not None)
         head = self.module.get_output_embeddings()  # type: ignore[operator]
         hidden = self._pick_hidden(out.hidden_states if want_hidden is not None else None, want_hidden)
         return HeadInputs(out.last_hidden_state, head.weight, head.bias), hidden
+
+    def _attention(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The attention keywords: the 2-D mask, or for packed causal-LM batches (a ``doc_start`` key)
+        a block-diagonal 4-D mask with restarting position ids, so each document sees only itself."""
+        if "doc_start" not in batch or self.task != "causal_lm" or not hasattr(self.module, "get_decoder"):
+            return {"attention_mask": batch["attention_mask"]}
+        param = next(self.module.parameters())
+        dtype = torch.get_autocast_dtype(param.device.type) if torch.is_autocast_enabled(param.device.type) \
+            else param.dtype
+        return isolated_inputs(batch["doc_start"], batch["attention_mask"], dtype)
 
     def supports_fused_head(self) -> bool:
         """True if the logits are exactly ``head(decoder(x))`` (checked once on a short input).

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DatasetHasher", "sample_content", "sample_hash", "tokenizer_fingerprint"]
+__all__ = ["DatasetHasher", "sample_content", "sample_hash", "token_sample_content", "tokenizer_fingerprint"]
 
 
 def sample_hash(arrays: Iterable[np.ndarray]) -> str:
@@ -37,6 +37,19 @@ def sample_content(arrays: Iterable[np.ndarray], label: int | None, domain: str 
     if domain is not None:
         out.append(np.frombuffer(str(domain).encode(), dtype=np.uint8))
     return out
+
+
+def token_sample_content(ids: np.ndarray, loss_mask: np.ndarray | None, label: int | None,
+                         domain: str | None) -> list[np.ndarray]:
+    """What a token sample's content hash covers: its ids (int64), its loss mask, label and domain.
+
+    The loss mask, when the inputs store one, follows the ids as a ``uint8`` array of the same
+    length (docs/FORMAT.md "Loss mask"); without one the hash is the one of `sample_content`.
+    """
+    arrays = [np.asarray(ids, dtype=np.int64)]
+    if loss_mask is not None:
+        arrays.append(np.asarray(loss_mask, dtype=np.uint8))
+    return sample_content(arrays, label, domain)
 
 
 class DatasetHasher:

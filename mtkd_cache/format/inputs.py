@@ -11,8 +11,14 @@ import pyarrow.parquet as pq
 from mtkd_cache._version import FORMAT_VERSION, __version__
 from mtkd_cache.errors import InputDataError
 from mtkd_cache.format.codecs import Compressor, array_checksum, chunk_codecs
-from mtkd_cache.format.fingerprint import DatasetHasher, sample_content, sample_hash
+from mtkd_cache.format.fingerprint import (
+    DatasetHasher,
+    sample_content,
+    sample_hash,
+    token_sample_content,
+)
 from mtkd_cache.format.layout import chunk_rows, make_grid
+from mtkd_cache.format.loss_mask import LOSS_MASK, create_loss_mask_array
 from mtkd_cache.format.meta import InputsMeta, Manifest, TokenizerInfo
 from mtkd_cache.format.store import CacheStore, now_iso
 
@@ -36,13 +42,16 @@ class Sample(NamedTuple):
     label: Any
     domain: str | None
     doc_starts: list[int] | None
+    loss_mask: np.ndarray | None = None
+    """(L,) bool per token, for writers made with ``loss_mask=True`` (format/loss_mask.py)."""
 
 
 class InputsWriter:
     """Accumulates samples, writes a chunk of zarr rows + table rows each `chunk_samples` samples."""
 
     def __init__(self, store: CacheStore, *, kind: str, chunk_samples: int, positions_per_sample: int,
-                 token_dtype: str = "int32", array_specs: dict[str, tuple[tuple[int, ...], Any]] | None = None):
+                 token_dtype: str = "int32", array_specs: dict[str, tuple[tuple[int, ...], Any]] | None = None,
+                 loss_mask: bool = False):
         self.store, self.kind = store, kind
         self.grid0 = make_grid(chunk_samples, chunk_samples, positions_per_sample)
         self.S, self.C = self.grid0.chunk_samples, self.grid0.chunk_positions
@@ -56,6 +65,9 @@ class InputsWriter:
             self.arrays["token_ids"] = grp.create_array(
                 "token_ids", shape=(0,), dtype=token_dtype, chunks=(self.grid0.inner_positions,),
                 shards=(self.C,), compressors=codecs, fill_value=0, overwrite=True, config=full)
+            if loss_mask:
+                self.arrays[LOSS_MASK] = create_loss_mask_array(grp, self.arrays["token_ids"], compressors=codecs,
+                                                                config=full)
         else:
             ag = grp.require_group("arrays")
             for name, (shape, dtype) in (array_specs or {}).items():
@@ -101,20 +113,7 @@ class InputsWriter:
         self.n_chunks += 1
         rows: dict[str, list[Any]] = {f.name: [] for f in SAMPLE_SCHEMA}
         if self.kind == "tokens":
-            block = np.zeros(self.C, dtype=self.arrays["token_ids"].dtype)
-            cursor = 0
-            for s in self.buffer:
-                ids = s.arrays[0]
-                block[cursor : cursor + len(ids)] = ids
-                rows["offset"].append(c * self.C + cursor)
-                rows["num_positions"].append(len(ids))
-                rows["content_hash"].append(sample_hash(sample_content([ids.astype(np.int64)], self._label(s.label), s.domain)))
-                cursor += len(ids)
-            arr = self.arrays["token_ids"]
-            r0, r1 = chunk_rows(self.grid0, c, "token")
-            arr.resize((r1,))
-            arr[r0:r1] = block
-            self.checksums.append({"chunk": c, "array": "token_ids", "checksum": array_checksum(block)})
+            self._flush_tokens(c, rows)
         else:
             for j, (name, arr) in enumerate(sorted(self.arrays.items())):
                 block = np.zeros((self.S, *arr.shape[1:]), dtype=arr.dtype)
@@ -140,6 +139,31 @@ class InputsWriter:
         self.n_positions += int(sum(rows["num_positions"]))
         self._table.write_table(pa.table(rows, schema=SAMPLE_SCHEMA))
         self.buffer = []
+
+    def _flush_tokens(self, c: int, rows: dict[str, list[Any]]) -> None:
+        """Chunk `c` of token ids (and of the loss mask, when the writer has one) plus their table rows."""
+        masked = LOSS_MASK in self.arrays
+        blocks = {name: np.zeros(self.C, dtype=arr.dtype) for name, arr in self.arrays.items()}
+        cursor = 0
+        for s in self.buffer:
+            ids = s.arrays[0]
+            mask = None
+            if masked:
+                if s.loss_mask is None or len(s.loss_mask) != len(ids):
+                    raise InputDataError(f"source row {s.source_row}: its loss mask does not match its "
+                                         f"{len(ids)} tokens; give every sample a mask of its length")
+                mask = np.asarray(s.loss_mask, dtype=np.uint8)
+                blocks[LOSS_MASK][cursor : cursor + len(ids)] = mask
+            blocks["token_ids"][cursor : cursor + len(ids)] = ids
+            rows["offset"].append(c * self.C + cursor)
+            rows["num_positions"].append(len(ids))
+            rows["content_hash"].append(sample_hash(token_sample_content(ids, mask, self._label(s.label), s.domain)))
+            cursor += len(ids)
+        r0, r1 = chunk_rows(self.grid0, c, "token")
+        for name, arr in self.arrays.items():
+            arr.resize((r1,))
+            arr[r0:r1] = blocks[name]
+            self.checksums.append({"chunk": c, "array": name, "checksum": array_checksum(blocks[name])})
 
     def finish(self, hasher: DatasetHasher, *, max_length: int, tokenizer: TokenizerInfo | None,
                settings: dict[str, Any], source: str, packed: bool) -> InputsMeta:

@@ -17,9 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["document_ids", "packed_attention_mask", "packed_position_ids"]
+__all__ = ["DOC_START", "doc_start_marks", "document_ids", "document_ids_from_marks", "isolated_inputs",
+           "packed_attention_mask", "packed_position_ids"]
+
+DOC_START = "doc_start"
+"""Key of the per-position document-start marks in ``ChunkData.inputs`` of packed caches (not stored)."""
 
 
 def document_ids(doc_starts: Sequence[Sequence[int]], length: int, lengths: Sequence[int]) -> torch.Tensor:
@@ -67,3 +72,49 @@ def packed_attention_mask(doc: torch.Tensor, dtype: torch.dtype = torch.float32)
     allowed = (same & causal) | torch.eye(length, dtype=torch.bool, device=doc.device)
     zero = torch.zeros((), dtype=dtype, device=doc.device)
     return torch.where(allowed, zero, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def doc_start_marks(doc_starts: Sequence[Sequence[int] | None], lengths: Sequence[int]) -> np.ndarray:
+    """``(sum(lengths),)`` bool, True where a document starts, samples back to back.
+
+    Every sample's first position is a start: a sample that begins inside a document (the rest
+    of a document cut at ``max_length`` by ``prepare --pack``) sees that rest as its own document.
+
+    Args:
+        doc_starts: Per sample, the stored offsets (None or empty for an unpacked sample).
+        lengths: Per sample, its number of tokens.
+    """
+    out = np.zeros(int(sum(int(n) for n in lengths)), dtype=bool)
+    cursor = 0
+    for starts, n in zip(doc_starts, lengths):
+        offsets = [int(x) for x in (starts or []) if 0 <= int(x) < int(n)]
+        out[cursor + np.asarray([0, *offsets], dtype=np.int64)] = True
+        cursor += int(n)
+    return out
+
+
+def document_ids_from_marks(marks: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """``(B, L)`` int64 document index of each token from start marks ``(B, L)`` bool; -1 on padding.
+
+    ``real`` ``(B, L)`` bool marks the sample's tokens (right padding after them).
+    """
+    starts = marks.clone()
+    starts[:, 0] = True
+    doc = starts.long().cumsum(1) - 1
+    return torch.where(real, doc, torch.full_like(doc, -1))
+
+
+def isolated_inputs(doc_start: torch.Tensor, attention_mask: torch.Tensor, dtype: torch.dtype
+                    ) -> dict[str, torch.Tensor]:
+    """HF decoder keywords that isolate packed documents: a 4-D ``attention_mask`` and ``position_ids``.
+
+    Args:
+        doc_start: ``(B, L)`` bool, True where a document starts (right padding False).
+        attention_mask: ``(B, L)`` 2-D mask, 1 on real tokens.
+        dtype: The model's floating dtype (the additive mask's).
+
+    Returns:
+        ``{"attention_mask": (B, 1, L, L), "position_ids": (B, L)}``.
+    """
+    doc = document_ids_from_marks(doc_start.bool(), attention_mask.bool())
+    return {"attention_mask": packed_attention_mask(doc, dtype), "position_ids": packed_position_ids(doc)}

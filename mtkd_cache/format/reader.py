@@ -44,7 +44,9 @@ from mtkd_cache.format.kinds import (
     TopkBlock,
 )
 from mtkd_cache.format.layout import ChunkGrid, chunk_of_row, chunk_rows, feature_grid
+from mtkd_cache.format.loss_mask import LOSS_MASK
 from mtkd_cache.format.meta import FeatureSpec, InputsMeta, Manifest, TeacherMeta
+from mtkd_cache.format.packing import DOC_START, doc_start_marks
 from mtkd_cache.format.shards import ShardedArray
 from mtkd_cache.format.store import CacheStore
 
@@ -301,9 +303,22 @@ class CacheReader:
         g = self.inputs.grid
         if self.inputs.kind == "tokens":
             p0 = chunk_rows(g, chunk, "token")[0]
-            return {"token_ids": self._input_rows("token_ids", p0, p0 + used, "token").astype(np.int64)}
+            out = {"token_ids": self._input_rows("token_ids", p0, p0 + used, "token").astype(np.int64)}
+            out.update(self._token_extras(chunk, p0, used))
+            return out
         s0 = chunk_rows(g, chunk, "sample")[0]
         return {k: self._input_rows(f"arrays/{k}", s0, s0 + n, "sample") for k in self.inputs.arrays}
+
+    def _token_extras(self, chunk: int, p0: int, used: int) -> dict[str, np.ndarray]:
+        """The loss mask (when stored) and, for packed inputs, the document-start marks of a chunk's rows."""
+        out: dict[str, np.ndarray] = {}
+        if LOSS_MASK in self.inputs.arrays:
+            out[LOSS_MASK] = self._input_rows(LOSS_MASK, p0, p0 + used, "token").astype(bool)
+        if self.inputs.packed:
+            s0, s1 = self.inputs.grid.sample_range(chunk)
+            out[DOC_START] = doc_start_marks(self.samples.column("doc_starts").slice(s0, s1 - s0).to_pylist(),
+                                             self.sample_columns["num_positions"][s0:s1])  # type: ignore[index,arg-type]
+        return out
 
     def sample(self, sample_id: int, teachers: Sequence[str] = ()) -> dict[str, Any]:
         """Random access to one sample: its inputs, label, domain and each teacher's targets."""
@@ -314,6 +329,8 @@ class CacheReader:
         out: dict[str, Any] = {"sample_id": sample_id, "num_positions": n}
         if self.inputs.kind == "tokens":
             out["token_ids"] = self._input_rows("token_ids", off, off + n, "token").astype(np.int64)
+            if LOSS_MASK in self.inputs.arrays:
+                out[LOSS_MASK] = self._input_rows(LOSS_MASK, off, off + n, "token").astype(bool)
         else:
             out.update({k: self._input_rows(f"arrays/{k}", off, off + 1, "sample")[0] for k in self.inputs.arrays})
         labels = cols["label"]

@@ -25,9 +25,15 @@ from tqdm.auto import tqdm
 from mtkd_cache.errors import CacheCorruptError, CacheFormatError, CacheNotFoundError
 from mtkd_cache.format.checks import check_teacher_json, inputs_fix, read_rows, teacher_fix
 from mtkd_cache.format.codecs import array_checksum
-from mtkd_cache.format.fingerprint import DatasetHasher, sample_content, sample_hash
+from mtkd_cache.format.fingerprint import (
+    DatasetHasher,
+    sample_content,
+    sample_hash,
+    token_sample_content,
+)
 from mtkd_cache.format.kinds import teacher_arrays
 from mtkd_cache.format.layout import chunk_rows, shard_key
+from mtkd_cache.format.loss_mask import LOSS_MASK
 from mtkd_cache.format.meta import TeacherMeta
 from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.format.store import CacheStore
@@ -101,7 +107,7 @@ def _check_inputs(reader: CacheReader, report: VerifyReport, bar: Any) -> None:
     inputs, g = reader.inputs, reader.inputs.grid
 
     def region(c: int, name: str) -> tuple[int, int, str]:
-        on = "token" if name == "token_ids" else "sample"
+        on = "token" if name in ("token_ids", LOSS_MASK) else "sample"
         return (*chunk_rows(g, c, on), on)
 
     damaged = _check_arrays(reader, "inputs", region, report, "inputs", inputs_fix(reader.url), bar)
@@ -118,10 +124,12 @@ def _check_inputs(reader: CacheReader, report: VerifyReport, bar: Any) -> None:
         data = reader.read_chunk(c)
         for j, sid in enumerate(data.sample_ids):
             if inputs.kind == "tokens":
-                arrays = [data.inputs["token_ids"][data.offsets[j] : data.offsets[j] + data.lengths[j]].astype(np.int64)]
+                span = slice(data.offsets[j], data.offsets[j] + data.lengths[j])
+                mask = data.inputs[LOSS_MASK][span] if LOSS_MASK in data.inputs else None
+                content = token_sample_content(data.inputs["token_ids"][span], mask, labels[sid], domains[sid])
             else:
-                arrays = [data.inputs[k][j] for k in sorted(data.inputs)]
-            h = sample_hash(sample_content(arrays, labels[sid], domains[sid]))
+                content = sample_content([data.inputs[k][j] for k in sorted(data.inputs)], labels[sid], domains[sid])
+            h = sample_hash(content)
             recomputed.append(h)
             if h != hashes[sid]:
                 report.problems.append(f"inputs chunk {c} sample {int(sid)}: content hash mismatch; {inputs_fix(reader.url)}")

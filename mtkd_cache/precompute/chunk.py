@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mtkd_cache.format.meta import TargetSpec, TeacherMeta
+from mtkd_cache.format.packing import DOC_START
 from mtkd_cache.format.reader import ChunkData
 from mtkd_cache.precompute.batching import length_grouped_batches, pad_batch
 from mtkd_cache.precompute.device import autocast_context
@@ -53,7 +54,11 @@ def batch_inputs(data: ChunkData, idx: Sequence[int], pad_id: int) -> dict[str, 
     if "token_ids" in data.inputs:
         toks = data.inputs["token_ids"]
         seqs = [toks[data.offsets[i] : data.offsets[i] + data.lengths[i]] for i in idx]
-        return pad_batch(seqs, pad_id)
+        batch = pad_batch(seqs, pad_id)
+        if DOC_START in data.inputs:  # packed: the teacher isolates each document (forward.py)
+            marks = [data.inputs[DOC_START][data.offsets[i] : data.offsets[i] + data.lengths[i]] for i in idx]
+            batch[DOC_START] = pad_batch(marks, 0)["input_ids"].bool()
+        return batch
     return {k: torch.from_numpy(np.ascontiguousarray(v[list(idx)])) for k, v in data.inputs.items()}
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from mtkd_cache.errors import UnsupportedTeacherError
+from mtkd_cache.format.packing import DOC_START, isolated_inputs
 from mtkd_cache.precompute.models import LoadedTeacher
 
 __all__ = ["forward_teacher"]
@@ -54,6 +55,7 @@ def forward_teacher(
         key: value.to(device, model_dtype) if value.is_floating_point() else value.to(device)
         for key, value in batch.items()
     }
+    inputs = _isolate_documents(teacher, inputs, model_dtype)
     if want_hidden and teacher.task == "custom" and not _accepts_hidden_flag(module):
         raise UnsupportedTeacherError(
             f"teacher {teacher.model_id!r}: features were requested but its forward() takes no "
@@ -83,6 +85,19 @@ def forward_teacher(
             "output has no .hidden_states; return them or drop feature targets for this teacher"
         )
     return logits, tuple(hidden)
+
+
+def _isolate_documents(teacher: LoadedTeacher, inputs: dict[str, torch.Tensor], dtype: torch.dtype
+                       ) -> dict[str, torch.Tensor]:
+    """Packed inputs (a ``doc_start`` key): every document attends only to itself (format/packing.py).
+
+    Hugging Face decoders take the block-diagonal 4-D mask and restarting position ids; a factory
+    teacher gets its inputs without the marks (its forward decides what it supports).
+    """
+    marks = inputs.pop(DOC_START, None)
+    if marks is None or teacher.task == "custom":
+        return inputs
+    return {**inputs, **isolated_inputs(marks, inputs["attention_mask"], dtype)}
 
 
 def _input_device(module: torch.nn.Module, parameter: torch.nn.Parameter | None) -> torch.device:

@@ -38,6 +38,7 @@ from mtkd_cache.format.fingerprint import (
 from mtkd_cache.format.inputs import InputsWriter, Sample
 from mtkd_cache.format.meta import InputsMeta, Manifest, TokenizerInfo
 from mtkd_cache.format.store import CacheStore
+from mtkd_cache.precompute.chat_source import ChatColumns, chat_columns, chat_samples
 from mtkd_cache.precompute.sources import iter_source
 
 __all__ = ["prepare", "prepare_arrays", "load_tokenizer"]
@@ -207,6 +208,10 @@ def prepare(
     storage_options: Mapping[str, Any] | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    messages_column: str | None = None,
+    prompt_column: str | None = None,
+    completion_column: str | None = None,
+    train_on: str | None = None,
 ) -> InputsMeta:
     """Tokenize `data` once and write it as the cache's inputs.
 
@@ -221,6 +226,10 @@ def prepare(
         max_samples: Stop after this many samples.
         overwrite: Replace inputs prepared with other settings (and every teacher); inputs with
             these settings are kept as they are.
+        messages_column: Instruction data: a column of conversations, rendered with the tokenizer's
+            chat template (one sample per row, a stored loss mask; docs/INSTRUCTION.md).
+        prompt_column / completion_column: Instruction data as prompt/completion pairs.
+        train_on: ``"assistant"`` (default for instruction data: replies / completions only) or ``"all"``.
 
     Returns:
         The inputs metadata written to `inputs/inputs.json`.
@@ -234,6 +243,8 @@ def prepare(
         raise InputDataError(f"--max-length must be > 1, got {max_length}")
     if label_column is not None and pack:
         raise InputDataError("--pack joins documents, so per-document --label-column cannot be kept; drop one")
+    chat = chat_columns(messages_column, prompt_column, completion_column, train_on, pack=pack,
+                        label_column=label_column)
     store = CacheStore(cache, storage_options)
     store.check_writable()
     tok = load_tokenizer(tokenizer, trust_remote_code)
@@ -241,7 +252,7 @@ def prepare(
     settings = {
         "data": _source_key(data), "source_files": _source_signature(data), "split": split, "tokenizer": fp, "max_length": max_length,
         "text_column": text_column, "label_column": label_column, "domain_column": domain_column,
-        "pack": pack, "max_samples": max_samples,
+        "pack": pack, "max_samples": max_samples, **(chat.settings(tok) if chat else {}),
     }
     existing = _claim(store, settings, overwrite, data)
     if existing is not None:
@@ -256,20 +267,33 @@ def prepare(
     columns = [text_column] + [c for c in (label_column, domain_column) if c]
     chunk_samples = chunk_samples or max(1, 32768 // max_length)
     writer = InputsWriter(store, kind="tokens", chunk_samples=chunk_samples, positions_per_sample=max_length,
-                          token_dtype="int32" if len(tok) > 1 << 16 else "uint16")
+                          token_dtype="int32" if len(tok) > 1 << 16 else "uint16", loss_mask=chat is not None)
 
-    hasher = DatasetHasher({"kind": "tokens", "tokenizer": fp, "max_length": max_length, "pack": pack})
+    hasher = DatasetHasher({"kind": "tokens", "tokenizer": fp, "max_length": max_length, "pack": pack,
+                            **({"loss_mask": chat.train_on} if chat else {})})
     with tqdm(desc="prepare", unit=" samples", disable=not progress) as bar:  # closed (a newline) on errors too
-        docs = _documents(tok, data, split=split, columns=columns, batch_size=batch_size, text_column=text_column,
-                          label_column=label_column, domain_column=domain_column, pack=pack)
-        for i, s in enumerate(_token_samples(docs, max_length, pack=pack, eos=-1 if eos is None else eos,
-                                                labelled=label_column is not None)):
+        for i, s in enumerate(_samples(tok, data, chat, split=split, columns=columns, batch_size=batch_size,
+                                       text_column=text_column, label_column=label_column,
+                                       domain_column=domain_column, pack=pack, max_length=max_length, eos=eos)):
             if max_samples is not None and i >= max_samples:
                 break
             writer.add(s)
             bar.update(1)
     return writer.finish(hasher, max_length=max_length, tokenizer=info, settings=settings, source=str(data),
                          packed=pack)
+
+
+def _samples(tok: Any, data: Any, chat: ChatColumns | None, *, split: str, columns: list[str], batch_size: int,
+             text_column: str, label_column: str | None, domain_column: str | None, pack: bool, max_length: int,
+             eos: int | None) -> Iterator[Sample]:
+    """The samples to write: masked instruction samples, or text documents cut or packed to `max_length`."""
+    if chat is not None:
+        return chat_samples(tok, data, chat, split=split, max_length=max_length, batch_size=batch_size,
+                            domain_column=domain_column)
+    docs = _documents(tok, data, split=split, columns=columns, batch_size=batch_size, text_column=text_column,
+                      label_column=label_column, domain_column=domain_column, pack=pack)
+    return _token_samples(docs, max_length, pack=pack, eos=-1 if eos is None else eos,
+                          labelled=label_column is not None)
 
 
 def _documents(tok: Any, data: Any, *, split: str, columns: list[str], batch_size: int, text_column: str,

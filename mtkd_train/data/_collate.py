@@ -82,6 +82,9 @@ class BatchBuilder:
             token_src, token_dst = flat, (slots[bi], ti)
             self._arrays["input_ids"][token_dst] = data.inputs["token_ids"][flat]
             self._arrays["position_mask"][token_dst] = True
+            for key in ("loss_mask", "doc_start"):  # instruction data / packed inputs (mtkd_train.rows)
+                if key in data.inputs:
+                    _put(self._arrays, key, (self.size, self.length), bool, False, token_dst, data.inputs[key][flat])
         else:
             token_src, token_dst = rows, (slots,)
             for name, arr in data.inputs.items():
