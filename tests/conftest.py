@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from services import http_server, s3_server  # noqa: F401 - session fixtures: real servers on loopback
+from services import _chunk_cache_in_tmp, http_server, s3_server  # noqa: F401 - session fixtures: real servers on loopback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -94,6 +94,12 @@ class HttpServer:
         self.url, self.root = url, root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _chunk_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Remote reads keep chunks in a local cache (format/remote.py): a temporary one, never ~/.cache."""
+    os.environ["MTKD_CHUNK_CACHE"] = str(tmp_path_factory.mktemp("chunk_cache"))
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     pytest.importorskip("moto", reason='pip install "moto[server]" (in the [test] extra)')

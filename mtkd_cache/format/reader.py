@@ -45,7 +45,7 @@ from mtkd_cache.format.kinds import (
 )
 from mtkd_cache.format.layout import ChunkGrid, chunk_of_row, chunk_rows, feature_grid
 from mtkd_cache.format.loss_mask import LOSS_MASK
-from mtkd_cache.format.meta import FeatureSpec, InputsMeta, Manifest, TeacherMeta
+from mtkd_cache.format.meta import FeatureSpec, InputsMeta, Manifest, TeacherMeta, content_hash
 from mtkd_cache.format.packing import DOC_START, doc_start_marks
 from mtkd_cache.format.shards import ShardedArray
 from mtkd_cache.format.store import CacheStore
@@ -83,7 +83,7 @@ class TeacherReader:
     def __init__(self, store: CacheStore, meta: TeacherMeta, inputs: InputsMeta, *, check: bool = True):
         self.store, self.meta, self.inputs, self.check = store, meta, inputs, check
         self.key = f"teachers/{meta.name}"
-        self.group = store.open_group(self.key, mode="r", strict=check)
+        self.group = store.open_group(self.key, mode="r", strict=check, tag=content_hash(meta.to_dict()))
         self._arrays: dict[str, Any] = {}
 
     def _array(self, key: str) -> Any:
@@ -292,7 +292,8 @@ class CacheReader:
         """Rows [start, stop) of the inputs' array `key`, checked (finished inputs never change)."""
         if key not in self._input_arrays:
             try:
-                arr = self.store.open_group("inputs", mode="r", strict=self.check)[key]
+                arr = self.store.open_group("inputs", mode="r", strict=self.check,
+                                            tag=self.inputs.dataset_fingerprint)[key]
                 self._input_arrays[key] = ShardedArray(self.store, f"inputs/{key}", arr, strict=self.check)
             except ValueError as e:  # a damaged zarr.json
                 raise metadata_error(self.store.path(f"inputs/{key}/zarr.json"), e, inputs_fix(self.store.url)) from e

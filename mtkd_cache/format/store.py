@@ -29,6 +29,7 @@ from mtkd_cache.errors import (
     CacheNotFoundError,
     CacheWriteError,
 )
+from mtkd_cache.format.remote import RemoteZarrStore, chunk_cache, retry
 
 __all__ = ["CacheStore", "MissingChunkError", "StrictStore", "now_iso"]
 
@@ -78,11 +79,11 @@ class CacheStore:
 
     # -- files -----------------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
-        return bool(self.fs.exists(self.path(key)))
+        return bool(retry(self.fs.exists, self.path(key)))
 
     def read_bytes(self, key: str) -> bytes:
         try:
-            return bytes(self.fs.cat_file(self.path(key)))
+            return bytes(retry(self.fs.cat_file, self.path(key)))
         except FileNotFoundError as e:
             raise CacheNotFoundError(f"{self.url}: {key} does not exist") from e
 
@@ -99,7 +100,7 @@ class CacheStore:
                     os.fsync(f.fileno())
                 os.replace(tmp, path)
             else:
-                self.fs.pipe_file(path, data)
+                retry(self.fs.pipe_file, path, data)
         except PermissionError as e:
             raise CacheWriteError(
                 f"cannot write {key!r} under {self.url}: permission denied; choose a writable "
@@ -126,25 +127,25 @@ class CacheStore:
 
     def remove(self, key: str) -> None:
         if self.exists(key):
-            self.fs.rm(self.path(key), recursive=True)
+            retry(self.fs.rm, self.path(key), recursive=True)
 
     def listdir(self, key: str) -> list[str]:
         if not self.exists(key):
             return []
-        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path(key), detail=False))
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in retry(self.fs.ls, self.path(key), detail=False))
 
     def subdirs(self, key: str) -> list[str]:
         """Names of the folders directly under `key` (zarr's own `zarr.json` files are not folders)."""
         if not self.exists(key):
             return []
-        entries = self.fs.ls(self.path(key), detail=True)
+        entries = retry(self.fs.ls, self.path(key), detail=True)
         return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
 
     def size_of(self, key: str) -> int:
         """Total stored bytes under `key` (recursive)."""
         if not self.exists(key):
             return 0
-        return int(sum(self.fs.du(self.path(key), total=False).values()))
+        return int(sum(retry(self.fs.du, self.path(key), total=False).values()))
 
     def check_writable(self) -> None:
         """Fail early, before any work, if the destination cannot be written."""
@@ -170,8 +171,12 @@ class CacheStore:
                                     f"restore it from a copy or {fix}") from e
 
     # -- zarr ------------------------------------------------------------------------------------
-    def zarr_store(self, read_only: bool = False, strict: bool = True) -> Any:
-        """The zarr store of the root; read-only stores never write and (`strict`) raise on absent chunks."""
+    def zarr_store(self, read_only: bool = False, strict: bool = True, tag: str = "") -> Any:
+        """The zarr store of the root; read-only stores never write and (`strict`) raise on absent chunks.
+
+        Remote stores retry transient errors; read-only ones with a content `tag` (a teacher hash,
+        a dataset fingerprint) keep downloaded shards in the local chunk cache (format/remote.py).
+        """
         if self.is_local:
             if not read_only:
                 Path(self.root).mkdir(parents=True, exist_ok=True)
@@ -179,15 +184,17 @@ class CacheStore:
         else:
             store = zarr.storage.FsspecStore.from_url(
                 self.url, storage_options=self.storage_options or None, read_only=read_only)
+            cache = chunk_cache() if read_only and tag else None
+            store = RemoteZarrStore(store, cache, f"{self.url}\0{tag}")
         return StrictStore(store) if read_only and strict else store
 
     def teachers_with(self, marker: str) -> list[str]:
         """Names of the folders `teachers/<name>/` that hold `marker` (one listing call)."""
-        found = self.fs.glob(self.path(f"teachers/*/{marker}"))
+        found = retry(self.fs.glob, self.path(f"teachers/*/{marker}"))
         return sorted(str(p).rstrip("/").rsplit("/", 2)[-2] for p in found)
 
-    def open_group(self, key: str, mode: str = "r", strict: bool = True) -> zarr.Group:
-        store = self.zarr_store(read_only=(mode == "r"), strict=strict)
+    def open_group(self, key: str, mode: str = "r", strict: bool = True, tag: str = "") -> zarr.Group:
+        store = self.zarr_store(read_only=(mode == "r"), strict=strict, tag=tag)
         try:
             return zarr.open_group(store, path=key, mode=mode)  # type: ignore[arg-type]
         except FileNotFoundError as e:

@@ -16,36 +16,9 @@ from typing import Any
 import fsspec
 import numpy as np
 import pytest
-from helpers import tiny_models
+from helpers.remote_cache import build, read_arrays
 
-from mtkd_cache import (
-    RunConfig,
-    inspect_cache,
-    open_cache,
-    prepare_arrays,
-    run_teacher,
-    verify_cache,
-)
-
-FACTORY = f"{tiny_models.__name__}:tiny_factory_classifier"
-IDS = np.random.default_rng(0).integers(4, 64, size=(20, 6)).astype(np.int64)
-LABELS = list(np.arange(20) % 4)
-
-
-def _build(url: str, storage_options: dict[str, Any] | None = None) -> None:
-    prepare_arrays(url, {"input_ids": IDS}, labels=LABELS, chunk_samples=8, storage_options=storage_options)
-    run_teacher(url, RunConfig(teacher="fac", model=FACTORY, top_k=2), factory_kwargs={"vocab_size": 64, "num_classes": 4},
-                progress=False, storage_options=storage_options)
-
-
-def _arrays(url: str, storage_options: dict[str, Any] | None = None) -> list[np.ndarray]:
-    reader = open_cache(url, storage_options=storage_options)
-    out = []
-    for c in range(reader.num_chunks):
-        data = reader.read_chunk(c, teachers=["fac"])
-        block = data.targets["fac"]
-        out += [data.sample_ids, data.inputs["input_ids"], block.indices, block.logp, block.tail]
-    return out
+from mtkd_cache import inspect_cache, verify_cache
 
 
 def _listing(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any]:
@@ -56,7 +29,7 @@ def _listing(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def local_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("stores") / "cache"
-    _build(str(path))
+    build(str(path))
     return path
 
 
@@ -67,17 +40,17 @@ def backend(request: pytest.FixtureRequest, local_cache: Path, tmp_path_factory:
     tmp_path = tmp_path_factory.mktemp(f"store_{kind}")
     if kind == "local":
         path = tmp_path / "c"
-        _build(str(path))
+        build(str(path))
         yield str(path), None, (fsspec.filesystem("file"), str(path))
     elif kind == "memory":
         url = f"memory://stores-{tmp_path.name}"
-        _build(url)
+        build(url)
         yield url, None, (fsspec.filesystem("memory"), url.removeprefix("memory:/"))
     elif kind == "s3":
         server = request.getfixturevalue("s3_server")
         bucket, so = server.new_bucket(), server.storage_options()
         url = f"s3://{bucket}/cache"
-        _build(url, so)
+        build(url, so)
         yield url, so, (fsspec.filesystem("s3", **so), f"{bucket}/cache")
     else:
         server = request.getfixturevalue("http_server")
@@ -86,9 +59,9 @@ def backend(request: pytest.FixtureRequest, local_cache: Path, tmp_path_factory:
         yield f"{server.url}/{tmp_path.name}", None, (fsspec.filesystem("file"), str(dest))
 
 
-def test_every_backend_reads_back_the_local_arrays(backend, local_cache: Path) -> None:  # noqa: ANN001
+def test_every_backend_reads_back_the_localread_arrays(backend, local_cache: Path) -> None:  # noqa: ANN001
     url, so, _ = backend
-    for got, want in zip(_arrays(url, so), _arrays(str(local_cache)), strict=True):
+    for got, want in zip(read_arrays(url, so), read_arrays(str(local_cache)), strict=True):
         np.testing.assert_array_equal(got, want)
 
 
@@ -103,7 +76,7 @@ def test_every_backend_verifies_and_inspects(backend) -> None:  # noqa: ANN001
 def test_reading_never_writes(backend) -> None:  # noqa: ANN001
     url, so, (fs, root) = backend
     before = _listing(fs, root)
-    _arrays(url, so)
+    read_arrays(url, so)
     verify_cache(url, storage_options=so)
     inspect_cache(url, storage_options=so)
     assert _listing(fs, root) == before
@@ -119,7 +92,7 @@ def test_cli_takes_storage_options_and_never_prints_them(s3_server) -> None:  # 
 
     bucket, so = s3_server.new_bucket(), s3_server.storage_options()
     url = f"s3://{bucket}/cache"
-    _build(url, so)
+    build(url, so)
     for args in (["verify", url], ["inspect", url]):
         res = CliRunner().invoke(main, ["--storage-options", json.dumps(so), *args])
         assert res.exit_code == 0, res.output
