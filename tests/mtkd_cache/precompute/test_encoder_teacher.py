@@ -8,6 +8,7 @@ with one line before any forward, leaving the cache as it was.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -179,7 +180,7 @@ def test_real_all_minilm_l6_v2_through_the_cli(tmp_path: Path) -> None:
     folder = Path(gt.get_model_path())
     texts = ["A man is eating food.", "A dog runs in the park with a ball.", "the act of propelling"]
     corpus = tmp_path / "c.jsonl"
-    corpus.write_text("\n".join('{"text": "%s"}' % t for t in texts))
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in texts))
     cache = tmp_path / "cache"
     assert invoke("prepare", cache, "--data", corpus, "--tokenizer", folder, "--max-length", "32").exit_code == 0
     ran = invoke("run", cache, "--teacher", "minilm", "--model", folder, "--features", "-1", "--pool", "auto")
