@@ -79,3 +79,30 @@ def test_mtbkd_prior_strength_zero_is_the_entropy_operator_and_is_stored_as_floa
     torch.testing.assert_close(to_dense(merged, V), to_dense(entropy, V))
     half = build_aggregator("mtbkd", num_teachers=2, prior_strength=1 / 2)
     assert half.prior_strength == 0.5 and half._smoothing() == 0.5
+
+
+def _two_teachers(tail: float) -> list[SparseTargets]:
+    lg = math.log
+    return [
+        SparseTargets(torch.tensor([[1, 100]] * 2), torch.tensor([[lg(0.6), lg(0.2)]] * 2), torch.tensor([tail] * 2)),
+        SparseTargets(torch.tensor([[2, 100]] * 2), torch.tensor([[lg(0.5), lg(0.4)]] * 2), torch.tensor([tail] * 2)),
+    ]
+
+
+def test_label_aware_weighs_token_100_like_any_other_label() -> None:
+    w = LabelAwareAggregator(2, vocab_size=128).weights(_two_teachers(0.2), AggregationContext(
+        labels=torch.tensor([100, -100])))
+    torch.testing.assert_close(w, torch.tensor([[1 / 3, 2 / 3], [0.5, 0.5]]))
+
+
+def test_only_the_rows_no_teacher_allows_fall_back_to_the_base_weights() -> None:
+    # Zero tails: label 3 has probability 0 under both teachers (row 1), label 1 only under teacher 0.
+    w = LabelAwareAggregator(2, base_weights=[1.0, 3.0], vocab_size=128).weights(
+        _two_teachers(0.0), AggregationContext(labels=torch.tensor([1, 3])))
+    torch.testing.assert_close(w, torch.tensor([[1.0, 0.0], [0.25, 0.75]]))
+
+
+def test_a_single_label_aware_teacher_gets_all_the_weight() -> None:
+    teacher = _two_teachers(0.2)[0]
+    w = LabelAwareAggregator(1, vocab_size=128).weights([teacher], AggregationContext(labels=torch.tensor([1, 5])))
+    torch.testing.assert_close(w, torch.ones(2, 1))
