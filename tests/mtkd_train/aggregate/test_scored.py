@@ -106,3 +106,26 @@ def test_a_single_label_aware_teacher_gets_all_the_weight() -> None:
     teacher = _two_teachers(0.2)[0]
     w = LabelAwareAggregator(1, vocab_size=128).weights([teacher], AggregationContext(labels=torch.tensor([1, 5])))
     torch.testing.assert_close(w, torch.ones(2, 1))
+
+
+def test_a_zero_base_weight_gives_exactly_zero_weight() -> None:
+    probs = torch.softmax(torch.randn(2, 3, V, generator=torch.Generator().manual_seed(5)), -1)
+    targets = [from_dense(probs[0], 2), from_dense(probs[1], 3)]
+    w = build_aggregator("confidence", num_teachers=2, base_weights=[1, 0]).weights(targets, AggregationContext())
+    assert torch.equal(w, torch.tensor([[1.0, 0.0]] * 3))
+
+
+def test_scored_weights_keep_the_targets_dtype_and_device() -> None:
+    probs = torch.softmax(torch.randn(2, 3, V, generator=torch.Generator().manual_seed(6)), -1)
+    half = [from_dense(probs[0], 2), from_dense(probs[1], 3)]
+    half = [SparseTargets(t.indices, t.logp.half(), t.tail.half()) for t in half]
+    agg = build_aggregator("confidence", num_teachers=2, base_weights=[1, 3], tau=1)
+    assert agg.weights(half, AggregationContext()).dtype == torch.float16
+    meta = [SparseTargets(t.indices.to("meta"), t.logp.to("meta"), t.tail.to("meta")) for t in half]
+    assert agg.weights(meta, AggregationContext()).device.type == "meta"
+
+
+@pytest.mark.parametrize("name", ["entropy", "confidence", "label_aware", "mtbkd"])
+def test_tau_is_stored_as_a_float(name: str) -> None:
+    agg = build_aggregator(name, num_teachers=2, tau=2)
+    assert type(agg.tau) is float and agg.tau == 2.0
