@@ -8,7 +8,12 @@ import math
 import pytest
 import torch
 
-from mtkd_train.aggregate import AggregationContext, AggregationInputError, build_aggregator
+from mtkd_train.aggregate import (
+    AggregationConfigError,
+    AggregationContext,
+    AggregationInputError,
+    build_aggregator,
+)
 from mtkd_train.aggregate._scored import (
     EntropyAggregator,
     LabelAwareAggregator,
@@ -129,3 +134,18 @@ def test_scored_weights_keep_the_targets_dtype_and_device() -> None:
 def test_tau_is_stored_as_a_float(name: str) -> None:
     agg = build_aggregator(name, num_teachers=2, tau=2)
     assert type(agg.tau) is float and agg.tau == 2.0
+
+
+def test_base_weights_are_checked_under_their_name_and_stored_normalised() -> None:
+    agg = build_aggregator("entropy", num_teachers=2, base_weights=[1, 3])
+    assert agg.base_weights == (0.25, 0.75)
+    with pytest.raises(AggregationConfigError) as err:
+        build_aggregator("entropy", num_teachers=2, base_weights=[1, -3])
+    assert str(err.value) == "base_weights=[1.0, -3.0] must be non-negative finite numbers"
+
+
+@pytest.mark.parametrize("bad", [0, -2, 3.0, "8"])
+def test_a_bad_vocab_size_is_refused_when_the_operator_is_built(bad: object) -> None:
+    with pytest.raises(AggregationConfigError) as err:
+        build_aggregator("entropy", num_teachers=2, vocab_size=bad)
+    assert str(err.value) == f"vocab_size must be a positive int or None, got {bad!r}"
