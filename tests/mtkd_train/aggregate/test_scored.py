@@ -149,3 +149,4 @@ def test_a_bad_vocab_size_is_refused_when_the_operator_is_built(bad: object) -> 
     with pytest.raises(AggregationConfigError) as err:
         build_aggregator("entropy", num_teachers=2, vocab_size=bad)
     assert str(err.value) == f"vocab_size must be a positive int or None, got {bad!r}"
+    assert build_aggregator("entropy", num_teachers=2, vocab_size=1).vocab_size == 1  # the smallest allowed
