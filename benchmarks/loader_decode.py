@@ -51,16 +51,22 @@ shared CPU. Its near-uniform distributions compress worse than SmolLM2's: a hard
 MAX_LENGTH, SAMPLES = 128, 256
 
 
-def ensure_cache(work: Path, model_dir: Path, log: Callable[[str], None] = click.echo) -> Path:
-    """The SmolLM2 cache of the setting (each teacher is run once; a finished teacher is kept)."""
+def ensure_cache(work: Path, model_dir: Path, log: Callable[[str], None] = click.echo, *,
+                 teacher_model: Path | None = None) -> Path:
+    """The cache of the setting (each teacher is run once; a finished teacher is kept).
+
+    With `teacher_model`, every teacher is that model (and its tokenizer windows the text).
+    """
     work.mkdir(parents=True, exist_ok=True)
     data, cache = work / "shakespeare.jsonl", work / "cache"
     if not data.exists():
         shakespeare_jsonl(data)
     if not (cache / "manifest.json").exists():
-        prepare(cache, data, tokenizer=model_dir, max_length=MAX_LENGTH, max_samples=SAMPLES, progress=False)
+        prepare(cache, data, tokenizer=teacher_model or model_dir, max_length=MAX_LENGTH, max_samples=SAMPLES,
+                progress=False)
     done = set(open_cache(cache).teacher_names)
-    models = {"smollm2": model_dir, "tiny": tiny_llama(work / "tiny-llama-17m", model_dir)}
+    models = ({"smollm2": teacher_model, "tiny": teacher_model} if teacher_model is not None else
+              {"smollm2": model_dir, "tiny": tiny_llama(work / "tiny-llama-17m", model_dir)})
     for name, target in TEACHERS.items():
         if name not in done:
             t0 = time.perf_counter()
@@ -106,13 +112,17 @@ def stream(cache: Path, teacher: str, seed: int) -> tuple[float, int]:
 @click.option("--cache", type=click.Path(path_type=Path), default=None,
               help="Measure this existing cache instead of building the setting (with --teacher).")
 @click.option("--teacher", "teachers", multiple=True, help="Teachers of --cache to measure (repeatable).")
+@click.option("--teacher-model", type=click.Path(path_type=Path), default=None,
+              help="Build the setting with this model (and its tokenizer) for every teacher instead.")
 @click.option("--rounds", type=click.IntRange(min=3), default=9, show_default=True, help="Interleaved rounds.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True, help="JSON results.")
-def main(model_dir: Path | None, work: Path, cache: Path | None, teachers: tuple[str, ...], rounds: int,
-         out: Path) -> None:
+def main(model_dir: Path | None, work: Path, cache: Path | None, teachers: tuple[str, ...],
+         teacher_model: Path | None, rounds: int, out: Path) -> None:
     """Measure decode positions per CPU-second; write results/loader_decode.json."""
     if cache is None:
-        cache, teachers = ensure_cache(work, ensure_smollm2(model_dir or default_smollm2_dir())), tuple(TEACHERS)
+        smol = model_dir if teacher_model is not None else ensure_smollm2(model_dir or default_smollm2_dir())
+        cache = ensure_cache(work, smol, teacher_model=teacher_model)  # type: ignore[arg-type]
+        teachers = tuple(TEACHERS)
     readers = {t: open_cache(cache) for t in teachers}
     old = {t: _zarr_path(open_cache(cache), t) for t in teachers}
     arms: dict[str, Callable[[int], tuple[float, int]]] = {}
