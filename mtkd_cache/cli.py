@@ -137,8 +137,9 @@ def prepare(cache: str, **kw: Any) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampled targets.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the checkpoint (off by default).")
 @click.option("--overwrite", is_flag=True, help="Replace a teacher group stored with other settings (same settings: resume, nothing is deleted).")
+@click.option("--inputs", "inputs_url", default=None, help="Read the inputs from this cache (one you may not write); CACHE is then an overlay holding only this teacher.")
 @_friendly
-def run(cache: str, model_kwargs: str | None, **kw: Any) -> None:
+def run(cache: str, model_kwargs: str | None, inputs_url: str | None, **kw: Any) -> None:
     """Run one teacher over the cache's inputs and store its targets (resumable; torchrun-shardable)."""
     from mtkd_cache.precompute.run import RunConfig, run_teacher
 
@@ -154,7 +155,8 @@ def run(cache: str, model_kwargs: str | None, **kw: Any) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        meta = run_teacher(cache, RunConfig(**kw), factory_kwargs=fkw, storage_options=_so() or None)
+        meta = run_teacher(cache, RunConfig(**kw), factory_kwargs=fkw, storage_options=_so() or None,
+                           inputs=inputs_url)
     finally:
         logger.removeHandler(handler)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -220,6 +222,19 @@ def migrate(cache: str) -> None:
     done = migrate_cache(cache, storage_options=_so() or None)
     click.echo(f"{cache}: format_version {done.from_version} -> {done.to_version}; "
                f"{done.arrays_rewritten} arrays rewritten, teachers {done.teachers}")
+
+
+@main.command()
+@click.argument("overlay")
+@click.argument("cache")
+@click.option("--teacher", "teachers", multiple=True, help="Merge only this teacher (repeatable; default: all of the overlay's).")
+@_friendly
+def merge(overlay: str, cache: str, teachers: tuple[str, ...]) -> None:
+    """Copy an overlay's teachers into CACHE (which must have the same inputs), then verify CACHE."""
+    from mtkd_cache.ops.merge import merge_overlay
+
+    r = merge_overlay(overlay, cache, teachers=teachers or None, storage_options=_so() or None)
+    click.echo(f"merged teacher(s) {r.teachers} into {cache}: {r.files} files, {r.bytes:,} bytes, verified")
 
 
 if __name__ == "__main__":
