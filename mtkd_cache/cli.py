@@ -237,5 +237,30 @@ def merge(overlay: str, cache: str, teachers: tuple[str, ...]) -> None:
     click.echo(f"merged teacher(s) {r.teachers} into {cache}: {r.files} files, {r.bytes:,} bytes, verified")
 
 
+@main.command("export")
+@click.argument("cache")
+@click.argument("out")
+@click.option("--license", "license_", default="unknown", show_default=True, help="License field of the dataset card.")
+@_friendly
+def export_(cache: str, out: str, license_: str) -> None:
+    """Write CACHE as Parquet shards + dataset card that `datasets.load_dataset("parquet")` loads."""
+    from mtkd_cache.ops.export import export_cache
+
+    r = export_cache(cache, out, license=license_, storage_options=_so() or None)
+    click.echo(f"exported {r.rows:,} samples to {out}: {r.files} files, {r.bytes:,} bytes of Parquet data")
+
+
+@main.command("import")
+@click.argument("export")
+@click.argument("cache")
+@_friendly
+def import_(export: str, cache: str) -> None:
+    """Rebuild a cache from an export made by `mtkd-cache export`."""
+    from mtkd_cache.ops.export import import_cache
+
+    r = import_cache(export, cache, storage_options=_so() or None)
+    click.echo(f"imported {r.rows:,} samples into {cache}; check it with `mtkd-cache verify {cache}`")
+
+
 if __name__ == "__main__":
     main()
