@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,16 +51,22 @@ shared CPU. Its near-uniform distributions compress worse than SmolLM2's: a hard
 MAX_LENGTH, SAMPLES = 128, 256
 
 
-def ensure_cache(work: Path, model_dir: Path, log: Callable[[str], None] = click.echo) -> Path:
-    """The SmolLM2 cache of the setting (each teacher is run once; a finished teacher is kept)."""
+def ensure_cache(work: Path, model_dir: Path, log: Callable[[str], None] = click.echo, *,
+                 teacher_model: Path | None = None) -> Path:
+    """The cache of the setting (each teacher is run once; a finished teacher is kept).
+
+    With `teacher_model`, every teacher is that model (and its tokenizer windows the text).
+    """
     work.mkdir(parents=True, exist_ok=True)
     data, cache = work / "shakespeare.jsonl", work / "cache"
     if not data.exists():
         shakespeare_jsonl(data)
     if not (cache / "manifest.json").exists():
-        prepare(cache, data, tokenizer=model_dir, max_length=MAX_LENGTH, max_samples=SAMPLES, progress=False)
+        prepare(cache, data, tokenizer=teacher_model or model_dir, max_length=MAX_LENGTH, max_samples=SAMPLES,
+                progress=False)
     done = set(open_cache(cache).teacher_names)
-    models = {"smollm2": model_dir, "tiny": tiny_llama(work / "tiny-llama-17m", model_dir)}
+    models = ({"smollm2": teacher_model, "tiny": teacher_model} if teacher_model is not None else
+              {"smollm2": model_dir, "tiny": tiny_llama(work / "tiny-llama-17m", model_dir)})
     for name, target in TEACHERS.items():
         if name not in done:
             t0 = time.perf_counter()
@@ -89,6 +96,7 @@ def read_chunks(reader: CacheReader, teacher: str) -> tuple[float, int]:
 def stream(cache: Path, teacher: str, seed: int) -> tuple[float, int]:
     """CPU seconds and positions of one epoch of `CachedDistillDataset` batches (no read-ahead)."""
     ds = CachedDistillDataset(cache, [teacher], batch_size=8, seed=seed, epochs=1, prefetch=0)
+    _ = ds.reader.sample_columns, ds.reader.teacher(teacher)  # opening the cache is not decoding
     positions = 0
     t0 = time.process_time()
     for batch in ds:
@@ -101,17 +109,28 @@ def stream(cache: Path, teacher: str, seed: int) -> tuple[float, int]:
               help="SmolLM2 model folder (default: convert the packaged GGUF once, benchmarks._models).")
 @click.option("--work", type=click.Path(path_type=Path), default=Path.home() / ".cache/mtkd/bench-decode",
               show_default=True, help="Where the cache is built (reused).")
+@click.option("--cache", type=click.Path(path_type=Path), default=None,
+              help="Measure this existing cache instead of building the setting (with --teacher).")
+@click.option("--teacher", "teachers", multiple=True, help="Teachers of --cache to measure (repeatable).")
+@click.option("--teacher-model", type=click.Path(path_type=Path), default=None,
+              help="Build the setting with this model (and its tokenizer) for every teacher instead.")
 @click.option("--rounds", type=click.IntRange(min=3), default=9, show_default=True, help="Interleaved rounds.")
-def main(model_dir: Path | None, work: Path, rounds: int) -> None:
+@click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True, help="JSON results.")
+def main(model_dir: Path | None, work: Path, cache: Path | None, teachers: tuple[str, ...],
+         teacher_model: Path | None, rounds: int, out: Path) -> None:
     """Measure decode positions per CPU-second; write results/loader_decode.json."""
-    cache = ensure_cache(work, ensure_smollm2(model_dir or default_smollm2_dir()))
-    readers = {t: open_cache(cache) for t in TEACHERS}
-    old = {t: _zarr_path(open_cache(cache), t) for t in TEACHERS}
+    if cache is None:
+        smol = model_dir if teacher_model is not None else ensure_smollm2(model_dir or default_smollm2_dir())
+        cache = ensure_cache(work, smol, teacher_model=teacher_model)  # type: ignore[arg-type]
+        teachers = tuple(TEACHERS)
+    readers = {t: open_cache(cache) for t in teachers}
+    old = {t: _zarr_path(open_cache(cache), t) for t in teachers}
     arms: dict[str, Callable[[int], tuple[float, int]]] = {}
-    for t in TEACHERS:
+    for t in teachers:
         arms[f"{t}/zarr"] = lambda _r, t=t: read_chunks(old[t], t)  # type: ignore[misc]
         arms[f"{t}/shards"] = lambda _r, t=t: read_chunks(readers[t], t)  # type: ignore[misc]
-    arms["k64/stream"] = lambda r: stream(cache, "k64", r)
+    first = teachers[0]
+    arms[f"{first}/stream"] = lambda r: stream(cache, first, r)  # type: ignore[arg-type]
     for arm in arms.values():
         arm(0)  # warm-up: page cache, first allocations
     runs: dict[str, list[tuple[float, int]]] = {a: [] for a in arms}
@@ -119,21 +138,22 @@ def main(model_dir: Path | None, work: Path, rounds: int) -> None:
         for name, arm in arms.items():
             runs[name].append(arm(r + 1))
     rate = {a: statistics.median(p / s for s, p in v) for a, v in runs.items()}
-    store = readers["k64"].store
+    reader = readers[first]
     result: dict[str, Any] = {
-        "command": "python -m benchmarks.loader_decode", "loadavg": os.getloadavg(), "rounds": rounds,
-        "setting": {"models": MODELS, "positions": readers["k64"].inputs.num_positions,
-                    "chunk_positions": readers["k64"].grid.chunk_positions,
-                    "inner_positions": readers["k64"].grid.inner_positions,
-                    "stored_bytes_per_position": {t: store.size_of(f"teachers/{t}") /
-                                                  readers[t].inputs.num_positions for t in TEACHERS}},
+        "command": "python -m benchmarks.loader_decode " + " ".join(sys.argv[1:]), "loadavg": os.getloadavg(),
+        "rounds": rounds,
+        "setting": {"cache": str(cache), "positions": reader.inputs.num_positions,
+                    "chunk_positions": reader.grid.chunk_positions, "inner_positions": reader.grid.inner_positions,
+                    "targets": {t: readers[t].teacher(t).meta.target.to_dict() for t in teachers},
+                    "stored_bytes_per_position": {t: reader.store.size_of(f"teachers/{t}") /
+                                                  reader.inputs.num_positions for t in teachers}},
         "positions_per_cpu_s": rate,
-        "speedup_vs_zarr": {t: rate[f"{t}/shards"] / rate[f"{t}/zarr"] for t in TEACHERS},
+        "speedup_vs_zarr": {t: rate[f"{t}/shards"] / rate[f"{t}/zarr"] for t in teachers},
         "target_k64": 1_000_000,
         "raw_cpu_s": {a: [s for s, _ in v] for a, v in runs.items()},
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     for a, v in rate.items():
         click.echo(f"{a:16s} {v / 1e6:6.2f} M positions per CPU-second")
 

@@ -52,6 +52,7 @@ __all__ = ["TeacherCase", "main", "measure_case"]
 
 RESULTS = Path(__file__).parent / "results"
 _RUN_NAME = "overhead"
+_LAST_CPU: dict[str, float] = {}  # process CPU seconds of the last bare forward (all threads)
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,11 @@ def planned_batches(cache: Path, cfg: RunConfig) -> list[dict[str, torch.Tensor]
 def time_bare(teacher: LoadedTeacher, batches: list[dict[str, torch.Tensor]]) -> float:
     """Seconds for the teacher forward alone over `batches`."""
     module = teacher.module
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for batch in batches:
             module(**batch)
+    _LAST_CPU["bare"] = time.process_time() - c0
     return time.perf_counter() - t0
 
 
@@ -160,9 +162,10 @@ def time_run(cache: Path, cfg: RunConfig, *, stages: bool = False) -> dict[str, 
                        (chunk_mod, "topk_targets_with_stats", "topk")]
             for owner, name, key in targets:
                 patches.enter_context(_timing(owner, name, acc, key, in_chunk=key in ("read_inputs", "forward")))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         meta = run_mod.run_teacher(cache, cfg, progress=False)
         acc["total"] = time.perf_counter() - t0
+        acc["cpu_total"] = time.process_time() - c0
     acc["pipeline"] = acc["total"] - acc["load"]
     acc["bytes_per_position"] = float(meta.stats["bytes_per_position"])
     return acc
@@ -215,9 +218,10 @@ def measure_case(case: TeacherCase, work: Path, *, repeats: int, max_length: int
         f"({padded} padded), threads={torch.get_num_threads()}")
     with torch.inference_mode():  # warm-up: first-call allocations and kernel selection
         teacher.module(**batches[-1])
-    bare, runs = [], []
+    bare, runs, bare_cpu = [], [], []
     for i in range(repeats):
         bare.append(time_bare(teacher, batches))
+        bare_cpu.append(_LAST_CPU["bare"])
         runs.append(time_run(cache, cfg))
         log(f"[{case.key}] pair {i}: bare {bare[-1]:.2f}s  run {runs[-1]['total']:.2f}s "
             f"(load {runs[-1]['load']:.2f}s)  ratio {runs[-1]['pipeline'] / bare[-1]:.3f}")
@@ -234,6 +238,8 @@ def measure_case(case: TeacherCase, work: Path, *, repeats: int, max_length: int
         "run_pipeline_s": [r["pipeline"] for r in runs],
         "ratio_pipeline_per_pair": ratios, "ratio_total_per_pair": ratios_total,
         "median_ratio_pipeline": statistics.median(ratios), "median_ratio_total": statistics.median(ratios_total),
+        "bare_cpu_s": bare_cpu, "run_total_cpu_s": [r["cpu_total"] for r in runs],
+        "median_ratio_total_cpu": statistics.median(r["cpu_total"] / b for r, b in zip(runs, bare_cpu)),
         "median_bare_s": statistics.median(bare), "median_run_pipeline_s": statistics.median(r["pipeline"] for r in runs),
         "bare_positions_per_s": positions / statistics.median(bare),
         "bytes_per_position": runs[-1]["bytes_per_position"],

@@ -153,8 +153,9 @@ def prepare(cache: str, **kw: Any) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampled targets.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the checkpoint (off by default).")
 @click.option("--overwrite", is_flag=True, help="Replace a teacher group stored with other settings (same settings: resume, nothing is deleted).")
+@click.option("--inputs", "inputs_url", default=None, help="Read the inputs from this cache (one you may not write); CACHE is then an overlay holding only this teacher.")
 @_friendly
-def run(cache: str, model_kwargs: str | None, **kw: Any) -> None:
+def run(cache: str, model_kwargs: str | None, inputs_url: str | None, **kw: Any) -> None:
     """Run one teacher over the cache's inputs and store its targets (resumable; torchrun-shardable)."""
     from mtkd_cache.precompute.run import RunConfig, run_teacher
 
@@ -168,7 +169,8 @@ def run(cache: str, model_kwargs: str | None, **kw: Any) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        meta = run_teacher(cache, RunConfig(**kw), factory_kwargs=fkw, storage_options=_so() or None)
+        meta = run_teacher(cache, RunConfig(**kw), factory_kwargs=fkw, storage_options=_so() or None,
+                           inputs=inputs_url)
     finally:
         logger.removeHandler(handler)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -236,6 +238,44 @@ def migrate(cache: str) -> None:
     done = migrate_cache(cache, storage_options=_so() or None)
     click.echo(f"{cache}: format_version {done.from_version} -> {done.to_version}; "
                f"{done.arrays_rewritten} arrays rewritten, teachers {done.teachers}")
+
+
+@main.command()
+@click.argument("overlay")
+@click.argument("cache")
+@click.option("--teacher", "teachers", multiple=True, help="Merge only this teacher (repeatable; default: all of the overlay's).")
+@_friendly
+def merge(overlay: str, cache: str, teachers: tuple[str, ...]) -> None:
+    """Copy an overlay's teachers into CACHE (which must have the same inputs), then verify CACHE."""
+    from mtkd_cache.ops.merge import merge_overlay
+
+    r = merge_overlay(overlay, cache, teachers=teachers or None, storage_options=_so() or None)
+    click.echo(f"merged teacher(s) {r.teachers} into {cache}: {r.files} files, {r.bytes:,} bytes, verified")
+
+
+@main.command("export")
+@click.argument("cache")
+@click.argument("out")
+@click.option("--license", "license_", default="unknown", show_default=True, help="License field of the dataset card.")
+@_friendly
+def export_(cache: str, out: str, license_: str) -> None:
+    """Write CACHE as Parquet shards + dataset card that `datasets.load_dataset("parquet")` loads."""
+    from mtkd_cache.ops.export import export_cache
+
+    r = export_cache(cache, out, license=license_, storage_options=_so() or None)
+    click.echo(f"exported {r.rows:,} samples to {out}: {r.files} files, {r.bytes:,} bytes of Parquet data")
+
+
+@main.command("import")
+@click.argument("export")
+@click.argument("cache")
+@_friendly
+def import_(export: str, cache: str) -> None:
+    """Rebuild a cache from an export made by `mtkd-cache export`."""
+    from mtkd_cache.ops.export import import_cache
+
+    r = import_cache(export, cache, storage_options=_so() or None)
+    click.echo(f"imported {r.rows:,} samples into {cache}; check it with `mtkd-cache verify {cache}`")
 
 
 if __name__ == "__main__":

@@ -230,22 +230,26 @@ class CacheReader:
         """The reader of complete teacher `name`, after checking its teacher.json (see `check_teacher_json`)."""
         if name in self._teachers:
             return self._teachers[name]
-        key = f"teachers/{name}/teacher.json"
-        if "/" in name or "\\" in name or not self.store.exists(key):
+        key, store = f"teachers/{name}/teacher.json", self.teacher_store(name)
+        if "/" in name or "\\" in name or not store.exists(key):
             state = "is incomplete (its run did not finish; re-run `mtkd-cache run` with the same arguments)" \
                 if name in self.incomplete_teachers() else "is not in this cache"
             raise CacheIncompleteError(
                 f"teacher {name!r} {state}; complete teachers in {self.url}: {self.teacher_names}")
-        raw = self.store.read_json(key)
+        raw = store.read_json(key)
         if self.check:
-            check_teacher_json(self.store, name, raw)
+            check_teacher_json(store, name, raw)
         meta = TeacherMeta.from_dict(raw)
         if meta.dataset_fingerprint != self.inputs.dataset_fingerprint:
             raise CacheMismatchError(
                 f"teacher {name!r} was cached from dataset fingerprint {meta.dataset_fingerprint}, this "
                 f"cache's inputs are {self.inputs.dataset_fingerprint}; re-run `mtkd-cache run` on this cache")
-        self._teachers[name] = TeacherReader(self.store, meta, self.inputs, check=self.check)
+        self._teachers[name] = TeacherReader(store, meta, self.inputs, check=self.check)
         return self._teachers[name]
+
+    def teacher_store(self, name: str) -> CacheStore:
+        """Where teacher `name` is stored: this cache (an overlay keeps its own teachers elsewhere)."""
+        return self.store
 
     @property
     def teachers(self) -> dict[str, TeacherMeta]:
@@ -375,4 +379,9 @@ def open_cache(url: str | os.PathLike[str], storage_options: Mapping[str, Any] |
         CacheNotFoundError: no manifest there. CacheFormatError: corrupt or unknown-version manifest
             (a version-1 cache is refused with the `mtkd-cache migrate` command that upgrades it).
     """
-    return CacheReader(CacheStore(url, storage_options), check=check)
+    store = CacheStore(url, storage_options)
+    if not store.exists("manifest.json") and store.exists("overlay.json"):
+        from mtkd_cache.format.overlay import open_overlay
+
+        return open_overlay(store, check=check)
+    return CacheReader(store, check=check)

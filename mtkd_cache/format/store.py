@@ -69,7 +69,8 @@ class CacheStore:
         self.storage_options = dict(storage_options or {})
         self.fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self.root = root.rstrip("/") if root != "/" else root
-        self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.is_local = "file" in self.protocols
 
     def __repr__(self) -> str:
         return f"CacheStore({self.url!r})"
@@ -102,10 +103,10 @@ class CacheStore:
             else:
                 retry(self.fs.pipe_file, path, data)
         except PermissionError as e:
-            raise CacheWriteError(
-                f"cannot write {key!r} under {self.url}: permission denied; choose a writable "
-                f"destination or fix its permissions"
-            ) from e
+            fix = (f"to add a teacher to a cache you may only read, write it to an overlay you own: "
+                   f"`mtkd-cache run OVERLAY_URL --inputs {self.url} ...`" if key.startswith("teachers/")
+                   else "choose a writable destination or fix its permissions")
+            raise CacheWriteError(f"cannot write {key!r} under {self.url}: permission denied; {fix}") from e
         except OSError as e:
             raise CacheWriteError(f"cannot write {key!r} under {self.url}: {e}") from e
 
@@ -184,7 +185,7 @@ class CacheStore:
         else:
             store = zarr.storage.FsspecStore.from_url(
                 self.url, storage_options=self.storage_options or None, read_only=read_only)
-            cache = chunk_cache() if read_only and tag else None
+            cache = chunk_cache() if read_only and tag and "memory" not in self.protocols else None
             store = RemoteZarrStore(store, cache, f"{self.url}\0{tag}")
         return StrictStore(store) if read_only and strict else store
 
@@ -196,6 +197,8 @@ class CacheStore:
     def open_group(self, key: str, mode: str = "r", strict: bool = True, tag: str = "") -> zarr.Group:
         store = self.zarr_store(read_only=(mode == "r"), strict=strict, tag=tag)
         try:
-            return zarr.open_group(store, path=key, mode=mode)  # type: ignore[arg-type]
+            # mtkd writes zarr v3 only; naming it spares probes for v2 keys (.zgroup, .zattrs) that
+            # cost a request each on object stores (and a listing when absent)
+            return zarr.open_group(store, path=key, mode=mode, zarr_format=3)  # type: ignore[arg-type]
         except FileNotFoundError as e:
             raise CacheNotFoundError(f"{self.url}: zarr group {key!r} does not exist") from e

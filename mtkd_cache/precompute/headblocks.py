@@ -1,0 +1,136 @@
+"""The LM head per row block: for causal LMs whose logits are `head(last hidden state)`, the
+`(B, L, V)` logits of a batch never exist at once.
+
+`head_split` finds the teacher's body (`get_decoder()`) and head (`get_output_embeddings()`, a
+Linear, plus Gemma's `final_logit_softcapping`) and checks once per model, on a few tokens of
+the first batch, that `head(body(x))` equals the model's own logits bit for bit; a model with
+any other post-processing (a logit scale, a custom forward) fails that check and keeps the
+full-logits path. `reduce_by_head_blocks` then applies the head to one row block of the flattened
+`(B·L, D)` hidden states at a time, inside the reduction loop: the blocks are exactly the row
+blocks the reductions already use (`extract._row_blocks`), so top-k, stats and the sampled draws
+(same rows per `multinomial` call, same generator) equal the unblocked path's.
+
+Not possible (full logits are built): classifiers (one row per sample: small anyway), factory
+teachers (their forward is opaque), and HF models whose check fails. Peak logits memory per batch
+drops from B·L·V to one block (`extract._BLOCK_ELEMENTS`: 2^20 logits on CPU, 2^26 on GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mtkd_cache.format.meta import TargetSpec
+from mtkd_cache.precompute.extract import _row_blocks, sample_targets
+from mtkd_cache.precompute.forward import _input_device, forward_teacher
+from mtkd_cache.precompute.models import LoadedTeacher
+
+__all__ = ["HeadSplit", "forward_body", "head_split", "reduce_by_head_blocks"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """A causal LM cut before its head: logits = softcap(head(body(x).last_hidden_state))."""
+
+    body: torch.nn.Module
+    head: torch.nn.Module
+    softcap: float | None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, D) hidden rows -> (n, V_padded) logits."""
+        out = self.head(hidden)
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+
+_SPLITS: weakref.WeakKeyDictionary[torch.nn.Module, HeadSplit | None] = weakref.WeakKeyDictionary()
+
+
+def _candidate(teacher: LoadedTeacher) -> HeadSplit | None:
+    module = teacher.module
+    if teacher.task != "causal_lm" or not hasattr(module, "get_decoder"):
+        return None
+    head, body = module.get_output_embeddings(), module.get_decoder()  # type: ignore[operator]
+    if not isinstance(head, torch.nn.Linear) or body is None or body is module:
+        return None
+    config = getattr(module, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    return HeadSplit(body, head, getattr(config, "final_logit_softcapping", None))
+
+
+def head_split(teacher: LoadedTeacher, batch: Mapping[str, torch.Tensor]) -> HeadSplit | None:
+    """The teacher's body/head split if its logits are exactly the head's (checked once per model)."""
+    if teacher.module in _SPLITS:
+        return _SPLITS[teacher.module]
+    split = _candidate(teacher)
+    if split is not None:
+        probe = {k: v[:1, :8] for k, v in batch.items()}
+        full, _ = forward_teacher(teacher, probe, want_hidden=False)
+        try:  # a body that needs more than the model's inputs (e.g. a multimodal wrapper) is no split
+            last, _ = forward_body(teacher, split, probe, want_hidden=())
+            mine = split.logits(last.reshape(-1, last.shape[-1])).reshape(full.shape)
+            same = torch.equal(full, mine.to(full.device))
+        except (TypeError, ValueError, AttributeError, RuntimeError):
+            same = False
+        if not same:
+            log.info("teacher %r: its logits are not head(last hidden state); the full logits are built",
+                     teacher.model_id)
+            split = None
+    _SPLITS[teacher.module] = split
+    return split
+
+
+def forward_body(teacher: LoadedTeacher, split: HeadSplit, batch: Mapping[str, torch.Tensor], *,
+                 want_hidden: Sequence[int]) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...] | None]:
+    """The body's last hidden state (B, L, D) and the asked hidden states (as `forward_teacher`)."""
+    device = _input_device(teacher.module, next(iter(teacher.module.parameters()), None))
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    extra = {"output_hidden_states": list(want_hidden)} if want_hidden else {}
+    with torch.inference_mode():
+        out = split.body(**inputs, **extra)
+    hidden = getattr(out, "hidden_states", None) if want_hidden else None
+    return out.last_hidden_state, (tuple(hidden) if hidden is not None else None)
+
+
+def reduce_by_head_blocks(
+    split: HeadSplit, last: torch.Tensor, rows_mask: torch.Tensor | None, spec: TargetSpec, vocab_size: int,
+    reduce: Callable[..., tuple[list[int], list[torch.Tensor]]], generator: Callable[[torch.device], torch.Generator],
+) -> tuple[list[int], list[torch.Tensor]]:
+    """`reduce` (and, for sampled targets, the draws) over head(row block) for every row block.
+
+    Args:
+        last: (B, L, D) last hidden state. rows_mask: (B, L) real positions or None.
+        reduce: `chunk._reduce_batch` bound to its reducers: (logits (n, 1, V), mask (n, 1)) ->
+            (bad rows, [outputs (n, 1, ...)]).
+        generator: The chunk's generator on a device (created on first use).
+
+    Returns:
+        (bad sample indices, outputs reshaped to (B, L, ...)) like `chunk._reduce_batch`, with the
+        sampled `indices, counts` first for sampled targets.
+    """
+    batch, length, width = last.shape
+    flat = last.reshape(-1, width)  # (B·L, D)
+    mask = None if rows_mask is None else rows_mask.reshape(-1, 1)
+    bad: set[int] = set()
+    parts: list[list[torch.Tensor]] = []
+    device = next(iter(split.head.parameters())).device
+    for rows in _row_blocks(flat.shape[0], vocab_size, device):
+        logits = split.logits(flat[rows]).unsqueeze(1)  # (n, 1, V_padded): one block of logits
+        bad_rows, reduced = reduce(logits, None if mask is None else mask[rows].to(logits.device))
+        bad.update((rows.start + r) // length for r in bad_rows)
+        if bad:
+            continue  # keep checking the other rows, to name every bad sample
+        if spec.kind != "topk":
+            reduced = [*sample_targets(logits, spec.draws, spec.temperature,  # type: ignore[arg-type]
+                                       generator(logits.device), vocab_size), *reduced]
+        parts.append(reduced)
+    if bad:
+        return sorted(bad), []
+    return [], [torch.cat(p).reshape(batch, length, *p[0].shape[2:]) for p in zip(*parts)]

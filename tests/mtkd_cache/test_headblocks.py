@@ -1,0 +1,101 @@
+"""The LM head per row block: the stored arrays equal the full-logits path's, and no (B, L, V)
+logits tensor is built for a causal LM whose logits are head(last hidden)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from helpers import tiny_models
+
+import mtkd_cache.precompute.batching as batching
+import mtkd_cache.precompute.chunk as chunk
+import mtkd_cache.precompute.extract as extract
+import mtkd_cache.precompute.headblocks as headblocks
+from mtkd_cache import RunConfig, run_teacher
+from mtkd_cache.precompute.batching import logits_token_budget
+from mtkd_cache.precompute.models import load_teacher
+
+
+def _arrays(cache: Path, name: str) -> dict[str, np.ndarray]:
+    root = cache / "teachers" / name
+    return {str(m.parent.relative_to(root)): zarr.open_array(str(m.parent), mode="r")[:]
+            for m in root.rglob("zarr.json") if json.loads(m.read_text())["node_type"] == "array"}
+
+
+@pytest.mark.parametrize("kind", [{"top_k": 8, "features": (1, -1)}, {"top_k": None, "samples": 6}])
+def test_blocked_head_equals_the_full_logits(
+    copy_cache: Callable[..., Path], inputs_template: Path, lm_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    kind: dict[str, Any],
+) -> None:
+    monkeypatch.setitem(extract._BLOCK_ELEMENTS, "cpu", 72 * 5)  # 5 rows per block: many blocks per batch
+    rows_seen: list[int] = []
+    real_logits = headblocks.HeadSplit.logits
+
+    def spy(self: headblocks.HeadSplit, hidden: torch.Tensor) -> torch.Tensor:
+        rows_seen.append(hidden.shape[0])
+        return real_logits(self, hidden)
+
+    monkeypatch.setattr(headblocks.HeadSplit, "logits", spy)
+    blocked = copy_cache(inputs_template, "blocked")
+    run_teacher(blocked, RunConfig(teacher="t", model=str(lm_dir), batch_size=4, **kind), progress=False)
+    assert rows_seen and max(rows_seen) <= 8  # the probe's 8 tokens, then blocks of 5 rows: never B·L rows
+
+    monkeypatch.setattr(chunk, "head_split", lambda teacher, batch: None)  # the full-logits path
+    full = copy_cache(inputs_template, "full")
+    run_teacher(full, RunConfig(teacher="t", model=str(lm_dir), batch_size=4, **kind), progress=False)
+    a, b = _arrays(blocked, "t"), _arrays(full, "t")
+    assert a.keys() == b.keys() and len(a) >= 2
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_a_model_with_other_post_processing_keeps_the_full_logits(lm_dir: Path, tmp_path: Path) -> None:
+    teacher = load_teacher(str(lm_dir), device=torch.device("cpu"), dtype=torch.float32)
+    batch = {"input_ids": torch.tensor([[1, 2, 3, 4]]), "attention_mask": torch.ones(1, 4, dtype=torch.int64)}
+    assert headblocks.head_split(teacher, batch) is not None
+    scaled = load_teacher(str(shutil.copytree(lm_dir, tmp_path / "scaled")), device=torch.device("cpu"), dtype=torch.float32)
+    forward = scaled.module.forward
+
+    def logit_scale(*args: Any, **kwargs: Any) -> Any:  # like Cohere's logit_scale: not head(hidden)
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    scaled.module.forward = logit_scale  # type: ignore[method-assign]
+    assert headblocks.head_split(scaled, batch) is None
+
+
+def test_the_token_budget_counts_the_vocabulary_of_full_logits() -> None:
+    assert logits_token_budget(None, 262_144, full_logits=True, dtype_bytes=2) == 4096  # 2 GiB of bf16
+    assert logits_token_budget(1000, 262_144, full_logits=True, dtype_bytes=2) == 1000
+    assert logits_token_budget(8192, 262_144, full_logits=True, dtype_bytes=4) == 2048
+    assert logits_token_budget(None, 10**9, full_logits=True, dtype_bytes=4) == 1  # a sample still runs alone
+    assert logits_token_budget(None, 262_144, full_logits=False, dtype_bytes=2) is None  # head per row block
+    assert logits_token_budget(64, 262_144, full_logits=False, dtype_bytes=2) == 64
+
+
+@pytest.mark.parametrize(("model", "full"), [("factory", True), ("hf", False)])
+def test_run_plans_batches_with_the_vocabulary_budget(
+    copy_cache: Callable[..., Path], inputs_template: Path, lm_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    model: str, full: bool,
+) -> None:
+    width = 64 if model == "factory" else 72  # the factory's head, lm_dir's padded head
+    monkeypatch.setattr(batching, "LOGITS_BUDGET_BYTES", 20 * width * 4)  # 20 tokens of fp32 logits
+    budgets: list[int | None] = []
+    plan = chunk.length_grouped_batches
+    monkeypatch.setattr(chunk, "length_grouped_batches", lambda lengths, budget, size: budgets.append(budget)
+                        or plan(lengths, budget, size))
+    cache = copy_cache(inputs_template)
+    name = f"{tiny_models.__name__}:tiny_factory_lm" if model == "factory" else str(lm_dir)
+    kwargs = {"vocab_size": 64} if model == "factory" else None
+    run_teacher(cache, RunConfig(teacher="t", model=name, top_k=4, max_tokens=64), factory_kwargs=kwargs,
+                progress=False)
+    assert budgets and set(budgets) == ({20} if full else {64})

@@ -1,0 +1,24 @@
+"""`build_union` and the pooling operators on a batch with no positions (a survivor of the
+mutation run in docs/TESTING.md: the union width must not be read from an empty tensor)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtkd_train.aggregate import AggregationContext, build_aggregator, build_union
+from mtkd_train.targets import SparseTargets
+
+EMPTY = SparseTargets(torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, 2), torch.zeros(0))
+
+
+@pytest.mark.parametrize("tail_mode", ["spread", "bucket"])
+def test_a_batch_without_positions_has_an_empty_union(tail_mode: str) -> None:
+    union = build_union([EMPTY, EMPTY], vocab_size=5, tail_mode=tail_mode)  # type: ignore[arg-type]
+    assert [tuple(x.shape) for x in union] == [(0, 0), (0, 0), (0, 2, 0), (0, 2), (0,)]
+
+
+@pytest.mark.parametrize("name", ["mean", "loglinear", "entropy", "confidence"])
+def test_operators_merge_a_batch_without_positions_into_empty_targets(name: str) -> None:
+    merged = build_aggregator(name, num_teachers=2)([EMPTY, EMPTY], AggregationContext(), vocab_size=5, tail_mode="spread")
+    assert [tuple(x.shape) for x in merged] == [(0, 0), (0, 0), (0,)]
