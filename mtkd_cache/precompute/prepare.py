@@ -39,6 +39,7 @@ from mtkd_cache.format.inputs import InputsWriter, Sample
 from mtkd_cache.format.meta import InputsMeta, Manifest, TokenizerInfo
 from mtkd_cache.format.store import CacheStore
 from mtkd_cache.precompute.sources import iter_source
+from mtkd_cache.precompute.text_spans import text_pieces, window_texts
 
 __all__ = ["prepare", "prepare_arrays", "load_tokenizer"]
 
@@ -255,15 +256,16 @@ def prepare(
 
     columns = [text_column] + [c for c in (label_column, domain_column) if c]
     chunk_samples = chunk_samples or max(1, 32768 // max_length)
+    pieces = text_pieces(tok, pack)
     writer = InputsWriter(store, kind="tokens", chunk_samples=chunk_samples, positions_per_sample=max_length,
-                          token_dtype="int32" if len(tok) > 1 << 16 else "uint16")
+                          token_dtype="int32" if len(tok) > 1 << 16 else "uint16", with_text=pieces is not None)
 
     hasher = DatasetHasher({"kind": "tokens", "tokenizer": fp, "max_length": max_length, "pack": pack})
     with tqdm(desc="prepare", unit=" samples", disable=not progress) as bar:  # closed (a newline) on errors too
         docs = _documents(tok, data, split=split, columns=columns, batch_size=batch_size, text_column=text_column,
                           label_column=label_column, domain_column=domain_column, pack=pack)
         for i, s in enumerate(_token_samples(docs, max_length, pack=pack, eos=-1 if eos is None else eos,
-                                                labelled=label_column is not None)):
+                                                labelled=label_column is not None, pieces=pieces)):
             if max_samples is not None and i >= max_samples:
                 break
             writer.add(s)
@@ -274,33 +276,34 @@ def prepare(
 
 def _documents(tok: Any, data: Any, *, split: str, columns: list[str], batch_size: int, text_column: str,
                label_column: str | None, domain_column: str | None, pack: bool
-               ) -> Iterator[tuple[int, list[int], Any, Any]]:
-    """``(source row, token ids, label, domain)`` of every document, tokenized in batches."""
+               ) -> Iterator[tuple[int, list[int], Any, Any, str]]:
+    """``(source row, token ids, label, domain, text)`` of every document, tokenized in batches."""
     row = 0
     for batch in iter_source(data, split=split, columns=columns, batch_size=batch_size):
         texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
         enc = tok(texts, add_special_tokens=not pack, truncation=False)["input_ids"]
         labels = batch[label_column] if label_column else [None] * len(texts)
         domains = batch[domain_column] if domain_column else [None] * len(texts)
-        for ids, lab, dom in zip(enc, labels, domains):
-            yield row, list(ids), lab, dom
+        for ids, lab, dom, text in zip(enc, labels, domains, texts):
+            yield row, list(ids), lab, dom, text
             row += 1
 
 
-def _token_samples(docs: Iterator[tuple[int, list[int], Any, Any]], max_length: int, *, pack: bool,
-                   eos: int, labelled: bool) -> Iterator[Sample]:
+def _token_samples(docs: Iterator[tuple[int, list[int], Any, Any, str]], max_length: int, *, pack: bool,
+                   eos: int, labelled: bool, pieces: Sequence[bytes | None] | None = None) -> Iterator[Sample]:
     """Documents -> samples: packed to `max_length`, one truncated sample per labelled document, or windows."""
     if pack:
-        src = ((row, ids) for row, ids, _, _ in docs if ids)
+        src = ((row, ids) for row, ids, *_ in docs if ids)
         for row, ids, starts in _packed(src, max_length, eos):
             yield Sample(row, (np.asarray(ids, dtype=np.int64),), None, None, starts)
         return
-    for row, ids, lab, dom in docs:
+    for row, ids, lab, dom, text in docs:
         if len(ids) < 2 and not labelled:
             continue  # a single token teaches a causal LM nothing
-        pieces = [(ids[:max_length], [0])] if labelled else list(_windows(ids, max_length))
-        for piece, _starts in pieces:
-            yield Sample(row, (np.asarray(piece, dtype=np.int64),), lab, dom, None)
+        windows = [(ids[:max_length], [0])] if labelled else list(_windows(ids, max_length))
+        texts = window_texts(ids, text, max_length, pieces) if pieces is not None else [None] * len(windows)
+        for (piece, _starts), covered in zip(windows, texts):
+            yield Sample(row, (np.asarray(piece, dtype=np.int64),), lab, dom, None, covered)
 
 
 @_one_line_writes
