@@ -98,7 +98,7 @@ def _packed(docs: Iterator[tuple[int, list[int]]], max_length: int, eos: int) ->
 
 
 # Everything mtkd writes at a cache's root; `prepare` never deletes any other entry.
-MTKD_ROOT_KEYS = ("manifest.json", "zarr.json", "inputs", "teachers")
+MTKD_ROOT_KEYS = ("manifest.json", "zarr.json", "inputs", "teachers", "tokenizations")
 _LEFTOVER = re.compile(r"^\.write-probe-[0-9a-f]+$|\.tmp-[0-9a-f]+$")  # CacheStore's own half-written files
 
 
