@@ -61,6 +61,8 @@ class TokenizationMeta:
     fingerprint: str
     lost: float
     vocab_map: dict[str, Any]
+    alignment_rate: float = 0.0
+    """Share of the inputs' positions (student rows) that have a row of this tokenization."""
     mtkd_version: str = ""
     created: str = ""
 

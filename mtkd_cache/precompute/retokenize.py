@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from mtkd_cache.align import build_vocab_map, byte_ends, token_bytes
+from mtkd_cache.align import align_rows, build_vocab_map, byte_ends, exact_pairs, token_bytes
 from mtkd_cache.format.codecs import Compressor, array_checksum, chunk_codecs
 from mtkd_cache.format.fingerprint import tokenizer_fingerprint
 from mtkd_cache.format.layout import chunk_rows, make_grid
 from mtkd_cache.format.meta import TokenizerInfo
-from mtkd_cache.format.text import create_token_array, read_texts
+from mtkd_cache.format.text import create_token_array, read_byte_ends, read_texts
 from mtkd_cache.format.tokenization import (
     TokenizationReader,
     content_fingerprint,
@@ -82,14 +82,17 @@ def ensure_tokenization(reader: Any, tok: Any, name_or_path: str, progress_log: 
     offsets: list[int] = []
     lengths: list[int] = []
     checksums: list[str] = []
+    aligned = 0
     for c in range(g.num_chunks):  # pass 2: write
         s0, _ = g.sample_range(c)
         r0, r1 = chunk_rows(grid, c, "token")
         blocks = {n: np.zeros(grid.chunk_positions, dtype=np.int32) for n in arrays}
         cursor = 0
-        for ids, ends, _ in _encode(tok, pieces, read_texts(reader, c), starts[s0:]):
+        student = _student_ends(reader, c)
+        for (ids, ends, _), own in zip(_encode(tok, pieces, read_texts(reader, c), starts[s0:]), student):
             blocks["token_ids"][cursor : cursor + len(ids)] = ids
             blocks["byte_ends"][cursor : cursor + len(ids)] = ends
+            aligned += int((align_rows(own, ends) >= 0).sum())
             offsets.append(r0 + cursor)
             lengths.append(len(ids))
             cursor += len(ids)
@@ -99,22 +102,36 @@ def ensure_tokenization(reader: Any, tok: Any, name_or_path: str, progress_log: 
             checksums.append(array_checksum(blocks[n]))
     store.write_table(f"{key}/samples.parquet", sample_table(offsets, lengths))
     _save_tokenizer(store, tok, f"{key}/tokenizer")
-    vocab = _write_vocab_map(group, reader, pieces, fp)
+    vocab = _write_vocab_map(group, reader, tok, pieces, fp)
     text_fp = reader.inputs.text["fingerprint"]
     info = TokenizerInfo(fingerprint=fp, vocab_size=len(tok), name_or_path=name_or_path, path=f"{key}/tokenizer",
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     meta = finished_meta(id=tid, tokenizer=info, text_fingerprint=text_fp,
                          dataset_fingerprint=reader.inputs.dataset_fingerprint, grid=grid,
                          num_positions=int(sum(lengths)), fingerprint=content_fingerprint(fp, text_fp, checksums),
-                         lost=lost_share, vocab_map=vocab)
+                         lost=lost_share, vocab_map=vocab,
+                         alignment_rate=aligned / max(1, reader.inputs.num_positions))
     store.write_json(f"{key}/tokenization.json", meta.to_dict())
     return TokenizationReader(reader, tid)
 
 
-def _write_vocab_map(group: Any, reader: Any, pieces: Sequence[bytes | None], fp: str) -> dict[str, Any]:
-    """Store the teacher->student map; its entry in tokenization.json."""
+def _student_ends(reader: Any, chunk: int) -> list[np.ndarray]:
+    """The inputs' byte ends of each sample of `chunk`."""
+    s0, s1 = reader.inputs.grid.sample_range(chunk)
+    cols = reader.sample_columns
+    offsets = cols["offset"][s0:s1] - chunk_rows(reader.inputs.grid, chunk, "token")[0]
+    lengths = cols["num_positions"][s0:s1].astype(np.int64)
+    ends = read_byte_ends(reader, chunk, int(offsets[-1] + lengths[-1]) if len(offsets) else 0)
+    return [ends[o : o + n] for o, n in zip(offsets, lengths)]
+
+
+def _write_vocab_map(group: Any, reader: Any, tok: Any, pieces: Sequence[bytes | None], fp: str) -> dict[str, Any]:
+    """Store the teacher->student map; its entry in tokenization.json (with the student's fingerprint)."""
     student = reader.inputs.tokenizer
-    vmap = build_vocab_map(pieces, token_bytes(reader.load_tokenizer())).astype(np.int32)
+    student_tok = reader.load_tokenizer()
+    student_pieces = token_bytes(student_tok)
+    exact = exact_pairs(tok, student_tok, pieces, student_pieces)
+    vmap = build_vocab_map(pieces, student_pieces, exact).astype(np.int32)
     arr = group.create_array("vocab_map", shape=vmap.shape, dtype="int32", chunks=vmap.shape,
                              compressors=chunk_codecs(Compressor()), fill_value=-1, overwrite=True)
     arr[:] = vmap
