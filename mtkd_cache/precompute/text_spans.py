@@ -4,9 +4,9 @@ A document's tokens are located in its UTF-8 bytes with `align.byte_ends` (exact
 tokenizer normalises). A window of tokens `[s, e)` covers the bytes from the end of token `s-1`
 (0 for the first window) to the end of token `e-1`, widened to whole characters where a token
 boundary falls inside a multi-byte character. The window's text is those characters; its byte
-ends are relative to the text's first byte. Windows of one document are contiguous, so the texts
-of a document's windows concatenate to the document (up to what a lossy tokenizer drops at the
-end).
+ends are relative to the text's first byte. The bytes the tokens occupy in their windows' texts,
+concatenated, are the document; a window cut inside a character repeats that character at the
+start of the next window's text (its first token then ends inside the text, after the character).
 """
 
 from __future__ import annotations
