@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mtkd_cache import RunConfig, open_cache, prepare, run_teacher
+from mtkd_cache import RunConfig, inspect_cache, open_cache, prepare, run_teacher, verify_cache
 from mtkd_cache.errors import CacheMismatchError
 from mtkd_cache.format.fingerprint import tokenizer_fingerprint
 from mtkd_cache.format.tokenization import TokenizationReader
@@ -114,6 +114,13 @@ def test_provenance_of_the_own_tokenization(cross: CrossCache) -> None:
     assert reader.teacher("same_own").meta.tokenization == tokenizer_fingerprint(byte_level_bpe(300))[:16]
     assert sorted(p.name for p in (cross.cache / "tokenizations").iterdir() if p.is_dir()) == sorted(
         {meta.tokenization, reader.teacher("same_own").meta.tokenization})
+
+
+def test_verify_and_inspect_handle_teachers_on_their_own_tokenization(cross: CrossCache) -> None:
+    assert verify_cache(cross.cache, progress=False).ok
+    report = inspect_cache(cross.cache)
+    assert report["teachers"]["other"]["tokenization"] == open_cache(cross.cache).teacher("other").meta.tokenization
+    assert report["teachers"]["same"]["tokenization"] is None and "other" not in report["agreement"]["teachers"]
 
 
 def test_other_tokenizer_targets_are_aligned_and_projected(cross: CrossCache) -> None:

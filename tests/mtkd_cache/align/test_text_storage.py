@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import zarr
 
 from mtkd_cache import migrate_cache, open_cache, prepare
 from mtkd_cache.align import token_bytes
@@ -74,8 +75,13 @@ def test_text_is_fingerprinted_and_listed_in_the_format(cache: Path) -> None:
     texts = [t for c in range(reader.num_chunks) for t in read_texts(reader, c)]
     assert text is not None and len(text["fingerprint"]) == 64
     assert text["num_bytes"] == sum(len(t.encode()) for t in texts) >= sum(len(d.encode()) for d in DOCS)
-    table = pq.read_table(cache / "inputs/text.parquet")  # pyarrow alone reads it
+    table = pq.read_table(cache / "inputs/text.parquet")  # pyarrow and zarr alone read it (docs/FORMAT.md)
     assert table.column("sample_id").to_pylist() == list(range(reader.inputs.num_samples))
+    assert table.column("text").to_pylist() == texts
+    ends = zarr.open_array(str(cache / "inputs/byte_ends"), mode="r")
+    data = reader.read_chunk(0)
+    used = int(data.offsets[-1] + data.lengths[-1])
+    np.testing.assert_array_equal(ends[:used], read_byte_ends(reader, 0, used))
 
 
 def test_a_version_2_cache_reads_and_migrates_to_3(cache: Path, tmp_path: Path) -> None:
