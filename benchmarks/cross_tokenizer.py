@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--mass-samples", type=int, default=4)
     ap.add_argument("--out", default="/tmp/mtkd-cross-tokenizer")
+    ap.add_argument("--reuse", action="store_true", help="keep caches (and tokenizations) made by an earlier run")
     args = ap.parse_args()
     from mtkd_cache import open_cache, prepare
     from mtkd_cache.precompute.prepare import load_tokenizer
@@ -100,13 +101,14 @@ def main() -> None:
     results = {}
     for domain in DOMAINS:
         root = Path(args.out) / domain
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-        with (root / "data.jsonl").open("w") as f:
-            for d in _docs(domain, args.chars):
-                f.write(json.dumps({"text": d}) + "\n")
-        prepare(root / "cache", root / "data.jsonl", tokenizer=args.student_tok, max_length=args.max_length,
-                progress=False)
+        if not (args.reuse and (root / "cache" / "manifest.json").exists()):
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            with (root / "data.jsonl").open("w") as f:
+                for d in _docs(domain, args.chars):
+                    f.write(json.dumps({"text": d}) + "\n")
+            prepare(root / "cache", root / "data.jsonl", tokenizer=args.student_tok, max_length=args.max_length,
+                    progress=False)
         reader = open_cache(root / "cache")
         t0 = time.perf_counter()
         tr = ensure_tokenization(reader, teacher_tok, args.teacher_tok)
@@ -120,7 +122,8 @@ def main() -> None:
         if args.teacher_gguf:
             results[domain].update(_mapped_mass(reader, tr, args.teacher_gguf, args.mass_samples, 64))
         print(domain, json.dumps(results[domain]), flush=True)
-    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    name = "results_mass.json" if args.teacher_gguf else "results.json"
+    (Path(args.out) / name).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -140,10 +140,32 @@ def test_other_tokenizer_targets_are_aligned_and_projected(cross: CrossCache) ->
 def test_two_tokenizers_train_together(cross: CrossCache, tmp_path: Path) -> None:
     _train(cross, tmp_path / "both", "same,other", "--min-alignment", "0.3")  # these tiny BPEs align at ~42%
     losses = step_losses(tmp_path / "both")
-    assert len(losses) == 4 and all(np.isfinite(v) for v in losses)
+    assert len(losses) == 4 and all(np.isfinite(v) for v in losses.values())
     _train(cross, tmp_path / "fused", "same,other", "--aggregate", "mean", "--loss", "forward_kl",
            "--min-alignment", "0.3")
-    assert all(np.isfinite(v) for v in step_losses(tmp_path / "fused"))
+    assert all(np.isfinite(v) for v in step_losses(tmp_path / "fused").values())
+
+
+@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl"])  # fused (KD row mask) and unfused (row subset)
+def test_rows_without_any_teacher_get_no_kd(cross: CrossCache, tmp_path: Path, loss: str) -> None:
+    """With only the other-tokenizer teacher, unaligned rows have no teacher: KD covers the others alone."""
+    from mtkd_train.objective import Objective
+
+    ds = CachedDistillDataset(cross.cache, ["other"], batch_size=4, shuffle=False, epochs=1, prefetch=0)
+    batch = next(iter(ds))
+    mask = batch["position_mask"]
+    present = batch["targets"]["other"]["present"]
+    assert bool((mask & ~present).any())
+    obj = Objective(teachers=["other"], capture_temperatures=[1.0], vocab_size=300, aggregate="mean",
+                    aggregate_kwargs={}, loss=loss, tail_mode="spread", alpha=1.0, temperature=1.0)
+    logits = torch.randn(*mask.shape, 300, generator=torch.Generator().manual_seed(0))
+    kd = obj(batch, logits, None, "causal_lm")["kd"]
+    # the same KD over a batch whose unaligned rows are dropped from the position mask
+    only = {**batch, "position_mask": mask & present}
+    ref = obj(only, logits, None, "causal_lm")["kd"]
+    torch.testing.assert_close(kd, ref)
+    _train(cross, tmp_path / loss, "other", "--loss", loss, "--min-alignment", "0.3")
+    assert all(np.isfinite(v) for v in step_losses(tmp_path / loss).values())
 
 
 def test_teacher_below_the_alignment_threshold_is_refused(cross: CrossCache, tmp_path: Path) -> None:
