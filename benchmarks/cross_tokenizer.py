@@ -14,6 +14,7 @@ maps to student tokens is reported too.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import subprocess
@@ -58,14 +59,21 @@ def _docs(domain: str, chars: int) -> list[str]:
     return out
 
 
-def _mapped_mass(reader: Any, tok_reader: Any, gguf: str, samples: int, k: int) -> dict[str, float]:
+@functools.cache
+def _model(gguf: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    return AutoModelForCausalLM.from_pretrained(str(Path(gguf).parent), gguf_file=Path(gguf).name,
+                                                dtype=torch.float32).eval()
+
+
+def _mapped_mass(reader: Any, tok_reader: Any, gguf: str, samples: int, k: int) -> dict[str, float]:
+    import torch
+
     from mtkd_cache.align import mapped_mass
 
-    model = AutoModelForCausalLM.from_pretrained(str(Path(gguf).parent), gguf_file=Path(gguf).name,
-                                                 torch_dtype=torch.float32).eval()
+    model = _model(gguf)
     vmap = tok_reader.vocab_map()
     data = tok_reader.read_chunk(0)
     masses, kept = [], []
