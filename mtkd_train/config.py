@@ -210,6 +210,8 @@ class TrainConfig:
     """Also log to TensorBoard (needs the tensorboard package)."""
     verify_cache: bool = False
     """Run a full checksum verification of the cache before training."""
+    min_alignment: float = 0.5
+    """Refuse a teacher on another tokenizer aligned with fewer than this share of the student's positions."""
     progress: bool = True
     """Show a tqdm progress bar."""
     find_unused_parameters: bool = False

@@ -24,6 +24,7 @@ from mtkd_train.aggregate import (
     label_log_prob,
 )
 from mtkd_train.aggregate import make_aggregator as build_operator
+from mtkd_train.aggregate._presence import PresentAggregator, kd_rows, row_presence
 from mtkd_train.losses import (
     combine,
     fused_kd_ce_loss,
@@ -138,31 +139,38 @@ class Objective(nn.Module):
         ctx = gate_ctx if gate_ctx.gate_logits is None else dataclasses.replace(
             gate_ctx, gate_logits=gate_ctx.gate_logits.detach())
         out: dict[str, torch.Tensor] = {}
-        weights = self.aggregator.weights(targets, ctx)
-        smoothing = self.aggregator._smoothing()
+        # cross-tokenizer teachers may be absent at a row: aggregate over the present ones, no KD where none is
+        present = row_presence(batch["targets"], self.teachers, lambda x: take_rows(x, rows))
+        agg = self.aggregator if present is None else PresentAggregator(self.aggregator, present)
+        kd_at = kd_rows(present)
+        weights = agg.weights(targets, ctx)
+        smoothing = agg._smoothing()
         if self.fused:  # one sparse target (the merged one) + the labels, closed-form gradient
-            merged = self.aggregator(targets, ctx, vocab_size=self.vocab_size,
-                                     tail_mode=self.tail_mode)  # type: ignore[arg-type]
+            merged = agg(targets, ctx, vocab_size=self.vocab_size, tail_mode=self.tail_mode)  # type: ignore[arg-type]
             neg = (mixture_negentropy(targets, weights, self.vocab_size, smoothing)
                    if weights is not None and self.tail_mode == "spread" else None)  # = weighted_forward_kl
             kw: dict[str, Any] = dict(alpha=self.alpha, temperature=self.T, target_temperature=self.T,
-                                      tail_mode=self.tail_mode, vocab_size=self.vocab_size, target_negentropy=neg)
+                                      tail_mode=self.tail_mode, vocab_size=self.vocab_size, target_negentropy=neg,
+                                      mask=kd_at)
             total, kd, ce = (fused_kd_ce_loss(z, merged, labels, **kw) if head is None else
                              fused_linear_kd_ce_loss(z, head.weight, merged, labels, bias=head.bias, **kw))
         else:
-            if weights is not None and self.loss_kind == "forward_kl" and self.tail_mode == "spread":
-                kd = weighted_forward_kl(z, targets, weights, temperature=self.T, target_temperature=self.T,
+            zk, tk, wk = (z, targets, weights) if kd_at is None else (
+                z[kd_at], [SparseTargets(*(x[kd_at] for x in t)) for t in targets],
+                None if weights is None else weights[kd_at])
+            if wk is not None and self.loss_kind == "forward_kl" and self.tail_mode == "spread":
+                kd = weighted_forward_kl(zk, tk, wk, temperature=self.T, target_temperature=self.T,
                                          tail_mode="spread", vocab_size=self.vocab_size, smoothing=smoothing)
             else:
-                merged = self.aggregator(targets, ctx, vocab_size=self.vocab_size,
-                                         tail_mode=self.tail_mode)  # type: ignore[arg-type]
-                kd = kd_loss(z, merged, kind=self.loss_kind, temperature=self.T, target_temperature=self.T,
+                merged = agg(targets, ctx, vocab_size=self.vocab_size, tail_mode=self.tail_mode)  # type: ignore[arg-type]
+                mk = merged if kd_at is None else SparseTargets(*(x[kd_at] for x in merged))
+                kd = kd_loss(zk, mk, kind=self.loss_kind, temperature=self.T, target_temperature=self.T,
                              tail_mode=self.tail_mode, vocab_size=self.vocab_size)  # type: ignore[arg-type]
             ce = hard_label_loss(z[..., : self.vocab_size], labels)  # padded head columns are not tokens
             total = combine(kd, ce, self.alpha)
         out["kd"], out["ce"] = kd, ce
         if self.gate is not None and weights is not None:
-            total = total + self._gate_loss(targets, gate_ctx, labels, out)
+            total = total + self._gate_loss(targets, gate_ctx, labels, out, agg)
         elif weights is not None:
             out["teacher_weights"] = weights.detach().mean(0)
         if self.features is not None and hidden is not None:
@@ -172,9 +180,9 @@ class Objective(nn.Module):
         return out
 
     def _gate_loss(self, targets: Sequence[SparseTargets], ctx: AggregationContext, labels: torch.Tensor,
-                   out: dict[str, torch.Tensor]) -> torch.Tensor:
+                   out: dict[str, torch.Tensor], agg: Aggregator | None = None) -> torch.Tensor:
         """The gate's own objective: a proper scoring rule on the labelled rows, plus the entropy term."""
-        w = self.aggregator.weights(targets, ctx)  # (P, N), gradients to the gate only
+        w = (agg or self.aggregator).weights(targets, ctx)  # (P, N), gradients to the gate only
         if w is None:
             raise AggregationInputError(f"aggregator {self.aggregate_name!r} has a gate but no linear weights")
         log_true = torch.stack([label_log_prob(t, labels, self.vocab_size) for t in targets], dim=1)

@@ -39,6 +39,7 @@ from mtkd_train.checkpoint import (
 )
 from mtkd_train.config import ConfigError, TrainConfig
 from mtkd_train.data import CachedDistillDataset, validate_teachers
+from mtkd_train.data._align import check_alignment, student_meta
 from mtkd_train.evaluate import evaluate_student, evaluate_teachers
 from mtkd_train.lora import apply_lora, save_lora_student
 from mtkd_train.losses import FeatureDistiller
@@ -138,7 +139,8 @@ class DistillRecipe:
         self.feature_specs = c.feature_specs
         feats = {s.teacher: [s.layer] for s in self.feature_specs}
         validate_teachers(self.reader, list(c.teachers), features=feats or None)
-        self.metas = [self.reader.teacher(t).meta for t in c.teachers]
+        check_alignment(self.reader, c.teachers, c.min_alignment)  # teachers on another tokenizer
+        self.metas = [student_meta(self.reader, self.reader.teacher(t).meta) for t in c.teachers]
         self.vocab_size = self.metas[0].vocab_size
         self.teacher_ids = teacher_identities(self.reader, c.teachers)
         self.eval_reader = self._open_eval_cache() if c.eval_cache else None

@@ -59,9 +59,11 @@ def _diff_ends(joined: bytes, text: bytes, ends: np.ndarray) -> tuple[np.ndarray
 def align_rows(student_ends: np.ndarray, teacher_ends: np.ndarray) -> np.ndarray:
     """For each student row, the teacher row whose context ends at the same byte, else ``-1``.
 
-    Row ``j`` of a causal LM predicts token ``j + 1``; its context ends at ``ends[j]``. A student
-    row is aligned with the LAST teacher row ending at that byte (the one that has seen the most
-    tokens, i.e. whose next token starts there).
+    Row ``j`` of a causal LM predicts token ``j + 1``; its context ends at ``ends[j]``. Where
+    several rows end at one byte (zero-width special tokens: BOS, EOS), the ``i``-th student row
+    ending there takes the ``i``-th teacher row ending there, and is unaligned if the teacher has
+    fewer. Identical tokenizations therefore align every row with itself, and a student row
+    predicting a special token the teacher does not have at that byte gets none.
 
     Args:
         student_ends: ``(Ls,)`` int64 non-decreasing.
@@ -70,10 +72,12 @@ def align_rows(student_ends: np.ndarray, teacher_ends: np.ndarray) -> np.ndarray
     Returns:
         ``(Ls,)`` int64 teacher row or ``-1``.
     """
-    pos = np.searchsorted(teacher_ends, student_ends, side="right") - 1  # last teacher end <= b
-    ok = (pos >= 0) & (teacher_ends[np.clip(pos, 0, None)] == student_ends) if len(teacher_ends) else \
-        np.zeros(len(student_ends), dtype=bool)
-    return np.where(ok, pos, -1).astype(np.int64)
+    s = np.asarray(student_ends, dtype=np.int64)
+    t = np.asarray(teacher_ends, dtype=np.int64)
+    rank = np.arange(len(s)) - np.searchsorted(s, s, side="left")  # i-th student row ending at that byte
+    first = np.searchsorted(t, s, side="left")
+    count = np.searchsorted(t, s, side="right") - first
+    return np.where(rank < count, first + rank, -1).astype(np.int64)
 
 
 def alignment_rate(rows: np.ndarray) -> float:

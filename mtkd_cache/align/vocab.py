@@ -11,20 +11,45 @@ teacher tokens mapping to one student token add their probabilities. Building th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["build_vocab_map", "mapped_mass", "project_topk"]
+__all__ = ["build_vocab_map", "exact_pairs", "mapped_mass", "project_topk"]
+
+_ROLES = ("eos_token_id", "bos_token_id", "unk_token_id", "pad_token_id")
 
 
-def build_vocab_map(teacher: Sequence[bytes | None], student: Sequence[bytes | None]) -> np.ndarray:
+def exact_pairs(teacher: Any, student: Any, teacher_bytes: Sequence[bytes | None],
+                student_bytes: Sequence[bytes | None]) -> dict[int, int]:
+    """Teacher id -> student id for tokens both tokenizers have: the same token string with the same
+    bytes (so identical tokenizers map every token to itself), and special tokens of one role
+    (EOS, BOS, UNK, PAD; a role the teacher gives two tokens keeps the first)."""
+    s_vocab = student.get_vocab()
+    out = {}
+    for s, tid in teacher.get_vocab().items():
+        sid = s_vocab.get(s)
+        if sid is not None and tid < len(teacher_bytes) and sid < len(student_bytes) \
+                and teacher_bytes[tid] == student_bytes[sid]:
+            out[int(tid)] = int(sid)
+    for role in _ROLES:
+        tid, sid = getattr(teacher, role, None), getattr(student, role, None)
+        if tid is not None and sid is not None and teacher_bytes[tid] is None and student_bytes[sid] is None:
+            out.setdefault(int(tid), int(sid))
+    return out
+
+
+def build_vocab_map(teacher: Sequence[bytes | None], student: Sequence[bytes | None],
+                    exact: Mapping[int, int] | None = None) -> np.ndarray:
     """``(V_t,)`` int32: the student id each teacher id maps to, ``-1`` for none.
 
     Args:
         teacher: Bytes of each teacher token (``None`` = special).
         student: Bytes of each student token. Where several student ids spell the same bytes (a
             byte-fallback ``<0x41>`` and a plain ``A``), the lowest id wins.
+        exact: Teacher id -> student id pairs that take precedence (:func:`exact_pairs`: the same
+            token in both vocabularies, and special tokens of the same role such as EOS).
 
     Returns:
         The map.
@@ -36,6 +61,9 @@ def build_vocab_map(teacher: Sequence[bytes | None], student: Sequence[bytes | N
     longest = max((len(b) for b in lookup), default=0)
     out = np.full(len(teacher), -1, dtype=np.int32)
     for tid, b in enumerate(teacher):
+        if exact and tid in exact:
+            out[tid] = exact[tid]
+            continue
         if not b:
             continue
         for n in range(min(len(b), longest), 0, -1):

@@ -21,6 +21,7 @@ from mtkd_cache.format.layout import chunk_rows, make_grid
 from mtkd_cache.format.loss_mask import LOSS_MASK, create_loss_mask_array
 from mtkd_cache.format.meta import InputsMeta, Manifest, TokenizerInfo
 from mtkd_cache.format.store import CacheStore, now_iso
+from mtkd_cache.format.text import TextWriter
 
 __all__ = ["InputsWriter", "Sample", "SAMPLE_SCHEMA"]
 
@@ -44,6 +45,8 @@ class Sample(NamedTuple):
     doc_starts: list[int] | None
     loss_mask: np.ndarray | None = None
     """(L,) bool per token, for writers made with ``loss_mask=True`` (format/loss_mask.py)."""
+    text: tuple[str, np.ndarray] | None = None
+    """The characters the sample covers and its tokens' byte ends in them (format/text.py)."""
 
 
 class InputsWriter:
@@ -51,7 +54,7 @@ class InputsWriter:
 
     def __init__(self, store: CacheStore, *, kind: str, chunk_samples: int, positions_per_sample: int,
                  token_dtype: str = "int32", array_specs: dict[str, tuple[tuple[int, ...], Any]] | None = None,
-                 loss_mask: bool = False):
+                 loss_mask: bool = False, with_text: bool = False):
         self.store, self.kind = store, kind
         self.grid0 = make_grid(chunk_samples, chunk_samples, positions_per_sample)
         self.S, self.C = self.grid0.chunk_samples, self.grid0.chunk_positions
@@ -75,6 +78,7 @@ class InputsWriter:
                     name, shape=(0, *shape), dtype=np.dtype(dtype), chunks=(self.grid0.inner_samples, *shape),
                     shards=(self.S, *shape), compressors=codecs, fill_value=0, overwrite=True,
                     config=full)
+        self.text = TextWriter(store, self.grid0) if with_text and kind == "tokens" else None
         self.buffer: list[Sample] = []
         self.n_chunks = 0
         self.n_samples = 0
@@ -114,6 +118,7 @@ class InputsWriter:
         rows: dict[str, list[Any]] = {f.name: [] for f in SAMPLE_SCHEMA}
         if self.kind == "tokens":
             self._flush_tokens(c, rows)
+            self._flush_text(c, rows["offset"])
         else:
             for j, (name, arr) in enumerate(sorted(self.arrays.items())):
                 block = np.zeros((self.S, *arr.shape[1:]), dtype=arr.dtype)
@@ -165,6 +170,16 @@ class InputsWriter:
             arr[r0:r1] = blocks[name]
             self.checksums.append({"chunk": c, "array": name, "checksum": array_checksum(blocks[name])})
 
+    def _flush_text(self, chunk: int, offsets: list[int]) -> None:
+        if self.text is None:
+            return
+        if any(s.text is None for s in self.buffer):
+            raise ValueError("every sample of inputs written with_text needs its text")
+        texts = [s.text[0] for s in self.buffer]  # type: ignore[index]
+        ends = [s.text[1] for s in self.buffer]  # type: ignore[index]
+        self.checksums.append(self.text.flush(chunk, self.n_samples, texts, ends,
+                                              [o - chunk * self.C for o in offsets]))
+
     def finish(self, hasher: DatasetHasher, *, max_length: int, tokenizer: TokenizerInfo | None,
                settings: dict[str, Any], source: str, packed: bool) -> InputsMeta:
         self._flush()
@@ -172,12 +187,15 @@ class InputsWriter:
         self._sink.close()
         if self.n_samples == 0:
             self.store.remove(self._partial)
+            if self.text is not None:
+                self.text.abort()
             raise InputDataError(f"--data {source!r} gave no usable samples (every row was empty?)")
         self.store.write_bytes("inputs/samples.parquet", self.store.read_bytes(self._partial))
         self.store.remove(self._partial)
         self.store.write_table("inputs/chunks.parquet", pa.Table.from_pylist(self.checksums))
         hasher.update(self.hashes)
         grid = make_grid(self.n_samples, self.S, self.L)
+        text = None if self.text is None else self.text.finish()
         meta = InputsMeta(
             kind=self.kind,  # type: ignore[arg-type]
             dataset_fingerprint=hasher.hexdigest(),
@@ -194,6 +212,7 @@ class InputsWriter:
             source={"data": source, "settings": settings, "fingerprint_settings": hasher.settings},
             mtkd_version=__version__,
             created=now_iso(),
+            text=text,
         )
         self.store.write_json("inputs/inputs.json", meta.to_dict())
         manifest = Manifest(format_version=FORMAT_VERSION, mtkd_version=__version__,

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mtkd_cache._version import FORMAT_NAME, FORMAT_VERSION
+from mtkd_cache._version import FORMAT_NAME, FORMAT_VERSION, READABLE_FORMAT_VERSIONS
 from mtkd_cache.errors import CacheFormatError
 from mtkd_cache.format._parse import parse_choice, parse_int, parse_positive, req
 from mtkd_cache.format.codecs import Compressor, ValueEncoding
@@ -135,6 +135,8 @@ class InputsMeta:
     source: dict[str, Any] = field(default_factory=dict)
     mtkd_version: str = ""
     created: str = ""
+    text: dict[str, Any] | None = None
+    """The stored source text (format 3, token inputs not packed): `{"fingerprint", "num_bytes"}`."""
 
     def __post_init__(self) -> None:
         parse_choice(self.kind, ("tokens", "arrays"), "inputs kind")
@@ -176,6 +178,7 @@ class InputsMeta:
             source=d.get("source", {}),
             mtkd_version=d.get("mtkd_version", ""),
             created=d.get("created", ""),
+            text=d.get("text"),
         )
 
 
@@ -321,6 +324,8 @@ class TeacherMeta:
     stats: TeacherStats = field(default_factory=TeacherStats)
     mtkd_version: str = ""
     created: str = ""
+    tokenization: str | None = None
+    """The tokenization of the stored text the teacher ran on (`tokenizations/<id>`); None = the inputs'."""
 
     def __post_init__(self) -> None:
         if isinstance(self.compressor, Mapping):
@@ -347,8 +352,9 @@ class TeacherMeta:
         d = self.to_dict()
         for volatile in ("stats", "created", "mtkd_version"):
             d.pop(volatile)
-        if d.get("model_kwargs") is None:
-            d.pop("model_kwargs", None)
+        for optional in ("model_kwargs", "tokenization"):
+            if d.get(optional) is None:
+                d.pop(optional, None)
         return d
 
     def settings_hash(self) -> str:
@@ -381,6 +387,7 @@ class TeacherMeta:
                 revision=d.get("revision"), model_kwargs=d.get("model_kwargs"),
                 stats=_from(TeacherStats, d.get("stats", {}), w),
                 mtkd_version=d.get("mtkd_version", ""), created=d.get("created", ""),
+                tokenization=d.get("tokenization"),
             )
         except CacheFormatError as e:
             raise CacheFormatError(str(e) if str(e).startswith(w) else f"{w}: {e}") from None
@@ -408,9 +415,9 @@ class Manifest:
     def __post_init__(self) -> None:
         if self.format != FORMAT_NAME:
             raise CacheFormatError(f"format is {self.format!r}, expected {FORMAT_NAME!r}; this is not an mtkd cache")
-        if parse_int(self.format_version, "format_version") != FORMAT_VERSION:
+        if parse_int(self.format_version, "format_version") not in READABLE_FORMAT_VERSIONS:
             raise CacheFormatError(f"format_version {self.format_version} is unknown to this mtkd (it reads "
-                                   f"version {FORMAT_VERSION})")
+                                   f"versions {list(READABLE_FORMAT_VERSIONS)})")
 
     def to_dict(self) -> dict[str, Any]:
         return _asdict(self)
@@ -422,11 +429,11 @@ class Manifest:
         if fmt != FORMAT_NAME:
             raise CacheFormatError(f"{w}: format is {fmt!r}, expected {FORMAT_NAME!r}; this is not an mtkd cache")
         version = req(d, "format_version", int, w)
-        if version < FORMAT_VERSION:
+        if version < min(READABLE_FORMAT_VERSIONS):
             raise CacheFormatError(
                 f"{w}: {url} is an mtkd cache of format_version {version}; this mtkd reads version "
                 f"{FORMAT_VERSION} only: {migrate_hint(url)}")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise CacheFormatError(
                 f"{w}: format_version {version} is unknown to this mtkd (it reads version "
                 f"{FORMAT_VERSION}); install the mtkd version that wrote it "

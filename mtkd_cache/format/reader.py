@@ -244,7 +244,12 @@ class CacheReader:
             raise CacheMismatchError(
                 f"teacher {name!r} was cached from dataset fingerprint {meta.dataset_fingerprint}, this "
                 f"cache's inputs are {self.inputs.dataset_fingerprint}; re-run `mtkd-cache run` on this cache")
-        self._teachers[name] = TeacherReader(store, meta, self.inputs, check=self.check)
+        inputs = self.inputs
+        if meta.tokenization is not None:  # on its own tokenization's grid (docs/CROSS_TOKENIZER.md)
+            from mtkd_cache.format.tokenization import TokenizationReader
+
+            inputs = TokenizationReader(self, meta.tokenization).inputs
+        self._teachers[name] = TeacherReader(store, meta, inputs, check=self.check)
         return self._teachers[name]
 
     def teacher_store(self, name: str) -> CacheStore:
@@ -285,6 +290,10 @@ class CacheReader:
 
         for name in teachers:
             tr = self.teacher(name)
+            if tr.meta.tokenization is not None:
+                raise CacheMismatchError(
+                    f"teacher {name!r} is cached on its own tokenization {tr.meta.tokenization!r}, not on the inputs' "
+                    f"rows; read it aligned with `mtkd_train.align.aligned_targets` (the trainer does this)")
             data.targets[name] = tr.read_targets(*rows(tr.meta.grid))
         for name, layers in (features or {}).items():
             tr = self.teacher(name)

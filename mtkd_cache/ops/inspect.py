@@ -58,7 +58,9 @@ def inspect_cache(url: str | os.PathLike[str] | CacheReader, *, max_chunks: int 
     chunks = sorted(set(np.linspace(0, inp.grid.num_chunks - 1, min(max_chunks, inp.grid.num_chunks)).astype(int)))
     top1: dict[str, list[np.ndarray]] = {n: [] for n in names}
     hist: dict[str, dict[str, list[float]]] = {n: {"entropy": [], "tail": []} for n in names}
-    scored = [n for n in names if reader.teacher(n).meta.target.kind != "none"]  # feature-only: no distribution
+    # feature-only teachers have no distribution; teachers on their own tokenization, not the inputs' rows
+    scored = [n for n in names if reader.teacher(n).meta.target.kind != "none"
+              and reader.teacher(n).meta.tokenization is None]
     for c in chunks:
         data = reader.read_chunk(int(c), teachers=scored)
         for n in scored:
@@ -81,8 +83,9 @@ def inspect_cache(url: str | os.PathLike[str] | CacheReader, *, max_chunks: int 
             "mean_tail_mass": m.stats.get("mean_tail"), "mean_entropy": m.stats.get("mean_entropy"),
             "mean_top1_prob": m.stats.get("mean_top1_prob"),
             "fidelity_kept_mass": None if m.stats.get("mean_tail") is None else 1.0 - m.stats["mean_tail"],
+            "tokenization": m.tokenization,
         }
-    comparable = [n for n in names if len(top1[n]) and sum(map(len, top1[n])) == sum(map(len, top1[names[0]]))]
+    comparable = [n for n in sampled if len(top1[n]) and sum(map(len, top1[n])) == sum(map(len, top1[sampled[0]]))]
     agree = np.eye(len(comparable))
     for i, a in enumerate(comparable):
         for j, b in enumerate(comparable):

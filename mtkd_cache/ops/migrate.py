@@ -1,4 +1,8 @@
-"""`migrate_cache`: upgrade a format-version-1 cache to version 2 in place, recomputing no target.
+"""`migrate_cache`: upgrade a format-version-1 or -2 cache to version 3 in place, recomputing no target.
+
+Version 2 -> 3 rewrites only `manifest.json`: version 3 adds optional parts (the stored source
+text and other tokenizations, docs/CROSS_TOKENIZER.md) that a migrated cache does not have, so
+it serves teachers with the inputs' tokenizer as before. Version 1 -> 3 is as follows.
 
 What changes (docs/FORMAT.md, "Versioning"):
 1. Every zarr array is rewritten shard by shard with a crc32c after each compressed inner chunk
@@ -177,12 +181,15 @@ def migrate_cache(url: str | os.PathLike[str], *, storage_options: Mapping[str, 
     if version == FORMAT_VERSION:
         report.teachers = store.teachers_with("teacher.json")
         return report
-    if version != 1:
+    if version not in (1, 2):
         raise CacheFormatError(f"{store.url}: format_version {version!r} cannot be migrated by this mtkd "
-                               f"(it upgrades version 1 to {FORMAT_VERSION})")
+                               f"(it upgrades versions 1 and 2 to {FORMAT_VERSION})")
     store.check_writable()
-    _rewrite_arrays(store, report, progress)
-    report.teachers = [n for n in store.subdirs("teachers") if _upgrade_teacher(store, n)]
+    if version == 1:
+        _rewrite_arrays(store, report, progress)
+        report.teachers = [n for n in store.subdirs("teachers") if _upgrade_teacher(store, n)]
+    else:  # 2 -> 3 adds only optional parts (stored text, tokenizations): the manifest says 3
+        report.teachers = store.teachers_with("teacher.json")
     manifest = Manifest(format_version=FORMAT_VERSION, mtkd_version=__version__,
                         dataset_fingerprint=str(raw["dataset_fingerprint"]), updated=now_iso())
     store.write_json("manifest.json", manifest.to_dict())

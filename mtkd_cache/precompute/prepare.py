@@ -40,6 +40,7 @@ from mtkd_cache.format.meta import InputsMeta, Manifest, TokenizerInfo
 from mtkd_cache.format.store import CacheStore
 from mtkd_cache.precompute.chat_source import ChatColumns, chat_columns, chat_samples
 from mtkd_cache.precompute.sources import iter_source
+from mtkd_cache.precompute.text_spans import text_pieces, window_texts
 
 __all__ = ["prepare", "prepare_arrays", "load_tokenizer"]
 
@@ -98,7 +99,7 @@ def _packed(docs: Iterator[tuple[int, list[int]]], max_length: int, eos: int) ->
 
 
 # Everything mtkd writes at a cache's root; `prepare` never deletes any other entry.
-MTKD_ROOT_KEYS = ("manifest.json", "zarr.json", "inputs", "teachers")
+MTKD_ROOT_KEYS = ("manifest.json", "zarr.json", "inputs", "teachers", "tokenizations")
 _LEFTOVER = re.compile(r"^\.write-probe-[0-9a-f]+$|\.tmp-[0-9a-f]+$")  # CacheStore's own half-written files
 
 
@@ -266,15 +267,18 @@ def prepare(
 
     columns = [text_column] + [c for c in (label_column, domain_column) if c]
     chunk_samples = chunk_samples or max(1, 32768 // max_length)
+    pieces = text_pieces(tok, pack)
     writer = InputsWriter(store, kind="tokens", chunk_samples=chunk_samples, positions_per_sample=max_length,
-                          token_dtype="int32" if len(tok) > 1 << 16 else "uint16", loss_mask=chat is not None)
+                          token_dtype="int32" if len(tok) > 1 << 16 else "uint16", loss_mask=chat is not None,
+                          with_text=pieces is not None and chat is None)  # conversations: no stored text yet
 
     hasher = DatasetHasher({"kind": "tokens", "tokenizer": fp, "max_length": max_length, "pack": pack,
                             **({"loss_mask": chat.train_on} if chat else {})})
     with tqdm(desc="prepare", unit=" samples", disable=not progress) as bar:  # closed (a newline) on errors too
         for i, s in enumerate(_samples(tok, data, chat, split=split, columns=columns, batch_size=batch_size,
                                        text_column=text_column, label_column=label_column,
-                                       domain_column=domain_column, pack=pack, max_length=max_length, eos=eos)):
+                                       domain_column=domain_column, pack=pack, max_length=max_length, eos=eos,
+                                       pieces=pieces)):
             if max_samples is not None and i >= max_samples:
                 break
             writer.add(s)
@@ -285,7 +289,7 @@ def prepare(
 
 def _samples(tok: Any, data: Any, chat: ChatColumns | None, *, split: str, columns: list[str], batch_size: int,
              text_column: str, label_column: str | None, domain_column: str | None, pack: bool, max_length: int,
-             eos: int | None) -> Iterator[Sample]:
+             eos: int | None, pieces: Sequence[bytes | None] | None) -> Iterator[Sample]:
     """The samples to write: masked instruction samples, or text documents cut or packed to `max_length`."""
     if chat is not None:
         return chat_samples(tok, data, chat, split=split, max_length=max_length, batch_size=batch_size,
@@ -293,38 +297,39 @@ def _samples(tok: Any, data: Any, chat: ChatColumns | None, *, split: str, colum
     docs = _documents(tok, data, split=split, columns=columns, batch_size=batch_size, text_column=text_column,
                       label_column=label_column, domain_column=domain_column, pack=pack)
     return _token_samples(docs, max_length, pack=pack, eos=-1 if eos is None else eos,
-                          labelled=label_column is not None)
+                          labelled=label_column is not None, pieces=pieces)
 
 
 def _documents(tok: Any, data: Any, *, split: str, columns: list[str], batch_size: int, text_column: str,
                label_column: str | None, domain_column: str | None, pack: bool
-               ) -> Iterator[tuple[int, list[int], Any, Any]]:
-    """``(source row, token ids, label, domain)`` of every document, tokenized in batches."""
+               ) -> Iterator[tuple[int, list[int], Any, Any, str]]:
+    """``(source row, token ids, label, domain, text)`` of every document, tokenized in batches."""
     row = 0
     for batch in iter_source(data, split=split, columns=columns, batch_size=batch_size):
         texts = [t if isinstance(t, str) else "" for t in batch[text_column]]
         enc = tok(texts, add_special_tokens=not pack, truncation=False)["input_ids"]
         labels = batch[label_column] if label_column else [None] * len(texts)
         domains = batch[domain_column] if domain_column else [None] * len(texts)
-        for ids, lab, dom in zip(enc, labels, domains):
-            yield row, list(ids), lab, dom
+        for ids, lab, dom, text in zip(enc, labels, domains, texts):
+            yield row, list(ids), lab, dom, text
             row += 1
 
 
-def _token_samples(docs: Iterator[tuple[int, list[int], Any, Any]], max_length: int, *, pack: bool,
-                   eos: int, labelled: bool) -> Iterator[Sample]:
+def _token_samples(docs: Iterator[tuple[int, list[int], Any, Any, str]], max_length: int, *, pack: bool,
+                   eos: int, labelled: bool, pieces: Sequence[bytes | None] | None = None) -> Iterator[Sample]:
     """Documents -> samples: packed to `max_length`, one truncated sample per labelled document, or windows."""
     if pack:
-        src = ((row, ids) for row, ids, _, _ in docs if ids)
+        src = ((row, ids) for row, ids, *_ in docs if ids)
         for row, ids, starts in _packed(src, max_length, eos):
             yield Sample(row, (np.asarray(ids, dtype=np.int64),), None, None, starts)
         return
-    for row, ids, lab, dom in docs:
+    for row, ids, lab, dom, text in docs:
         if len(ids) < 2 and not labelled:
             continue  # a single token teaches a causal LM nothing
-        pieces = [(ids[:max_length], [0])] if labelled else list(_windows(ids, max_length))
-        for piece, _starts in pieces:
-            yield Sample(row, (np.asarray(piece, dtype=np.int64),), lab, dom, None)
+        windows = [(ids[:max_length], [0])] if labelled else list(_windows(ids, max_length))
+        texts = window_texts(ids, text, max_length, pieces) if pieces is not None else [None] * len(windows)
+        for (piece, _starts), covered in zip(windows, texts):
+            yield Sample(row, (np.asarray(piece, dtype=np.int64),), lab, dom, None, text=covered)
 
 
 @_one_line_writes

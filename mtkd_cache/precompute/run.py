@@ -36,6 +36,7 @@ from mtkd_cache.format.store import CacheStore
 from mtkd_cache.format.targets import TeacherWriter
 from mtkd_cache.precompute.chunk import ChunkOutput, cpu_reducers, run_chunk
 from mtkd_cache.precompute.config import RunConfig, canonical_kwargs
+from mtkd_cache.precompute.cross import reader_for
 from mtkd_cache.precompute.device import gpu_group, group_max_memory, resolve_device, resolve_dtype
 from mtkd_cache.precompute.distributed import (
     DistInfo,
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 
 def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_options: Mapping[str, Any] | None = None,
                 factory_kwargs: Mapping[str, Any] | None = None, progress: bool = True,
-                inputs: str | None = None) -> TeacherMeta:
+                inputs: str | None = None, own_tokenization: bool | None = None) -> TeacherMeta:
     """Run one teacher over the cache's inputs and store its targets (resumable, shardable).
 
     Args:
@@ -69,6 +70,8 @@ def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_option
             values, stored with the teacher's settings and compared on resume.
         inputs: URL of a cache to read the inputs from (one you may not write): `cache` is then an
             overlay that stores only this teacher (format/overlay.py).
+        own_tokenization: Run on the teacher's own tokenization of the stored text. None (default):
+            exactly when its tokenizer differs from the inputs' (docs/CROSS_TOKENIZER.md).
 
     Returns:
         The teacher's metadata as written to `teacher.json`.
@@ -91,7 +94,9 @@ def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_option
                  f" with --device-map {cfg.device_map}" if cfg.device_map else "", dtype, cfg.device, cfg.dtype)
     try:
         load = functools.partial(load_teacher, device_map=cfg.device_map, max_memory=max_memory)
-        teacher, meta, pad_id = setup_teacher(reader, cfg, canonical_kwargs(factory_kwargs), device, dtype, load)
+        teacher, meta, pad_id = setup_teacher(reader, cfg, canonical_kwargs(factory_kwargs), device, dtype, load,
+                                              own_tokenization)
+        reader = reader_for(reader, meta)  # a teacher with another tokenizer runs on its own grid
         with _rank0_lock(store, cfg.teacher, info) as lock:
             writer = _open_writer(store, reader, meta, cfg, info)
             if writer.already_complete:

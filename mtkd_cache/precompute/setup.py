@@ -23,6 +23,7 @@ from mtkd_cache.format.meta import Compressor, FeatureSpec, TeacherMeta, ValueEn
 from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.precompute.chunk import batch_inputs
 from mtkd_cache.precompute.config import RunConfig, model_key
+from mtkd_cache.precompute.cross import teacher_grid, with_tokenization
 from mtkd_cache.precompute.encoder import (
     check_layers,
     encoder_settings,
@@ -37,7 +38,7 @@ __all__ = ["setup_teacher"]
 
 def setup_teacher(reader: CacheReader, cfg: RunConfig, model_kwargs: Mapping[str, Any] | None,
                   device: torch.device, dtype: torch.dtype, load: Callable[..., LoadedTeacher] = load_teacher,
-                  ) -> tuple[LoadedTeacher, TeacherMeta, int]:
+                  own_tokenization: bool | None = None) -> tuple[LoadedTeacher, TeacherMeta, int]:
     """Load (with `load`) and check the teacher; return it, the metadata it will be stored under, and the pad id.
 
     Raises:
@@ -47,6 +48,7 @@ def setup_teacher(reader: CacheReader, cfg: RunConfig, model_kwargs: Mapping[str
     """
     teacher = load(cfg.model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                            factory_kwargs=model_kwargs)
+    reader = teacher_grid(reader, teacher, cfg, own_tokenization)  # another tokenizer: its own tokenization
     teacher = _check_vocab(reader, teacher, cfg)
     tok = reader.inputs.tokenizer
     pad_id = tok.pad_token_id if tok and tok.pad_token_id is not None else 0
@@ -61,7 +63,8 @@ def setup_teacher(reader: CacheReader, cfg: RunConfig, model_kwargs: Mapping[str
     if cfg.top_k is not None and cfg.top_k > teacher.vocab_size:
         raise ValueError(f"--top-k {cfg.top_k} is larger than teacher {cfg.teacher!r}'s vocabulary of "
                          f"{teacher.vocab_size}; use --top-k <= {teacher.vocab_size}")
-    return teacher, _teacher_meta(reader, teacher, cfg, model_kwargs, dtype, dims, per_token), pad_id
+    meta = with_tokenization(_teacher_meta(reader, teacher, cfg, model_kwargs, dtype, dims, per_token), reader)
+    return teacher, meta, pad_id
 
 
 def _check_vocab(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig) -> LoadedTeacher:

@@ -23,8 +23,8 @@ from mtkd_cache import ChunkData
 
 __all__ = ["BatchBuilder", "BatchSpec"]
 
-_TARGET_DTYPES = {"indices": np.int64, "logp": np.float32, "tail": np.float32, "counts": np.int32}
-_TARGET_FILL = {"indices": 0, "logp": -np.inf, "tail": 1.0, "counts": 0}
+_TARGET_DTYPES = {"indices": np.int64, "logp": np.float32, "tail": np.float32, "counts": np.int32, "present": bool}
+_TARGET_FILL = {"indices": 0, "logp": -np.inf, "tail": 1.0, "counts": 0, "present": False}  # present: cross-tokenizer
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mtkd_cache import CacheReader, ChunkData, open_cache
+from mtkd_train.data._align import cross_teachers, read_chunk_aligned
 from mtkd_train.data._chunks import ChunkCache, ChunkCacheStats
 from mtkd_train.data._collate import BatchBuilder, BatchSpec
 from mtkd_train.data._errors import StreamConfigError, StreamStateError
@@ -160,6 +161,7 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
         self.features = {t: tuple(layers) for t, layers in (features or {}).items()}
         if self.teachers or self.features:
             validate_teachers(self.reader, self.teachers, features=self.features)
+        self.cross = cross_teachers(self.reader, self.teachers)  # teachers on their own tokenization
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         _check_positive(batch_size=batch_size, epochs=epochs, cache_chunks=cache_chunks)
         if prefetch < 0:
@@ -301,7 +303,7 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
 
     def read_chunk(self, chunk: int) -> ChunkData:
         """One decoded chunk with this stream's teachers and features (`CacheReader.read_chunk`)."""
-        return self.reader.read_chunk(chunk, self.teachers, self.features)
+        return read_chunk_aligned(self.reader, chunk, self.teachers, self.features, self.cross)
 
 
 class BatchStream(Iterator[Batch]):

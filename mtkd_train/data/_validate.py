@@ -11,6 +11,7 @@ from typing import Any
 
 from mtkd_cache import CacheReader, TeacherMeta
 from mtkd_cache.errors import CacheMismatchError, CacheNotFoundError
+from mtkd_train.data._align import student_meta
 from mtkd_train.data._errors import (
     IncompleteTeacherError,
     StreamConfigError,
@@ -60,7 +61,7 @@ def validate_teachers(
         raise StreamConfigError(
             f"teachers {dupes} are named more than once in {names}; name each once"
         )
-    metas = {n: _teacher_meta(reader, n) for n in names}
+    metas = {n: student_meta(reader, _teacher_meta(reader, n)) for n in names}  # cross-tokenizer: after alignment
     _check_dataset(reader, metas)
     _check_agree(
         metas,

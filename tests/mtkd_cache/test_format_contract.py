@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-KNOWN_VERSION = 2
+KNOWN_VERSION = 3
 
 # --- a reader written from docs/FORMAT.md alone ---------------------------------------------------
 

@@ -47,7 +47,7 @@ def test_report_describes_inputs_and_teachers(
     )
     assert (
         report["dataset_fingerprint"] == inputs.dataset_fingerprint
-        and report["format_version"] == 2
+        and report["format_version"] == 3
     )
     assert report["incomplete_teachers"] == []
     assert sorted(report["teachers"]) == ["lm", "other", "sampled", "twin"]

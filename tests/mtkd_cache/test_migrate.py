@@ -53,16 +53,16 @@ def test_a_v1_cache_is_refused_by_name_with_the_migrate_command(v1: Path) -> Non
 def test_migrate_upgrades_in_place_without_changing_a_value(v1: Path) -> None:
     result = CliRunner().invoke(main, ["migrate", str(v1)])
     assert result.exit_code == 0, result.output
-    assert "format_version 1 -> 2" in result.output
+    assert "format_version 1 -> 3" in result.output
     manifest = json.loads((v1 / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and "teachers" not in manifest
+    assert manifest["format_version"] == 3 and "teachers" not in manifest
     assert not (v1 / "_migrate").exists() and not (v1 / "_migrate.json").exists()
     reader = open_cache(v1)
     assert reader.teacher_names == ["clf"] and reader.incomplete_teachers() == ["half"]
     assert_targets_unchanged(v1, "clf")
     assert verify_cache(v1, progress=False).ok is False  # 'half' is still incomplete
     again = migrate_cache(v1, progress=False)
-    assert again.from_version == 2 and again.arrays_rewritten == 0
+    assert again.from_version == 3 and again.arrays_rewritten == 0
 
 
 def test_after_migration_the_interrupted_teacher_resumes_and_deletions_are_caught(v1: Path) -> None:

@@ -34,7 +34,7 @@ def test_clean_cache_passes(cache: Path) -> None:
     n = open_cache(cache).num_chunks
     assert report.ok and report.problems == []
     assert report.teachers_checked == ["lm"]
-    assert report.chunks_checked == n * (1 + 3)  # token_ids + indices/values/tail per chunk
+    assert report.chunks_checked == n * (2 + 3)  # token_ids, byte_ends + indices/values/tail per chunk
 
 
 def test_flipped_byte_in_a_teacher_shard_is_reported_with_its_chunk(cache: Path) -> None:
