@@ -85,7 +85,7 @@ def inspect_cache(url: str | os.PathLike[str] | CacheReader, *, max_chunks: int 
             "fidelity_kept_mass": None if m.stats.get("mean_tail") is None else 1.0 - m.stats["mean_tail"],
             "tokenization": m.tokenization,
         }
-    comparable = [n for n in sampled if len(top1[n]) and sum(map(len, top1[n])) == sum(map(len, top1[sampled[0]]))]
+    comparable = [n for n in scored if len(top1[n]) and sum(map(len, top1[n])) == sum(map(len, top1[scored[0]]))]
     agree = np.eye(len(comparable))
     for i, a in enumerate(comparable):
         for j, b in enumerate(comparable):
