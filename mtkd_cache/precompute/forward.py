@@ -48,14 +48,7 @@ def forward_teacher(
             or the output has no logits of a usable shape.
     """
     module = teacher.module
-    parameter = next(iter(module.parameters()), None)
-    device = _input_device(module, parameter)
-    model_dtype = parameter.dtype if parameter is not None else torch.float32
-    inputs = {
-        key: value.to(device, model_dtype) if value.is_floating_point() else value.to(device)
-        for key, value in batch.items()
-    }
-    inputs = _isolate_documents(teacher, inputs, model_dtype)
+    inputs = teacher_inputs(teacher, batch)
     if want_hidden and teacher.task == "custom" and not _accepts_hidden_flag(module):
         raise UnsupportedTeacherError(
             f"teacher {teacher.model_id!r}: features were requested but its forward() takes no "
@@ -85,6 +78,23 @@ def forward_teacher(
             "output has no .hidden_states; return them or drop feature targets for this teacher"
         )
     return logits, tuple(hidden)
+
+
+def teacher_inputs(teacher: LoadedTeacher, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch on the model's input device and dtype, packed documents isolated (`_isolate_documents`).
+
+    Shared by `forward_teacher` and the head-block path (`headblocks.forward_body`), so both see
+    exactly the same inputs.
+    """
+    module = teacher.module
+    parameter = next(iter(module.parameters()), None)
+    device = _input_device(module, parameter)
+    model_dtype = parameter.dtype if parameter is not None else torch.float32
+    inputs = {
+        key: value.to(device, model_dtype) if value.is_floating_point() else value.to(device)
+        for key, value in batch.items()
+    }
+    return _isolate_documents(teacher, inputs, model_dtype)
 
 
 def _isolate_documents(teacher: LoadedTeacher, inputs: dict[str, torch.Tensor], dtype: torch.dtype

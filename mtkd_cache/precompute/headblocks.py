@@ -26,7 +26,7 @@ import torch
 
 from mtkd_cache.format.meta import TargetSpec
 from mtkd_cache.precompute.extract import _row_blocks, sample_targets
-from mtkd_cache.precompute.forward import _input_device, forward_teacher
+from mtkd_cache.precompute.forward import forward_teacher, teacher_inputs
 from mtkd_cache.precompute.models import LoadedTeacher
 
 __all__ = ["HeadSplit", "forward_body", "head_split", "reduce_by_head_blocks"]
@@ -90,8 +90,7 @@ def head_split(teacher: LoadedTeacher, batch: Mapping[str, torch.Tensor]) -> Hea
 def forward_body(teacher: LoadedTeacher, split: HeadSplit, batch: Mapping[str, torch.Tensor], *,
                  want_hidden: Sequence[int]) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...] | None]:
     """The body's last hidden state (B, L, D) and the asked hidden states (as `forward_teacher`)."""
-    device = _input_device(teacher.module, next(iter(teacher.module.parameters()), None))
-    inputs = {k: v.to(device) for k, v in batch.items()}
+    inputs = teacher_inputs(teacher, batch)  # packed documents isolated, as in forward_teacher
     extra = {"output_hidden_states": list(want_hidden)} if want_hidden else {}
     with torch.inference_mode():
         out = split.body(**inputs, **extra)
