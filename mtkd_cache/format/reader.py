@@ -83,7 +83,8 @@ class TeacherReader:
     def __init__(self, store: CacheStore, meta: TeacherMeta, inputs: InputsMeta, *, check: bool = True):
         self.store, self.meta, self.inputs, self.check = store, meta, inputs, check
         self.key = f"teachers/{meta.name}"
-        self.group = store.open_group(self.key, mode="r", strict=check, tag=content_hash(meta.to_dict()))
+        self.tag = content_hash(meta.to_dict())
+        self.group = store.open_group(self.key, mode="r", strict=check, tag=self.tag)
         self._arrays: dict[str, Any] = {}
 
     def _array(self, key: str) -> Any:
@@ -91,7 +92,7 @@ class TeacherReader:
         if key not in self._arrays:
             try:
                 self._arrays[key] = ShardedArray(self.store, f"{self.key}/{key}", self.group[key],
-                                                   strict=self.check)
+                                                   strict=self.check, tag=self.tag)
             except KeyError as e:
                 raise CacheCorruptError(f"teacher {self.meta.name!r} array {key!r}: its zarr metadata "
                                         f"({self.store.path(self.key + '/' + key + '/zarr.json')}) is missing; "
@@ -307,7 +308,8 @@ class CacheReader:
             try:
                 arr = self.store.open_group("inputs", mode="r", strict=self.check,
                                             tag=self.inputs.dataset_fingerprint)[key]
-                self._input_arrays[key] = ShardedArray(self.store, f"inputs/{key}", arr, strict=self.check)
+                self._input_arrays[key] = ShardedArray(self.store, f"inputs/{key}", arr, strict=self.check,
+                                                       tag=self.inputs.dataset_fingerprint)
             except ValueError as e:  # a damaged zarr.json
                 raise metadata_error(self.store.path(f"inputs/{key}/zarr.json"), e, inputs_fix(self.store.url)) from e
         return read_rows(self.store, self._input_arrays[key], owner="inputs", group_key="inputs", name=key,

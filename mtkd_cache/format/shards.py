@@ -133,10 +133,12 @@ class ShardedArray:
         arr: The opened zarr array.
         strict: An absent shard raises `MissingChunkError` (off only with the reader's
             `check=False`, where it reads as the fill value, as zarr does).
+        tag: The content tag the array's group was opened with: remote shards then go through the
+            local chunk cache (`CacheStore.read_shard`).
     """
 
-    def __init__(self, store: CacheStore, key: str, arr: Any, *, strict: bool = True):
-        self.store, self.key, self.array, self.strict = store, key, arr, strict
+    def __init__(self, store: CacheStore, key: str, arr: Any, *, strict: bool = True, tag: str = ""):
+        self.store, self.key, self.array, self.strict, self.tag = store, key, arr, strict, tag
         self.layout = shard_layout(arr)
 
     @property
@@ -155,7 +157,7 @@ class ShardedArray:
         first, last = (start - base) // lay.inner_rows, -(-(stop - base) // lay.inner_rows)
         skey = f"{self.key}/c/{shard}" + "/0" * (len(self.shape) - 1)
         try:
-            raw = self.store.read_bytes(skey)
+            raw = self.store.read_shard(skey, self.tag)
         except CacheNotFoundError as e:
             if not self.strict:
                 return np.full((stop - start, *lay.row_shape), lay.fill_value, dtype=lay.dtype)

@@ -88,6 +88,23 @@ class CacheStore:
         except FileNotFoundError as e:
             raise CacheNotFoundError(f"{self.url}: {key} does not exist") from e
 
+    def read_shard(self, key: str, tag: str = "") -> bytes:
+        """`read_bytes` of a shard, through the local chunk cache for remote data with a content `tag`.
+
+        The same cache, namespace and keys as the zarr path (`zarr_store`), so whole-shard reads
+        (format/shards.py) and zarr reads share downloads. Cached bytes are checked against their
+        hash on use (`ChunkCache.get`); the caller checks every inner chunk's crc32c.
+        """
+        cache = chunk_cache() if tag and not self.is_local and "memory" not in self.protocols else None
+        if cache is None:
+            return self.read_bytes(key)
+        namespace = f"{self.url}\0{tag}"
+        data = cache.get(namespace, key)
+        if data is None:
+            data = self.read_bytes(key)
+            cache.put(namespace, key, data)
+        return data
+
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self.path(key)
         try:
