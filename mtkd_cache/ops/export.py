@@ -162,9 +162,9 @@ def import_cache(export: str | os.PathLike[str], cache: str | os.PathLike[str], 
 def _fill(grid: ChunkGrid, arrays: Mapping[str, Any], table: pa.Table) -> int:
     """Write `table`'s rows (whole cache chunks, as exported) into the arrays."""
     ids = table.column("sample_id").to_numpy()
-    for chunk in sorted({grid.chunk_of_sample(int(i)) for i in ids}):
-        mask = np.array([grid.chunk_of_sample(int(i)) == chunk for i in ids])
-        part = table.filter(pa.array(mask))
+    chunks = np.array([grid.chunk_of_sample(int(i)) for i in ids])
+    for chunk in np.unique(chunks):
+        part = table.filter(pa.array(chunks == chunk))
         for path, arr in arrays.items():
             on = _grid_of(grid, arr)
             r0, r1 = chunk_rows(grid, chunk, on)
