@@ -154,8 +154,9 @@ def prepare(cache: str, **kw: Any) -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code shipped with the checkpoint (off by default).")
 @click.option("--overwrite", is_flag=True, help="Replace a teacher group stored with other settings (same settings: resume, nothing is deleted).")
 @click.option("--inputs", "inputs_url", default=None, help="Read the inputs from this cache (one you may not write); CACHE is then an overlay holding only this teacher.")
+@click.option("--shard", default=None, help="Compute only shard I of N ('I/N', from 0) as an independent job (job arrays); complete the teacher with `mtkd-cache finalize`.")
 @_friendly
-def run(cache: str, model_kwargs: str | None, inputs_url: str | None, **kw: Any) -> None:
+def run(cache: str, model_kwargs: str | None, inputs_url: str | None, shard: str | None, **kw: Any) -> None:
     """Run one teacher over the cache's inputs and store its targets (resumable; torchrun-shardable)."""
     from mtkd_cache.precompute.run import RunConfig, run_teacher
 
@@ -169,6 +170,8 @@ def run(cache: str, model_kwargs: str | None, inputs_url: str | None, **kw: Any)
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
+        if shard is not None:
+            return _run_shard(cache, RunConfig(**kw), shard, fkw, inputs_url)
         meta = run_teacher(cache, RunConfig(**kw), factory_kwargs=fkw, storage_options=_so() or None,
                            inputs=inputs_url)
     finally:
@@ -180,6 +183,31 @@ def run(cache: str, model_kwargs: str | None, inputs_url: str | None, **kw: Any)
                f"{s.get('bytes_per_position', 0):.1f} B/position, "
                + (f"mean tail {s.get('mean_tail', float('nan')):.4f}" if meta.target.kind != "none" else
                   "features only (" + ", ".join(f"layer {f.layer} {f.dim}-d {f.pool}" for f in meta.features) + ")"))
+
+
+def _run_shard(cache: str, cfg: Any, shard: str, fkw: Any, inputs_url: str | None) -> None:
+    from mtkd_cache.precompute.shards import parse_shard, run_shard
+
+    try:
+        which = parse_shard(shard)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--shard") from e
+    r = run_shard(cache, cfg, which, factory_kwargs=fkw, storage_options=_so() or None, inputs=inputs_url)
+    left = "teacher complete" if r.complete else f"{r.remaining} chunk(s) of the teacher still uncommitted"
+    hint = "" if r.complete or r.remaining else f"; complete it with `mtkd-cache finalize {cache} --teacher {cfg.teacher}`"
+    click.echo(f"shard {shard}: committed chunks {r.chunks}; {left}{hint}")
+
+
+@main.command()
+@click.argument("cache")
+@click.option("--teacher", required=True, help="The teacher whose shards are all committed.")
+@_friendly
+def finalize(cache: str, teacher: str) -> None:
+    """Complete a teacher computed with `run --shard I/N`: check every chunk, write teacher.json."""
+    from mtkd_cache.precompute.shards import finalize_teacher
+
+    meta = finalize_teacher(cache, teacher, storage_options=_so() or None)
+    click.echo(f"teacher {meta.name!r} complete: {meta.stats.positions:,} positions")
 
 
 @main.command()

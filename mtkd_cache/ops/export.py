@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,10 +55,11 @@ class ExportReport:
     bytes: int
 
 
-def _arrays(store: CacheStore) -> dict[str, Any]:
-    """Every zarr array of the cache by its path (`inputs/token_ids`, `teachers/t/indices`, ...)."""
-    root = store.open_group("", mode="r", strict=True)
-    return {path: arr for path, arr in root.members(max_depth=None) if isinstance(arr, zarr.Array)}
+def _arrays(group: zarr.Group) -> dict[str, Any]:
+    """Every zarr array under `group` by its path (`inputs/token_ids`, `teachers/t/indices`, ...)."""
+    with warnings.catch_warnings():  # mtkd's own files (json, parquet) sit next to the zarr nodes
+        warnings.simplefilter("ignore")
+        return {path: arr for path, arr in group.members(max_depth=None) if isinstance(arr, zarr.Array)}
 
 
 def _small_files(store: CacheStore) -> Iterator[str]:
@@ -100,7 +102,7 @@ def export_cache(cache: str | os.PathLike[str], out: str | os.PathLike[str], *, 
     dst = CacheStore(out, storage_options)
     if dst.exists(FILES):
         raise CacheExistsError(f"{out} already holds an export ({FILES}); choose an empty folder")
-    arrays = _arrays(reader.store)
+    arrays = _arrays(reader.store.open_group("", mode="r"))
     samples = reader.samples
     files, rows, size, writer, sink = 0, 0, 0, None, io.BytesIO()
 
@@ -145,8 +147,7 @@ def import_cache(export: str | os.PathLike[str], cache: str | os.PathLike[str], 
         if key == "manifest.json" or key.endswith("teacher.json"):
             continue  # written last: the cache and its teachers are complete only when all is there
         dst.write_bytes(key, pending[key])
-    root = dst.open_group("", mode="a")
-    arrays = {p: a for p, a in root.members(max_depth=None) if isinstance(a, zarr.Array)}
+    arrays = _arrays(dst.open_group("", mode="a"))
     grid = InputsMeta.from_dict(dst.read_json("inputs/inputs.json")).grid
     rows, n = 0, 0
     for name in sorted(k for k in src.listdir("data") if k.endswith(".parquet")):
@@ -161,9 +162,9 @@ def import_cache(export: str | os.PathLike[str], cache: str | os.PathLike[str], 
 def _fill(grid: ChunkGrid, arrays: Mapping[str, Any], table: pa.Table) -> int:
     """Write `table`'s rows (whole cache chunks, as exported) into the arrays."""
     ids = table.column("sample_id").to_numpy()
-    for chunk in sorted({grid.chunk_of_sample(int(i)) for i in ids}):
-        mask = np.array([grid.chunk_of_sample(int(i)) == chunk for i in ids])
-        part = table.filter(pa.array(mask))
+    chunks = np.array([grid.chunk_of_sample(int(i)) for i in ids])
+    for chunk in np.unique(chunks):
+        part = table.filter(pa.array(chunks == chunk))
         for path, arr in arrays.items():
             on = _grid_of(grid, arr)
             r0, r1 = chunk_rows(grid, chunk, on)
