@@ -44,9 +44,10 @@ class HeadSplit:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, D) hidden rows -> (n, V_padded) logits."""
-        out = self.head(hidden)
-        if self.softcap:
-            out = torch.tanh(out / self.softcap) * self.softcap
+        with torch.inference_mode():
+            out = self.head(hidden)
+            if self.softcap:
+                out = torch.tanh(out / self.softcap) * self.softcap
         return out
 
 
@@ -118,7 +119,7 @@ def reduce_by_head_blocks(
     flat = last.reshape(-1, width)  # (B·L, D)
     mask = None if rows_mask is None else rows_mask.reshape(-1, 1)
     bad: set[int] = set()
-    parts: list[list[torch.Tensor]] = []
+    outs: list[torch.Tensor] = []  # preallocated once: small results kept per block would fragment the heap
     device = next(iter(split.head.parameters())).device
     for rows in _row_blocks(flat.shape[0], vocab_size, device):
         logits = split.logits(flat[rows]).unsqueeze(1)  # (n, 1, V_padded): one block of logits
@@ -129,7 +130,10 @@ def reduce_by_head_blocks(
         if spec.kind != "topk":
             reduced = [*sample_targets(logits, spec.draws, spec.temperature,  # type: ignore[arg-type]
                                        generator(logits.device), vocab_size), *reduced]
-        parts.append(reduced)
+        if not outs:
+            outs = [torch.empty((flat.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device) for x in reduced]
+        for out, x in zip(outs, reduced):
+            out[rows] = x
     if bad:
         return sorted(bad), []
-    return [], [torch.cat(p).reshape(batch, length, *p[0].shape[2:]) for p in zip(*parts)]
+    return [], [out.reshape(batch, length, *out.shape[2:]) for out in outs]
