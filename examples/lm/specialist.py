@@ -71,7 +71,11 @@ def train_specialist(base: Path, data_dir: Path, out: Path, state_dir: Path, cfg
         step = int(state["step"])
         torch.set_rng_state(state["rng"])
     model.train()
-    log = (state_dir / "log.jsonl").open("a")
+    log_file = state_dir / "log.jsonl"
+    if log_file.is_file():  # drop the lines of steps after the saved state: they are done again
+        kept = [ln for ln in log_file.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        log_file.write_text("".join(ln + "\n" for ln in kept))
+    log = log_file.open("a")
     with tqdm(total=total, initial=step, desc=f"specialist {cfg.domain}", unit="step") as bar:
         while step < total:
             idx = [order[(step * cfg.batch + i) % len(order)] for i in range(cfg.batch)]
