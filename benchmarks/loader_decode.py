@@ -100,7 +100,8 @@ def stream(cache: Path, teacher: str, seed: int) -> tuple[float, int]:
     positions = 0
     t0 = time.process_time()
     for batch in ds:
-        positions += int(batch["position_mask"].sum())
+        mask = batch.get("position_mask")  # array inputs: one position per sample
+        positions += int(mask.sum()) if mask is not None else int((batch["sample_ids"] >= 0).sum())
     return time.process_time() - t0, positions
 
 
