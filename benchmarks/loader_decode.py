@@ -7,7 +7,10 @@ one chunk of the default size, `prepare`'s ~32k positions) run through three tea
 with `mtkd-cache run`'s defaults (u8log values, fp16 tail, zstd 3, 4 inner chunks of 8,192 rows):
 `k64`, top-64 of SmolLM2-135M-Instruct (`benchmarks._models.ensure_smollm2`, or the folder given
 as `--model-dir`): real targets, with SmolLM2's entropy and tail; `k128` (top-128) and `sampled`
-(64 draws) from a 16.8M-parameter random Llama with SmolLM2's tokenizer (see `MODELS`).
+(64 draws) from a 16.8M-parameter random Llama with SmolLM2's tokenizer (see `MODELS`). With
+`--teacher-model DIR` every teacher is that model instead (and its tokenizer windows the text): the
+README's run used `train_loader`'s target teacher t0. `--cache CACHE --teacher NAME ...` measures any
+existing cache instead of building one.
 
 **Arms**, interleaved in one process (`time.process_time`: every thread of the process, so the
 rate is per core), median over `--rounds`:
@@ -17,7 +20,7 @@ rate is per core), median over `--rounds`:
 * `<teacher>/shards`: `CacheReader.read_chunk` as readers now do it: one GET per shard, crc32c of
   the index and of every inner chunk, numcodecs zstd, then the value checks and the decode to
   int64 ids / float32 log-probs / float32 tails;
-* `k64/stream`: `CachedDistillDataset` (read-ahead off, so one thread does everything) over the
+* `<first teacher>/stream`: `CachedDistillDataset` (read-ahead off, so one thread does everything) over the
   same cache, including batch assembly (`BatchBuilder`) into (B, L, K) tensors at batch 8: what
   the trainer's loader costs per position.
 
@@ -100,7 +103,8 @@ def stream(cache: Path, teacher: str, seed: int) -> tuple[float, int]:
     positions = 0
     t0 = time.process_time()
     for batch in ds:
-        positions += int(batch["position_mask"].sum())
+        mask = batch.get("position_mask")  # array inputs: one position per sample
+        positions += int(mask.sum()) if mask is not None else int((batch["sample_ids"] >= 0).sum())
     return time.process_time() - t0, positions
 
 

@@ -91,7 +91,7 @@ def _layout(targets: Sequence[SparseTargets], vocab_size: int) -> _Layout:
     owner = torch.cat([torch.full((t.indices.shape[1],), i, device=dev) for i, t in enumerate(targets)])  # (C,)
     kept = logp > -math.inf
     span, key_dtype = _SPAN, torch.int64
-    if dev.type == "cpu" and 0 < p * (vocab_size + 1) < 2**31:  # int32 keys sort ~1.5x faster here
+    if dev.type == "cpu" and idx.numel() > 0 and p * (vocab_size + 1) < 2**31:  # int32 keys sort ~1.5x faster here
         lo, hi = torch.aminmax(torch.where(kept, idx, 0))
         if int(lo) >= 0 and int(hi) < vocab_size:
             span, key_dtype = vocab_size + 1, torch.int32
