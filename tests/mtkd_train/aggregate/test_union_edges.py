@@ -1,5 +1,6 @@
-"""`build_union` and the pooling operators on a batch with no positions (a survivor of the
-mutation run in docs/TESTING.md: the union width must not be read from an empty tensor)."""
+"""Edges of `build_union` that survivors of the mutation run (docs/TESTING.md) showed untested:
+a batch with no positions (the union width must not be read from an empty tensor) and a union
+that covers the whole vocabulary."""
 
 from __future__ import annotations
 
