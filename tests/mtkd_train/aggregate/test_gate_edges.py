@@ -1,0 +1,47 @@
+"""Edges of `mtkd_train.aggregate._gate` that survivors of the mutation run (docs/TESTING.md)
+showed untested: the gate's defaults and size errors, one-row means of the regulariser and the
+scoring rule, rows no teacher allows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mtkd_train.aggregate import AggregationConfigError
+from mtkd_train.aggregate._gate import GateNetwork, gate_entropy_regularizer, gate_scoring_loss
+
+
+def test_gate_defaults_are_a_64_wide_hidden_layer_and_a_detached_input() -> None:
+    gate = GateNetwork(8, 3)
+    assert (gate.net[0].out_features, gate.net[2].out_features) == (64, 3)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    gate(hidden).sum().backward()
+    assert hidden.grad is None  # the student's hidden states get no gradient from the gate
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"hidden_size": 0}, "hidden_size must be a positive int, got 0"),
+    ({"hidden_size": 8.0}, "hidden_size must be a positive int, got 8.0"),
+    ({"gate_hidden": 0}, "gate_hidden must be a positive int, got 0"),
+    ({"gate_hidden": -4}, "gate_hidden must be a positive int, got -4"),
+])
+def test_gate_sizes_must_be_positive_ints(kwargs: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {"hidden_size": 8, "num_teachers": 2, **kwargs}
+    with pytest.raises(AggregationConfigError) as err:
+        GateNetwork(**args)  # type: ignore[arg-type]
+    assert str(err.value) == message
+
+
+def test_regulariser_over_one_masked_position_is_minus_its_entropy() -> None:
+    weights = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    reg = gate_entropy_regularizer(weights, torch.tensor([False, True]))
+    torch.testing.assert_close(reg, torch.tensor(0.9 * math.log(0.9) + 0.1 * math.log(0.1)))
+
+
+def test_scoring_rule_skips_rows_no_teacher_allows_and_averages_one_row() -> None:
+    log_true = torch.tensor([[math.log(0.5), math.log(0.25)], [-math.inf, -math.inf]])
+    weights = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    loss = gate_scoring_loss(log_true, weights, torch.tensor([3, 4]))
+    torch.testing.assert_close(loss, torch.tensor(-math.log(0.375)))
