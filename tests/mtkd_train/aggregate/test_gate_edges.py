@@ -45,3 +45,29 @@ def test_scoring_rule_skips_rows_no_teacher_allows_and_averages_one_row() -> Non
     weights = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
     loss = gate_scoring_loss(log_true, weights, torch.tensor([3, 4]))
     torch.testing.assert_close(loss, torch.tensor(-math.log(0.375)))
+
+
+def test_one_wide_layers_are_allowed_and_the_teacher_count_is_kept() -> None:
+    gate = GateNetwork(1, 3, gate_hidden=1)
+    assert gate.num_teachers == 3
+    assert gate(torch.randn(4, 1)).shape == (4, 3)
+
+
+def _pooled_gate() -> GateNetwork:
+    gate = GateNetwork(4, 2, gate_hidden=8, pooled=True)
+    with torch.no_grad():  # a trained gate: the zero-initialised output layer would hide the input
+        gate.net[2].weight.normal_(generator=torch.Generator().manual_seed(0))
+    return gate
+
+
+def test_a_pooled_gate_without_mask_scores_the_mean_over_positions() -> None:
+    gate, hidden = _pooled_gate(), torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(1))
+    expected = gate.net(hidden.mean(dim=1)).unsqueeze(1).expand(-1, 3, -1)
+    torch.testing.assert_close(gate(hidden), expected)
+
+
+def test_a_pooled_gate_with_a_mask_scores_the_mean_over_real_tokens() -> None:
+    gate, hidden = _pooled_gate(), torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[True, False, False], [True, True, False]])
+    expected = torch.stack([gate.net(hidden[0, 0]), gate.net(hidden[1, :2].mean(dim=0))]).unsqueeze(1)
+    torch.testing.assert_close(gate(hidden, mask), expected.expand(-1, 3, -1))
