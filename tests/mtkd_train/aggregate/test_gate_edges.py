@@ -9,8 +9,14 @@ import math
 import pytest
 import torch
 
-from mtkd_train.aggregate import AggregationConfigError
-from mtkd_train.aggregate._gate import GateNetwork, gate_entropy_regularizer, gate_scoring_loss
+from mtkd_train.aggregate import AggregationConfigError, AggregationContext, AggregationInputError
+from mtkd_train.aggregate._gate import (
+    GateAggregator,
+    GateNetwork,
+    gate_entropy_regularizer,
+    gate_scoring_loss,
+)
+from mtkd_train.targets import from_dense
 
 
 def test_gate_defaults_are_a_64_wide_hidden_layer_and_a_detached_input() -> None:
@@ -71,3 +77,20 @@ def test_a_pooled_gate_with_a_mask_scores_the_mean_over_real_tokens() -> None:
     mask = torch.tensor([[True, False, False], [True, True, False]])
     expected = torch.stack([gate.net(hidden[0, 0]), gate.net(hidden[1, :2].mean(dim=0))]).unsqueeze(1)
     torch.testing.assert_close(gate(hidden, mask), expected.expand(-1, 3, -1))
+
+
+@pytest.mark.parametrize(("gate_logits", "got"), [(None, "None"), (torch.zeros(3, 3), "(3, 3)")])
+def test_gate_operator_names_the_shape_it_got_and_the_fix(gate_logits: torch.Tensor | None, got: str) -> None:
+    targets = [from_dense(torch.full((3, 4), 0.25), 2)] * 2
+    with pytest.raises(AggregationInputError) as err:
+        GateAggregator(2).weights(targets, AggregationContext(gate_logits=gate_logits))
+    assert str(err.value) == (
+        f"'gate' needs ctx.gate_logits of shape (3, 2), got {got}; run the "
+        "GateNetwork on the student's hidden states and flatten to (P, N)"
+    )
+
+
+def test_a_single_teacher_gate_gives_it_all_the_weight() -> None:
+    teacher = from_dense(torch.full((3, 4), 0.25), 2)
+    w = GateAggregator(1).weights([teacher], AggregationContext(gate_logits=torch.randn(3, 1)))
+    torch.testing.assert_close(w, torch.ones(3, 1))
