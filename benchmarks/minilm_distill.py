@@ -89,7 +89,7 @@ def student_init(teacher: Path, out: Path, layers: tuple[int, ...] = (0, 2, 4)) 
     s.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "modules.json"):
         shutil.copy(teacher / name, out / name)
-    shutil.copytree(teacher / "1_Pooling", out / "1_Pooling")
+    shutil.copytree(teacher / "1_Pooling", out / "1_Pooling", dirs_exist_ok=True)
     return out
 
 
