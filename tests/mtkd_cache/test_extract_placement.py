@@ -138,5 +138,6 @@ def test_results_across_row_blocks_equal_whole_tensor_references() -> None:
     torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(dim=-1).float(), atol=0, rtol=1e-4)
     torch.testing.assert_close(top1, ref_logp.amax(dim=-1).exp().float(), atol=0, rtol=1e-4)
     stats_entropy, stats_top1 = distribution_stats(logits)
-    torch.testing.assert_close(stats_entropy, entropy)
-    torch.testing.assert_close(stats_top1, top1)
+    # the two paths reduce in different orders (extract.py: one exp per block): float32 rounding apart
+    torch.testing.assert_close(stats_entropy, entropy, atol=0, rtol=1e-4)
+    torch.testing.assert_close(stats_top1, top1, atol=0, rtol=1e-5)
