@@ -80,7 +80,14 @@ class CacheStore:
 
     # -- files -----------------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
-        return bool(retry(self.fs.exists, self.path(key)))
+        """Whether `key` exists. Not `fs.exists`: fsspec's HTTP one answers False on any error (a 503
+        would read as "absent"); `info` raises, so transient errors are retried and only a
+        missing object is False."""
+        try:
+            retry(self.fs.info, self.path(key))
+        except FileNotFoundError:
+            return False
+        return True
 
     def read_bytes(self, key: str) -> bytes:
         try:
@@ -221,14 +228,7 @@ class CacheStore:
         except FileNotFoundError:
             return []
         names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in folders]
-        return sorted(n for n in names if self._has(f"teachers/{n}/{marker}"))
-
-    def _has(self, key: str) -> bool:
-        try:
-            retry(self.fs.info, self.path(key))
-        except FileNotFoundError:
-            return False
-        return True
+        return sorted(n for n in names if self.exists(f"teachers/{n}/{marker}"))
 
     def open_group(self, key: str, mode: str = "r", strict: bool = True, tag: str = "") -> zarr.Group:
         store = self.zarr_store(read_only=(mode == "r"), strict=strict, tag=tag)
