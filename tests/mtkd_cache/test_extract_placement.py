@@ -140,4 +140,4 @@ def test_results_across_row_blocks_equal_whole_tensor_references() -> None:
     stats_entropy, stats_top1 = distribution_stats(logits)
     # the two paths reduce in different orders (extract.py: one exp per block): float32 rounding apart
     torch.testing.assert_close(stats_entropy, entropy, atol=0, rtol=1e-4)
-    torch.testing.assert_close(stats_top1, top1, atol=0, rtol=1e-5)
+    torch.testing.assert_close(stats_top1, top1, atol=0, rtol=1e-4)
