@@ -16,7 +16,7 @@ from mtkd_cache.errors import CacheExistsError, CacheFormatError, CacheMismatchE
 from mtkd_cache.format.reader import CacheReader, open_cache
 from mtkd_cache.format.store import CacheStore
 
-__all__ = ["OVERLAY_FILE", "OverlayReader", "create_overlay", "open_overlay", "reader_for_run"]
+__all__ = ["OVERLAY_FILE", "OverlayReader", "create_overlay", "is_overlay", "open_overlay", "reader_for_run"]
 
 OVERLAY_FILE = "overlay.json"
 
@@ -51,6 +51,11 @@ class OverlayReader(CacheReader):
         if self.overlay.exists(f"teachers/{name}/teacher.json") or name not in self.base.teacher_names:
             return self.overlay
         return self.base.teacher_store(name)
+
+
+def is_overlay(store: CacheStore) -> bool:
+    """Whether `store` is an overlay: it holds `overlay.json` and no manifest of its own."""
+    return not store.exists("manifest.json") and store.exists(OVERLAY_FILE)
 
 
 def _read_record(store: CacheStore) -> dict[str, Any]:

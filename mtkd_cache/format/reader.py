@@ -391,8 +391,8 @@ def open_cache(url: str | os.PathLike[str], storage_options: Mapping[str, Any] |
             (a version-1 cache is refused with the `mtkd-cache migrate` command that upgrades it).
     """
     store = CacheStore(url, storage_options)
-    if not store.exists("manifest.json") and store.exists("overlay.json"):
-        from mtkd_cache.format.overlay import open_overlay
+    from mtkd_cache.format.overlay import is_overlay, open_overlay  # overlay.py imports this module
 
+    if is_overlay(store):
         return open_overlay(store, check=check)
     return CacheReader(store, check=check)

@@ -35,6 +35,7 @@ from mtkd_cache.format.kinds import teacher_arrays
 from mtkd_cache.format.layout import chunk_rows, shard_key
 from mtkd_cache.format.loss_mask import LOSS_MASK
 from mtkd_cache.format.meta import TeacherMeta
+from mtkd_cache.format.overlay import is_overlay, open_overlay
 from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.format.store import CacheStore
 from mtkd_cache.format.targets import marker_key
@@ -70,9 +71,11 @@ Region = Callable[[int, str], tuple[int, int, str]]
 
 
 def _check_arrays(reader: CacheReader, group_key: str, region: Region, report: VerifyReport,
-                  what: str, fix: str, bar: Any) -> set[int] | None:
-    """Checksum every recorded (chunk, array) region; returns the damaged chunks (None: no table)."""
-    store, table_key = reader.store, f"{group_key}/chunks.parquet"
+                  what: str, fix: str, bar: Any, store: CacheStore | None = None) -> set[int] | None:
+    """Checksum every recorded (chunk, array) region of `store` (default: the reader's); returns the
+    damaged chunks (None: no table)."""
+    store = store or reader.store
+    table_key = f"{group_key}/chunks.parquet"
     try:
         rows = store.read_table(table_key).to_pylist()
     except (CacheNotFoundError, OSError) as e:
@@ -146,7 +149,7 @@ def _check_inputs(reader: CacheReader, report: VerifyReport, bar: Any) -> None:
 
 def _teacher_meta(reader: CacheReader, name: str, report: VerifyReport) -> TeacherMeta | None:
     """The teacher's metadata if teacher.json is present and trustworthy; else records the problem."""
-    store, key = reader.store, f"teachers/{name}"
+    store, key = reader.teacher_store(name), f"teachers/{name}"
     if not store.exists(f"{key}/teacher.json"):
         report.problems.append(f"teacher {name!r} is incomplete (no teacher.json); re-run `mtkd-cache run` with "
                                f"the same arguments to finish it")
@@ -177,7 +180,8 @@ def _check_teacher(reader: CacheReader, name: str, report: VerifyReport, bar: An
         on = grids.get(arr, meta.grid)
         return (*chunk_rows(g, c, on), on)
 
-    damaged = _check_arrays(reader, key, region, report, f"teacher {name!r}", fix, bar)
+    store = reader.teacher_store(name)  # an overlay's own teachers live in the overlay
+    damaged = _check_arrays(reader, key, region, report, f"teacher {name!r}", fix, bar, store)
     if damaged is None:
         report.damaged.setdefault(name, [])
         return
@@ -187,7 +191,7 @@ def _check_teacher(reader: CacheReader, name: str, report: VerifyReport, bar: An
         except CacheCorruptError as e:
             report.problems.append(str(e))
             damaged.add(c)
-    recorded = {int(c) for c in reader.store.read_table(f"{key}/chunks.parquet", columns=["chunk"]).column(0).to_pylist()}
+    recorded = {int(c) for c in store.read_table(f"{key}/chunks.parquet", columns=["chunk"]).column(0).to_pylist()}
     for c in sorted(set(range(g.num_chunks)) - recorded):
         report.problems.append(f"teacher {name!r} chunk {c}: no checksum recorded (chunk missing); {fix}")
         damaged.add(c)
@@ -225,9 +229,11 @@ def verify_cache(url: str | os.PathLike[str], *, storage_options: Mapping[str, A
 
     Raises:
         CacheNotFoundError / CacheFormatError: no readable manifest (nothing else can be checked).
+        CacheMismatchError: an overlay whose base no longer holds the inputs it was made for.
     """
     store = CacheStore(url, storage_options)
-    reader = CacheReader(store)
+    # An overlay (format/overlay.py): its base's inputs are checked (read only) and its own teachers.
+    reader = open_overlay(store) if is_overlay(store) else CacheReader(store)
     report = VerifyReport(url=str(url))
     with tqdm(desc="verify", unit=" chunks", disable=not progress) as bar:
         _check_inputs(reader, report, bar)

@@ -94,3 +94,21 @@ def test_cli_run_with_inputs_writes_an_overlay(shared, tmp_path: Path) -> None: 
     assert res.exit_code == 0, res.output
     assert json.loads((overlay / "overlay.json").read_text())["base"] == url
     assert len(read_arrays(str(served))) == len(read_arrays(str(overlay)))
+
+
+def test_verify_checks_an_overlays_own_teachers_and_finds_a_flipped_byte(shared, tmp_path: Path) -> None:  # noqa: ANN001
+    served, url = shared
+    before = _tree(served)
+    overlay = tmp_path / "overlay"
+    _mine(str(overlay), url)
+    report = verify_cache(overlay, progress=False)
+    assert report.ok, report.problems
+    assert report.teachers_checked == ["mine"]  # the overlay's own; the base's are verified on the base
+    shard = next(p for p in sorted((overlay / "teachers" / "mine").rglob("c/*")) if p.is_file())
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 3] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    damaged = verify_cache(overlay, progress=False)
+    assert not damaged.ok and "mine" in damaged.damaged
+    assert all("teacher 'mine'" in p for p in damaged.problems)
+    assert _tree(served) == before  # verifying an overlay reads its base, never writes it
