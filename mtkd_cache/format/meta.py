@@ -326,6 +326,10 @@ class TeacherMeta:
     created: str = ""
     tokenization: str | None = None
     """The tokenization of the stored text the teacher ran on (`tokenizations/<id>`); None = the inputs'."""
+    documents: str | None = None
+    """"isolated" when the inputs are packed and each document saw only itself (format/packing.py);
+    None otherwise. A causal-LM teacher on packed inputs without it saw the other documents of its
+    sample (cached before isolation existed) and is refused by the reader."""
 
     def __post_init__(self) -> None:
         if isinstance(self.compressor, Mapping):
@@ -352,7 +356,7 @@ class TeacherMeta:
         d = self.to_dict()
         for volatile in ("stats", "created", "mtkd_version"):
             d.pop(volatile)
-        for optional in ("model_kwargs", "tokenization"):
+        for optional in ("model_kwargs", "tokenization", "documents"):
             if d.get(optional) is None:
                 d.pop(optional, None)
         return d
@@ -387,7 +391,7 @@ class TeacherMeta:
                 revision=d.get("revision"), model_kwargs=d.get("model_kwargs"),
                 stats=_from(TeacherStats, d.get("stats", {}), w),
                 mtkd_version=d.get("mtkd_version", ""), created=d.get("created", ""),
-                tokenization=d.get("tokenization"),
+                tokenization=d.get("tokenization"), documents=d.get("documents"),
             )
         except CacheFormatError as e:
             raise CacheFormatError(str(e) if str(e).startswith(w) else f"{w}: {e}") from None

@@ -245,6 +245,11 @@ class CacheReader:
             raise CacheMismatchError(
                 f"teacher {name!r} was cached from dataset fingerprint {meta.dataset_fingerprint}, this "
                 f"cache's inputs are {self.inputs.dataset_fingerprint}; re-run `mtkd-cache run` on this cache")
+        if self.inputs.packed and meta.task == "causal_lm" and meta.documents != "isolated":
+            raise CacheMismatchError(
+                f"teacher {name!r} was cached on these packed inputs before mtkd isolated packed documents: its "
+                f"targets saw the other documents of each sample; re-run it with `mtkd-cache run {self.url} "
+                f"--teacher {name} ... --overwrite`")
         inputs = self.inputs
         if meta.tokenization is not None:  # on its own tokenization's grid (docs/CROSS_TOKENIZER.md)
             from mtkd_cache.format.tokenization import TokenizationReader

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mtkd_cache._version import __version__
-from mtkd_cache.errors import CacheMismatchError
+from mtkd_cache.errors import CacheMismatchError, UnsupportedTeacherError
 from mtkd_cache.format.codecs import index_dtype_for
 from mtkd_cache.format.fingerprint import tokenizer_fingerprint
 from mtkd_cache.format.meta import Compressor, FeatureSpec, TeacherMeta, ValueEncoding
@@ -53,6 +53,10 @@ def setup_teacher(reader: CacheReader, cfg: RunConfig, model_kwargs: Mapping[str
     tok = reader.inputs.tokenizer
     pad_id = tok.pad_token_id if tok and tok.pad_token_id is not None else 0
     check_layers(teacher, cfg.features, cfg.teacher)
+    if reader.inputs.packed and teacher.task not in ("causal_lm", "custom"):
+        raise UnsupportedTeacherError(
+            f"teacher {cfg.teacher!r} is a {teacher.task} model, but the cache's inputs are packed: documents are "
+            f"isolated (block-causal attention) only for causal LMs; prepare a cache without --pack for it")
     cfg = dataclasses.replace(cfg, pool=teacher_pool(cfg, teacher))
     if teacher.task == "encoder":  # no head: features only (precompute/encoder.py)
         dims = encoder_settings(reader, teacher, cfg, pad_id)
@@ -151,4 +155,5 @@ def _teacher_meta(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig, m
         tokenizer_fingerprint=None if tok is None else tok.fingerprint,
         features=feats, revision=teacher.revision, model_kwargs=dict(model_kwargs) if model_kwargs else None,
         mtkd_version=__version__,
+        documents="isolated" if reader.inputs.packed and teacher.task == "causal_lm" else None,
     )

@@ -55,3 +55,41 @@ def test_packed_inputs_carry_document_marks(packed) -> None:  # noqa: ANN001
     assert marks.shape == data.inputs["token_ids"].shape and marks[data.offsets].all()
     starts = reader.samples.column("doc_starts").to_pylist()[0]
     assert np.flatnonzero(marks[: data.lengths[0]]).tolist() == sorted({0, *starts})
+
+
+def test_the_teacher_records_isolation_and_an_unisolated_one_is_refused(packed, tmp_path: Path,  # noqa: ANN001
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+    import shutil
+
+    from mtkd_cache import RunConfig, run_teacher
+    from mtkd_cache.errors import CacheMismatchError
+    from mtkd_cache.precompute import setup
+
+    assert open_cache(packed["cache"]).teacher("t").meta.documents == "isolated"
+    cache = tmp_path / "cache"
+    shutil.copytree(packed["cache"], cache)
+    real = setup._teacher_meta
+    # a teacher cached before isolation existed: the same metadata without the record
+    monkeypatch.setattr(setup, "_teacher_meta", lambda *a, **k: dataclasses.replace(real(*a, **k), documents=None))
+    run_teacher(cache, RunConfig(teacher="old", model=str(packed["teacher"]), top_k=6), progress=False)
+    with pytest.raises(CacheMismatchError, match="before mtkd isolated packed documents.*--overwrite"):
+        open_cache(cache).teacher("old")
+
+
+def test_an_encoder_teacher_on_packed_inputs_is_refused_before_any_forward(packed, tmp_path: Path) -> None:  # noqa: ANN001
+    import shutil
+
+    from helpers.tiny_encoders import save_tiny_encoder
+
+    from mtkd_cache import RunConfig, run_teacher
+    from mtkd_cache.errors import UnsupportedTeacherError
+
+    cache = tmp_path / "cache"
+    shutil.copytree(packed["cache"], cache)
+    encoder = save_tiny_encoder(tmp_path / "enc", vocab_size=VOCAB)
+    for f in Path(packed["teacher"]).glob("*token*"):  # the cache's tokenizer, so only packing is at issue
+        shutil.copy(f, encoder / f.name)
+    with pytest.raises(UnsupportedTeacherError, match="packed.*without --pack"):
+        run_teacher(cache, RunConfig(teacher="enc", model=str(encoder), features=(-1,), pool="mean"), progress=False)
+    assert not (cache / "teachers" / "enc" / "teacher.json").exists()
