@@ -50,7 +50,7 @@ from mtkd_train.rng import gather_rng_states, restore_rng, seed_all
 from mtkd_train.rows import to_device
 from mtkd_train.scoring import choose_aggregate
 from mtkd_train.shared import check_shared
-from mtkd_train.signals import StopSignal, ignore_sigterm
+from mtkd_train.signals import StopSignal, own_process_group
 from mtkd_train.student import Student, load_student, save_student
 
 __all__ = ["DistillRecipe"]
@@ -252,7 +252,7 @@ class DistillRecipe:
     def _loader(self) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=self.cfg.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False, worker_init_fn=ignore_sigterm)
+            pin_memory=self.device.type == "cuda", persistent_workers=False, worker_init_fn=own_process_group)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:

@@ -7,12 +7,17 @@ the final checkpoint is consistent. `restore()` puts the previous handler back.
 torchrun stops a job by sending SIGTERM to each worker's whole process group, DataLoader workers
 included, and SIGKILL after its grace period (`torchrun --shutdown-timeout`, default 30 s). A
 DataLoader worker killed by that SIGTERM would make the training process fail before it saves, so
-workers ignore SIGTERM (`ignore_sigterm`, their `worker_init_fn`) and end when the loader is shut
-down. The final checkpoint then costs at most the rest of the current step plus one save.
+each worker leaves the trainer's process group (`own_process_group`, their `worker_init_fn`): a
+group-wide SIGTERM reaches only the trainer, which then shuts its workers down. Workers still obey a
+SIGTERM sent to them alone (the DataLoader's and multiprocessing's own shutdown) and exit when the
+main process dies (the DataLoader's parent watchdog). Ignoring SIGTERM instead hangs every
+interpreter exit that still holds a live worker: multiprocessing terminates daemon children with
+SIGTERM, then joins them. The final checkpoint then costs at most the rest of the current step plus one save.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from types import FrameType
 from typing import Any
@@ -20,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["StopSignal", "ignore_sigterm"]
+__all__ = ["StopSignal", "own_process_group"]
 
 
 class StopSignal:
@@ -58,6 +63,6 @@ class StopSignal:
             self._previous = None
 
 
-def ignore_sigterm(worker_id: int = 0) -> None:
+def own_process_group(worker_id: int = 0) -> None:
     """`worker_init_fn` of the training DataLoader: its workers survive a process-group SIGTERM."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.setpgid(0, 0)
