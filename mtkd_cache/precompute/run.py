@@ -97,6 +97,8 @@ def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_option
         teacher, meta, pad_id = setup_teacher(reader, cfg, canonical_kwargs(factory_kwargs), device, dtype, load,
                                               own_tokenization)
         reader = reader_for(reader, meta)  # a teacher with another tokenizer runs on its own grid
+        if info.rank == 0:
+            _warn_small_chunks(reader, cfg)
         with _rank0_lock(store, cfg.teacher, info) as lock:
             writer = _open_writer(store, reader, meta, cfg, info)
             if writer.already_complete:
@@ -119,6 +121,19 @@ def run_teacher(cache: str | os.PathLike[str], cfg: RunConfig, *, storage_option
         raise err from e
     finally:
         shutdown(info)
+
+
+def _warn_small_chunks(reader: CacheReader, cfg: RunConfig) -> None:
+    """Batches never span chunks (a resume must batch exactly as the first run did), so a chunk
+    smaller than the batch budget caps the batch: say so, with the `prepare` setting that scales
+    the chunk to the budget."""
+    grid, length = reader.inputs.grid, max(1, reader.inputs.max_length or 1)
+    want = cfg.batch_size if cfg.max_tokens is None else min(cfg.batch_size, max(1, cfg.max_tokens // length))
+    if grid.chunk_samples < want and grid.num_chunks > 1:
+        log.warning("teacher %r: batches stop at chunk boundaries and a chunk holds %d samples (%d positions), fewer "
+                    "than --batch-size %d / --max-tokens %s allow; prepare the cache with --chunk-samples %d to fill "
+                    "batches", cfg.teacher, grid.chunk_samples, grid.chunk_positions, cfg.batch_size,
+                    cfg.max_tokens, want)
 
 
 def _place(cfg: RunConfig) -> tuple[torch.device, dict[int | str, int | str] | None]:

@@ -93,3 +93,20 @@ def test_an_encoder_teacher_on_packed_inputs_is_refused_before_any_forward(packe
     with pytest.raises(UnsupportedTeacherError, match="packed.*without --pack"):
         run_teacher(cache, RunConfig(teacher="enc", model=str(encoder), features=(-1,), pool="mean"), progress=False)
     assert not (cache / "teachers" / "enc" / "teacher.json").exists()
+
+
+def test_chunks_smaller_than_the_batch_say_how_to_scale_them(packed, tmp_path: Path,  # noqa: ANN001
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    import shutil
+
+    from mtkd_cache import RunConfig, run_teacher
+
+    cache = tmp_path / "cache"
+    shutil.copytree(packed["cache"], cache)
+    with caplog.at_level("WARNING", logger="mtkd_cache.precompute.run"):  # chunks of 2 samples, batches of 3
+        run_teacher(cache, RunConfig(teacher="w", model=str(packed["teacher"]), top_k=6, batch_size=3), progress=False)
+    assert any("--chunk-samples 3" in r.getMessage() for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mtkd_cache.precompute.run"):
+        run_teacher(cache, RunConfig(teacher="w2", model=str(packed["teacher"]), top_k=6, batch_size=2), progress=False)
+    assert not any("--chunk-samples" in r.getMessage() for r in caplog.records)
