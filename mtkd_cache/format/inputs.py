@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -179,6 +180,29 @@ class InputsWriter:
         ends = [s.text[1] for s in self.buffer]  # type: ignore[index]
         self.checksums.append(self.text.flush(chunk, self.n_samples, texts, ends,
                                               [o - chunk * self.C for o in offsets]))
+
+    def __enter__(self) -> InputsWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        if kind is not None:
+            self.discard()
+
+    def discard(self) -> None:
+        """After a failure (a full disk): close the open Parquet writers, keeping the first error.
+
+        Committed chunks stay for the rerun. Without this, garbage collection closes the writers
+        later, fails again on the full disk and prints a traceback after the one-line error.
+        """
+        for owner in (self, self.text):
+            for name in ("_table", "_sink"):
+                handle = getattr(owner, name, None) if owner is not None else None
+                if handle is None:
+                    continue
+                with contextlib.suppress(OSError):
+                    handle.close()
+                if hasattr(handle, "is_open"):
+                    handle.is_open = False  # pyarrow retries close() in __del__ otherwise
 
     def finish(self, hasher: DatasetHasher, *, max_length: int, tokenizer: TokenizerInfo | None,
                settings: dict[str, Any], source: str, packed: bool) -> InputsMeta:

@@ -268,23 +268,22 @@ def prepare(
     columns = [text_column] + [c for c in (label_column, domain_column) if c]
     chunk_samples = chunk_samples or max(1, 32768 // max_length)
     pieces = text_pieces(tok, pack)
-    writer = InputsWriter(store, kind="tokens", chunk_samples=chunk_samples, positions_per_sample=max_length,
-                          token_dtype="int32" if len(tok) > 1 << 16 else "uint16", loss_mask=chat is not None,
-                          with_text=pieces is not None and chat is None)  # conversations: no stored text yet
-
     hasher = DatasetHasher({"kind": "tokens", "tokenizer": fp, "max_length": max_length, "pack": pack,
                             **({"loss_mask": chat.train_on} if chat else {})})
-    with tqdm(desc="prepare", unit=" samples", disable=not progress) as bar:  # closed (a newline) on errors too
-        for i, s in enumerate(_samples(tok, data, chat, split=split, columns=columns, batch_size=batch_size,
-                                       text_column=text_column, label_column=label_column,
-                                       domain_column=domain_column, pack=pack, max_length=max_length, eos=eos,
-                                       pieces=pieces)):
-            if max_samples is not None and i >= max_samples:
-                break
-            writer.add(s)
-            bar.update(1)
-    return writer.finish(hasher, max_length=max_length, tokenizer=info, settings=settings, source=str(data),
-                         packed=pack)
+    with InputsWriter(store, kind="tokens", chunk_samples=chunk_samples, positions_per_sample=max_length,
+                      token_dtype="int32" if len(tok) > 1 << 16 else "uint16", loss_mask=chat is not None,
+                      with_text=pieces is not None and chat is None) as writer:  # conversations: no text yet
+        with tqdm(desc="prepare", unit=" samples", disable=not progress) as bar:  # closed on errors too
+            for i, s in enumerate(_samples(tok, data, chat, split=split, columns=columns, batch_size=batch_size,
+                                           text_column=text_column, label_column=label_column,
+                                           domain_column=domain_column, pack=pack, max_length=max_length, eos=eos,
+                                           pieces=pieces)):
+                if max_samples is not None and i >= max_samples:
+                    break
+                writer.add(s)
+                bar.update(1)
+        return writer.finish(hasher, max_length=max_length, tokenizer=info, settings=settings, source=str(data),
+                             packed=pack)
 
 
 def _samples(tok: Any, data: Any, chat: ChatColumns | None, *, split: str, columns: list[str], batch_size: int,
@@ -381,14 +380,14 @@ def prepare_arrays(
     existing = _claim(store, settings, overwrite)
     if existing is not None:
         return existing
-    writer = InputsWriter(store, kind="arrays", chunk_samples=chunk_samples, positions_per_sample=1,
-                          array_specs={k: (arrays[k].shape[1:], arrays[k].dtype) for k in names})
-    for i in tqdm(range(n), desc="prepare", unit=" samples", mininterval=1.0, disable=n < 10000):
-        writer.add(Sample(i, tuple(np.asarray(arrays[k][i]) for k in names),
-                          None if label_list is None else label_list[i],
-                          None if domains is None else domains[i], None))
-    return writer.finish(DatasetHasher(settings), max_length=1, tokenizer=None, settings=settings, source=name,
-                         packed=False)
+    with InputsWriter(store, kind="arrays", chunk_samples=chunk_samples, positions_per_sample=1,
+                      array_specs={k: (arrays[k].shape[1:], arrays[k].dtype) for k in names}) as writer:
+        for i in tqdm(range(n), desc="prepare", unit=" samples", mininterval=1.0, disable=n < 10000):
+            writer.add(Sample(i, tuple(np.asarray(arrays[k][i]) for k in names),
+                              None if label_list is None else label_list[i],
+                              None if domains is None else domains[i], None))
+        return writer.finish(DatasetHasher(settings), max_length=1, tokenizer=None, settings=settings, source=name,
+                             packed=False)
 
 
 def _label_or_none(value: object) -> int | None:
