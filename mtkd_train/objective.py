@@ -156,14 +156,13 @@ class Objective(nn.Module):
                              fused_linear_kd_ce_loss(z, head.weight, merged, labels, bias=head.bias, **kw))
         else:
             zk, tk, wk = (z, targets, weights) if kd_at is None else (
-                z[kd_at], [SparseTargets(*(x[kd_at] for x in t)) for t in targets],
-                None if weights is None else weights[kd_at])
+                z[kd_at], [_at(t, kd_at) for t in targets], None if weights is None else weights[kd_at])
             if wk is not None and self.loss_kind == "forward_kl" and self.tail_mode == "spread":
                 kd = weighted_forward_kl(zk, tk, wk, temperature=self.T, target_temperature=self.T,
                                          tail_mode="spread", vocab_size=self.vocab_size, smoothing=smoothing)
             else:
                 merged = agg(targets, ctx, vocab_size=self.vocab_size, tail_mode=self.tail_mode)  # type: ignore[arg-type]
-                mk = merged if kd_at is None else SparseTargets(*(x[kd_at] for x in merged))
+                mk = merged if kd_at is None else _at(merged, kd_at)
                 kd = kd_loss(zk, mk, kind=self.loss_kind, temperature=self.T, target_temperature=self.T,
                              tail_mode=self.tail_mode, vocab_size=self.vocab_size)  # type: ignore[arg-type]
             ce = hard_label_loss(z[..., : self.vocab_size], labels)  # padded head columns are not tokens
@@ -202,3 +201,8 @@ class Objective(nn.Module):
             return features([take_rows(h, rows) for h in hs], [take_rows(f, rows) for f in feats])
         m = mask.unsqueeze(-1).to(hs[0].dtype)  # pooled per sample: mean of the student's real rows, (B, D_s)
         return features([(h * m).sum(1) / m.sum(1).clamp_min(1.0) for h in hs], feats)
+
+
+def _at(t: SparseTargets, rows: torch.Tensor) -> SparseTargets:
+    """`t` at the rows `rows` selects (a bool mask or an index over its leading dimension)."""
+    return SparseTargets(*(x[rows] for x in t))

@@ -29,7 +29,7 @@ from mtkd_cache.errors import (
     CacheNotFoundError,
     CacheWriteError,
 )
-from mtkd_cache.format.remote import RemoteZarrStore, chunk_cache, retry
+from mtkd_cache.format.remote import ChunkCache, RemoteZarrStore, chunk_cache, retry
 
 __all__ = ["CacheStore", "MissingChunkError", "StrictStore", "now_iso"]
 
@@ -102,15 +102,22 @@ class CacheStore:
         (format/shards.py) and zarr reads share downloads. Cached bytes are checked against their
         hash on use (`ChunkCache.get`); the caller checks every inner chunk's crc32c.
         """
-        cache = chunk_cache() if tag and not self.is_local and "memory" not in self.protocols else None
+        cache = self._chunk_cache(tag)
         if cache is None:
             return self.read_bytes(key)
-        namespace = f"{self.url}\0{tag}"
-        data = cache.get(namespace, key)
+        data = cache.get(self._namespace(tag), key)
         if data is None:
             data = self.read_bytes(key)
-            cache.put(namespace, key, data)
+            cache.put(self._namespace(tag), key, data)
         return data
+
+    def _chunk_cache(self, tag: str) -> ChunkCache | None:
+        """The local chunk cache for this store's read-only data with content `tag`: remote stores
+        only (not local disks, not `memory://`), and only data with a tag."""
+        return chunk_cache() if tag and not self.is_local and "memory" not in self.protocols else None
+
+    def _namespace(self, tag: str) -> str:
+        return f"{self.url}\0{tag}"
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self.path(key)
@@ -209,8 +216,7 @@ class CacheStore:
         else:
             store = zarr.storage.FsspecStore.from_url(
                 self.url, storage_options=self.storage_options or None, read_only=read_only)
-            cache = chunk_cache() if read_only and tag and "memory" not in self.protocols else None
-            store = RemoteZarrStore(store, cache, f"{self.url}\0{tag}")
+            store = RemoteZarrStore(store, self._chunk_cache(tag) if read_only else None, self._namespace(tag))
         return StrictStore(store) if read_only and strict else store
 
     def teachers_with(self, marker: str) -> list[str]:
