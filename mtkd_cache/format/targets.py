@@ -200,7 +200,9 @@ class TeacherWriter:
                 rows.append({"chunk": int(marker["chunk"]), "array": arr, "checksum": cs, "rows": marker["rows"]})
             for k, v in marker["stats"].items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-        size = self.store.size_of(self.key)
+        # what finish itself writes is left out, so finishing twice reports the same bytes
+        size = self.store.size_of(self.key) - sum(
+            self.store.size_of(f"{self.key}/{name}") for name in ("chunks.parquet", "teacher.json"))
         positions = int(totals.get("positions", 0))
         stats = TeacherStats(positions=positions, bytes=size, bytes_per_position=size / max(1, positions),
                              **_means(totals))
