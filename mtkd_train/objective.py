@@ -22,6 +22,7 @@ from mtkd_train.aggregate import (
     gate_entropy_regularizer,
     gate_scoring_loss,
     label_log_prob,
+    linear_pool,
 )
 from mtkd_train.aggregate import make_aggregator as build_operator
 from mtkd_train.aggregate._presence import PresentAggregator, kd_rows, row_presence
@@ -146,7 +147,7 @@ class Objective(nn.Module):
         weights = agg.weights(targets, ctx)
         smoothing = agg._smoothing()
         if self.fused:  # one sparse target (the merged one) + the labels, closed-form gradient
-            merged = agg(targets, ctx, vocab_size=self.vocab_size, tail_mode=self.tail_mode)  # type: ignore[arg-type]
+            merged = self._merge(agg, targets, ctx, weights, smoothing)
             neg = (mixture_negentropy(targets, weights, self.vocab_size, smoothing)
                    if weights is not None and self.tail_mode == "spread" else None)  # = weighted_forward_kl
             kw: dict[str, Any] = dict(alpha=self.alpha, temperature=self.T, target_temperature=self.T,
@@ -161,7 +162,7 @@ class Objective(nn.Module):
                 kd = weighted_forward_kl(zk, tk, wk, temperature=self.T, target_temperature=self.T,
                                          tail_mode="spread", vocab_size=self.vocab_size, smoothing=smoothing)
             else:
-                merged = agg(targets, ctx, vocab_size=self.vocab_size, tail_mode=self.tail_mode)  # type: ignore[arg-type]
+                merged = self._merge(agg, targets, ctx, weights, smoothing)
                 mk = merged if kd_at is None else _at(merged, kd_at)
                 kd = kd_loss(zk, mk, kind=self.loss_kind, temperature=self.T, target_temperature=self.T,
                              tail_mode=self.tail_mode, vocab_size=self.vocab_size)  # type: ignore[arg-type]
@@ -177,6 +178,14 @@ class Objective(nn.Module):
             total = total + out["feat"]
         out["loss"] = total
         return out
+
+    def _merge(self, agg: Aggregator, targets: Sequence[SparseTargets], ctx: AggregationContext,
+               weights: torch.Tensor | None, smoothing: float) -> SparseTargets:
+        """The merged target; a linear operator's weights, already computed, are not computed again."""
+        if weights is None:  # a non-linear operator pools by its own rule
+            return agg(targets, ctx, vocab_size=self.vocab_size, tail_mode=self.tail_mode)  # type: ignore[arg-type]
+        return linear_pool(targets, weights, vocab_size=self.vocab_size, tail_mode=self.tail_mode,  # type: ignore[arg-type]
+                           smoothing=smoothing)
 
     def _gate_loss(self, targets: Sequence[SparseTargets], ctx: AggregationContext, labels: torch.Tensor,
                    out: dict[str, torch.Tensor], agg: Aggregator | None = None) -> torch.Tensor:

@@ -149,9 +149,8 @@ def row_targets_for(
     logp = torch.where(kept, target.logp.to(dtype), zero)  # no NaN/-inf reaches exp or its grad
     w = torch.where(kept, logp.exp(), zero)
     tail = torch.where(rows, target.tail.to(dtype), zero).clamp(min=0.0)
-    first = torch.where(kept.any(dim=1), kept.to(torch.int8).argmax(dim=1), 0)  # (P,) a kept slot
-    idx = torch.where(kept, target.indices, target.indices.gather(1, first.unsqueeze(1)))
-    idx = torch.where(kept.any(dim=1, keepdim=True), idx, torch.zeros_like(idx))
+    fill = torch.where(kept, target.indices, -1).amax(dim=1, keepdim=True).clamp_(min=0)  # (P, 1) a kept id, or 0
+    idx = torch.where(kept, target.indices, fill)
     labelled = labels.reshape(-1) != ignore_index
     n_kd, n_ce = max(int(rows.sum()), 1), max(int(labelled.sum()), 1)
     kd_row = rows.to(dtype) * (alpha * temperature**2 / n_kd)
@@ -214,12 +213,14 @@ class _FusedKDCE(torch.autograd.Function):
         need_ce = bool(rt.labelled.any())
         buf = torch.empty((min(chunk, p), vocab), dtype=cd, device=logits.device)
         stats = [torch.empty(p, dtype=cd, device=logits.device) for _ in range(3)]
+        x_kept = x_all.gather(1, rt.idx)  # (P, C)
         for a in range(0, p, chunk):
             b = min(a + chunk, p)
-            got = chunk_stats(x_all[a:b, :vocab], rt.rows(a, b), buf[: b - a], temperature, mode, need_ce)
+            got = chunk_stats(x_all[a:b, :vocab], rt.rows(a, b), buf[: b - a], temperature, mode, need_ce,
+                              x_kept[a:b])
             for dst, src in zip(stats, got, strict=True):
                 dst[a:b] = src
-        s_kept = x_all.gather(1, rt.idx).to(cd) / temperature
+        s_kept = x_kept.to(cd) / temperature
         z_label = x_all.gather(1, rt.labels.unsqueeze(1)).squeeze(1).to(cd)
         terms = chunk_terms((stats[0], stats[1], stats[2]), s_kept, z_label, rt, temperature, mode)
         ctx.save_for_backward(logits, *terms, *stats, *rt)

@@ -61,8 +61,9 @@ def _chunk(
     torch.mm(h, head.t(), out=logits)  # (c, V)
     if bias is not None:
         logits.add_(bias)
-    stats = chunk_stats(logits, rt, buf, temperature, mode, need_ce)
-    s_kept = logits.gather(1, rt.idx).to(buf.dtype) / temperature
+    x_kept = logits.gather(1, rt.idx)  # (c, C)
+    stats = chunk_stats(logits, rt, buf, temperature, mode, need_ce, x_kept)
+    s_kept = x_kept.to(buf.dtype) / temperature
     z_label = logits.gather(1, rt.labels.unsqueeze(1)).squeeze(1).to(buf.dtype)
     terms = chunk_terms(stats, s_kept, z_label, rt, temperature, mode)
     b = a + h.shape[0]

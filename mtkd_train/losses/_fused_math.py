@@ -80,15 +80,17 @@ class ChunkTerms(NamedTuple):
 
 
 def chunk_stats(
-    x: torch.Tensor, rt: RowTargets, buf: torch.Tensor, temperature: float, mode: str, need_ce: bool
+    x: torch.Tensor, rt: RowTargets, buf: torch.Tensor, temperature: float, mode: str, need_ce: bool,
+    x_kept: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One read of the chunk: ``lse_T``, ``lse_1`` and the tail statistic, each ``(c,)``.
 
     The tail statistic is ``log sum_{v not in S} exp(s_v)`` (bucket) or ``sum_v s_v`` (spread).
+    ``x_kept`` is ``x.gather(1, rt.idx)`` (the caller needs it too, so it is gathered once).
     ``buf`` (``(c, V)``, compute dtype) is overwritten.
     """
     if temperature == 1.0 and x.dtype == buf.dtype:
-        return _stats_t1(x, rt, buf, mode)
+        return _stats_t1(x, rt, buf, mode, x_kept)
     inv_t = 1.0 / temperature
     m = x.amax(dim=1, keepdim=True).to(buf.dtype)  # (c, 1)
     torch.sub(x, m, out=buf)
@@ -115,20 +117,20 @@ RISKY_REST = 1e-2
 
 
 def _stats_t1(
-    x: torch.Tensor, rt: RowTargets, buf: torch.Tensor, mode: str
+    x: torch.Tensor, rt: RowTargets, buf: torch.Tensor, mode: str, x_kept: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`chunk_stats` at ``T = 1`` for compute-dtype logits: one fused log-softmax kernel.
 
     ``lse = max z - max log_softmax(z)`` (the log-softmax at the argmax is in ``[-log V, 0]``, so
-    nothing cancels). Bucket: ``r = 1 - sum_S q`` in float64 from the gathered log-probabilities;
-    rows where ``r < RISKY_REST`` are recomputed exactly as a masked sum.
+    nothing cancels). Bucket: ``r = 1 - sum_S q`` in float64, ``q_j = exp(z_j - lse)`` from the
+    gathered logits; rows where ``r < RISKY_REST`` are recomputed exactly as a masked sum.
     """
     m = x.amax(dim=1)  # (c,)
     torch.ops.aten._log_softmax.out(x, 1, False, out=buf)  # buf := log q
     lse = m - buf.amax(dim=1)
     if mode != "bucket":
         return lse, lse, x.sum(dim=1, dtype=buf.dtype)
-    q_kept = torch.where(rt.kept, buf.gather(1, rt.idx).double().exp(), 0.0)  # (c, C)
+    q_kept = torch.where(rt.kept, (x_kept.double() - lse.double().unsqueeze(1)).exp(), 0.0)  # (c, C)
     rest = (1.0 - q_kept.sum(dim=1)).clamp(min=0.0)  # (c,) float64
     risky = (rest < RISKY_REST).nonzero().squeeze(1)
     if risky.numel():
