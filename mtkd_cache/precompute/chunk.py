@@ -188,9 +188,12 @@ def _forward_reduce(teacher: LoadedTeacher, meta: TeacherMeta, batch: dict[str, 
         if split is not None:
             last, hidden = forward_body(teacher, split, batch, want_hidden=want)
             rows_mask = mask.to(last.device).bool()  # type: ignore[union-attr]
+            on_workers = reducers is not None and spec.kind == "topk"  # head + reduction per block on a worker
             bad, reduced = reduce_by_head_blocks(
                 split, last, rows_mask, spec, teacher.vocab_size,
-                lambda lg, m: _reduce_batch(reducers, lg, m, spec, teacher.vocab_size), generator)
+                (lambda lg, m: _reduce(lg, m, spec, teacher.vocab_size)) if on_workers else
+                (lambda lg, m: _reduce_batch(reducers, lg, m, spec, teacher.vocab_size)), generator,
+                reducers.pool if on_workers and reducers is not None else None)
             return bad, reduced, hidden
         logits, hidden = forward_teacher(teacher, batch, want_hidden=want)
     rows_mask = mask.to(logits.device).bool() if (mask is not None and meta.grid == "token") else None

@@ -22,6 +22,7 @@ and draws ``n`` tokens per row in O(B T (V + n log n)), never (B T, V) float32 a
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
@@ -166,19 +167,26 @@ def _topk_blocks(
     tail = torch.empty(rows_total, dtype=torch.float32, device=real.device)  # (N,)
     entropy = torch.empty(rows_total, dtype=torch.float32, device=real.device) if with_stats else None  # (N,)
     top1 = torch.empty(rows_total, dtype=torch.float32, device=real.device) if with_stats else None  # (N,)
+    step = max(1, _BLOCK_ELEMENTS.get(real.device.type, 1 << 26) // max(1, vocab))
+    # two block buffers reused by every block: fresh (n, V) temporaries are fresh pages (mmap) each
+    # time, whose first-touch faults cost more than the arithmetic (~3x the loop's CPU time)
+    bufs = _scratch((2, min(step, rows_total), vocab), real.device)
     for rows in _row_blocks(rows_total, vocab, real.device):
-        block = flat[rows].to(torch.float32)  # (n, V)
+        n = rows.stop - rows.start
+        shifted, unnorm = bufs[0, :n], bufs[1, :n]  # (n, V) each
         if temperature != 1.0:
-            block = block / temperature
-        shifted = block - block.amax(dim=-1, keepdim=True)  # (n, V) <= 0, the row max at 0
-        unnorm = shifted.exp()  # (n, V) exp(shifted); sums to S >= 1 per row
+            torch.div(flat[rows], temperature, out=shifted)
+            shifted.sub_(shifted.amax(dim=-1, keepdim=True))  # (n, V) <= 0, the row max at 0
+        else:
+            torch.sub(flat[rows], flat[rows].amax(dim=-1, keepdim=True).to(torch.float32), out=shifted)
+        torch.exp(shifted, out=unnorm)  # (n, V) exp(shifted); sums to S >= 1 per row
         total = unnorm.sum(dim=-1)  # (n,) S
         log_total = total.log()  # (n,) log p = shifted - log S
-        if entropy is not None:  # H = log S - sum_v p_v * shifted_v
-            entropy[rows] = log_total - torch.linalg.vecdot(unnorm, shifted) / total
         if top1 is not None:  # the max of shifted is 0, so the top-1 probability is 1 / S
             top1[rows] = total.reciprocal()
         block_shift, block_idx = _topk_rows(shifted, k)  # (n, k) each
+        if entropy is not None:  # H = log S - sum_v p_v * shifted_v (shifted is free after the top-k)
+            entropy[rows] = log_total - torch.mul(unnorm, shifted, out=shifted).sum(dim=-1) / total
         block_sorted, order = torch.sort(block_idx, dim=-1)  # (n, k)
         indices[rows] = block_sorted
         top_logp[rows] = torch.gather(block_shift, -1, order) - log_total.unsqueeze(-1)
@@ -186,6 +194,24 @@ def _topk_blocks(
     shape = (batch, positions)
     return (indices.reshape(*shape, k), top_logp.reshape(*shape, k), tail.reshape(shape),
             None if entropy is None else entropy.reshape(shape), None if top1 is None else top1.reshape(shape))
+
+
+_SCRATCH = threading.local()  # per thread: each reduction worker reuses its own buffer
+
+
+def _scratch(shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """A float32 buffer of `shape`, reused across calls on the CPU by the calling thread (contents undefined).
+
+    The head-blocked runs call the reductions once per row block, so a buffer per call would be
+    fresh pages every block. Other devices allocate (their caching allocators reuse memory).
+    """
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    need = shape[0] * shape[1] * shape[2]
+    held = getattr(_SCRATCH, "buf", None)
+    if held is None or held.numel() < need:
+        held = _SCRATCH.buf = torch.empty(need, dtype=torch.float32)
+    return held[:need].view(shape)
 
 
 _GROUP = 64

@@ -17,10 +17,13 @@ drops from B·L·V to one block (`extract._BLOCK_ELEMENTS`: 2^20 logits on CPU, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -99,17 +102,53 @@ def forward_body(teacher: LoadedTeacher, split: HeadSplit, batch: Mapping[str, t
     return out.last_hidden_state, (tuple(hidden) if hidden is not None else None)
 
 
+def _autocast_as_caller(device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+    """The calling thread's autocast state as a context factory (autocast is thread-local)."""
+    if not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext
+    dtype = torch.get_autocast_dtype(device.type)
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+Reduce = Callable[[torch.Tensor, torch.Tensor | None], tuple[list[int], list[torch.Tensor]]]
+
+
+def _block_results(split: HeadSplit, flat: torch.Tensor, mask: torch.Tensor | None, blocks: list[slice],
+                   reduce: Reduce, pool: Executor | None
+                   ) -> Iterator[tuple[slice, torch.Tensor | None, list[int], list[torch.Tensor]]]:
+    """(rows, logits, bad rows, outputs) per block, in order; with `pool`, head + reduction per block on its workers.
+
+    On the workers each block's logits are made and reduced by one single-threaded worker while
+    they are in its cache, and the workers run different blocks at once: no intra-op barrier and
+    no idle core between the head's matmul and the reductions. The logits are then not returned
+    (None): blocks finished ahead of the caller would otherwise hold theirs.
+    """
+    def one(rows: slice, context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
+            ) -> tuple[slice, torch.Tensor | None, list[int], list[torch.Tensor]]:
+        with (context or contextlib.nullcontext)():
+            logits = split.logits(flat[rows]).unsqueeze(1)  # (n, 1, V_padded): one block of logits
+        bad_rows, reduced = reduce(logits, None if mask is None else mask[rows].to(logits.device))
+        return rows, (logits if context is None else None), bad_rows, reduced
+
+    if pool is None:
+        return (one(rows) for rows in blocks)
+    context = _autocast_as_caller(flat.device)
+    return pool.map(lambda rows: one(rows, context), blocks)
+
+
 def reduce_by_head_blocks(
     split: HeadSplit, last: torch.Tensor, rows_mask: torch.Tensor | None, spec: TargetSpec, vocab_size: int,
-    reduce: Callable[..., tuple[list[int], list[torch.Tensor]]], generator: Callable[[torch.device], torch.Generator],
+    reduce: Reduce, generator: Callable[[torch.device], torch.Generator], pool: Executor | None = None,
 ) -> tuple[list[int], list[torch.Tensor]]:
     """`reduce` (and, for sampled targets, the draws) over head(row block) for every row block.
 
     Args:
         last: (B, L, D) last hidden state. rows_mask: (B, L) real positions or None.
-        reduce: `chunk._reduce_batch` bound to its reducers: (logits (n, 1, V), mask (n, 1)) ->
-            (bad rows, [outputs (n, 1, ...)]).
+        reduce: (logits (n, 1, V), mask (n, 1)) -> (bad rows, [outputs (n, 1, ...)]): `chunk._reduce_batch`
+            bound to its reducers, or, with `pool`, the single-threaded `chunk._reduce`.
         generator: The chunk's generator on a device (created on first use).
+        pool: Single-threaded CPU workers that each apply the head to a block and reduce it
+            (top-k targets only: the sampled draws keep one generator's order, on this thread).
 
     Returns:
         (bad sample indices, outputs reshaped to (B, L, ...)) like `chunk._reduce_batch`, with the
@@ -121,13 +160,14 @@ def reduce_by_head_blocks(
     bad: set[int] = set()
     outs: list[torch.Tensor] = []  # preallocated once: small results kept per block would fragment the heap
     device = next(iter(split.head.parameters())).device
-    for rows in _row_blocks(flat.shape[0], vocab_size, device):
-        logits = split.logits(flat[rows]).unsqueeze(1)  # (n, 1, V_padded): one block of logits
-        bad_rows, reduced = reduce(logits, None if mask is None else mask[rows].to(logits.device))
+    blocks = list(_row_blocks(flat.shape[0], vocab_size, device))
+    for rows, logits, bad_rows, reduced in _block_results(split, flat, mask, blocks, reduce,
+                                                          pool if spec.kind == "topk" else None):
         bad.update((rows.start + r) // length for r in bad_rows)
         if bad:
             continue  # keep checking the other rows, to name every bad sample
         if spec.kind != "topk":
+            assert logits is not None  # sampled targets never run on the pool
             reduced = [*sample_targets(logits, spec.draws, spec.temperature,  # type: ignore[arg-type]
                                        generator(logits.device), vocab_size), *reduced]
         if not outs:
