@@ -371,6 +371,8 @@ def main(parts: str, rounds: int, steps: int, memory_repeats: int, vocabs: str, 
     res: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     res.update({"benchmark": "kd_cost", "torch_threads": torch.get_num_threads(), "clock": "process CPU time",
                 "command": "python -m benchmarks.kd_cost " + " ".join(sys.argv[1:])})
+    with open("/proc/loadavg") as f:
+        res["load_average_before"] = f.read().split()[:3]
     t0 = time.perf_counter()
     chosen = parts.split(",")
     if "a" in chosen:

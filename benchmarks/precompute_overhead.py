@@ -290,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t = result["teachers"][key]
         print(f"[{key}] median ratio (pipeline) {t['median_ratio_pipeline']:.3f}, with load "
               f"{t['median_ratio_total']:.3f}; stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in t["stages_s"].items()))
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result

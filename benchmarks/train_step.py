@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -382,12 +383,13 @@ def main(work: Path, rounds: int, online_rounds: int, online_steps: int, repeats
     with tempfile.TemporaryDirectory(prefix="mtkd-train-step-") as d:
         tmp = Path(d)
         res: dict[str, Any] = {"benchmark": "train_step", "setting": paths.setting.to_dict(),
-                               "torch_threads": torch.get_num_threads()}
+                               "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
         res["overhead_and_tax"] = overhead_and_tax(paths, rounds, tmp)
         res["breakdown"] = breakdown(paths, repeats, tmp)
         if online:
             res["cached_vs_online"] = cached_vs_online(paths, online_rounds, online_steps, tmp)
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    res["load_average_after"] = os.getloadavg()
     res["command"] = "python -m benchmarks.train_step " + " ".join(sys.argv[1:])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
