@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ from mtkd_cache.format.tokenization import (
     tokenization_id,
     tokenization_key,
 )
+from mtkd_cache.precompute.text_spans import special_bytes, spell
 
 __all__ = ["ensure_tokenization"]
 
@@ -53,13 +54,15 @@ def _doc_starts(reader: Any) -> np.ndarray:
     return np.concatenate([[True], rows[1:] != rows[:-1]]) if len(rows) else np.zeros(0, dtype=bool)
 
 
-def _encode(tok: Any, pieces: Sequence[bytes | None], texts: Sequence[str], starts: np.ndarray
-            ) -> list[tuple[list[int], np.ndarray, float]]:
-    """(ids, byte ends, lost share) of each text; special tokens only where `starts`."""
+def _encode(tok: Any, pieces: Sequence[bytes | None], specials: Mapping[int, bytes], texts: Sequence[str],
+            starts: np.ndarray) -> list[tuple[list[int], np.ndarray, float]]:
+    """(ids, byte ends, lost share) of each text; special tokens only where `starts`, and spelling their
+    literal string where the text holds it (a rendered chat template's markers: `text_spans.spell`)."""
     out = []
     for text, first in zip(texts, starts):
         ids = tok(text, add_special_tokens=bool(first), truncation=False)["input_ids"]
-        ends, lost = byte_ends([pieces[i] if 0 <= i < len(pieces) else None for i in ids], text.encode())
+        data = text.encode()
+        ends, lost = byte_ends(spell(ids, pieces, data, specials), data)
         out.append((list(ids), ends, lost))
     return out
 
@@ -85,14 +88,15 @@ def ensure_tokenization(reader: Any, tok: Any, name_or_path: str, progress_log: 
     return TokenizationReader(reader, tid)
 
 
-def _measure(reader: Any, tok: Any, pieces: Sequence[bytes | None], starts: np.ndarray, name: str) -> tuple[int, float]:
+def _measure(reader: Any, tok: Any, pieces: Sequence[bytes | None], specials: Mapping[int, bytes], starts: np.ndarray,
+             name: str) -> tuple[int, float]:
     """Pass 1: the longest sample in the tokenizer's tokens, and the share of the text's bytes it loses."""
     g = reader.inputs.grid
     longest, lost_bytes, total_bytes = 1, 0.0, 0
     for c in range(g.num_chunks):
         s0, _ = g.sample_range(c)
         texts = read_texts(reader, c)
-        for text, (ids, _, lost) in zip(texts, _encode(tok, pieces, texts, starts[s0:])):
+        for text, (ids, _, lost) in zip(texts, _encode(tok, pieces, specials, texts, starts[s0:])):
             longest = max(longest, len(ids))
             size = len(text.encode())
             lost_bytes, total_bytes = lost_bytes + lost * size, total_bytes + size
@@ -108,7 +112,8 @@ def _build(reader: Any, tok: Any, name_or_path: str, fp: str, at: str) -> Tokeni
     store, g = reader.store, reader.inputs.grid
     tid = tokenization_id(fp)
     pieces, starts = token_bytes(tok), _doc_starts(reader)
-    longest, lost_share = _measure(reader, tok, pieces, starts, name_or_path)
+    specials = special_bytes(tok, pieces)
+    longest, lost_share = _measure(reader, tok, pieces, specials, starts, name_or_path)
     grid = make_grid(reader.inputs.num_samples, g.chunk_samples, longest)
     group = store.open_group(at, mode="a")
     arrays = {n: create_token_array(group, n, grid, "int32") for n in ("token_ids", "byte_ends")}
@@ -121,7 +126,7 @@ def _build(reader: Any, tok: Any, name_or_path: str, fp: str, at: str) -> Tokeni
         r0, r1 = chunk_rows(grid, c, "token")
         blocks = {n: np.zeros(grid.chunk_positions, dtype=np.int32) for n in arrays}
         cursor = 0
-        for (ids, ends, _), own in zip(_encode(tok, pieces, read_texts(reader, c), starts[s0:]),
+        for (ids, ends, _), own in zip(_encode(tok, pieces, specials, read_texts(reader, c), starts[s0:]),
                                        _student_ends(reader, c)):
             blocks["token_ids"][cursor : cursor + len(ids)] = ids
             blocks["byte_ends"][cursor : cursor + len(ids)] = ends
