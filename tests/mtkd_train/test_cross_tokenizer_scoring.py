@@ -8,7 +8,6 @@ tokenizer is checked against a per-row reference written from docs/CROSS_TOKENIZ
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from mtkd_cache import RunConfig, open_cache, prepare, run_teacher
+from mtkd_cache import RunConfig, open_cache, run_teacher
 from mtkd_cache.align import project_samples
 from mtkd_cache.format.tokenization import TokenizationReader
 from mtkd_train.data import CachedDistillDataset
 from mtkd_train.evaluate import evaluate_teachers
 from mtkd_train.scoring import collect_heldout, score_cache
-from tests.helpers.bpe_tokenizers import CORPUS, byte_level_bpe, sentencepiece_bpe
 from tests.mtkd_train._train_target import step_losses
-from tests.mtkd_train.test_cross_tokenizer import _lm_with
+from tests.mtkd_train.test_cross_tokenizer import prepared_pair
 
 
 @dataclass(frozen=True)
@@ -37,14 +35,7 @@ class Caches:
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory: pytest.TempPathFactory) -> Caches:
     root = tmp_path_factory.mktemp("xscore")
-    tok_s, tok_t = byte_level_bpe(300), sentencepiece_bpe(500)
-    data = root / "data.jsonl"
-    with data.open("w") as f:
-        for i, text in enumerate(CORPUS[:5] * 2):
-            f.write(json.dumps({"text": f"{text} {i}"}) + "\n")
-    student = _lm_with(root / "student", tok_s, seed=1)
-    prepare(root / "cache", data, tokenizer=student, max_length=12, chunk_samples=4, progress=False)
-    same, other = _lm_with(root / "same", tok_s, seed=2), _lm_with(root / "other", tok_t, seed=3)
+    _, student, same, other = prepared_pair(root, 2)
     for name, model, kw, own in (("same", same, {"top_k": 6}, False), ("same_own", same, {"top_k": 6}, True),
                                  ("other", other, {"top_k": 6}, None), ("same_s", same, {"samples": 16}, False),
                                  ("same_s_own", same, {"samples": 16}, True), ("other_s", other, {"samples": 16}, None)):
