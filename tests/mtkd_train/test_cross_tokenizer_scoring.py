@@ -181,3 +181,15 @@ def test_scoring_reads_cross_teachers_at_their_aligned_positions(caches: Caches)
     alone = {r.note: r.nll for r in rows_scored if r.note.endswith(" alone")}
     assert alone["other alone"] == pytest.approx(_reference_nll(reader, "other")[0], rel=1e-3)
     assert chosen["aggregate"] in {"mean", "loglinear", "entropy", "confidence", "mtbkd", "routing"}
+
+
+def test_mtkd_score_prints_the_aligned_share(caches: Caches, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from mtkd_train.scoring.cli import main as score_main
+
+    res = CliRunner().invoke(score_main, [str(caches.cache), "--teachers", "same,other", "--operators", "mean",
+                                          "--out", str(tmp_path / "auto.yaml")])
+    assert res.exit_code == 0, res.output
+    _, scored, rows = _reference_nll(open_cache(caches.cache), "other")
+    assert f"scored {scored} positions, {100 * scored / rows:.1f}% of those read" in res.output
