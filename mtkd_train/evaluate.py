@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mtkd_cache import CacheReader, SampledBlock, TopkBlock
+from mtkd_cache import CacheReader
 from mtkd_train.rows import row_labels
 from mtkd_train.student import Student
 from mtkd_train.uncertainty import (
@@ -202,9 +202,11 @@ def _rows_logits(student: Student, batch: dict[str, torch.Tensor], keep: torch.T
     return (logits[..., :vocab] if vocab else logits)[keep].float()
 
 
-def _teacher_rows(block: TopkBlock | SampledBlock, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row: the kept ids (R, K), their probabilities (R, K) and the per-token spread tail (R,)."""
-    if isinstance(block, SampledBlock):
+def _teacher_rows(block: Any, vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: the kept ids (R, K), their probabilities (R, K) and the per-token spread tail (R,).
+
+    `block` is a `TopkBlock` or `SampledBlock`, or a cross-tokenizer teacher's aligned block (`_align`)."""
+    if not hasattr(block, "logp"):  # sampled counts (also a cross-tokenizer teacher's, identity map)
         p = block.counts / np.maximum(block.counts.sum(-1, keepdims=True), 1)
         return block.indices, p, np.zeros(len(p))
     p = np.exp(block.logp)
@@ -212,22 +214,38 @@ def _teacher_rows(block: TopkBlock | SampledBlock, vocab: int) -> tuple[np.ndarr
     return block.indices, p, block.tail / max(vocab - block.indices.shape[1], 1)
 
 
+def _teacher_chunks(reader: CacheReader, name: str) -> Iterator[tuple[Any, Any, np.ndarray | None]]:
+    """(chunk, teacher block, student rows it covers or None) per chunk; a teacher on its own tokenization
+    is aligned onto the student's rows and vocabulary first (`present` marks the rows it covers)."""
+    from mtkd_train.data._align import cross_teachers, read_chunk_aligned
+
+    cross = cross_teachers(reader, [name])
+    for c in range(reader.num_chunks):
+        data = read_chunk_aligned(reader, c, [name], None, cross) if cross else reader.read_chunk(c, teachers=[name])
+        block = data.targets[name]
+        yield data, block, getattr(block, "present", None)
+
+
 def evaluate_teachers(reader: CacheReader, teachers: Sequence[str], max_samples: int | None = None) -> dict[str, Any]:
     """Each teacher's perplexity/accuracy/ECE on the cache's inputs, from its cached targets.
 
     A true token outside a teacher's top-k gets that teacher's tail spread uniformly over the
     unkept tokens (a lower bound on the teacher's real probability mass there is not known).
+    A teacher on its own tokenization (docs/CROSS_TOKENIZER.md) is scored on the student's tokens,
+    with its targets aligned and mapped onto the student's vocabulary: only the rows it is aligned
+    with count, and `aligned` gives their share of the rows scored for the others.
     """
+    from mtkd_train.data._align import student_meta
+
     out: dict[str, Any] = {}
     for name in teachers:
-        meta = reader.teacher(name).meta
+        meta = student_meta(reader, reader.teacher(name).meta)
         if meta.target.kind == "none":  # a feature-only teacher has no distribution to score
             continue
         nll, count, correct, confs, oks = 0.0, 0, 0, [], []
-        seen = 0
-        for c in range(reader.num_chunks):
-            data = reader.read_chunk(c, teachers=[name])
-            idx, p, spread = _teacher_rows(data.targets[name], meta.vocab_size)  # type: ignore[arg-type]
+        seen, rows_all = 0, 0
+        for data, block, present in _teacher_chunks(reader, name):
+            idx, p, spread = _teacher_rows(block, meta.vocab_size)
             # the same samples as `evaluate_student`: the first `max_samples`, labelled ones only
             take = len(data.sample_ids) if max_samples is None else min(len(data.sample_ids), max_samples - seen)
             if meta.grid == "token":
@@ -236,6 +254,9 @@ def evaluate_teachers(reader: CacheReader, teachers: Sequence[str], max_samples:
                 labels = data.labels[:take] if data.labels is not None else np.full(take, -100)
                 rows_a = np.flatnonzero(labels >= 0)
                 y = labels[rows_a]
+            rows_all += len(rows_a)
+            if present is not None:  # cross-tokenizer: its aligned rows only
+                rows_a, y = rows_a[present[rows_a]], y[present[rows_a]]
             hit = idx[rows_a] == y[:, None]
             py = np.where(hit.any(-1), (p[rows_a] * hit).sum(-1), spread[rows_a])
             nll += float(-np.log(np.maximum(py, 1e-12)).sum())
@@ -250,6 +271,8 @@ def evaluate_teachers(reader: CacheReader, teachers: Sequence[str], max_samples:
         res: dict[str, Any] = {"accuracy": correct / max(count, 1), "nll": nll / max(count, 1),
                "ece": expected_calibration_error(confidences=torch.as_tensor(np.concatenate(confs)),
                                                  correct=torch.as_tensor(np.concatenate(oks)))}
+        if meta.tokenization is not None:
+            res.update(positions=count, aligned=count / max(rows_all, 1))
         if meta.target.kind == "sample":  # counts give 0 to undrawn tokens: the NLL is not a likelihood
             res["nll"] = None
         elif meta.grid == "token":

@@ -15,7 +15,13 @@ No I/O; numpy in, numpy out.
 
 from mtkd_cache.align.offsets import align_rows, alignment_rate, byte_ends
 from mtkd_cache.align.token_bytes import token_bytes
-from mtkd_cache.align.vocab import build_vocab_map, exact_pairs, mapped_mass, project_topk
+from mtkd_cache.align.vocab import (
+    build_vocab_map,
+    exact_pairs,
+    mapped_mass,
+    project_samples,
+    project_topk,
+)
 
 __all__ = [
     "align_rows",
@@ -24,6 +30,7 @@ __all__ = [
     "exact_pairs",
     "byte_ends",
     "mapped_mass",
+    "project_samples",
     "project_topk",
     "token_bytes",
 ]

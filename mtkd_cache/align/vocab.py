@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["build_vocab_map", "exact_pairs", "mapped_mass", "project_topk"]
+__all__ = ["build_vocab_map", "exact_pairs", "mapped_mass", "project_samples", "project_topk"]
 
 _ROLES = ("eos_token_id", "bos_token_id", "unk_token_id", "pad_token_id")
 
@@ -109,6 +109,31 @@ def project_topk(indices: np.ndarray, logp: np.ndarray, tail: np.ndarray, vocab_
     out_lp[pad | ~np.isfinite(out_lp)] = -np.inf
     out_id[~np.isfinite(out_lp)] = 0
     return out_id, out_lp.astype(np.float32), (tail.astype(np.float64) + lost).astype(np.float32)
+
+
+def project_samples(indices: np.ndarray, counts: np.ndarray, vocab_map: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Teacher sampled rows (draws and their counts) -> top-k style rows over the student vocabulary.
+
+    Each draw is mapped like a top-k token: the draws' empirical distribution ``count / draws``
+    becomes ``logp`` over student ids (draws of teacher tokens that map to one student token add
+    up), and the share of draws that map to no student token becomes the tail. Pushing a sample
+    through the map gives a sample of the pushed distribution, so the mapped frequencies estimate
+    the mapped teacher distribution without bias, as the unmapped frequencies do for the stored sample.
+
+    Args:
+        indices: ``(R, n)`` teacher token ids drawn.
+        counts: ``(R, n)`` their counts (0 = padding).
+        vocab_map: ``(V_t,)`` from :func:`build_vocab_map`.
+
+    Returns:
+        ``(indices, logp, tail)`` as :func:`project_topk`; a row without draws has all its mass in the tail.
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum(1, keepdims=True)  # (R, 1)
+    with np.errstate(divide="ignore"):
+        logp = np.where(c > 0, np.log(np.where(c > 0, c, 1.0) / np.maximum(total, 1.0)), -np.inf)
+    return project_topk(indices, logp, (total[:, 0] == 0).astype(np.float32), vocab_map)
 
 
 def mapped_mass(logp: np.ndarray, indices: np.ndarray, vocab_map: np.ndarray) -> np.ndarray:

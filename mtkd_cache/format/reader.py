@@ -299,7 +299,7 @@ class CacheReader:
             if tr.meta.tokenization is not None:
                 raise CacheMismatchError(
                     f"teacher {name!r} is cached on its own tokenization {tr.meta.tokenization!r}, not on the inputs' "
-                    f"rows; read it aligned with `mtkd_train.align.aligned_targets` (the trainer does this)")
+                    f"rows; read it aligned with `mtkd_train.data._align.read_chunk_aligned` (the trainer, evaluation and scoring do)")
             data.targets[name] = tr.read_targets(*rows(tr.meta.grid))
         for name, layers in (features or {}).items():
             tr = self.teacher(name)

@@ -6,7 +6,8 @@
   fingerprint it was derived from, its chunk grid (the inputs' samples per chunk, its own
   positions per sample), its fingerprint and the share of the text's bytes it loses;
 * `token_ids` and `byte_ends` (int32, on its token grid) and `samples.parquet` (`sample_id`,
-  `offset`, `num_positions`), laid out like the inputs';
+  `offset`, `num_positions`), laid out like the inputs'; `chunks.parquet` (`chunk`, `array`,
+  `checksum`: each chunk's content checksum, in the order the fingerprint hashes them);
 * `tokenizer/` (its files) and `vocab_map` (int32, one student id per token id, -1 = none:
   `align.build_vocab_map` toward the inputs' tokenizer, fingerprinted by both tokenizers).
 
@@ -33,6 +34,13 @@ from mtkd_cache.format.meta import InputsMeta, TokenizerInfo
 from mtkd_cache.format.store import now_iso
 
 __all__ = ["TokenizationMeta", "TokenizationReader", "tokenization_id", "tokenization_key"]
+
+
+PARTIAL = ".partial-"
+"""Prefix of a tokenization being built (`tokenizations/.partial-<id>-<random>`), committed by a rename."""
+
+CHUNKS_SCHEMA = pa.schema([("chunk", pa.int64()), ("array", pa.string()), ("checksum", pa.string())])
+"""`tokenizations/<id>/chunks.parquet`: the content checksum of each chunk of each array."""
 
 
 def tokenization_id(tokenizer_fingerprint: str) -> str:
@@ -160,7 +168,9 @@ class TokenizationReader:
     def rows_1d(self, name: str) -> np.ndarray:
         if name not in self._arrays:
             self._arrays[name] = self.store.open_group(self.key, mode="r", strict=self.check)[name]
-        got = np.asarray(self._arrays[name][:])
+        arr = self._arrays[name]
+        got = read_rows(self.store, arr, owner=f"tokenization {self.id!r}", group_key=self.key, name=name, start=0,
+                        stop=int(arr.shape[0]), grid=self.meta.grid, on="token", fix=_fix(self.url, self.id))
         if hashlib.sha256(got.astype("<i4").tobytes()).hexdigest() != self.meta.vocab_map.get("sha256"):
             raise CacheCorruptError(f"{self.store.path(self.key)}/{name} does not match its recorded sha256; "
                                     f"{_fix(self.url, self.id)}")

@@ -4,7 +4,9 @@ For the inputs and each teacher it re-reads every chunk region of every array (a
 or a crc32c mismatch is reported, never read as zeros), recomputes the blake2b content checksums
 recorded at write time, runs the read-time value checks (ids in range and ascending, ...),
 checks each `teacher.json` against the hash its `chunks.parquet` recorded, re-hashes every
-sample and recomputes the dataset fingerprint. Cost: one full read of the cache.
+sample and recomputes the dataset fingerprint. Each tokenization of the stored text (cross-tokenizer
+teachers) is checked as fully (ops/verify_tokenization.py), and a teacher on a tokenization has its
+values checked on that tokenization's rows. Cost: one full read of the cache.
 
 With `repair=True` a damaged teacher chunk loses its commit marker, and a teacher with any
 damage loses `teacher.json` and `chunks.parquet` (it becomes incomplete), so the next
@@ -32,13 +34,14 @@ from mtkd_cache.format.fingerprint import (
     token_sample_content,
 )
 from mtkd_cache.format.kinds import teacher_arrays
-from mtkd_cache.format.layout import chunk_rows, shard_key
+from mtkd_cache.format.layout import ChunkGrid, chunk_rows, shard_key
 from mtkd_cache.format.loss_mask import LOSS_MASK
 from mtkd_cache.format.meta import TeacherMeta
 from mtkd_cache.format.overlay import is_overlay, open_overlay
 from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.format.store import CacheStore
 from mtkd_cache.format.targets import marker_key
+from mtkd_cache.ops.verify_tokenization import check_cross_values, check_tokenizations
 
 __all__ = ["VerifyReport", "verify_cache"]
 
@@ -71,9 +74,10 @@ Region = Callable[[int, str], tuple[int, int, str]]
 
 
 def _check_arrays(reader: CacheReader, group_key: str, region: Region, report: VerifyReport,
-                  what: str, fix: str, bar: Any, store: CacheStore | None = None) -> set[int] | None:
-    """Checksum every recorded (chunk, array) region of `store` (default: the reader's); returns the
-    damaged chunks (None: no table)."""
+                  what: str, fix: str, bar: Any, store: CacheStore | None = None,
+                  grid: ChunkGrid | None = None) -> set[int] | None:
+    """Checksum every recorded (chunk, array) region of `store` (default: the reader's) on `grid`
+    (default: the inputs'); returns the damaged chunks (None: no table)."""
     store = store or reader.store
     table_key = f"{group_key}/chunks.parquet"
     try:
@@ -92,7 +96,7 @@ def _check_arrays(reader: CacheReader, group_key: str, region: Region, report: V
             arr: Any = group[name]
             ndim = len(arr.shape)
             block = read_rows(store, arr, owner=what, group_key=group_key, name=name, start=r0, stop=r1,
-                              grid=reader.inputs.grid, on=on, fix=fix)
+                              grid=grid or reader.inputs.grid, on=on, fix=fix)
             ok = array_checksum(np.asarray(block)) == row["checksum"]
             problem = "checksum mismatch: the decoded data differs from what was written"
         except (CacheCorruptError, KeyError) as e:
@@ -169,10 +173,15 @@ def _teacher_meta(reader: CacheReader, name: str, report: VerifyReport) -> Teach
     return meta
 
 
-def _check_teacher(reader: CacheReader, name: str, report: VerifyReport, bar: Any) -> None:
+def _check_teacher(reader: CacheReader, name: str, report: VerifyReport, bar: Any,
+                   tokenizations: Mapping[str, bool]) -> None:
     meta = _teacher_meta(reader, name, report)
     if meta is None:
         return
+    if meta.tokenization is not None and not tokenizations.get(meta.tokenization, False):
+        report.problems.append(f"teacher {name!r} runs on tokenization {meta.tokenization!r}, which is missing or "
+                               f"damaged (see above); re-run it after that tokenization is rebuilt")
+        return  # not for --repair: its own chunks are not what is damaged
     g, key, fix = reader.teacher(name).inputs.grid, f"teachers/{name}", teacher_fix(reader.url, name)  # own grid
     grids = {a.key: a.grid for a in teacher_arrays(meta)}
 
@@ -181,13 +190,16 @@ def _check_teacher(reader: CacheReader, name: str, report: VerifyReport, bar: An
         return (*chunk_rows(g, c, on), on)
 
     store = reader.teacher_store(name)  # an overlay's own teachers live in the overlay
-    damaged = _check_arrays(reader, key, region, report, f"teacher {name!r}", fix, bar, store)
+    damaged = _check_arrays(reader, key, region, report, f"teacher {name!r}", fix, bar, store, g)
     if damaged is None:
         report.damaged.setdefault(name, [])
         return
-    for c in sorted(set(range(g.num_chunks)) - damaged) if meta.tokenization is None else ():
-        try:  # the value checks the reader runs (ids in range and ascending, sane values)
-            reader.read_chunk(c, teachers=[name], features={name: [f.layer for f in meta.features]})
+    for c in sorted(set(range(g.num_chunks)) - damaged):
+        try:  # the value checks the reader runs (ids in range and ascending, sane values), on the teacher's grid
+            if meta.tokenization is None:
+                reader.read_chunk(c, teachers=[name], features={name: [f.layer for f in meta.features]})
+            else:
+                check_cross_values(reader, name, meta, c)
         except CacheCorruptError as e:
             report.problems.append(str(e))
             damaged.add(c)
@@ -237,8 +249,9 @@ def verify_cache(url: str | os.PathLike[str], *, storage_options: Mapping[str, A
     report = VerifyReport(url=str(url))
     with tqdm(desc="verify", unit=" chunks", disable=not progress) as bar:
         _check_inputs(reader, report, bar)
+        tokenizations = check_tokenizations(reader, report.problems)
         for name in store.subdirs("teachers"):
-            _check_teacher(reader, name, report, bar)
+            _check_teacher(reader, name, report, bar, tokenizations)
     if repair:
         _repair(store, report)
     return report

@@ -35,11 +35,13 @@ TrainOn = Literal["assistant", "all"]
 
 @dataclass(frozen=True)
 class Rendered:
-    """One sample: ``ids`` (L,) int64, ``loss_mask`` (L,) bool, ``truncated`` tokens dropped."""
+    """One sample: ``ids`` (L,) int64, ``loss_mask`` (L,) bool, ``truncated`` tokens dropped, and ``text``,
+    the rendered string the ids tokenize (before truncation)."""
 
     ids: np.ndarray
     loss_mask: np.ndarray
     truncated: int
+    text: str = ""
 
 
 def _spans_to_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -49,8 +51,8 @@ def _spans_to_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int
     return mask
 
 
-def _finish(enc: Mapping[str, Any], spans: Sequence[tuple[int, int]] | None, max_length: int, name: str
-            ) -> Rendered:
+def _finish(enc: Mapping[str, Any], spans: Sequence[tuple[int, int]] | None, max_length: int, name: str,
+            text: str) -> Rendered:
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     mask = np.ones(len(ids), dtype=bool) if spans is None else _spans_to_mask(enc["offset_mapping"], spans)
     cut = max(0, len(ids) - max_length)
@@ -59,7 +61,7 @@ def _finish(enc: Mapping[str, Any], spans: Sequence[tuple[int, int]] | None, max
         raise InputDataError(f"{name}: no trainable token after rendering"
                              f"{f' and truncating {cut} tokens to --max-length {max_length}' if cut else ''}; "
                              "give it an assistant reply within the length, raise --max-length, or drop it")
-    return Rendered(ids, mask, cut)
+    return Rendered(ids, mask, cut, text)
 
 
 def render_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, max_length: int,
@@ -100,7 +102,7 @@ def render_conversation(tokenizer: Any, messages: Sequence[Mapping[str, str]], *
                                      "be located; pass --train-on all")
             spans.append((len(before), len(upto)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return _finish(enc, spans, max_length, name)
+    return _finish(enc, spans, max_length, name, text)
 
 
 def render_prompt_completion(tokenizer: Any, prompt: str, completion: str, *, max_length: int,
@@ -110,4 +112,4 @@ def render_prompt_completion(tokenizer: Any, prompt: str, completion: str, *, ma
         raise InputDataError(f"{name}: prompt and completion must be strings and the completion non-empty")
     enc = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
     spans = None if train_on == "all" else [(len(prompt), len(prompt) + len(completion))]
-    return _finish(enc, spans, max_length, name)
+    return _finish(enc, spans, max_length, name, prompt + completion)

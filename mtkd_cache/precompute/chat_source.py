@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,6 +20,7 @@ from mtkd_cache.errors import InputDataError
 from mtkd_cache.format.inputs import Sample
 from mtkd_cache.precompute.chat import Rendered, render_conversation, render_prompt_completion
 from mtkd_cache.precompute.sources import iter_source
+from mtkd_cache.precompute.text_spans import prefix_text, special_bytes
 
 __all__ = ["ChatColumns", "chat_columns", "chat_samples"]
 
@@ -97,8 +98,13 @@ def _render(tok: Any, spec: ChatColumns, row: dict[str, Any], max_length: int, n
 
 
 def chat_samples(tok: Any, data: Any, spec: ChatColumns, *, split: str, max_length: int, batch_size: int,
-                 domain_column: str | None) -> Iterator[Sample]:
-    """One masked sample per source row (see the module docstring); warns once about truncation."""
+                 domain_column: str | None, pieces: Sequence[bytes | None] | None = None) -> Iterator[Sample]:
+    """One masked sample per source row (see the module docstring); warns once about truncation.
+
+    With `pieces` (the bytes of each token id) each sample keeps its rendered text and byte ends,
+    so teachers with another tokenizer can run on it (docs/CROSS_TOKENIZER.md).
+    """
+    specials = special_bytes(tok, pieces) if pieces is not None else {}
     columns = spec.columns + ([domain_column] if domain_column else [])
     row_no, cut_samples, cut_tokens = 0, 0, 0
     for batch in iter_source(data, split=split, columns=columns, batch_size=batch_size):
@@ -107,8 +113,9 @@ def chat_samples(tok: Any, data: Any, spec: ChatColumns, *, split: str, max_leng
             name = f"sample {row_no} (row {row_no} of --data {str(data)!r})"
             r = _render(tok, spec, row, max_length, name)
             cut_samples, cut_tokens = cut_samples + (r.truncated > 0), cut_tokens + r.truncated
+            text = None if pieces is None else prefix_text(r.ids.tolist(), r.text, pieces, specials, whole=not r.truncated)
             yield Sample(row_no, (r.ids,), None, row.get(domain_column) if domain_column else None, None,
-                         r.loss_mask)
+                         r.loss_mask, text=text)
             row_no += 1
     if cut_samples:
         warnings.warn(f"{cut_samples} samples were longer than --max-length {max_length} and were truncated "

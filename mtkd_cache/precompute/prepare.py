@@ -272,7 +272,7 @@ def prepare(
                             **({"loss_mask": chat.train_on} if chat else {})})
     with InputsWriter(store, kind="tokens", chunk_samples=chunk_samples, positions_per_sample=max_length,
                       token_dtype="int32" if len(tok) > 1 << 16 else "uint16", loss_mask=chat is not None,
-                      with_text=pieces is not None and chat is None) as writer:  # conversations: no text yet
+                      with_text=pieces is not None) as writer:
         with tqdm(desc="prepare", unit=" samples", disable=not progress) as bar:  # closed on errors too
             for i, s in enumerate(_samples(tok, data, chat, split=split, columns=columns, batch_size=batch_size,
                                            text_column=text_column, label_column=label_column,
@@ -292,7 +292,7 @@ def _samples(tok: Any, data: Any, chat: ChatColumns | None, *, split: str, colum
     """The samples to write: masked instruction samples, or text documents cut or packed to `max_length`."""
     if chat is not None:
         return chat_samples(tok, data, chat, split=split, max_length=max_length, batch_size=batch_size,
-                            domain_column=domain_column)
+                            domain_column=domain_column, pieces=pieces)
     docs = _documents(tok, data, split=split, columns=columns, batch_size=batch_size, text_column=text_column,
                       label_column=label_column, domain_column=domain_column, pack=pack)
     return _token_samples(docs, max_length, pack=pack, eos=-1 if eos is None else eos,

@@ -4,26 +4,36 @@ Each sample's text is tokenized on its own, with the tokenizer's special tokens 
 where the inputs' tokenizer added them: at a document's first sample (the first window of a
 source row). A first pass finds the longest sample (the grid's positions per sample), a second
 writes chunk by chunk, so memory is bounded by a chunk. The teacher->student vocabulary map is
-computed here too (`align.build_vocab_map`). Concurrent runs of teachers sharing a tokenizer
-write the same bytes, and `tokenization.json` is written last.
+computed here too (`align.build_vocab_map`), and a checksum table (`chunks.parquet`, one row per
+chunk and array, as a teacher's) lets `verify` name a damaged chunk. The whole tokenization is
+built under a temporary key and committed at once (`_commit`), so concurrent builders (torchrun
+ranks, runs of teachers sharing a tokenizer) never see or leave a half-written one.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
-from collections.abc import Sequence
+import os
+import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from mtkd_cache.align import align_rows, build_vocab_map, byte_ends, exact_pairs, token_bytes
+from mtkd_cache.errors import CacheMismatchError
 from mtkd_cache.format.codecs import Compressor, array_checksum, chunk_codecs
 from mtkd_cache.format.fingerprint import tokenizer_fingerprint
 from mtkd_cache.format.layout import chunk_rows, make_grid
 from mtkd_cache.format.meta import TokenizerInfo
 from mtkd_cache.format.text import create_token_array, read_byte_ends, read_texts
 from mtkd_cache.format.tokenization import (
+    CHUNKS_SCHEMA,
+    PARTIAL,
+    TokenizationMeta,
     TokenizationReader,
     content_fingerprint,
     finished_meta,
@@ -31,6 +41,7 @@ from mtkd_cache.format.tokenization import (
     tokenization_id,
     tokenization_key,
 )
+from mtkd_cache.precompute.text_spans import special_bytes, spell
 
 __all__ = ["ensure_tokenization"]
 
@@ -43,53 +54,80 @@ def _doc_starts(reader: Any) -> np.ndarray:
     return np.concatenate([[True], rows[1:] != rows[:-1]]) if len(rows) else np.zeros(0, dtype=bool)
 
 
-def _encode(tok: Any, pieces: Sequence[bytes | None], texts: Sequence[str], starts: np.ndarray
-            ) -> list[tuple[list[int], np.ndarray, float]]:
-    """(ids, byte ends, lost share) of each text; special tokens only where `starts`."""
+def _encode(tok: Any, pieces: Sequence[bytes | None], specials: Mapping[int, bytes], texts: Sequence[str],
+            starts: np.ndarray) -> list[tuple[list[int], np.ndarray, float]]:
+    """(ids, byte ends, lost share) of each text; special tokens only where `starts`, and spelling their
+    literal string where the text holds it (a rendered chat template's markers: `text_spans.spell`)."""
     out = []
     for text, first in zip(texts, starts):
         ids = tok(text, add_special_tokens=bool(first), truncation=False)["input_ids"]
-        ends, lost = byte_ends([pieces[i] if 0 <= i < len(pieces) else None for i in ids], text.encode())
+        data = text.encode()
+        ends, lost = byte_ends(spell(ids, pieces, data, specials), data)
         out.append((list(ids), ends, lost))
     return out
 
 
 def ensure_tokenization(reader: Any, tok: Any, name_or_path: str, progress_log: bool = True) -> TokenizationReader:
-    """The tokenization of `reader`'s stored text by `tok`, made now if the cache lacks it."""
+    """The tokenization of `reader`'s stored text by `tok`, made now if the cache lacks it.
+
+    Built under a temporary key of its own, then committed (`_commit`): any number of processes
+    (torchrun ranks, concurrent runs of teachers sharing the tokenizer) may build it at once; the
+    first commit wins and the others check that they built the same tokenization.
+    """
     fp = tokenizer_fingerprint(tok)
     tid = tokenization_id(fp)
     key = tokenization_key(tid)
     if reader.store.exists(f"{key}/tokenization.json"):
         return TokenizationReader(reader, tid)
-    store, g = reader.store, reader.inputs.grid
-    pieces = token_bytes(tok)
-    starts = _doc_starts(reader)
+    tmp = f"tokenizations/{PARTIAL}{tid}-{uuid.uuid4().hex[:12]}"
+    try:
+        meta = _build(reader, tok, name_or_path, fp, tmp)
+        _commit(reader.store, tmp, key, meta)
+    finally:
+        reader.store.remove(tmp)  # a lost race's or a failed build's (what this process wrote)
+    return TokenizationReader(reader, tid)
+
+
+def _measure(reader: Any, tok: Any, pieces: Sequence[bytes | None], specials: Mapping[int, bytes], starts: np.ndarray,
+             name: str) -> tuple[int, float]:
+    """Pass 1: the longest sample in the tokenizer's tokens, and the share of the text's bytes it loses."""
+    g = reader.inputs.grid
     longest, lost_bytes, total_bytes = 1, 0.0, 0
-    for c in range(g.num_chunks):  # pass 1: the grid's width, and what the tokenizer loses
+    for c in range(g.num_chunks):
         s0, _ = g.sample_range(c)
         texts = read_texts(reader, c)
-        for text, (ids, _, lost) in zip(texts, _encode(tok, pieces, texts, starts[s0:])):
+        for text, (ids, _, lost) in zip(texts, _encode(tok, pieces, specials, texts, starts[s0:])):
             longest = max(longest, len(ids))
             size = len(text.encode())
             lost_bytes, total_bytes = lost_bytes + lost * size, total_bytes + size
     lost_share = lost_bytes / total_bytes if total_bytes else 0.0
     if lost_share > 0:
         log.warning("tokenizer %r does not reproduce the stored text: it loses %.2f%% of its bytes (normalisation); "
-                    "rows there cannot align with the student's", name_or_path, 100 * lost_share)
+                    "rows there cannot align with the student's", name, 100 * lost_share)
+    return longest, lost_share
+
+
+def _build(reader: Any, tok: Any, name_or_path: str, fp: str, at: str) -> TokenizationMeta:
+    """Write the whole tokenization under key `at` (tokenization.json last); its metadata."""
+    store, g = reader.store, reader.inputs.grid
+    tid = tokenization_id(fp)
+    pieces, starts = token_bytes(tok), _doc_starts(reader)
+    specials = special_bytes(tok, pieces)
+    longest, lost_share = _measure(reader, tok, pieces, specials, starts, name_or_path)
     grid = make_grid(reader.inputs.num_samples, g.chunk_samples, longest)
-    group = store.open_group(key, mode="a")
+    group = store.open_group(at, mode="a")
     arrays = {n: create_token_array(group, n, grid, "int32") for n in ("token_ids", "byte_ends")}
     offsets: list[int] = []
     lengths: list[int] = []
-    checksums: list[str] = []
+    rows: list[dict[str, Any]] = []
     aligned = 0
     for c in range(g.num_chunks):  # pass 2: write
         s0, _ = g.sample_range(c)
         r0, r1 = chunk_rows(grid, c, "token")
         blocks = {n: np.zeros(grid.chunk_positions, dtype=np.int32) for n in arrays}
         cursor = 0
-        student = _student_ends(reader, c)
-        for (ids, ends, _), own in zip(_encode(tok, pieces, read_texts(reader, c), starts[s0:]), student):
+        for (ids, ends, _), own in zip(_encode(tok, pieces, specials, read_texts(reader, c), starts[s0:]),
+                                       _student_ends(reader, c)):
             blocks["token_ids"][cursor : cursor + len(ids)] = ids
             blocks["byte_ends"][cursor : cursor + len(ids)] = ends
             aligned += int((align_rows(own, ends) >= 0).sum())
@@ -99,20 +137,66 @@ def ensure_tokenization(reader: Any, tok: Any, name_or_path: str, progress_log: 
         for n, arr in arrays.items():
             arr.resize((r1,))
             arr[r0:r1] = blocks[n]
-            checksums.append(array_checksum(blocks[n]))
-    store.write_table(f"{key}/samples.parquet", sample_table(offsets, lengths))
-    _save_tokenizer(store, tok, f"{key}/tokenizer")
+            rows.append({"chunk": c, "array": n, "checksum": array_checksum(blocks[n])})
+    store.write_table(f"{at}/samples.parquet", sample_table(offsets, lengths))
+    store.write_table(f"{at}/chunks.parquet", pa.Table.from_pylist(rows, schema=CHUNKS_SCHEMA))
+    _save_tokenizer(store, tok, f"{at}/tokenizer")
     vocab = _write_vocab_map(group, reader, tok, pieces, fp)
     text_fp = reader.inputs.text["fingerprint"]
-    info = TokenizerInfo(fingerprint=fp, vocab_size=len(tok), name_or_path=name_or_path, path=f"{key}/tokenizer",
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    info = TokenizerInfo(fingerprint=fp, vocab_size=len(tok), name_or_path=name_or_path,
+                         path=f"{tokenization_key(tid)}/tokenizer", eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
     meta = finished_meta(id=tid, tokenizer=info, text_fingerprint=text_fp,
                          dataset_fingerprint=reader.inputs.dataset_fingerprint, grid=grid,
-                         num_positions=int(sum(lengths)), fingerprint=content_fingerprint(fp, text_fp, checksums),
+                         num_positions=int(sum(lengths)),
+                         fingerprint=content_fingerprint(fp, text_fp, [r["checksum"] for r in rows]),
                          lost=lost_share, vocab_map=vocab,
                          alignment_rate=aligned / max(1, reader.inputs.num_positions))
-    store.write_json(f"{key}/tokenization.json", meta.to_dict())
-    return TokenizationReader(reader, tid)
+    store.write_json(f"{at}/tokenization.json", meta.to_dict())
+    return meta
+
+
+def _commit(store: Any, tmp: str, key: str, meta: TokenizationMeta) -> None:
+    """Move the finished build `tmp` to `key`; if another process committed first, check it is the same.
+
+    A local cache renames the folder (atomic: the tokenization appears whole, with its
+    tokenization.json, or not at all; a rename onto a non-empty folder fails, so the first one
+    wins). An object store has no rename: the files are copied and tokenization.json is written
+    last; concurrent builders copy identical bytes (the build is deterministic), which the
+    equality check below confirms.
+    """
+    done = f"{key}/tokenization.json"
+    for _ in range(2):
+        if store.exists(done):
+            break
+        if not store.is_local:
+            for src in sorted(store.fs.find(store.path(tmp))):
+                rel = src[len(store.path(tmp)) + 1 :]
+                if rel != "tokenization.json":
+                    store.write_bytes(f"{key}/{rel}", store.read_bytes(f"{tmp}/{rel}"))
+            store.write_json(done, meta.to_dict())
+            return
+        try:
+            os.rename(store.path(tmp), store.path(key))
+            return
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            if not store.exists(done):  # a build an older mtkd left unfinished in place: not a live one
+                store.remove(key)
+    _same_as_committed(store, key, meta)
+
+
+def _same_as_committed(store: Any, key: str, meta: TokenizationMeta) -> None:
+    """Another process committed this tokenization first: refuse unless it built exactly this one."""
+    have = TokenizationMeta.from_dict(store.read_json(f"{key}/tokenization.json"))
+    mine = (meta.fingerprint, meta.vocab_map.get("sha256"), meta.num_positions, meta.grid)
+    theirs = (have.fingerprint, have.vocab_map.get("sha256"), have.num_positions, have.grid)
+    if mine != theirs:
+        raise CacheMismatchError(
+            f"tokenizer {meta.tokenizer.name_or_path!r} built tokenization {meta.id!r} of {store.url} differently "
+            f"in two concurrent runs (fingerprints {have.fingerprint} and {meta.fingerprint}): its tokenization is "
+            f"not deterministic, so teachers on it cannot be aligned reliably; use another tokenizer")
 
 
 def _student_ends(reader: Any, chunk: int) -> list[np.ndarray]:

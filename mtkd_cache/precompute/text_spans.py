@@ -7,18 +7,22 @@ boundary falls inside a multi-byte character. The window's text is those charact
 ends are relative to the text's first byte. The bytes the tokens occupy in their windows' texts,
 concatenated, are the document; a window cut inside a character repeats that character at the
 start of the next window's text (its first token then ends inside the text, after the character).
+
+A special token spells nothing, except where the text holds its literal string at that point: a
+chat template writes `<|im_start|>` into the rendered text, and the tokenizer reads it back as the
+special token. There it spells that string (`spell`), so the tokens spell the rendered text exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from mtkd_cache.align import byte_ends, token_bytes
 
-__all__ = ["text_pieces", "window_texts"]
+__all__ = ["prefix_text", "special_bytes", "spell", "text_pieces", "window_texts"]
 
 
 def text_pieces(tokenizer: Any, pack: bool) -> list[bytes | None] | None:
@@ -33,6 +37,46 @@ def text_pieces(tokenizer: Any, pack: bool) -> list[bytes | None] | None:
         return token_bytes(tokenizer)
     except TypeError:
         return None
+
+
+def special_bytes(tokenizer: Any, pieces: Sequence[bytes | None]) -> dict[int, bytes]:
+    """The literal string of every token that spells nothing (special tokens), as UTF-8."""
+    names = tokenizer.convert_ids_to_tokens([i for i, b in enumerate(pieces) if b is None])
+    return {i: str(n).encode() for i, n in zip((i for i, b in enumerate(pieces) if b is None), names) if n}
+
+
+def spell(ids: Sequence[int], pieces: Sequence[bytes | None], data: bytes, specials: Mapping[int, bytes]
+          ) -> list[bytes | None]:
+    """The bytes of each token of `ids`; a special token spells its literal string where `data` holds it there."""
+    out: list[bytes | None] = []
+    cur = shift = 0  # shift: SentencePiece's prepended space, which `data` does not have
+    for i in ids:
+        b = pieces[i] if 0 <= i < len(pieces) else None
+        if b is None and i in specials and data.startswith(specials[i], cur - shift):
+            b = specials[i]
+        if b and cur == 0 and b.startswith(b" ") and not data.startswith(b" "):
+            shift = 1
+        out.append(b)
+        cur += len(b or b"")
+    return out
+
+
+def prefix_text(ids: Sequence[int], text: str, pieces: Sequence[bytes | None], specials: Mapping[int, bytes],
+                whole: bool) -> tuple[str, np.ndarray]:
+    """`(text, byte_ends)` of a sample whose tokens `ids` are the first tokens of `text` (a rendering
+    truncated to `--max-length`): the characters they cover (all of `text` when `whole`)."""
+    data = text.encode()
+    spelled = spell(ids, pieces, data, specials)
+    joined = b"".join(p or b"" for p in spelled)
+    cum = np.cumsum([len(p or b"") for p in spelled], dtype=np.int64) if len(spelled) else np.zeros(0, np.int64)
+    if data.startswith(joined):
+        ends = cum
+    elif joined.startswith(b" ") and data.startswith(joined[1:]):
+        ends = np.maximum(cum - 1, 0)
+    else:  # the tokens do not spell the text (normalisation): match them to it
+        ends, _lost = byte_ends(spelled, data)
+    b = len(data) if whole or not len(ends) else _char_end(data, int(ends[-1]))
+    return data[:b].decode(), np.minimum(ends, b).astype(np.int32)
 
 
 def _char_start(data: bytes, i: int) -> int:

@@ -4,11 +4,13 @@ A teacher whose `teacher.json` names a `tokenization` was run on another tokeniz
 stored text (docs/CROSS_TOKENIZER.md). For each chunk the trainer reads its rows, aligns them
 with the student's by byte ends (`align_rows`: a student row takes the teacher row whose context
 ends at the same byte) and projects their top-k onto the student's vocabulary with the cached
-map (`project_topk`: mass mapping to no student token joins the tail). The result carries a
+map (`project_topk`: mass mapping to no student token joins the tail). Sampled targets are
+projected draw by draw (`project_samples`: draws mapping to no student token join the tail) and
+come out as top-k style rows of empirical frequencies. The result carries a
 `present` mask: an unaligned student row gets no KD from that teacher, and the objective
 renormalises the aggregation over the teachers present at each row (`aggregate/_presence.py`).
-With an identity alignment and vocabulary map the stored rows are passed through unchanged, so
-identical tokenizers give exactly the same-tokenizer targets.
+With an identity alignment and vocabulary map the stored rows (top-k or sampled counts) are passed
+through unchanged, so identical tokenizers give exactly the same-tokenizer targets.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mtkd_cache import CacheReader, ChunkData
-from mtkd_cache.align import align_rows, project_topk
+from mtkd_cache import CacheReader, ChunkData, SampledBlock
+from mtkd_cache.align import align_rows, project_samples, project_topk
 from mtkd_cache.format.meta import TeacherMeta
 from mtkd_cache.format.text import read_byte_ends
 from mtkd_cache.format.tokenization import TokenizationReader
 from mtkd_train.data._errors import TeacherMismatchError
 
-__all__ = ["AlignedTopk", "CrossTeacher", "check_alignment", "cross_teachers", "read_chunk_aligned", "student_meta"]
+__all__ = ["AlignedSampled", "AlignedTopk", "CrossTeacher", "check_alignment", "cross_teachers", "read_chunk_aligned", "student_meta"]
 
 DEFAULT_MIN_ALIGNMENT = 0.5
 """A teacher aligned at fewer than this share of the student's rows is refused before training."""
@@ -38,6 +40,14 @@ class AlignedTopk(NamedTuple):
     indices: np.ndarray
     logp: np.ndarray
     tail: np.ndarray
+    present: np.ndarray
+
+
+class AlignedSampled(NamedTuple):
+    """Sampled targets on the student's rows (identity vocabulary map only): like `SampledBlock`, plus `present`."""
+
+    indices: np.ndarray
+    counts: np.ndarray
     present: np.ndarray
 
 
@@ -60,9 +70,9 @@ def cross_teachers(reader: CacheReader, teachers: Sequence[str]) -> dict[str, Cr
         meta = reader.teacher(name).meta
         if meta.tokenization is None:
             continue
-        if meta.target.kind != "topk":
-            raise TeacherMismatchError(f"teacher {name!r} stores sampled targets on its own tokenization; only top-k "
-                                       f"targets can be mapped onto the student's vocabulary: re-run it with --top-k")
+        if meta.target.kind not in ("topk", "sample"):
+            raise TeacherMismatchError(f"teacher {name!r} stores {meta.target.kind!r} targets on its own tokenization; "
+                                       f"only top-k or sampled targets can be mapped onto the student's vocabulary")
         tok = TokenizationReader(reader, meta.tokenization)
         out[name] = CrossTeacher(tok, tok.vocab_map())
     return out
@@ -110,8 +120,13 @@ def _source_rows(student_ends: np.ndarray, data: ChunkData, teacher_ends: np.nda
     return src
 
 
-def aligned_targets(reader: CacheReader, data: ChunkData, name: str, cross: CrossTeacher) -> AlignedTopk:
-    """Teacher `name`'s top-k targets on the student rows of chunk `data.chunk`."""
+def aligned_targets(reader: CacheReader, data: ChunkData, name: str, cross: CrossTeacher
+                    ) -> AlignedTopk | AlignedSampled:
+    """Teacher `name`'s targets on the student rows of chunk `data.chunk`.
+
+    Top-k rows are projected with `project_topk`; sampled rows with `project_samples` (both give
+    `AlignedTopk`). An identity vocabulary map passes the stored rows through (sampled rows stay counts).
+    """
     tok = cross.tokenization
     used = int(data.offsets[-1] + data.lengths[-1]) if len(data.offsets) else 0
     t_off, t_len, p0 = tok.chunk_layout(data.chunk)
@@ -121,7 +136,13 @@ def aligned_targets(reader: CacheReader, data: ChunkData, name: str, cross: Cros
     block: Any = reader.teacher(name).read_targets(p0, p0 + t_used)
     present = src >= 0
     take = np.where(present, src, 0)
-    if cross.identity_vocab:
+    if isinstance(block, SampledBlock):
+        if cross.identity_vocab:
+            idx, counts = block.indices[take], block.counts[take]
+            idx[~present], counts[~present] = 0, 0  # the batch's padding row
+            return AlignedSampled(idx, counts, present)
+        idx, logp, tail = project_samples(block.indices[take], block.counts[take], cross.vocab_map)
+    elif cross.identity_vocab:
         idx, logp, tail = block.indices[take], block.logp[take], block.tail[take]
     else:
         idx, logp, tail = project_topk(block.indices[take], block.logp[take], block.tail[take], cross.vocab_map)

@@ -37,8 +37,8 @@ def choose(rows: Sequence[ScoreRow], data: HeldOut) -> dict[str, Any]:
 
 
 def score_cache(cache: str, teachers: Sequence[str], *, max_positions: int = 20_000,
-                operators: Sequence[str] | None = None,
-                storage_options: Mapping[str, Any] | None = None) -> tuple[list[ScoreRow], dict[str, Any]]:
+                operators: Sequence[str] | None = None, storage_options: Mapping[str, Any] | None = None,
+                heldout_info: dict[str, Any] | None = None) -> tuple[list[ScoreRow], dict[str, Any]]:
     """Score every operator over ``teachers`` of ``cache`` and choose one.
 
     Args:
@@ -48,12 +48,16 @@ def score_cache(cache: str, teachers: Sequence[str], *, max_positions: int = 20_
         max_positions: Held-out positions to read.
         operators: Restrict the candidates.
         storage_options: fsspec options for a remote cache.
+        heldout_info: If given, receives ``positions`` (scored) and ``aligned`` (their share of the
+            positions read; below 1 with cross-tokenizer teachers, which are scored where aligned).
 
     Returns:
         ``(ranked rows, chosen config keys)``.
     """
     reader = open_cache(cache, storage_options=storage_options)
     data = collect_heldout(reader, teachers, max_positions=max_positions)
+    if heldout_info is not None:
+        heldout_info.update(positions=data.num_positions, aligned=data.aligned)
     rows = rank_operators(data, operators=operators)
     return rows, choose(rows, data)
 
@@ -71,12 +75,13 @@ def choose_aggregate(reader: CacheReader, teachers: Sequence[str], out: Path | N
     rows = rank_operators(data)
     chosen = choose(rows, data)
     best = next(r for r in rows if r.auto)
-    log.info("aggregate=auto chose %s %s (held-out NLL %.4f over %d positions of %s; best single teacher %.4f)",
-             chosen["aggregate"], json.dumps(chosen["aggregate_kwargs"]), best.nll, data.num_positions, reader.url,
+    log.info("aggregate=auto chose %s %s (held-out NLL %.4f over %d positions of %s, %.1f%% of those read (the rest "
+             "unaligned with a cross-tokenizer teacher); best single teacher %.4f)", chosen["aggregate"],
+             json.dumps(chosen["aggregate_kwargs"]), best.nll, data.num_positions, reader.url, 100 * data.aligned,
              min(r.nll for r in rows if r.note.endswith(" alone")))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "auto_aggregate.json").write_text(json.dumps(
-            {"chosen": chosen, "positions": data.num_positions, "cache": reader.url,
+            {"chosen": chosen, "positions": data.num_positions, "aligned": data.aligned, "cache": reader.url,
              "ranked": [r.to_dict() for r in rows]}, indent=2, default=str))
     return chosen["aggregate"], chosen["aggregate_kwargs"]

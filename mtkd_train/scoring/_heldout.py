@@ -3,7 +3,9 @@
 A position of a token-grid cache is a row ``j`` of a sample whose next token ``j + 1`` exists;
 its label is that token (the causal convention of docs/FORMAT.md). A sample-grid cache gives one
 position per labelled sample. Targets are re-tempered from their capture temperature to 1, so
-the scores are of the teachers' real distributions.
+the scores are of the teachers' real distributions. A teacher on its own tokenization is aligned
+onto the student's rows and vocabulary (docs/CROSS_TOKENIZER.md): only the positions every such
+teacher is aligned with are scored, and `HeldOut.aligned` gives their share.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from mtkd_cache import CacheReader, SampledBlock
+from mtkd_cache import CacheReader
+from mtkd_train.data._align import cross_teachers, read_chunk_aligned, student_meta
 from mtkd_train.scoring._score import HeldOut
 from mtkd_train.targets import SparseTargets, from_samples, retemper
 
@@ -34,7 +37,7 @@ def _rows(data, grid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # noqa
 
 
 def _targets(block, rows: np.ndarray, capture_t: float, vocab: int) -> SparseTargets:  # noqa: ANN001
-    if isinstance(block, SampledBlock):
+    if hasattr(block, "counts"):  # sampled (also a cross-tokenizer teacher's with an identity map)
         t = from_samples(torch.from_numpy(block.indices[rows]).long(), torch.from_numpy(block.counts[rows]).long())
     else:
         t = SparseTargets(torch.from_numpy(block.indices[rows]).long(), torch.from_numpy(block.logp[rows]).float(),
@@ -59,7 +62,7 @@ def collect_heldout(reader: CacheReader, teachers: Sequence[str], *, max_positio
     Raises:
         ValueError: the teachers disagree on vocabulary or grid, or no labelled position exists.
     """
-    metas = [reader.teacher(t).meta for t in teachers]
+    metas = [student_meta(reader, reader.teacher(t).meta) for t in teachers]  # cross-tokenizer: after alignment
     vocabs, grids = {m.vocab_size for m in metas}, {m.grid for m in metas}
     if len(vocabs) != 1 or len(grids) != 1:
         raise ValueError(f"teachers {list(teachers)} must share one vocabulary and grid to be scored together; "
@@ -67,10 +70,15 @@ def collect_heldout(reader: CacheReader, teachers: Sequence[str], *, max_positio
     vocab, grid = vocabs.pop(), grids.pop()
     order = list(chunks) if chunks is not None else list(range(reader.num_chunks))[::-1]
     parts: list[list[SparseTargets]] = [[] for _ in teachers]
-    labels, domains, got = [], [], 0
+    labels, domains, got, seen = [], [], 0, 0
+    cross = cross_teachers(reader, teachers)
     for c in order:
-        data = reader.read_chunk(c, teachers=list(teachers))
+        data = read_chunk_aligned(reader, c, teachers, None, cross)
         rows, y, owner = _rows(data, grid)
+        seen += len(rows)
+        if cross:  # the positions every cross-tokenizer teacher is aligned with
+            keep = np.logical_and.reduce([data.targets[t].present[rows] for t in cross])  # type: ignore[union-attr]
+            rows, y, owner = rows[keep], y[keep], owner[keep]
         for i, (name, m) in enumerate(zip(teachers, metas)):
             parts[i].append(_targets(data.targets[name], rows, m.target.temperature, vocab))
         labels.append(torch.from_numpy(y))
@@ -81,11 +89,12 @@ def collect_heldout(reader: CacheReader, teachers: Sequence[str], *, max_positio
             break
     if got == 0:
         raise ValueError(f"cache {reader.url} has no labelled position to score teachers on "
-                         "(a token cache needs samples of 2+ tokens; a sample cache needs labels)")
+                         "(a token cache needs samples of 2+ tokens; a sample cache needs labels"
+                         + (f"; the cross-tokenizer teachers {sorted(cross)} share no aligned position)" if cross else ")"))
     cat = [_cat(p, max_positions) for p in parts]
     return HeldOut(tuple(cat), torch.cat(labels)[:max_positions], vocab,
                    torch.cat(domains)[:max_positions] if len(domains) == len(labels) else None,
-                   tuple(reader.inputs.domains or ()), tuple(teachers))
+                   tuple(reader.inputs.domains or ()), tuple(teachers), aligned=got / max(seen, 1))
 
 
 def _cat(parts: list[SparseTargets], limit: int) -> SparseTargets:

@@ -46,6 +46,8 @@ class HeldOut:
         domains: ``(P,)`` int64 domain codes, or ``None``.
         domain_names: Name of each domain code.
         teachers: Teacher names, in the order of ``targets``.
+        aligned: Share of the held-out positions read that are scored: below 1 when a teacher on
+            its own tokenization is not aligned with every student position (docs/CROSS_TOKENIZER.md).
     """
 
     targets: tuple[SparseTargets, ...]
@@ -54,6 +56,7 @@ class HeldOut:
     domains: torch.Tensor | None = None
     domain_names: tuple[str, ...] = ()
     teachers: tuple[str, ...] = ()
+    aligned: float = 1.0
 
     def __post_init__(self) -> None:
         p = self.labels.shape[0]
@@ -70,7 +73,8 @@ class HeldOut:
         """Rows ``[a, b)``."""
         return HeldOut(tuple(SparseTargets(t.indices[a:b], t.logp[a:b], t.tail[a:b]) for t in self.targets),
                        self.labels[a:b], self.vocab_size,
-                       None if self.domains is None else self.domains[a:b], self.domain_names, self.teachers)
+                       None if self.domains is None else self.domains[a:b], self.domain_names, self.teachers,
+                       self.aligned)
 
 
 @dataclass(frozen=True)

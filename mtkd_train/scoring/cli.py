@@ -35,9 +35,10 @@ def main(cache: str, teachers: str, max_positions: int, operators: str | None, o
     from mtkd_cache.errors import CacheIncompleteError, CacheMismatchError, CacheNotFoundError
 
     names = [t for t in teachers.split(",") if t]
+    info: dict[str, object] = {}
     try:
         rows, chosen = score_cache(cache, names, max_positions=max_positions,
-                                   operators=operators.split(",") if operators else None)
+                                   operators=operators.split(",") if operators else None, heldout_info=info)
     except (CacheIncompleteError, CacheMismatchError, CacheNotFoundError, ValueError, LookupError) as e:
         raise click.ClickException(f"{type(e).__name__}: {e}") from e
     if as_json:
@@ -50,6 +51,8 @@ def main(cache: str, teachers: str, max_positions: int, operators: str | None, o
             click.echo(f"{r.aggregate:<12} {r.nll:8.4f} {d['perplexity']:10.3f} {r.ece:7.4f} {r.accuracy:7.4f}  "
                        f"{r.note:<28} {json.dumps(dict(r.kwargs))}{mark}")
         click.echo(f"chosen: {json.dumps(chosen)}")
+        click.echo(f"scored {info['positions']} positions, {100 * float(info['aligned']):.1f}% of those read "  # type: ignore[arg-type]
+                   "(cross-tokenizer teachers are scored where they are aligned)")
     if out is not None:
         out.write_text(yaml.safe_dump({"cache": cache, "teachers": names, **chosen}, sort_keys=False))
         click.echo(f"wrote {out}")

@@ -43,18 +43,23 @@ def _lm_with(path: Path, tok: object, seed: int) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def cross(tmp_path_factory: pytest.TempPathFactory) -> CrossCache:
-    root = tmp_path_factory.mktemp("cross")
+def prepared_pair(root: Path, repeats: int) -> tuple[Path, Path, Path, Path]:
+    """`root/cache` prepared with the byte-level student tokenizer from `repeats` x 5 texts; returns
+    (data, student LM, teacher with the student's tokenizer, teacher with the SentencePiece one)."""
     tok_s, tok_t = byte_level_bpe(300), sentencepiece_bpe(500)
     data = root / "data.jsonl"
     with data.open("w") as f:
-        for i, text in enumerate(CORPUS[:5] * 3):
+        for i, text in enumerate(CORPUS[:5] * repeats):
             f.write(json.dumps({"text": f"{text} {i}"}) + "\n")
     student_dir = _lm_with(root / "student_lm", tok_s, seed=1)
     prepare(root / "cache", data, tokenizer=student_dir, max_length=12, chunk_samples=4, progress=False)
-    same = _lm_with(root / "same", tok_s, seed=2)
-    other = _lm_with(root / "other", tok_t, seed=3)
+    return data, student_dir, _lm_with(root / "same", tok_s, seed=2), _lm_with(root / "other", tok_t, seed=3)
+
+
+@pytest.fixture(scope="module")
+def cross(tmp_path_factory: pytest.TempPathFactory) -> CrossCache:
+    root = tmp_path_factory.mktemp("cross")
+    data, student_dir, same, other = prepared_pair(root, 3)
     run_teacher(root / "cache", RunConfig(teacher="same", model=str(same), top_k=6), progress=False)
     run_teacher(root / "cache", RunConfig(teacher="same_own", model=str(same), top_k=6), progress=False,
                 own_tokenization=True)
