@@ -43,6 +43,7 @@ wall time) and the plots of `plot_fmnist`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
@@ -184,8 +185,9 @@ def _teacher_weights(metrics: Path) -> list[float] | None:
     return np.mean(ws, axis=0).round(4).tolist() if ws else None
 
 
+@functools.cache
 def code_revision() -> str:
-    """The git commit the experiment runs from (``+dirty`` with uncommitted changes), for each record."""
+    """The git commit the process started from (``+dirty`` with uncommitted changes), for each record."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=False,
                               cwd=Path(__file__).parent).stdout.strip()
