@@ -16,7 +16,14 @@ Methods, per regime (generalists: 4 architectures on all classes; specialists: 4
   ~1.3 passes over them. A control showing how an under-trained baseline inflates KD gains.
 - ``single:<teacher>``: KD from one teacher; ``best_single`` is the one with the best mean val accuracy.
 - one run per operator over all 4 teachers: mean, loglinear, entropy, confidence, label_aware, gate,
-  routing, mtbkd (prior strength `MTBKD_PRIOR`). Operator options are the library defaults.
+  routing, mtbkd (prior strength `MTBKD_PRIOR`). Operator options are the library defaults. The gate is
+  trained on its own proper scoring rule (NLL of the true class on the labelled rows; `fmnist_auto.gate_stats`
+  reports its weights and entropy).
+- ``auto`` / ``auto_global``: the operator and options `mtkd_train.scoring` (``mtkd-score``, ``--aggregate
+  auto``) chooses on the val cache before training: ``auto`` with the seed's router domains on val (so
+  per-domain routing is a candidate), ``auto_global`` without domains. The experiment's eval cache is the
+  test split, so the choice is made on val explicitly (`fmnist_auto.choose_auto`), not by ``auto`` inside
+  the trainer, which would score on the eval cache.
 
 Every KD run: loss 0.9 forward-KL (T = 2, teachers tempered before mixing, exact top-10 targets,
 u8log values) + 0.1 CE on the labelled samples of the batch, AdamW lr 3e-3, batch 128, `--steps` steps
@@ -33,11 +40,13 @@ Caches (under OUT/caches): ``test`` and ``val`` with all 8 teachers (once); per 
 (1,000 images; teacher ``mlp`` only, which alpha = 0 never uses) and ``transfer_s<seed>`` with all 8
 teachers. The labelled subset and the domains are part of a cache's inputs (labels enter the content
 fingerprint), so each seed needs its own transfer cache and the teachers run on it once per seed.
-Student runs only read caches; none loads a teacher. A finished run leaves OUT/runs/.../result.json and
-is skipped when the command is repeated.
+Student runs only read caches; none loads a teacher. A finished run leaves OUT/runs/s<seed>/<regime>/<method>/
+result.json and is skipped when the command is repeated (resumable per regime, method and seed);
+``--methods`` trains only some methods now. The results JSON always covers every finished run.
 
-Output: ``benchmarks/results/fmnist_results.json`` (every run, summaries, teachers, router accuracy,
-wall time) and the plots of `plot_fmnist`.
+Output: ``benchmarks/results/fmnist_results.json`` (every run with the git revision it ran from, summaries,
+teachers, router accuracy, the ``scoring`` section: auto tables, gate statistics, each target's val NLL and
+its Spearman correlation with the students; wall time) and the plots of `plot_fmnist`.
 """
 
 from __future__ import annotations
