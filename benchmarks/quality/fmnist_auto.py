@@ -26,10 +26,13 @@ from scipy import stats
 
 from mtkd_cache import open_cache
 from mtkd_train.scoring import HeldOut, choose, collect_heldout, rank_operators, score_operator
+from mtkd_train.targets import SparseTargets
 
-__all__ = ["choose_auto", "gate_stats", "heldout", "spearman", "target_scores"]
+__all__ = ["choose_auto", "floor_as_zero", "gate_stats", "heldout", "spearman", "target_scores"]
 
 NUM_CLASSES = 10
+#: the lowest finite u8log value (code 254 at step 1/16); code 255 is an exact zero
+U8LOG_FLOOR = -254 / 16
 
 
 def heldout(val_cache: Path, teachers: Sequence[str], classes: np.ndarray | None = None) -> HeldOut:
@@ -42,6 +45,18 @@ def heldout(val_cache: Path, teachers: Sequence[str], classes: np.ndarray | None
         raise ValueError(f"{len(classes)} router classes for {data.num_positions} labelled images of {val_cache}")
     codes = torch.from_numpy(np.asarray(classes).astype(np.int64))
     return dataclasses.replace(data, domains=codes, domain_names=tuple(f"class{c}" for c in range(NUM_CLASSES)))
+
+
+def floor_as_zero(data: HeldOut, floor: float = U8LOG_FLOOR) -> HeldOut:
+    """`data` with every stored value at the u8log floor read as an exact zero (log p = -inf).
+
+    A teacher's finite log p below the floor (a specialist's unseen class, logit -1e4) is stored at
+    the floor, not as the exact zero code: this is the target the exact-zero code would give.
+    """
+    def zero(t: SparseTargets) -> SparseTargets:
+        return SparseTargets(t.indices, t.logp.masked_fill(t.logp <= floor, -math.inf), t.tail)
+
+    return dataclasses.replace(data, targets=tuple(zero(t) for t in data.targets))
 
 
 def choose_auto(data: HeldOut, out: Path) -> dict[str, Any]:
@@ -134,8 +149,10 @@ def scoring_report(out: Path, val_cache: Path, seeds: Sequence[int], records: Se
         points = {m: {"target_nll": float(np.mean(v)), "test_acc": summary[regime][m]["test_acc"]["mean"],
                       "test_nll": summary[regime][m]["test_nll"]["mean"]} for m, v in nll.items()}
         ops = {m: p for m, p in points.items() if not m.startswith("single:")}
+        zero = floor_as_zero(heldout(val_cache, names))
         report[regime] = {
             "target_scores": scores, "points": points,
+            "floor_as_exact_zero": target_scores(zero, {"loglinear": ("loglinear", {}), "mean": ("mean", {})}),
             "spearman_operators": spearman(ops, "target_nll", ("test_acc", "test_nll")),
             "spearman_operators_without_label_aware": spearman(
                 {m: p for m, p in ops.items() if m != "label_aware"}, "target_nll", ("test_acc", "test_nll")),

@@ -11,14 +11,18 @@ import pytest
 import torch
 
 from benchmarks.quality.fmnist_auto import (
+    U8LOG_FLOOR,
     _configs,
     choose_auto,
+    floor_as_zero,
     gate_stats,
     heldout,
     spearman,
     target_scores,
 )
 from mtkd_cache import RunConfig, open_cache, prepare_arrays, run_teacher
+from mtkd_train.scoring import HeldOut
+from mtkd_train.targets import SparseTargets
 from tests.mtkd_train.scoring import _oracle
 
 
@@ -62,6 +66,19 @@ def test_target_scores_rank_single_teachers_and_skip_the_gate(cache: Path) -> No
     assert "gate" not in configs and configs["single:exact"] == ("mean", {"weights": [0.0, 1.0]})
     scores = target_scores(heldout(cache, ["far", "exact"]), configs)
     assert scores["single:exact"]["nll"] < scores["mean"]["nll"] < scores["single:far"]["nll"]
+
+
+def test_floor_as_zero_makes_loglinear_fall_back_to_the_mean() -> None:
+    # two "specialists" over 4 classes, each with the other's classes at the u8log floor
+    idx = torch.arange(4).repeat(6, 1)
+    own = torch.tensor([-0.7, -0.7, U8LOG_FLOOR, U8LOG_FLOOR])
+    a = SparseTargets(idx, own.repeat(6, 1), torch.zeros(6))
+    b = SparseTargets(idx, own.flip(0).repeat(6, 1), torch.zeros(6))
+    data = HeldOut((a, b), torch.tensor([0, 1, 2, 3, 0, 2]), 4, teachers=("a", "b"))
+    stored = target_scores(data, {"loglinear": ("loglinear", {}), "mean": ("mean", {})})
+    zero = target_scores(floor_as_zero(data), {"loglinear": ("loglinear", {}), "mean": ("mean", {})})
+    assert stored["loglinear"]["nll"] != pytest.approx(stored["mean"]["nll"], abs=1e-3)
+    assert zero["loglinear"]["nll"] == pytest.approx(zero["mean"]["nll"], abs=1e-5)
 
 
 def test_gate_stats_reads_share_and_entropy(tmp_path: Path) -> None:
