@@ -16,7 +16,14 @@ Methods, per regime (generalists: 4 architectures on all classes; specialists: 4
   ~1.3 passes over them. A control showing how an under-trained baseline inflates KD gains.
 - ``single:<teacher>``: KD from one teacher; ``best_single`` is the one with the best mean val accuracy.
 - one run per operator over all 4 teachers: mean, loglinear, entropy, confidence, label_aware, gate,
-  routing, mtbkd (prior strength `MTBKD_PRIOR`). Operator options are the library defaults.
+  routing, mtbkd (prior strength `MTBKD_PRIOR`). Operator options are the library defaults. The gate is
+  trained on its own proper scoring rule (NLL of the true class on the labelled rows; `fmnist_auto.gate_stats`
+  reports its weights and entropy).
+- ``auto`` / ``auto_global``: the operator and options `mtkd_train.scoring` (``mtkd-score``, ``--aggregate
+  auto``) chooses on the val cache before training: ``auto`` with the seed's router domains on val (so
+  per-domain routing is a candidate), ``auto_global`` without domains. The experiment's eval cache is the
+  test split, so the choice is made on val explicitly (`fmnist_auto.choose_auto`), not by ``auto`` inside
+  the trainer, which would score on the eval cache.
 
 Every KD run: loss 0.9 forward-KL (T = 2, teachers tempered before mixing, exact top-10 targets,
 u8log values) + 0.1 CE on the labelled samples of the batch, AdamW lr 3e-3, batch 128, `--steps` steps
@@ -33,19 +40,23 @@ Caches (under OUT/caches): ``test`` and ``val`` with all 8 teachers (once); per 
 (1,000 images; teacher ``mlp`` only, which alpha = 0 never uses) and ``transfer_s<seed>`` with all 8
 teachers. The labelled subset and the domains are part of a cache's inputs (labels enter the content
 fingerprint), so each seed needs its own transfer cache and the teachers run on it once per seed.
-Student runs only read caches; none loads a teacher. A finished run leaves OUT/runs/.../result.json and
-is skipped when the command is repeated.
+Student runs only read caches; none loads a teacher. A finished run leaves OUT/runs/s<seed>/<regime>/<method>/
+result.json and is skipped when the command is repeated (resumable per regime, method and seed);
+``--methods`` trains only some methods now. The results JSON always covers every finished run.
 
-Output: ``benchmarks/results/fmnist_results.json`` (every run, summaries, teachers, router accuracy,
-wall time) and the plots of `plot_fmnist`.
+Output: ``benchmarks/results/fmnist_results.json`` (every run with the git revision it ran from, summaries,
+teachers, router accuracy, the ``scoring`` section: auto tables, gate statistics, each target's val NLL and
+its Spearman correlation with the students; wall time) and the plots of `plot_fmnist`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import statistics
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -55,6 +66,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.quality.fmnist_auto import choose_auto, gate_stats, heldout, scoring_report
 from examples.fmnist.data import fmnist_split, load_fmnist, pixel_values, transfer_split
 from examples.fmnist.models import read_teacher_config
 from examples.fmnist.train_teachers import REPORT_FILE, train_teachers
@@ -70,6 +82,9 @@ TEACHERS = {
     "specialists": ("spec_0123", "spec_3456", "spec_6789", "spec_even"),
 }
 OPERATORS = ("mean", "loglinear", "entropy", "confidence", "label_aware", "gate", "routing", "mtbkd")
+#: chosen from the cache before training: `auto` scores on val with the router's domains (so per-domain
+#: routing is a candidate), `auto_global` without domains (what `mtkd-score` on the val cache chooses)
+AUTO = ("auto", "auto_global")
 MTBKD_PRIOR = 0.1
 MC_SAMPLES = 8
 NUM_CLASSES = 10
@@ -179,6 +194,17 @@ def _teacher_weights(metrics: Path) -> list[float] | None:
     return np.mean(ws, axis=0).round(4).tolist() if ws else None
 
 
+@functools.cache
+def code_revision() -> str:
+    """The git commit the process started from (``+dirty`` with uncommitted changes), for each record."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False,
+                              cwd=Path(__file__).parent).stdout.strip()
+
+    rev = git("rev-parse", "--short", "HEAD") or "unknown"
+    return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def train_student(run: Run, out: Path, test_cache: Path, val_cache: Path,
                   recipe: StudentRecipe) -> tuple[dict[str, Any], torch.nn.Module]:
     """Train one student from `run.cache`, evaluate on val and test; return its record and module."""
@@ -203,20 +229,23 @@ def train_student(run: Run, out: Path, test_cache: Path, val_cache: Path,
         "test_mc_acc": test["mc"]["accuracy"], "test_mc_ece": test["mc"]["ece"], "test_mc_nll": test["mc"]["nll"],
         "test_mc_mutual_information": test["mc"]["mutual_information"],
         "val_acc": val["accuracy"], "val_ece": val["ece"], "final_loss": losses[-1],
+        "aggregate_kwargs": dict(run.aggregate_kwargs) if run.alpha > 0 else None,
         "teacher_weights": _teacher_weights(out / "metrics.jsonl") if run.alpha > 0 else None,
+        "gate": gate_stats(out / "metrics.jsonl", len(run.teachers)) if run.aggregate == "gate" and run.alpha > 0
+        else None,
+        "code": code_revision(),
         "train_seconds": round(train_seconds, 2), "seconds": round(time.perf_counter() - start, 2),
     }
     (out / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     return record, distill.student.module
 
 
-def _router_domains(student: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Class per transfer image: its label where it has one, else the no-KD student's argmax (N,)."""
+def _predict(student: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    """The student's argmax class per image (N,)."""
     student.eval()
     with torch.no_grad():
-        pred = torch.cat([student(pixel_values(images[i : i + 4096])).logits.argmax(-1)
+        return torch.cat([student(pixel_values(images[i : i + 4096])).logits.argmax(-1)
                           for i in range(0, len(images), 4096)]).numpy()
-    return np.where(labels >= 0, labels, pred)
 
 
 @dataclass(frozen=True)
@@ -230,32 +259,56 @@ class _Data:
     val: np.ndarray
 
 
-def _seed_runs(seed: int, data: _Data, out: Path, dirs: Mapping[str, Path], test_cache: Path,
-               val_cache: Path, recipe: StudentRecipe, n_labelled: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every run of one seed (no-KD first: its student is the router of the transfer cache)."""
+def _router(seed_dir: Path, no_kd: Run, data: _Data, caches: tuple[Path, Path], recipe: StudentRecipe,
+            transfer: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The no-KD run, then its predicted class per transfer image (labelled ones keep their label) and per
+    val image; trained once, then read back from ``router_domains.npy`` / ``router_val.npy``."""
+    files = seed_dir / "router_domains.npy", seed_dir / "router_val.npy", seed_dir / "no_kd" / "result.json"
+    if not all(f.is_file() for f in files):
+        _, student = train_student(no_kd, seed_dir / "no_kd", *caches, recipe)
+        indices, labels = transfer
+        np.save(files[0], np.where(labels >= 0, labels, _predict(student, data.x[indices])))
+        np.save(files[1], _predict(student, data.x[data.val]))
+    return np.load(files[0]), np.load(files[1])
+
+
+def _auto_runs(regime: str, seed: int, transfer: Path, val_cache: Path, val_classes: np.ndarray,
+               seed_dir: Path, recipe: StudentRecipe, only: frozenset[str] | None) -> list[Run]:
+    """The `auto` and `auto_global` runs, their operator chosen on val (the choice is written once)."""
+    runs = []
+    for method in AUTO:
+        if only is not None and method not in only:
+            continue
+        choice = seed_dir / regime / f"{method}_choice.json"
+        if not choice.is_file():
+            classes = val_classes if method == "auto" else None
+            choose_auto(heldout(val_cache, TEACHERS[regime], classes), choice)
+        chosen = json.loads(choice.read_text())["chosen"]
+        runs.append(Run(regime, method, seed, transfer, TEACHERS[regime], recipe.alpha, chosen["aggregate"],
+                        chosen["aggregate_kwargs"]))
+    return runs
+
+
+def _selected(method: str, only: frozenset[str] | None) -> bool:
+    return only is None or method in only or (method.startswith("single:") and "single" in only)
+
+
+def _seed_runs(seed: int, data: _Data, out: Path, dirs: Mapping[str, Path], caches: tuple[Path, Path],
+               recipe: StudentRecipe, n_labelled: int, only: frozenset[str] | None) -> dict[str, Any]:
+    """The runs of one seed that `only` selects (no-KD always: its student routes the transfer cache)."""
     split = transfer_split(seed, n_labelled, data.y)
     start = time.perf_counter()
     seed_dir = out / "runs" / f"s{seed}"
     labelled = _cache(out / "caches" / f"labelled_s{seed}", data.x[split.labelled], data.y[split.labelled],
                       {"mlp": dirs["mlp"]})
-    records: list[dict[str, Any]] = []
-    no_kd = Run("shared", "no_kd", seed, labelled, ("mlp",), alpha=0.0)
-    router_file = seed_dir / "router_domains.npy"
-    result = seed_dir / "no_kd" / "result.json"
-    if result.is_file() and router_file.is_file():
-        records.append(json.loads(result.read_text()))
-        classes = np.load(router_file)
-    else:
-        rec, student = train_student(no_kd, seed_dir / "no_kd", test_cache, val_cache, recipe)
-        records.append(rec)
-        labels = np.where(np.isin(split.indices, split.labelled), data.y[split.indices], -1)
-        classes = _router_domains(student, data.x[split.indices], labels)
-        np.save(router_file, classes)
     labels = np.where(np.isin(split.indices, split.labelled), data.y[split.indices], -1)
+    no_kd = Run("shared", "no_kd", seed, labelled, ("mlp",), alpha=0.0)
+    classes, val_classes = _router(seed_dir, no_kd, data, caches, recipe, (split.indices, labels))
     domains = [f"class{c}" for c in classes]
     transfer = _cache(out / "caches" / f"transfer_s{seed}", data.x[split.indices], labels, dirs, domains)
     hits = (classes == data.y[split.indices])[labels < 0]  # for the report only; never trained on
     router: dict[str, Any] = {"seed": seed, "unlabelled_accuracy": float(hits.mean()),
+                              "val_accuracy": float((val_classes == data.y[data.val]).mean()),
                               "caches_and_no_kd_seconds": round(time.perf_counter() - start, 1)}
     runs = [Run("shared", "no_kd_transfer", seed, transfer, ("mlp",), alpha=0.0)]
     for regime, names in TEACHERS.items():
@@ -263,21 +316,26 @@ def _seed_runs(seed: int, data: _Data, out: Path, dirs: Mapping[str, Path], test
         for op in OPERATORS:
             kwargs: dict[str, Any] = {}
             if op == "routing":
-                kwargs = routing_options(regime, dirs, val_cache, domains)
+                kwargs = routing_options(regime, dirs, caches[1], domains)
                 router[f"{regime}_routes"] = kwargs
             elif op == "mtbkd":
                 kwargs = {"prior_strength": MTBKD_PRIOR}
             runs.append(Run(regime, op, seed, transfer, names, recipe.alpha, op, kwargs))
+        runs += _auto_runs(regime, seed, transfer, caches[1], val_classes, seed_dir, recipe, only)
     for run in runs:
         run_dir = seed_dir / run.regime / run.method.replace(":", "_")
-        if (run_dir / "result.json").is_file():
-            records.append(json.loads((run_dir / "result.json").read_text()))
+        if not _selected(run.method, only) or (run_dir / "result.json").is_file():
             continue
-        rec, _ = train_student(run, run_dir, test_cache, val_cache, recipe)
-        records.append(rec)
+        rec, _ = train_student(run, run_dir, *caches, recipe)
         print(f"seed {seed} {run.regime:<11} {run.method:<18} test acc {rec['test_acc']:.4f} "
               f"ECE {rec['test_ece']:.4f} val {rec['val_acc']:.4f} ({rec['seconds']:.0f}s)", flush=True)
-    return records, router
+    return router
+
+
+def read_records(out: Path, seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """Every finished run of these seeds under ``OUT/runs`` (this invocation's and earlier ones)."""
+    return [json.loads(f.read_text()) for seed in seeds
+            for f in sorted((out / "runs" / f"s{seed}").rglob("result.json"))]
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
@@ -295,17 +353,22 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             group = [r for r in rows if r["method"] == method]
             entry: dict[str, Any] = {k: _stats([r[k] for r in group]) for k in keys}
             entry["seeds"] = sorted(r["seed"] for r in group)
+            entry["code"] = sorted({r.get("code", "published") for r in group})
             table[method] = entry
         singles = [m for m in table if m.startswith("single:")]
-        best = max(singles, key=lambda m: table[m]["val_acc"]["mean"])
-        table["best_single"] = {**table[best], "teacher": best.removeprefix("single:")}
+        if singles:
+            best = max(singles, key=lambda m: table[m]["val_acc"]["mean"])
+            table["best_single"] = {**table[best], "teacher": best.removeprefix("single:")}
         out[regime] = table
     return out
 
 
 def run_experiment(out: Path, seeds: Sequence[int], teachers_root: Path, results: Path,
-                   recipe: StudentRecipe, n_labelled: int = 1000) -> dict[str, Any]:
-    """Build the caches, train every student, write the results JSON and plots; return the report."""
+                   recipe: StudentRecipe, n_labelled: int = 1000, only: Sequence[str] | None = None
+                   ) -> dict[str, Any]:
+    """Build the caches, train the students `only` selects (default: all) that have no result yet, then
+    write the results JSON and plots of every finished run; return the report."""
+    select = frozenset(only) if only else None
     start = time.perf_counter()
     dirs = _teacher_dirs(teachers_root)
     x, y = load_fmnist("train")
@@ -314,11 +377,10 @@ def run_experiment(out: Path, seeds: Sequence[int], teachers_root: Path, results
     test_cache = _cache(out / "caches" / "test", x_test, y_test, dirs)
     val_cache = _cache(out / "caches" / "val", x[data.val], y[data.val], dirs)
     precompute = time.perf_counter() - start
-    records, routers = [], []
-    for seed in seeds:
-        recs, router = _seed_runs(seed, data, out, dirs, test_cache, val_cache, recipe, n_labelled)
-        records += recs
-        routers.append(router)
+    routers = [_seed_runs(seed, data, out, dirs, (test_cache, val_cache), recipe, n_labelled, select)
+               for seed in seeds]
+    records = read_records(out, seeds)
+    summary = summarise(records)
     report = {
         "command": "python -m benchmarks.quality.fmnist_experiment --out "
                    f"{out} --seeds {' '.join(map(str, seeds))}",
@@ -329,7 +391,8 @@ def run_experiment(out: Path, seeds: Sequence[int], teachers_root: Path, results
         "teachers_test": evaluate_teachers(open_cache(test_cache), list(dirs)),
         "teachers_val": evaluate_teachers(open_cache(val_cache), list(dirs)),
         "router": routers,
-        "summary": summarise(records),
+        "summary": summary,
+        "scoring": scoring_report(out, val_cache, seeds, records, summary, TEACHERS),
         "runs": records,
         "seconds": {"first_caches": round(precompute, 1), "total": round(time.perf_counter() - start, 1),
                     "student_runs": round(sum(r["seconds"] for r in records), 1)},
@@ -355,11 +418,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="where fmnist_results.json and the plots go")
     ap.add_argument("--steps", type=int, default=StudentRecipe.steps, help="optimizer steps per student")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="train only these methods now (no_kd always runs first: it is the router): no_kd_transfer, "
+                         f"single (every single teacher), {', '.join(OPERATORS + AUTO)}; the results JSON and "
+                         "plots cover every finished run")
     args = ap.parse_args(argv)
+    known = {"no_kd", "no_kd_transfer", "single", *OPERATORS, *AUTO}
+    if args.methods and not set(args.methods) <= known:
+        ap.error(f"--methods {sorted(set(args.methods) - known)} unknown; choose from {sorted(known)}")
     if args.steps < 1 or not args.seeds:
         ap.error("--steps must be >= 1 and --seeds non-empty")
     torch.set_num_threads(args.threads)
-    run_experiment(args.out, args.seeds, args.teachers_root, args.results, StudentRecipe(steps=args.steps))
+    run_experiment(args.out, args.seeds, args.teachers_root, args.results, StudentRecipe(steps=args.steps),
+                   only=args.methods)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-__all__ = ["method_order", "plot_results", "print_tables", "table_markdown"]
+__all__ = ["auto_markdown", "gate_markdown", "method_order", "plot_results", "plot_scoring", "print_tables",
+           "scoring_markdown", "table_markdown"]
 
 _COLOURS = {"baseline": "#9e9e9e", "single": "#90caf9", "best": "#1565c0", "operator": "#ef6c00"}
 
@@ -30,7 +32,7 @@ def method_order(summary: Mapping[str, Any]) -> list[str]:
     operators = [m for m in summary if m not in ("no_kd", "no_kd_transfer", "best_single")
                  and not m.startswith("single:")]
     singles = [m for m in summary if m.startswith("single:")]
-    return ["no_kd", "no_kd_transfer", "best_single", *operators, *singles]
+    return [m for m in ("no_kd", "no_kd_transfer", "best_single") if m in summary] + operators + singles
 
 
 def _label(method: str, summary: Mapping[str, Any]) -> str:
@@ -72,6 +74,8 @@ def plot_results(results_json: Path, out_dir: Path) -> list[Path]:
                 vals = [r[key] for r in _runs_of(report, regime, m)]
                 ax.scatter([i] * len(vals), vals, s=8, color="black", zorder=3)
             for ref, style in (("no_kd", "--"), ("best_single", ":")):
+                if ref not in summary:
+                    continue
                 ax.axhline(summary[ref][key]["mean"], color="black", linestyle=style, linewidth=0.8,
                            label=f"{_label(ref, summary).replace(chr(10), ' ')} mean")
             ax.set_ylabel(name)
@@ -89,7 +93,36 @@ def plot_results(results_json: Path, out_dir: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
+    if report.get("scoring"):
+        paths.append(plot_scoring(report, Path(out_dir)))
     return paths
+
+
+def plot_scoring(report: Mapping[str, Any], out_dir: Path) -> Path:
+    """``fmnist_scoring.png``: per regime, each target's held-out (val) NLL against the student's test accuracy."""
+    regimes = list(report["scoring"])
+    fig, axes = plt.subplots(1, len(regimes), figsize=(6 * len(regimes), 4.8))
+    for ax, regime in zip(np.atleast_1d(axes), regimes):
+        sc = report["scoring"][regime]
+        for m, p in sc["points"].items():
+            single = m.startswith("single:")
+            ax.scatter(p["target_nll"], 100 * p["test_acc"], color=_colour(m), edgecolor="black", s=30, zorder=3)
+            ax.annotate(m.replace("single:", "only "), (p["target_nll"], 100 * p["test_acc"]), fontsize=7,
+                        xytext=(3, 3 if not single else -8), textcoords="offset points")
+        rho = sc["spearman_operators"]
+        acc = rho.get("test_acc", {})
+        ax.set_title(f"{regime}: operators n = {rho['n']}, Spearman rho(target NLL, acc) = {acc.get('rho')} "
+                     f"(p = {acc.get('p')})", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("target NLL of the true class on val (T = 1, log scale)")
+        ax.set_ylabel("student test accuracy %")
+    fig.suptitle("Does scoring the target on held-out labels predict the student? (mean over seeds; gate excluded)",
+                 fontsize=10)
+    fig.tight_layout()
+    path = out_dir / "fmnist_scoring.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _pm(stat: Mapping[str, float], scale: float = 100.0, digits: int = 2) -> str:
@@ -99,20 +132,64 @@ def _pm(stat: Mapping[str, float], scale: float = 100.0, digits: int = 2) -> str
 def table_markdown(report: Mapping[str, Any], regime: str) -> str:
     """Markdown table of one regime: accuracy and ECE (in %), MC-dropout ECE/NLL and val accuracy."""
     summary = report["summary"][regime]
-    lines = ["| method | test acc % | test ECE % | test NLL | MC-dropout ECE % | MC-dropout NLL | val acc % |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | test acc % | test ECE % | test NLL | MC-dropout ECE % | MC-dropout NLL | val acc % | code |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in method_order(summary):
         s = summary[m]
         name = f"best single ({s['teacher']})" if m == "best_single" else m
         lines.append(f"| {name} | {_pm(s['test_acc'])} | {_pm(s['test_ece'])} | {_pm(s['test_nll'], 1, 3)} | "
-                     f"{_pm(s['test_mc_ece'])} | {_pm(s['test_mc_nll'], 1, 3)} | {_pm(s['val_acc'])} |")
+                     f"{_pm(s['test_mc_ece'])} | {_pm(s['test_mc_nll'], 1, 3)} | {_pm(s['val_acc'])} | "
+                     f"{', '.join(s.get('code', ['published']))} |")
+    return "\n".join(lines)
+
+
+def scoring_markdown(report: Mapping[str, Any], regime: str) -> str:
+    """Each scored target's val NLL (mean over seeds) beside the student's test accuracy and NLL, then the
+    Spearman correlations."""
+    sc = report["scoring"][regime]
+    lines = ["| method | target NLL on val | student test acc % | student test NLL |", "| --- | --- | --- | --- |"]
+    for m, p in sorted(sc["points"].items(), key=lambda kv: kv[1]["target_nll"]):
+        lines.append(f"| {m} | {p['target_nll']:.4f} | {100 * p['test_acc']:.2f} | {p['test_nll']:.4f} |")
+    lines.append("")
+    for key in ("spearman_operators", "spearman_operators_without_label_aware", "spearman_with_single_teachers"):
+        r = sc[key]
+        lines.append(f"- {key.removeprefix('spearman_').replace('_', ' ')} (n = {r['n']}): rho with test accuracy "
+                     f"{r['test_acc']['rho']} (p = {r['test_acc']['p']}), with test NLL {r['test_nll']['rho']} "
+                     f"(p = {r['test_nll']['p']})")
+    return "\n".join(lines)
+
+
+def auto_markdown(report: Mapping[str, Any], regime: str, top: int = 6) -> str:
+    """What each auto run chose, and the first rows of its ranked table."""
+    lines = []
+    for key, rec in report["scoring"][regime]["auto"].items():
+        ch = rec["chosen"]
+        lines += [f"\n{key} (domains: {rec['domains']}, {rec['positions']} val images): chose "
+                  f"`{ch['aggregate']}` {json.dumps(ch['aggregate_kwargs'])}\n",
+                  "| operator | note | NLL | ECE % | acc % | auto |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in rec["ranked"][:top]:
+            lines.append(f"| {r['aggregate']} | {r['note']} | {r['nll']:.4f} | {100 * r['ece']:.2f} | "
+                         f"{100 * r['accuracy']:.2f} | {r['auto']} |")
+    return "\n".join(lines)
+
+
+def gate_markdown(report: Mapping[str, Any], regime: str) -> str:
+    """The learned gate per seed: share of each teacher and weight entropy, over the run and its last quarter."""
+    lines = ["| seed | share (all steps) | share (last quarter) | per-sample entropy all / last (max) | "
+             "entropy of mean share, last |", "| --- | --- | --- | --- | --- |"]
+    for g in report["scoring"][regime]["gate"]:
+        lines.append(f"| {g['seed']} | {g['all']['share']} | {g['late']['share']} | {g['all']['entropy']} / "
+                     f"{g['late']['entropy']} ({g['max_entropy']}) | {g['late']['entropy_of_share']} |")
     return "\n".join(lines)
 
 
 def print_tables(report: Mapping[str, Any]) -> None:
-    """Print every regime's table and the wall time."""
+    """Print every regime's tables and the wall time."""
     for regime in report["summary"]:
         print(f"\n### {regime}\n\n{table_markdown(report, regime)}")
+        if report.get("scoring"):
+            print(f"\n{scoring_markdown(report, regime)}\n\n{gate_markdown(report, regime)}")
+            print(auto_markdown(report, regime))
     print(f"\nseconds: {report['seconds']}")
 
 
