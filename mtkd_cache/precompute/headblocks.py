@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import torch
@@ -114,28 +114,30 @@ def _block_results(split: HeadSplit, flat: torch.Tensor, mask: torch.Tensor | No
     """(rows, logits, bad rows, outputs) per block, in order.
 
     Without `pool`: the head and `reduce` per row block on this thread. With `pool`: the head on this
-    thread (its intra-op threads) for a group of blocks of about :data:`GROUP_ELEMENTS` logits, then
-    the group's blocks reduced on the single-threaded workers at once; the logits are not returned
-    (None) and the group's buffer is the peak logits memory.
+    thread (its intra-op threads) for a group of blocks of about :data:`GROUP_ELEMENTS` logits, whose
+    blocks the single-threaded workers then reduce while this thread runs the next group's head;
+    the logits are not returned (None), and two groups' logits are the peak logits memory.
     """
     if pool is None:
         for rows in blocks:
             logits = split.logits(flat[rows]).unsqueeze(1)  # (n, 1, V_padded): one block of logits
             yield (rows, logits, *reduce(logits, None if mask is None else mask[rows].to(logits.device)))
         return
+    def one(rows: slice, logits: torch.Tensor, first: int) -> tuple[list[int], list[torch.Tensor]]:
+        part = logits[rows.start - first: rows.stop - first]
+        return reduce(part, None if mask is None else mask[rows].to(part.device))
+
     per_block = max(1, blocks[0].stop - blocks[0].start) if blocks else 1
     per_group = max(1, GROUP_ELEMENTS // max(1, per_block * vocab))  # blocks per head call
+    pending: list[tuple[slice, Future[tuple[list[int], list[torch.Tensor]]]]] = []
     for g in range(0, len(blocks), per_group):
         group = blocks[g: g + per_group]
-        first = group[0].start
-        logits = split.logits(flat[first: group[-1].stop]).unsqueeze(1)  # (rows, 1, V_padded)
-
-        def one(rows: slice, logits: torch.Tensor = logits, first: int = first) -> tuple[list[int], list[torch.Tensor]]:
-            part = logits[rows.start - first: rows.stop - first]
-            return reduce(part, None if mask is None else mask[rows].to(part.device))
-
-        for rows, (bad_rows, reduced) in zip(group, pool.map(one, group)):
-            yield rows, None, bad_rows, reduced
+        logits = split.logits(flat[group[0].start: group[-1].stop]).unsqueeze(1)  # (rows, 1, V_padded)
+        submitted = [(rows, pool.submit(one, rows, logits, group[0].start)) for rows in group]
+        # the previous group was reduced while this group's head ran: two groups' logits at most
+        yield from ((rows, None, *f.result()) for rows, f in pending)
+        pending = submitted
+    yield from ((rows, None, *f.result()) for rows, f in pending)
 
 
 def reduce_by_head_blocks(
