@@ -124,3 +124,17 @@ def test_domains_of_the_wrong_shape_are_refused_with_the_shape(domains: torch.Te
     got = None if domains is None else tuple(domains.shape)
     assert str(err.value) == (f"'routing' needs ctx.domains of shape (4,), got {got}; pass the domain code "
                               "of every position in AggregationContext")
+
+
+@pytest.mark.parametrize("key", ["X1", "-X1", "1X"])
+def test_only_optionally_signed_digit_strings_are_codes(key: str) -> None:
+    with pytest.raises(AggregationConfigError) as err:
+        _resolve({"domain_weights": {key: [1, 1, 1], "web": [1, 0, 0], "code": [1, 0, 0], "math": [1, 0, 0]}})
+    assert str(err.value) == f"routing: domain {key!r} is not known; the domains are ['web', 'code', 'math']"
+
+
+def test_a_cache_without_domains_is_refused_with_the_fix() -> None:
+    with pytest.raises(AggregationConfigError) as err:
+        _resolve({"domain_weights": {0: [1, 1, 1]}}, domains=())
+    assert str(err.value) == ("routing needs a cache with domains, and this one has none; prepare it "
+                              "with a domain column (mtkd-cache prepare --domain-column)")
