@@ -76,7 +76,7 @@ def test_teacher_index_bounds_and_message() -> None:
     assert agg.routes == ((0, (1.0, 0.0, 0.0)), (1, (0.0, 0.0, 1.0)))
     for bad in (3, -1, "1", 1.0):
         with pytest.raises(AggregationConfigError) as err:
-            RoutingAggregator(3, domain_to_teacher={4: bad})
+            RoutingAggregator(3, domain_to_teacher={4: bad})  # type: ignore[dict-item]
         assert str(err.value) == f"domain_to_teacher[4]={bad!r} must be a teacher index in [0, 3)"
 
 
@@ -93,7 +93,7 @@ def test_config_error_texts_are_exact() -> None:
 
 
 def test_routes_are_sorted_by_domain_and_keyed_by_int() -> None:
-    agg = RoutingAggregator(2, domain_weights={"9": [1, 0], -4: [0, 2], 3: [1, 3]})
+    agg = RoutingAggregator(2, domain_weights={"9": [1, 0], -4: [0, 2], 3: [1, 3]})  # type: ignore[dict-item]
     assert agg.num_teachers == 2
     assert agg.routes == ((-4, (0.0, 1.0)), (3, (0.25, 0.75)), (9, (1.0, 0.0)))
 
@@ -101,7 +101,7 @@ def test_routes_are_sorted_by_domain_and_keyed_by_int() -> None:
 def test_weights_for_domains_around_and_between_the_routed_ones() -> None:
     agg = RoutingAggregator(3, domain_to_teacher={10: 2, -5: 0, 3: 1})
     w = agg.weights(_teachers(p=5), AggregationContext(domains=torch.tensor([10, -5, 3, 10, -5], dtype=torch.int32)))
-    assert w.dtype == torch.float32
+    assert w is not None and w.dtype == torch.float32
     assert w.tolist() == [[0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]]
     for unknown in ([11, 10, 10, 10], [-6, 3, 3, 3], [4, 3, 3, 3]):
         with pytest.raises(AggregationInputError) as err:
