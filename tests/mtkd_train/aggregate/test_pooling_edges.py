@@ -5,11 +5,13 @@ dtype of the result when the weights come in another dtype.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from mtkd_train.aggregate import linear_pool, log_linear_pool
-from mtkd_train.targets import SparseTargets, from_dense, to_dense
+from mtkd_train.targets import SparseTargets, from_dense, from_samples, to_dense
 
 V = 9
 
@@ -73,3 +75,19 @@ def test_linear_pool_defaults_to_no_smoothing(mode: str) -> None:
     a = linear_pool(targets, w, vocab_size=V, tail_mode=mode)  # type: ignore[arg-type]
     b = linear_pool(targets, w, vocab_size=V, tail_mode=mode, smoothing=0.0)  # type: ignore[arg-type]
     assert torch.equal(a.logp, b.logp) and torch.equal(a.tail, b.tail)
+
+
+def test_a_token_held_only_by_a_zero_weight_teacher_is_impossible_with_a_finite_weight_gradient() -> None:
+    """`linear_pool` is differentiable in the weights (a gate learns through it), also where the
+    mixture is exactly zero: the gradient stays finite (`_safe_log` sends none through a zero)."""
+    t0 = from_samples(torch.tensor([[0, 2]]), torch.tensor([[3, 1]]))  # no tail
+    t1 = from_samples(torch.tensor([[1, 2]]), torch.tensor([[1, 1]]))
+    w = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    out = linear_pool([t0, t1], w, vocab_size=4, tail_mode="bucket")
+    assert out.indices.tolist() == [[0, 1, 2]]
+    assert out.logp[0, 1].item() == -math.inf  # token 1: only teacher 1 has it, at weight 0
+    log_q = torch.log_softmax(torch.tensor([0.3, -1.0, 2.0, 0.5]), -1)
+    (out.logp.exp() * log_q[out.indices]).sum().backward()
+    assert w.grad is not None
+    assert torch.isfinite(w.grad).all()
+    torch.testing.assert_close(w.grad[0, 0], 0.75 * log_q[0] + 0.25 * log_q[2])  # d/dw_0 sum_v m(v) log q(v)

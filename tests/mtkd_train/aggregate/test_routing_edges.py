@@ -138,3 +138,15 @@ def test_a_cache_without_domains_is_refused_with_the_fix() -> None:
         _resolve({"domain_weights": {0: [1, 1, 1]}}, domains=())
     assert str(err.value) == ("routing needs a cache with domains, and this one has none; prepare it "
                               "with a domain column (mtkd-cache prepare --domain-column)")
+
+
+def test_weights_are_float32_whatever_the_default_dtype() -> None:
+    agg = RoutingAggregator(2, domain_weights={0: [1, 3], 1: [1, 0]})
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        w = agg.weights(_teachers(2), AggregationContext(domains=torch.tensor([1, 0, 0, 1])))
+    finally:
+        torch.set_default_dtype(old)
+    assert w is not None and w.dtype == torch.float32
+    assert w.tolist() == [[1.0, 0.0], [0.25, 0.75], [0.25, 0.75], [1.0, 0.0]]
