@@ -91,3 +91,13 @@ def test_a_token_held_only_by_a_zero_weight_teacher_is_impossible_with_a_finite_
     assert w.grad is not None
     assert torch.isfinite(w.grad).all()
     torch.testing.assert_close(w.grad[0, 0], 0.75 * log_q[0] + 0.25 * log_q[2])  # d/dw_0 sum_v m(v) log q(v)
+
+
+def test_smoothed_linear_pool_in_double_precision_is_exact_to_double_rounding() -> None:
+    targets = _teachers(torch.float64, seed=4)
+    w = torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64).expand(5, 3)
+    lam = 0.1
+    out = linear_pool(targets, w, vocab_size=V, tail_mode="spread", smoothing=lam)
+    assert out.logp.dtype == torch.float64 and out.tail.dtype == torch.float64
+    mix = sum(w[0, i] * to_dense(t, V) for i, t in enumerate(targets))
+    torch.testing.assert_close(to_dense(out, V), (1 - lam) * mix + lam / V, atol=1e-13, rtol=1e-12)
