@@ -17,6 +17,7 @@ from benchmarks.quality.fmnist_auto import (
     floor_as_zero,
     gate_stats,
     heldout,
+    margins,
     spearman,
     target_scores,
 )
@@ -92,6 +93,17 @@ def test_gate_stats_reads_share_and_entropy(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 5, "kd": 1.0}) + "\n")
     with pytest.raises(ValueError, match="gate_weights"):
         gate_stats(tmp_path / "metrics.jsonl", 2)
+
+
+def test_margins_need_more_than_two_stds() -> None:
+    def entry(mean: float, std: float) -> dict[str, dict[str, float]]:
+        return {"test_acc": {"mean": mean, "std": std}}
+
+    summary = {"no_kd": entry(0.80, 0.01), "mean": entry(0.60, 0.02), "a": entry(0.83, 0.01), "b": entry(0.815, 0.01)}
+    res = margins(summary)
+    assert res["a"]["no_kd"]["beats"] and res["a"]["mean"]["beats"]
+    assert not res["b"]["no_kd"]["beats"] and res["b"]["mean"]["beats"]  # 1.5 pp < 2 x 1 pp
+    assert res["a"]["no_kd"]["gain"] == pytest.approx(0.03) and "no_kd" not in res
 
 
 def test_spearman_signs_and_small_samples() -> None:
