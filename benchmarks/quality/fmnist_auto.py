@@ -171,7 +171,8 @@ def scoring_report(out: Path, val_cache: Path, seeds: Sequence[int], records: Se
                 nll.setdefault(method, []).append(s["nll"])
         points = {m: {"target_nll": float(np.mean(v)), "test_acc": summary[regime][m]["test_acc"]["mean"],
                       "test_nll": summary[regime][m]["test_nll"]["mean"]} for m, v in nll.items()}
-        ops = {m: p for m, p in points.items() if not m.startswith("single:")}
+        ops = {m: p for m, p in points.items() if not m.startswith(("single:", "cand:"))}
+        configs = {m: p for m, p in points.items() if not m.startswith("single:")}
         zero = floor_as_zero(heldout(val_cache, names))
         report[regime] = {
             "target_scores": scores, "points": points,
@@ -180,6 +181,7 @@ def scoring_report(out: Path, val_cache: Path, seeds: Sequence[int], records: Se
             "spearman_operators": spearman(ops, "target_nll", ("test_acc", "test_nll")),
             "spearman_operators_without_label_aware": spearman(
                 {m: p for m, p in ops.items() if m != "label_aware"}, "target_nll", ("test_acc", "test_nll")),
+            "spearman_with_candidates": spearman(configs, "target_nll", ("test_acc", "test_nll")),
             "spearman_with_single_teachers": spearman(points, "target_nll", ("test_acc", "test_nll")),
             "auto": {f"{m}_s{seed}": json.loads(f.read_text()) for seed in seeds for m in ("auto", "auto_global")
                      if (f := out / "runs" / f"s{seed}" / regime / f"{m}_choice.json").is_file()},

@@ -85,6 +85,9 @@ OPERATORS = ("mean", "loglinear", "entropy", "confidence", "label_aware", "gate"
 #: chosen from the cache before training: `auto` scores on val with the router's domains (so per-domain
 #: routing is a candidate), `auto_global` without domains (what `mtkd-score` on the val cache chooses)
 AUTO = ("auto", "auto_global")
+#: ``--methods candidates``: also train every fitted candidate of the auto_global table (EM weights, fitted
+#: tau), so the Spearman correlation covers more configurations than the library defaults
+CANDIDATE_NOTES = ("EM weights", "tau fitted")
 MTBKD_PRIOR = 0.1
 MC_SAMPLES = 8
 NUM_CLASSES = 10
@@ -277,20 +280,26 @@ def _auto_runs(regime: str, seed: int, transfer: Path, val_cache: Path, val_clas
     """The `auto` and `auto_global` runs, their operator chosen on val (the choice is written once)."""
     runs = []
     for method in AUTO:
-        if only is not None and method not in only:
+        if only is not None and method not in only and not (method == "auto_global" and "candidates" in only):
             continue
         choice = seed_dir / regime / f"{method}_choice.json"
         if not choice.is_file():
             classes = val_classes if method == "auto" else None
             choose_auto(heldout(val_cache, TEACHERS[regime], classes), choice)
-        chosen = json.loads(choice.read_text())["chosen"]
+        record = json.loads(choice.read_text())
+        chosen = record["chosen"]
         runs.append(Run(regime, method, seed, transfer, TEACHERS[regime], recipe.alpha, chosen["aggregate"],
                         chosen["aggregate_kwargs"]))
+        if method == "auto_global" and only is not None and "candidates" in only:
+            runs += [Run(regime, f"cand:{r['aggregate']}:{r['note'].replace(' ', '_').replace(',', '')}", seed,
+                         transfer, TEACHERS[regime], recipe.alpha, r["aggregate"], r["aggregate_kwargs"])
+                     for r in record["ranked"] if r["auto"] and r["note"].startswith(CANDIDATE_NOTES)]
     return runs
 
 
 def _selected(method: str, only: frozenset[str] | None) -> bool:
-    return only is None or method in only or (method.startswith("single:") and "single" in only)
+    return only is None or method in only or (method.startswith("single:") and "single" in only) or (
+        method.startswith("cand:") and "candidates" in only)
 
 
 def _seed_runs(seed: int, data: _Data, out: Path, dirs: Mapping[str, Path], caches: tuple[Path, Path],
@@ -420,10 +429,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="train only these methods now (no_kd always runs first: it is the router): no_kd_transfer, "
-                         f"single (every single teacher), {', '.join(OPERATORS + AUTO)}; the results JSON and "
-                         "plots cover every finished run")
+                         f"single (every single teacher), {', '.join(OPERATORS + AUTO)}, candidates (each fitted "
+                         "row of the auto_global table; only when named); the results JSON and plots cover every "
+                         "finished run")
     args = ap.parse_args(argv)
-    known = {"no_kd", "no_kd_transfer", "single", *OPERATORS, *AUTO}
+    known = {"no_kd", "no_kd_transfer", "single", "candidates", *OPERATORS, *AUTO}
     if args.methods and not set(args.methods) <= known:
         ap.error(f"--methods {sorted(set(args.methods) - known)} unknown; choose from {sorted(known)}")
     if args.steps < 1 or not args.seeds:
