@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,38 +20,22 @@ from benchmarks.quality.fmnist_auto import (
     spearman,
     target_scores,
 )
-from mtkd_cache import RunConfig, open_cache, prepare_arrays, run_teacher
+from mtkd_cache import open_cache
 from mtkd_train.scoring import HeldOut
 from mtkd_train.targets import SparseTargets
-from tests.mtkd_train.scoring import _oracle
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = np.random.default_rng(0)
-    n = 900
-    ctx = rng.integers(0, _oracle.CONTEXTS, size=(n, 1)).astype(np.int64)
-    probs = torch.softmax(_oracle.table(0), -1).numpy()
-    labels = [int(rng.choice(_oracle.CLASSES, p=probs[c])) for c in ctx[:, 0]]
-    path = tmp_path_factory.mktemp("fmnist_auto") / "cache"
-    prepare_arrays(path, {"input_ids": ctx}, labels=labels, chunk_samples=256)  # 4 chunks
-    for name, mix in (("exact", 0.0), ("far", 1.0)):
-        run_teacher(path, RunConfig(teacher=name, model=f"{_oracle.__name__}:oracle", top_k=3),
-                    factory_kwargs={"mix": mix, "seed": 5}, progress=False)
-    return path
-
-
-def test_heldout_puts_each_images_domain_on_its_own_row(cache: Path) -> None:
-    labels = open_cache(cache).samples.column("label").to_numpy()
-    data = heldout(cache, ["far", "exact"], classes=labels)  # domain = the true class: rows must agree
+def test_heldout_puts_each_images_domain_on_its_own_row(oracle_cache: Path) -> None:
+    labels = open_cache(oracle_cache).samples.column("label").to_numpy()
+    data = heldout(oracle_cache, ["far", "exact"], classes=labels)  # domain = the true class: rows must agree
     assert data.num_positions == len(labels) and data.domain_names[3] == "class3"
     assert torch.equal(data.domains, data.labels)
     with pytest.raises(ValueError, match="router classes"):
-        heldout(cache, ["far", "exact"], classes=labels[:-1])
+        heldout(oracle_cache, ["far", "exact"], classes=labels[:-1])
 
 
-def test_choose_auto_writes_the_table_and_picks_the_exact_teacher(cache: Path, tmp_path: Path) -> None:
-    record = choose_auto(heldout(cache, ["far", "exact"]), tmp_path / "choice.json")
+def test_choose_auto_writes_the_table_and_picks_the_exact_teacher(oracle_cache: Path, tmp_path: Path) -> None:
+    record = choose_auto(heldout(oracle_cache, ["far", "exact"]), tmp_path / "choice.json")
     assert json.loads((tmp_path / "choice.json").read_text())["chosen"] == record["chosen"]
     kw = record["chosen"]["aggregate_kwargs"]
     weights = kw.get("weights") or kw.get("base_weights")
@@ -60,12 +43,12 @@ def test_choose_auto_writes_the_table_and_picks_the_exact_teacher(cache: Path, t
     assert [r["nll"] for r in record["ranked"]] == sorted(r["nll"] for r in record["ranked"])
 
 
-def test_target_scores_rank_single_teachers_and_skip_the_gate(cache: Path) -> None:
+def test_target_scores_rank_single_teachers_and_skip_the_gate(oracle_cache: Path) -> None:
     records = [{"method": m, "alpha": 0.9, "aggregate": a, "aggregate_kwargs": {}}
                for m, a in (("single:exact", "mean"), ("single:far", "mean"), ("mean", "mean"), ("gate", "gate"))]
     configs = _configs(records, ["far", "exact"])
     assert "gate" not in configs and configs["single:exact"] == ("mean", {"weights": [0.0, 1.0]})
-    scores = target_scores(heldout(cache, ["far", "exact"]), configs)
+    scores = target_scores(heldout(oracle_cache, ["far", "exact"]), configs)
     assert scores["single:exact"]["nll"] < scores["mean"]["nll"] < scores["single:far"]["nll"]
 
 
