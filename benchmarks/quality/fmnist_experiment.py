@@ -67,10 +67,10 @@ import numpy as np
 import torch
 
 from benchmarks.quality.fmnist_auto import choose_auto, gate_stats, heldout, scoring_report
+from benchmarks.quality.fmnist_routes import routing_options
 from examples.fmnist.data import fmnist_split, load_fmnist, pixel_values, transfer_split
-from examples.fmnist.models import read_teacher_config
 from examples.fmnist.train_teachers import REPORT_FILE, train_teachers
-from mtkd_cache import RunConfig, TopkBlock, open_cache, prepare_arrays, run_teacher
+from mtkd_cache import RunConfig, open_cache, prepare_arrays, run_teacher
 from mtkd_train.config import TrainConfig
 from mtkd_train.evaluate import evaluate_student, evaluate_teachers
 from mtkd_train.recipe import DistillRecipe
@@ -153,40 +153,6 @@ def _cache(path: Path, images: np.ndarray, labels: np.ndarray, teachers: Mapping
         run_teacher(path, RunConfig(teacher=name, model=LOADER, top_k=10, batch_size=512),
                     factory_kwargs={"path": str(folder)}, progress=False)
     return path
-
-
-def _predictions(cache: Path, teachers: Sequence[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Each teacher's argmax class per sample, read from the cache, and the labels (N,)."""
-    reader = open_cache(cache)
-    preds: dict[str, list[np.ndarray]] = {t: [] for t in teachers}
-    labels = []
-    for c in range(reader.num_chunks):
-        data = reader.read_chunk(c, teachers=list(teachers))
-        assert data.labels is not None, f"{cache} has no labels"
-        labels.append(data.labels)
-        for t in teachers:
-            block = data.targets[t]
-            assert isinstance(block, TopkBlock), f"teacher {t} in {cache} is not a top-k teacher"
-            preds[t].append(np.take_along_axis(block.indices, block.logp.argmax(-1)[:, None], 1)[:, 0])
-    return {t: np.concatenate(p) for t, p in preds.items()}, np.concatenate(labels)
-
-
-def routing_options(regime: str, teacher_dirs: Mapping[str, Path], val_cache: Path,
-                    domains: Sequence[str]) -> dict[str, Any]:
-    """`aggregate_kwargs` of the ``routing`` run for the domains present (``class<c>``)."""
-    names = TEACHERS[regime]
-    present = sorted(set(domains))
-    if regime == "specialists":
-        covers = {t: set(read_teacher_config(str(teacher_dirs[t])).classes) for t in names}
-        weights = {}
-        for d in present:
-            c = int(d.removeprefix("class"))
-            weights[d] = [1.0 if c in covers[t] else 0.0 for t in names]
-        return {"domain_weights": weights}
-    preds, y = _predictions(val_cache, names)
-    recall = {t: [float((preds[t][y == c] == c).mean()) for c in range(NUM_CLASSES)] for t in names}
-    return {"domain_to_teacher": {d: max(names, key=lambda t: recall[t][int(d.removeprefix("class"))])
-                                  for d in present}}
 
 
 def _teacher_weights(metrics: Path) -> list[float] | None:
@@ -325,7 +291,7 @@ def _seed_runs(seed: int, data: _Data, out: Path, dirs: Mapping[str, Path], cach
         for op in OPERATORS:
             kwargs: dict[str, Any] = {}
             if op == "routing":
-                kwargs = routing_options(regime, dirs, caches[1], domains)
+                kwargs = routing_options(regime, names, dirs, caches[1], domains)
                 router[f"{regime}_routes"] = kwargs
             elif op == "mtbkd":
                 kwargs = {"prior_strength": MTBKD_PRIOR}
