@@ -165,13 +165,15 @@ def _teacher_weights(metrics: Path) -> list[float] | None:
 
 @functools.cache
 def code_revision() -> str:
-    """The git commit the process started from (``+dirty`` with uncommitted changes), for each record."""
+    """The git commit the process started from, ``+dirty`` if its code (not its results) had uncommitted
+    changes: the library, the examples and this experiment's modules."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=False,
-                              cwd=Path(__file__).parent).stdout.strip()
+                              cwd=Path(__file__).parents[2]).stdout.strip()
 
     rev = git("rev-parse", "--short", "HEAD") or "unknown"
-    return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "mtkd_cache", "mtkd_train", "examples",
+                                       "benchmarks/quality") else "")
 
 
 def train_student(run: Run, out: Path, test_cache: Path, val_cache: Path,
