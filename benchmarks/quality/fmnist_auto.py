@@ -28,7 +28,7 @@ from mtkd_cache import open_cache
 from mtkd_train.scoring import HeldOut, choose, collect_heldout, rank_operators, score_operator
 from mtkd_train.targets import SparseTargets
 
-__all__ = ["choose_auto", "floor_as_zero", "gate_stats", "heldout", "spearman", "target_scores"]
+__all__ = ["choose_auto", "floor_as_zero", "gate_stats", "heldout", "margins", "spearman", "target_scores"]
 
 NUM_CLASSES = 10
 #: the lowest finite u8log value (code 254 at step 1/16); code 255 is an exact zero
@@ -115,6 +115,29 @@ def spearman(points: Mapping[str, Mapping[str, float]], x: str, ys: Sequence[str
     return out
 
 
+def margins(summary: Mapping[str, Mapping[str, Any]], refs: Sequence[str] = ("no_kd", "mean")) -> dict[str, Any]:
+    """Each method's test-accuracy gain over each of `refs`, in units of the larger of the two stds.
+
+    ``beats`` holds when the gain exceeds 2 x that std (the issue's "more than 2 std"); ``z_pooled`` is
+    the gain over sqrt(std_a^2 + std_b^2), for reference.
+    """
+    out: dict[str, Any] = {}
+    for m, s in summary.items():
+        if m in refs or m == "best_single":
+            continue
+        row = {}
+        for ref in refs:
+            if ref not in summary:
+                continue
+            a, b = s["test_acc"], summary[ref]["test_acc"]
+            gain, big = a["mean"] - b["mean"], max(a["std"], b["std"])
+            row[ref] = {"gain": round(gain, 5), "std": round(big, 5),
+                        "z_pooled": round(gain / math.hypot(a["std"], b["std"]), 2) if a["std"] or b["std"] else None,
+                        "beats": bool(gain > 2 * big)}
+        out[m] = row
+    return out
+
+
 def _configs(records: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, tuple[str, Mapping[str, Any]]]:
     """``method -> (aggregate, kwargs)`` over `names` for each KD run (a single teacher = one-hot `mean`)."""
     out: dict[str, tuple[str, Mapping[str, Any]]] = {}
@@ -148,14 +171,17 @@ def scoring_report(out: Path, val_cache: Path, seeds: Sequence[int], records: Se
                 nll.setdefault(method, []).append(s["nll"])
         points = {m: {"target_nll": float(np.mean(v)), "test_acc": summary[regime][m]["test_acc"]["mean"],
                       "test_nll": summary[regime][m]["test_nll"]["mean"]} for m, v in nll.items()}
-        ops = {m: p for m, p in points.items() if not m.startswith("single:")}
+        ops = {m: p for m, p in points.items() if not m.startswith(("single:", "cand:"))}
+        configs = {m: p for m, p in points.items() if not m.startswith("single:")}
         zero = floor_as_zero(heldout(val_cache, names))
         report[regime] = {
             "target_scores": scores, "points": points,
             "floor_as_exact_zero": target_scores(zero, {"loglinear": ("loglinear", {}), "mean": ("mean", {})}),
+            "margins": margins(summary[regime]),
             "spearman_operators": spearman(ops, "target_nll", ("test_acc", "test_nll")),
             "spearman_operators_without_label_aware": spearman(
                 {m: p for m, p in ops.items() if m != "label_aware"}, "target_nll", ("test_acc", "test_nll")),
+            "spearman_with_candidates": spearman(configs, "target_nll", ("test_acc", "test_nll")),
             "spearman_with_single_teachers": spearman(points, "target_nll", ("test_acc", "test_nll")),
             "auto": {f"{m}_s{seed}": json.loads(f.read_text()) for seed in seeds for m in ("auto", "auto_global")
                      if (f := out / "runs" / f"s{seed}" / regime / f"{m}_choice.json").is_file()},

@@ -67,10 +67,10 @@ import numpy as np
 import torch
 
 from benchmarks.quality.fmnist_auto import choose_auto, gate_stats, heldout, scoring_report
+from benchmarks.quality.fmnist_routes import routing_options
 from examples.fmnist.data import fmnist_split, load_fmnist, pixel_values, transfer_split
-from examples.fmnist.models import read_teacher_config
 from examples.fmnist.train_teachers import REPORT_FILE, train_teachers
-from mtkd_cache import RunConfig, TopkBlock, open_cache, prepare_arrays, run_teacher
+from mtkd_cache import RunConfig, open_cache, prepare_arrays, run_teacher
 from mtkd_train.config import TrainConfig
 from mtkd_train.evaluate import evaluate_student, evaluate_teachers
 from mtkd_train.recipe import DistillRecipe
@@ -85,6 +85,9 @@ OPERATORS = ("mean", "loglinear", "entropy", "confidence", "label_aware", "gate"
 #: chosen from the cache before training: `auto` scores on val with the router's domains (so per-domain
 #: routing is a candidate), `auto_global` without domains (what `mtkd-score` on the val cache chooses)
 AUTO = ("auto", "auto_global")
+#: ``--methods candidates``: also train every fitted candidate of the auto_global table (EM weights, fitted
+#: tau), so the Spearman correlation covers more configurations than the library defaults
+CANDIDATE_NOTES = ("EM weights", "tau fitted")
 MTBKD_PRIOR = 0.1
 MC_SAMPLES = 8
 NUM_CLASSES = 10
@@ -152,40 +155,6 @@ def _cache(path: Path, images: np.ndarray, labels: np.ndarray, teachers: Mapping
     return path
 
 
-def _predictions(cache: Path, teachers: Sequence[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Each teacher's argmax class per sample, read from the cache, and the labels (N,)."""
-    reader = open_cache(cache)
-    preds: dict[str, list[np.ndarray]] = {t: [] for t in teachers}
-    labels = []
-    for c in range(reader.num_chunks):
-        data = reader.read_chunk(c, teachers=list(teachers))
-        assert data.labels is not None, f"{cache} has no labels"
-        labels.append(data.labels)
-        for t in teachers:
-            block = data.targets[t]
-            assert isinstance(block, TopkBlock), f"teacher {t} in {cache} is not a top-k teacher"
-            preds[t].append(np.take_along_axis(block.indices, block.logp.argmax(-1)[:, None], 1)[:, 0])
-    return {t: np.concatenate(p) for t, p in preds.items()}, np.concatenate(labels)
-
-
-def routing_options(regime: str, teacher_dirs: Mapping[str, Path], val_cache: Path,
-                    domains: Sequence[str]) -> dict[str, Any]:
-    """`aggregate_kwargs` of the ``routing`` run for the domains present (``class<c>``)."""
-    names = TEACHERS[regime]
-    present = sorted(set(domains))
-    if regime == "specialists":
-        covers = {t: set(read_teacher_config(str(teacher_dirs[t])).classes) for t in names}
-        weights = {}
-        for d in present:
-            c = int(d.removeprefix("class"))
-            weights[d] = [1.0 if c in covers[t] else 0.0 for t in names]
-        return {"domain_weights": weights}
-    preds, y = _predictions(val_cache, names)
-    recall = {t: [float((preds[t][y == c] == c).mean()) for c in range(NUM_CLASSES)] for t in names}
-    return {"domain_to_teacher": {d: max(names, key=lambda t: recall[t][int(d.removeprefix("class"))])
-                                  for d in present}}
-
-
 def _teacher_weights(metrics: Path) -> list[float] | None:
     """Mean over steps of the per-batch mean teacher (or gate) weights logged by the recipe."""
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -196,13 +165,15 @@ def _teacher_weights(metrics: Path) -> list[float] | None:
 
 @functools.cache
 def code_revision() -> str:
-    """The git commit the process started from (``+dirty`` with uncommitted changes), for each record."""
+    """The git commit the process started from, ``+dirty`` if its code (not its results) had uncommitted
+    changes: the library, the examples and this experiment's modules."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=False,
-                              cwd=Path(__file__).parent).stdout.strip()
+                              cwd=Path(__file__).parents[2]).stdout.strip()
 
     rev = git("rev-parse", "--short", "HEAD") or "unknown"
-    return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "mtkd_cache", "mtkd_train", "examples",
+                                       "benchmarks/quality") else "")
 
 
 def train_student(run: Run, out: Path, test_cache: Path, val_cache: Path,
@@ -277,20 +248,26 @@ def _auto_runs(regime: str, seed: int, transfer: Path, val_cache: Path, val_clas
     """The `auto` and `auto_global` runs, their operator chosen on val (the choice is written once)."""
     runs = []
     for method in AUTO:
-        if only is not None and method not in only:
+        if only is not None and method not in only and not (method == "auto_global" and "candidates" in only):
             continue
         choice = seed_dir / regime / f"{method}_choice.json"
         if not choice.is_file():
             classes = val_classes if method == "auto" else None
             choose_auto(heldout(val_cache, TEACHERS[regime], classes), choice)
-        chosen = json.loads(choice.read_text())["chosen"]
+        record = json.loads(choice.read_text())
+        chosen = record["chosen"]
         runs.append(Run(regime, method, seed, transfer, TEACHERS[regime], recipe.alpha, chosen["aggregate"],
                         chosen["aggregate_kwargs"]))
+        if method == "auto_global" and only is not None and "candidates" in only:
+            runs += [Run(regime, f"cand:{r['aggregate']}:{r['note'].replace(' ', '_').replace(',', '')}", seed,
+                         transfer, TEACHERS[regime], recipe.alpha, r["aggregate"], r["aggregate_kwargs"])
+                     for r in record["ranked"] if r["auto"] and r["note"].startswith(CANDIDATE_NOTES)]
     return runs
 
 
 def _selected(method: str, only: frozenset[str] | None) -> bool:
-    return only is None or method in only or (method.startswith("single:") and "single" in only)
+    return only is None or method in only or (method.startswith("single:") and "single" in only) or (
+        method.startswith("cand:") and "candidates" in only)
 
 
 def _seed_runs(seed: int, data: _Data, out: Path, dirs: Mapping[str, Path], caches: tuple[Path, Path],
@@ -316,7 +293,7 @@ def _seed_runs(seed: int, data: _Data, out: Path, dirs: Mapping[str, Path], cach
         for op in OPERATORS:
             kwargs: dict[str, Any] = {}
             if op == "routing":
-                kwargs = routing_options(regime, dirs, caches[1], domains)
+                kwargs = routing_options(regime, names, dirs, caches[1], domains)
                 router[f"{regime}_routes"] = kwargs
             elif op == "mtbkd":
                 kwargs = {"prior_strength": MTBKD_PRIOR}
@@ -420,10 +397,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="train only these methods now (no_kd always runs first: it is the router): no_kd_transfer, "
-                         f"single (every single teacher), {', '.join(OPERATORS + AUTO)}; the results JSON and "
-                         "plots cover every finished run")
+                         f"single (every single teacher), {', '.join(OPERATORS + AUTO)}, candidates (each fitted "
+                         "row of the auto_global table; only when named); the results JSON and plots cover every "
+                         "finished run")
     args = ap.parse_args(argv)
-    known = {"no_kd", "no_kd_transfer", "single", *OPERATORS, *AUTO}
+    known = {"no_kd", "no_kd_transfer", "single", "candidates", *OPERATORS, *AUTO}
     if args.methods and not set(args.methods) <= known:
         ap.error(f"--methods {sorted(set(args.methods) - known)} unknown; choose from {sorted(known)}")
     if args.steps < 1 or not args.seeds:

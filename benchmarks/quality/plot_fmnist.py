@@ -24,13 +24,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 __all__ = ["auto_markdown", "gate_markdown", "method_order", "plot_results", "plot_scoring", "print_tables",
            "scoring_markdown", "table_markdown"]
 
-_COLOURS = {"baseline": "#9e9e9e", "single": "#90caf9", "best": "#1565c0", "operator": "#ef6c00"}
+_COLOURS = {"baseline": "#9e9e9e", "single": "#90caf9", "best": "#1565c0", "operator": "#ef6c00", "candidate": "#ffcc80"}
 
 
 def method_order(summary: Mapping[str, Any]) -> list[str]:
     """Baselines, best single, operators, then the other single teachers."""
     operators = [m for m in summary if m not in ("no_kd", "no_kd_transfer", "best_single")
-                 and not m.startswith("single:")]
+                 and not m.startswith(("single:", "cand:"))]  # candidates: in the scoring table and plot only
     singles = [m for m in summary if m.startswith("single:")]
     return [m for m in ("no_kd", "no_kd_transfer", "best_single") if m in summary] + operators + singles
 
@@ -47,6 +47,8 @@ def _colour(method: str) -> str:
         return _COLOURS["baseline"]
     if method == "best_single":
         return _COLOURS["best"]
+    if method.startswith("cand:"):
+        return _COLOURS["candidate"]
     return _COLOURS["single"] if method.startswith("single:") else _COLOURS["operator"]
 
 
@@ -107,7 +109,8 @@ def plot_scoring(report: Mapping[str, Any], out_dir: Path) -> Path:
         for m, p in sc["points"].items():
             single = m.startswith("single:")
             ax.scatter(p["target_nll"], 100 * p["test_acc"], color=_colour(m), edgecolor="black", s=30, zorder=3)
-            ax.annotate(m.replace("single:", "only "), (p["target_nll"], 100 * p["test_acc"]), fontsize=7,
+            name = m.replace("single:", "only ").replace("cand:", "").replace("_EM_base_weights", ", EM")
+            ax.annotate(name, (p["target_nll"], 100 * p["test_acc"]), fontsize=6,
                         xytext=(3, 3 if not single else -8), textcoords="offset points")
         rho = sc["spearman_operators"]
         acc = rho.get("test_acc", {})
@@ -151,7 +154,10 @@ def scoring_markdown(report: Mapping[str, Any], regime: str) -> str:
     for m, p in sorted(sc["points"].items(), key=lambda kv: kv[1]["target_nll"]):
         lines.append(f"| {m} | {p['target_nll']:.4f} | {100 * p['test_acc']:.2f} | {p['test_nll']:.4f} |")
     lines.append("")
-    for key in ("spearman_operators", "spearman_operators_without_label_aware", "spearman_with_single_teachers"):
+    for key in ("spearman_operators", "spearman_operators_without_label_aware", "spearman_with_candidates",
+                "spearman_with_single_teachers"):
+        if key not in sc:
+            continue
         r = sc[key]
         lines.append(f"- {key.removeprefix('spearman_').replace('_', ' ')} (n = {r['n']}): rho with test accuracy "
                      f"{r['test_acc']['rho']} (p = {r['test_acc']['p']}), with test NLL {r['test_nll']['rho']} "

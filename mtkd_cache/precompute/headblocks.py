@@ -17,13 +17,11 @@ drops from B·L·V to one block (`extract._BLOCK_ELEMENTS`: 2^20 logits on CPU, 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -102,38 +100,44 @@ def forward_body(teacher: LoadedTeacher, split: HeadSplit, batch: Mapping[str, t
     return out.last_hidden_state, (tuple(hidden) if hidden is not None else None)
 
 
-def _autocast_as_caller(device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
-    """The calling thread's autocast state as a context factory (autocast is thread-local)."""
-    if not torch.is_autocast_enabled(device.type):
-        return contextlib.nullcontext
-    dtype = torch.get_autocast_dtype(device.type)
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
 Reduce = Callable[[torch.Tensor, torch.Tensor | None], tuple[list[int], list[torch.Tensor]]]
 
+GROUP_ELEMENTS = 1 << 24
+"""Logits per head call when the row blocks are reduced on workers (64 MiB of float32): the head's
+matmul reads its whole ``(V, D)`` weight once per call, so a call per 4 MiB row block re-read it
+~100 times per 2,048-position batch (a matmul of ~20 rows; ~3x the CPU time of the large one)."""
 
-def _block_results(split: HeadSplit, flat: torch.Tensor, mask: torch.Tensor | None, blocks: list[slice],
+
+def _block_results(split: HeadSplit, flat: torch.Tensor, mask: torch.Tensor | None, blocks: list[slice], vocab: int,
                    reduce: Reduce, pool: Executor | None
                    ) -> Iterator[tuple[slice, torch.Tensor | None, list[int], list[torch.Tensor]]]:
-    """(rows, logits, bad rows, outputs) per block, in order; with `pool`, head + reduction per block on its workers.
+    """(rows, logits, bad rows, outputs) per block, in order.
 
-    On the workers each block's logits are made and reduced by one single-threaded worker while
-    they are in its cache, and the workers run different blocks at once: no intra-op barrier and
-    no idle core between the head's matmul and the reductions. The logits are then not returned
-    (None): blocks finished ahead of the caller would otherwise hold theirs.
+    Without `pool`: the head and `reduce` per row block on this thread. With `pool`: the head on this
+    thread (its intra-op threads) for a group of blocks of about :data:`GROUP_ELEMENTS` logits, whose
+    blocks the single-threaded workers then reduce while this thread runs the next group's head;
+    the logits are not returned (None), and two groups' logits are the peak logits memory.
     """
-    def one(rows: slice, context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None
-            ) -> tuple[slice, torch.Tensor | None, list[int], list[torch.Tensor]]:
-        with (context or contextlib.nullcontext)():
-            logits = split.logits(flat[rows]).unsqueeze(1)  # (n, 1, V_padded): one block of logits
-        bad_rows, reduced = reduce(logits, None if mask is None else mask[rows].to(logits.device))
-        return rows, (logits if context is None else None), bad_rows, reduced
-
     if pool is None:
-        return (one(rows) for rows in blocks)
-    context = _autocast_as_caller(flat.device)
-    return pool.map(lambda rows: one(rows, context), blocks)
+        for rows in blocks:
+            logits = split.logits(flat[rows]).unsqueeze(1)  # (n, 1, V_padded): one block of logits
+            yield (rows, logits, *reduce(logits, None if mask is None else mask[rows].to(logits.device)))
+        return
+    def one(rows: slice, logits: torch.Tensor, first: int) -> tuple[list[int], list[torch.Tensor]]:
+        part = logits[rows.start - first: rows.stop - first]
+        return reduce(part, None if mask is None else mask[rows].to(part.device))
+
+    per_block = max(1, blocks[0].stop - blocks[0].start) if blocks else 1
+    per_group = max(1, GROUP_ELEMENTS // max(1, per_block * vocab))  # blocks per head call
+    pending: list[tuple[slice, Future[tuple[list[int], list[torch.Tensor]]]]] = []
+    for g in range(0, len(blocks), per_group):
+        group = blocks[g: g + per_group]
+        logits = split.logits(flat[group[0].start: group[-1].stop]).unsqueeze(1)  # (rows, 1, V_padded)
+        submitted = [(rows, pool.submit(one, rows, logits, group[0].start)) for rows in group]
+        # the previous group was reduced while this group's head ran: two groups' logits at most
+        yield from ((rows, None, *f.result()) for rows, f in pending)
+        pending = submitted
+    yield from ((rows, None, *f.result()) for rows, f in pending)
 
 
 def reduce_by_head_blocks(
@@ -147,7 +151,7 @@ def reduce_by_head_blocks(
         reduce: (logits (n, 1, V), mask (n, 1)) -> (bad rows, [outputs (n, 1, ...)]): `chunk._reduce_batch`
             bound to its reducers, or, with `pool`, the single-threaded `chunk._reduce`.
         generator: The chunk's generator on a device (created on first use).
-        pool: Single-threaded CPU workers that each apply the head to a block and reduce it
+        pool: Single-threaded CPU workers that reduce the row blocks of each group at once
             (top-k targets only: the sampled draws keep one generator's order, on this thread).
 
     Returns:
@@ -161,7 +165,7 @@ def reduce_by_head_blocks(
     outs: list[torch.Tensor] = []  # preallocated once: small results kept per block would fragment the heap
     device = next(iter(split.head.parameters())).device
     blocks = list(_row_blocks(flat.shape[0], vocab_size, device))
-    for rows, logits, bad_rows, reduced in _block_results(split, flat, mask, blocks, reduce,
+    for rows, logits, bad_rows, reduced in _block_results(split, flat, mask, blocks, vocab_size, reduce,
                                                           pool if spec.kind == "topk" else None):
         bad.update((rows.start + r) // length for r in bad_rows)
         if bad:

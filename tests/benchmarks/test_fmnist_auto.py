@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,41 +16,26 @@ from benchmarks.quality.fmnist_auto import (
     floor_as_zero,
     gate_stats,
     heldout,
+    margins,
     spearman,
     target_scores,
 )
-from mtkd_cache import RunConfig, open_cache, prepare_arrays, run_teacher
+from mtkd_cache import open_cache
 from mtkd_train.scoring import HeldOut
 from mtkd_train.targets import SparseTargets
-from tests.mtkd_train.scoring import _oracle
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    rng = np.random.default_rng(0)
-    n = 900
-    ctx = rng.integers(0, _oracle.CONTEXTS, size=(n, 1)).astype(np.int64)
-    probs = torch.softmax(_oracle.table(0), -1).numpy()
-    labels = [int(rng.choice(_oracle.CLASSES, p=probs[c])) for c in ctx[:, 0]]
-    path = tmp_path_factory.mktemp("fmnist_auto") / "cache"
-    prepare_arrays(path, {"input_ids": ctx}, labels=labels, chunk_samples=256)  # 4 chunks
-    for name, mix in (("exact", 0.0), ("far", 1.0)):
-        run_teacher(path, RunConfig(teacher=name, model=f"{_oracle.__name__}:oracle", top_k=3),
-                    factory_kwargs={"mix": mix, "seed": 5}, progress=False)
-    return path
-
-
-def test_heldout_puts_each_images_domain_on_its_own_row(cache: Path) -> None:
-    labels = open_cache(cache).samples.column("label").to_numpy()
-    data = heldout(cache, ["far", "exact"], classes=labels)  # domain = the true class: rows must agree
+def test_heldout_puts_each_images_domain_on_its_own_row(oracle_cache: Path) -> None:
+    labels = open_cache(oracle_cache).samples.column("label").to_numpy()
+    data = heldout(oracle_cache, ["far", "exact"], classes=labels)  # domain = the true class: rows must agree
     assert data.num_positions == len(labels) and data.domain_names[3] == "class3"
     assert torch.equal(data.domains, data.labels)
     with pytest.raises(ValueError, match="router classes"):
-        heldout(cache, ["far", "exact"], classes=labels[:-1])
+        heldout(oracle_cache, ["far", "exact"], classes=labels[:-1])
 
 
-def test_choose_auto_writes_the_table_and_picks_the_exact_teacher(cache: Path, tmp_path: Path) -> None:
-    record = choose_auto(heldout(cache, ["far", "exact"]), tmp_path / "choice.json")
+def test_choose_auto_writes_the_table_and_picks_the_exact_teacher(oracle_cache: Path, tmp_path: Path) -> None:
+    record = choose_auto(heldout(oracle_cache, ["far", "exact"]), tmp_path / "choice.json")
     assert json.loads((tmp_path / "choice.json").read_text())["chosen"] == record["chosen"]
     kw = record["chosen"]["aggregate_kwargs"]
     weights = kw.get("weights") or kw.get("base_weights")
@@ -59,12 +43,12 @@ def test_choose_auto_writes_the_table_and_picks_the_exact_teacher(cache: Path, t
     assert [r["nll"] for r in record["ranked"]] == sorted(r["nll"] for r in record["ranked"])
 
 
-def test_target_scores_rank_single_teachers_and_skip_the_gate(cache: Path) -> None:
+def test_target_scores_rank_single_teachers_and_skip_the_gate(oracle_cache: Path) -> None:
     records = [{"method": m, "alpha": 0.9, "aggregate": a, "aggregate_kwargs": {}}
                for m, a in (("single:exact", "mean"), ("single:far", "mean"), ("mean", "mean"), ("gate", "gate"))]
     configs = _configs(records, ["far", "exact"])
     assert "gate" not in configs and configs["single:exact"] == ("mean", {"weights": [0.0, 1.0]})
-    scores = target_scores(heldout(cache, ["far", "exact"]), configs)
+    scores = target_scores(heldout(oracle_cache, ["far", "exact"]), configs)
     assert scores["single:exact"]["nll"] < scores["mean"]["nll"] < scores["single:far"]["nll"]
 
 
@@ -92,6 +76,17 @@ def test_gate_stats_reads_share_and_entropy(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 5, "kd": 1.0}) + "\n")
     with pytest.raises(ValueError, match="gate_weights"):
         gate_stats(tmp_path / "metrics.jsonl", 2)
+
+
+def test_margins_need_more_than_two_stds() -> None:
+    def entry(mean: float, std: float) -> dict[str, dict[str, float]]:
+        return {"test_acc": {"mean": mean, "std": std}}
+
+    summary = {"no_kd": entry(0.80, 0.01), "mean": entry(0.60, 0.02), "a": entry(0.83, 0.01), "b": entry(0.815, 0.01)}
+    res = margins(summary)
+    assert res["a"]["no_kd"]["beats"] and res["a"]["mean"]["beats"]
+    assert not res["b"]["no_kd"]["beats"] and res["b"]["mean"]["beats"]  # 1.5 pp < 2 x 1 pp
+    assert res["a"]["no_kd"]["gain"] == pytest.approx(0.03) and "no_kd" not in res
 
 
 def test_spearman_signs_and_small_samples() -> None:

@@ -1,5 +1,6 @@
-"""The O(V) reductions on the reduction workers: with two or more torch threads, each worker applies the
-head to a row block and reduces it, and the stored arrays equal the one-thread full-logits path's. The
+"""The O(V) reductions on the reduction workers: with two or more torch threads, the head runs per group
+of row blocks and the workers reduce the group's blocks at once; the stored arrays equal the one-thread
+full-logits path's. The
 reductions' reused scratch buffer never leaks one call's values into the next."""
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def test_blocks_on_the_workers_equal_the_full_logits_on_one_thread(
     two_threads: None,
 ) -> None:
     monkeypatch.setitem(extract._BLOCK_ELEMENTS, "cpu", 72 * 5)  # 5 rows per block: many blocks per batch
+    monkeypatch.setattr(headblocks, "GROUP_ELEMENTS", 72 * 5 * 2)  # 2 blocks per head call: many groups
     on_pool: list[bool] = []
     real = headblocks._block_results
 

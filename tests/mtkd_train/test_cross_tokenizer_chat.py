@@ -59,9 +59,10 @@ def chat(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     other = _lm_with(root / "other", sentencepiece_bpe(500), seed=3)
     prepare(root / "conv", data, tokenizer=student, max_length=256, chunk_samples=4, messages_column="messages",
             progress=False)
-    prepare(root / "short", data, tokenizer=student, max_length=24, chunk_samples=4, messages_column="messages",
-            progress=False)  # truncated renderings
-    prepare(root / "pairs", pairs, tokenizer=student, max_length=64, chunk_samples=4, prompt_column="prompt",
+    with pytest.warns(UserWarning, match="truncated"):  # truncated renderings
+        prepare(root / "short", data, tokenizer=student, max_length=24, chunk_samples=4, messages_column="messages",
+                progress=False)
+    prepare(root / "pairs", pairs, tokenizer=student, max_length=128, chunk_samples=4, prompt_column="prompt",
             completion_column="completion", progress=False)
     for cache in ("conv", "short", "pairs"):
         run_teacher(root / cache, RunConfig(teacher="other", model=str(other), top_k=6), progress=False)

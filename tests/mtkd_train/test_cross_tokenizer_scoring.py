@@ -8,6 +8,7 @@ tokenizer is checked against a per-row reference written from docs/CROSS_TOKENIZ
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,3 +194,20 @@ def test_mtkd_score_prints_the_aligned_share(caches: Caches, tmp_path: Path) -> 
     assert res.exit_code == 0, res.output
     _, scored, rows = _reference_nll(open_cache(caches.cache), "other")
     assert f"scored {scored} positions, {100 * scored / rows:.1f}% of those read" in res.output
+
+
+def test_aggregate_auto_chooses_over_a_cross_teacher_and_records_the_aligned_share(caches: Caches,
+                                                                                   tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from mtkd_train.cli import main
+
+    out = tmp_path / "auto"
+    args = [str(caches.cache), "--teachers", "same,other", "--student", str(caches.student), "--out", str(out),
+            "--aggregate", "auto", "--batch-size", "4", "--max-steps", "1", "--no-progress", "--min-alignment", "0.3"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "auto_aggregate.json").read_text())
+    _, scored, rows = _reference_nll(open_cache(caches.cache), "other")
+    assert record["positions"] == scored and record["aligned"] == pytest.approx(scored / rows)
+    assert record["chosen"]["aggregate"] in {"mean", "loglinear", "entropy", "confidence", "mtbkd", "routing"}

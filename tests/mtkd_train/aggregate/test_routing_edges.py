@@ -76,7 +76,7 @@ def test_teacher_index_bounds_and_message() -> None:
     assert agg.routes == ((0, (1.0, 0.0, 0.0)), (1, (0.0, 0.0, 1.0)))
     for bad in (3, -1, "1", 1.0):
         with pytest.raises(AggregationConfigError) as err:
-            RoutingAggregator(3, domain_to_teacher={4: bad})
+            RoutingAggregator(3, domain_to_teacher={4: bad})  # type: ignore[dict-item]
         assert str(err.value) == f"domain_to_teacher[4]={bad!r} must be a teacher index in [0, 3)"
 
 
@@ -93,7 +93,7 @@ def test_config_error_texts_are_exact() -> None:
 
 
 def test_routes_are_sorted_by_domain_and_keyed_by_int() -> None:
-    agg = RoutingAggregator(2, domain_weights={"9": [1, 0], -4: [0, 2], 3: [1, 3]})
+    agg = RoutingAggregator(2, domain_weights={"9": [1, 0], -4: [0, 2], 3: [1, 3]})  # type: ignore[dict-item]
     assert agg.num_teachers == 2
     assert agg.routes == ((-4, (0.0, 1.0)), (3, (0.25, 0.75)), (9, (1.0, 0.0)))
 
@@ -101,7 +101,7 @@ def test_routes_are_sorted_by_domain_and_keyed_by_int() -> None:
 def test_weights_for_domains_around_and_between_the_routed_ones() -> None:
     agg = RoutingAggregator(3, domain_to_teacher={10: 2, -5: 0, 3: 1})
     w = agg.weights(_teachers(p=5), AggregationContext(domains=torch.tensor([10, -5, 3, 10, -5], dtype=torch.int32)))
-    assert w.dtype == torch.float32
+    assert w is not None and w.dtype == torch.float32
     assert w.tolist() == [[0, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]]
     for unknown in ([11, 10, 10, 10], [-6, 3, 3, 3], [4, 3, 3, 3]):
         with pytest.raises(AggregationInputError) as err:
@@ -124,3 +124,29 @@ def test_domains_of_the_wrong_shape_are_refused_with_the_shape(domains: torch.Te
     got = None if domains is None else tuple(domains.shape)
     assert str(err.value) == (f"'routing' needs ctx.domains of shape (4,), got {got}; pass the domain code "
                               "of every position in AggregationContext")
+
+
+@pytest.mark.parametrize("key", ["X1", "-X1", "1X"])
+def test_only_optionally_signed_digit_strings_are_codes(key: str) -> None:
+    with pytest.raises(AggregationConfigError) as err:
+        _resolve({"domain_weights": {key: [1, 1, 1], "web": [1, 0, 0], "code": [1, 0, 0], "math": [1, 0, 0]}})
+    assert str(err.value) == f"routing: domain {key!r} is not known; the domains are ['web', 'code', 'math']"
+
+
+def test_a_cache_without_domains_is_refused_with_the_fix() -> None:
+    with pytest.raises(AggregationConfigError) as err:
+        _resolve({"domain_weights": {0: [1, 1, 1]}}, domains=())
+    assert str(err.value) == ("routing needs a cache with domains, and this one has none; prepare it "
+                              "with a domain column (mtkd-cache prepare --domain-column)")
+
+
+def test_weights_are_float32_whatever_the_default_dtype() -> None:
+    agg = RoutingAggregator(2, domain_weights={0: [1, 3], 1: [1, 0]})
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        w = agg.weights(_teachers(2), AggregationContext(domains=torch.tensor([1, 0, 0, 1])))
+    finally:
+        torch.set_default_dtype(old)
+    assert w is not None and w.dtype == torch.float32
+    assert w.tolist() == [[1.0, 0.0], [0.25, 0.75], [0.25, 0.75], [1.0, 0.0]]

@@ -95,3 +95,18 @@ def test_the_teacher_gets_no_gradient_and_the_student_does() -> None:
     relational_loss(s, sim, target_is_similarity=True).backward()
     assert t.grad is None and sim.grad is None
     assert s.grad is not None and float(s.grad.abs().sum()) > 0
+
+
+def test_contrastive_defaults_to_tau_0_05() -> None:
+    s, t = _pair(5)
+    default = relational_loss(s, t, kind="contrastive")
+    torch.testing.assert_close(default, relational_loss(s, t, kind="contrastive", tau=0.05))
+    assert not torch.allclose(default, relational_loss(s, t, kind="contrastive", tau=1.0))
+
+
+def test_an_embedding_of_negligible_norm_has_almost_no_direction() -> None:
+    """Below a norm of 1e-8 a vector counts as (nearly) zero: it is not blown up to a unit vector."""
+    x = torch.tensor([[1e-10, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    s = similarity_matrix(x)
+    assert abs(float(s[0, 1])) <= 0.011 and abs(float(s[0, 0])) <= 1e-3
+    torch.testing.assert_close(s[1:, 1:], torch.eye(2))

@@ -1,0 +1,110 @@
+"""The fused objective at the edges a mutation run of `_fused_math` found unchecked
+(docs/TESTING.md), each against the unfused `combine(kd_loss, hard_label_loss)`: one token off the
+support, rows whose logits sit hundreds apart in one chunk, a placeholder row (all mass in the
+tail), a tail-free target with a student that has no mass off the support, and bf16 logits read
+in spread mode at T != 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mtkd_train.losses import combine, fused_kd_ce_loss, hard_label_loss, kd_loss
+from mtkd_train.targets import SparseTargets, from_dense, from_samples
+
+P, V = 6, 11
+
+
+def _reference(z: torch.Tensor, t: SparseTargets, labels: torch.Tensor, *, alpha: float, temperature: float,
+               mode: str) -> torch.Tensor:
+    kd = kd_loss(z, t, kind="forward_kl", temperature=temperature, target_temperature=temperature,
+                 tail_mode=mode)  # type: ignore[arg-type]
+    return combine(kd, hard_label_loss(z, labels), alpha)
+
+
+def _fused(z: torch.Tensor, t: SparseTargets, labels: torch.Tensor, *, alpha: float, temperature: float,
+           mode: str, chunk: int | None = None) -> torch.Tensor:
+    return fused_kd_ce_loss(z, t, labels, alpha=alpha, temperature=temperature, target_temperature=temperature,
+                            tail_mode=mode, chunk=chunk).loss  # type: ignore[arg-type]
+
+
+def _agree(z: torch.Tensor, t: SparseTargets, labels: torch.Tensor, **kw: float | str) -> None:
+    z = z.detach().requires_grad_(True)
+    got = _fused(z, t, labels, **kw)  # type: ignore[arg-type]
+    (g_got,) = torch.autograd.grad(got, z)
+    ref = _reference(z, t, labels, **kw)  # type: ignore[arg-type]
+    (g_ref,) = torch.autograd.grad(ref, z)
+    torch.testing.assert_close(got, ref.to(got.dtype), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_got, g_ref.to(g_got.dtype), atol=1e-5, rtol=1e-4)
+
+
+def _logits(seed: int, rows: int = P, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(rows, V, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 2
+
+
+@pytest.mark.parametrize("mode", ["bucket", "spread"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_one_token_off_the_support_gets_the_whole_tail(mode: str, temperature: float) -> None:
+    probs = torch.softmax(_logits(1, dtype=torch.float64) / 4, -1)
+    t = from_dense(probs, V - 1)  # n_out = 1 in every row
+    assert bool((t.tail > 1e-3).all())
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(2))
+    _agree(_logits(3), t, labels, alpha=0.7, temperature=temperature, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["bucket", "spread"])
+def test_rows_hundreds_apart_in_one_chunk_are_shift_invariant(mode: str) -> None:
+    """Softmax ignores a constant added to a row; the chunk's statistics must be per row."""
+    z = _logits(4)
+    t = from_dense(torch.softmax(_logits(5, dtype=torch.float64), -1), 4)
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(6))
+    offset = torch.tensor([300.0, -300.0, 0.0, 150.0, -150.0, 0.0]).unsqueeze(1)
+    for temperature in (2.0, 0.5):
+        plain = _fused(z, t, labels, alpha=0.6, temperature=temperature, mode=mode, chunk=P)
+        shifted = _fused(z + offset, t, labels, alpha=0.6, temperature=temperature, mode=mode, chunk=P)
+        torch.testing.assert_close(shifted, plain, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_placeholder_row_with_all_mass_in_the_tail_adds_nothing_in_bucket_mode(temperature: float) -> None:
+    t = from_dense(torch.softmax(_logits(7, dtype=torch.float64), -1), 3)
+    logp, tail = t.logp.clone(), t.tail.clone()
+    logp[2] = -math.inf  # no kept token: the bucket is the only outcome, and the student gives it mass 1
+    tail[2] = 1.0
+    placeholder = SparseTargets(t.indices, logp, tail)
+    labels = torch.full((P,), -100)
+    z = _logits(8)
+    _agree(z, placeholder, labels, alpha=1.0, temperature=temperature, mode="bucket")
+    per_row = [_fused(z[r : r + 1], SparseTargets(*(x[r : r + 1] for x in placeholder)), labels[r : r + 1],
+                      alpha=1.0, temperature=temperature, mode="bucket") for r in range(P)]
+    assert float(per_row[2]) == pytest.approx(0.0, abs=1e-6)
+    bf16 = _fused(z.bfloat16(), placeholder, labels, alpha=1.0, temperature=temperature, mode="bucket", chunk=P)
+    torch.testing.assert_close(bf16.float(), sum(per_row) / P, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_tail_free_target_and_a_student_without_mass_off_the_support_stay_finite(temperature: float) -> None:
+    t = from_samples(torch.tensor([[0, 1]] * P), torch.tensor([[3, 1]] * P))  # tail 0
+    z = torch.full((P, V), -200.0)
+    z[:, :2] = 200.0  # r = sum of q off the support underflows to 0
+    z.requires_grad_(True)
+    loss = _fused(z, t, torch.full((P,), -100), alpha=1.0, temperature=temperature, mode="bucket")
+    (grad,) = torch.autograd.grad(loss, z)
+    assert math.isfinite(float(loss.detach())) and bool(torch.isfinite(grad).all())
+    q = torch.softmax(torch.tensor([200.0, 200.0]) / temperature, -1)
+    p = torch.tensor([0.75, 0.25])
+    want = temperature**2 * float((p * (p.log() - q.log())).sum())
+    assert float(loss.detach()) == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_bf16_logits_in_spread_mode_at_t2_equal_their_float32_values(alpha: float) -> None:
+    z = (_logits(9, rows=P) * 4 + 30).bfloat16()  # large logits: a bf16 row sum would lose digits
+    t = from_dense(torch.softmax(_logits(10, dtype=torch.float64), -1), 3)
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(11))
+    got = _fused(z, t, labels, alpha=alpha, temperature=2.0, mode="spread")
+    want = _fused(z.float(), t, labels, alpha=alpha, temperature=2.0, mode="spread")
+    torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=1e-5)
