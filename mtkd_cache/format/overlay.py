@@ -52,6 +52,17 @@ class OverlayReader(CacheReader):
             return self.overlay
         return self.base.teacher_store(name)
 
+    def tokenization_store(self, tid: str) -> CacheStore:
+        from mtkd_cache.format.tokenization import tokenization_key
+
+        if self.overlay.exists(f"{tokenization_key(tid)}/tokenization.json"):
+            return self.overlay
+        return self.base.tokenization_store(tid)
+
+    @property
+    def write_store(self) -> CacheStore:
+        return self.overlay  # the base is only read
+
 
 def is_overlay(store: CacheStore) -> bool:
     """Whether `store` is an overlay: it holds `overlay.json` and no manifest of its own."""

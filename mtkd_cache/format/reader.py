@@ -262,6 +262,15 @@ class CacheReader:
         """Where teacher `name` is stored: this cache (an overlay keeps its own teachers elsewhere)."""
         return self.store
 
+    def tokenization_store(self, tid: str) -> CacheStore:
+        """Where tokenization `tid` is stored: this cache (an overlay may keep its own)."""
+        return self.store
+
+    @property
+    def write_store(self) -> CacheStore:
+        """Where a run writes what it builds (teachers, tokenizations): this cache, or an overlay's own folder."""
+        return self.store
+
     @property
     def teachers(self) -> dict[str, TeacherMeta]:
         return {n: self.teacher(n).meta for n in self.teacher_names}

@@ -105,14 +105,15 @@ class TokenizationReader:
 
     def __init__(self, reader: Any, tid: str):
         key = tokenization_key(tid)
-        if not reader.store.exists(f"{key}/tokenization.json"):
+        store = reader.tokenization_store(tid)  # an overlay's own, or the cache's
+        if not store.exists(f"{key}/tokenization.json"):
             raise CacheIncompleteError(f"tokenization {tid!r} is not in {reader.url} (or was never finished); "
                                        f"re-run `mtkd-cache run` for the teacher that uses it")
-        self.meta = TokenizationMeta.from_dict(reader.store.read_json(f"{key}/tokenization.json"))
+        self.meta = TokenizationMeta.from_dict(store.read_json(f"{key}/tokenization.json"))
         if reader.inputs.text is None or self.meta.text_fingerprint != reader.inputs.text["fingerprint"]:
             raise CacheMismatchError(f"tokenization {tid!r} in {reader.url} was made from other text than the "
                                      f"inputs'; {_fix(reader.url, tid)}")
-        self.base, self.store, self.id, self.key, self.check = reader, reader.store, tid, key, reader.check
+        self.base, self.store, self.id, self.key, self.check = reader, store, tid, key, reader.check
         self.inputs = self.meta.as_inputs(reader.inputs)
         self._arrays: dict[str, Any] = {}
 

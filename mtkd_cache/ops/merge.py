@@ -2,7 +2,8 @@
 
 Each teacher folder is copied file by file with `teacher.json` last (a teacher is complete exactly
 when its `teacher.json` exists, so a copy cut short leaves an incomplete teacher that the next
-`merge` finishes). Every copied file is read back and compared byte for byte, then the whole
+`merge` finishes); a cross-tokenizer teacher's tokenization, built in the overlay, is copied before
+it, `tokenization.json` last. Every copied file is read back and compared byte for byte, then the whole
 destination is verified (`verify_cache`: checksums, fingerprints). A teacher the destination
 already holds is refused; the destination's inputs must carry the overlay's dataset fingerprint.
 Cost: one read of every overlay file and a write plus a read-back on the destination.
@@ -19,6 +20,7 @@ from mtkd_cache.errors import CacheCorruptError, CacheExistsError, CacheMismatch
 from mtkd_cache.format.overlay import OverlayReader
 from mtkd_cache.format.reader import CacheReader, open_cache
 from mtkd_cache.format.store import CacheStore
+from mtkd_cache.format.tokenization import tokenization_key
 from mtkd_cache.ops.verify import verify_cache
 
 __all__ = ["MergeReport", "merge_overlay"]
@@ -33,11 +35,12 @@ class MergeReport:
     bytes: int = 0
 
 
-def _copy_teacher(src: CacheStore, dst: CacheStore, name: str, report: MergeReport) -> None:
-    root = src.path(f"teachers/{name}")
+def _copy_folder(src: CacheStore, dst: CacheStore, key: str, last: str, report: MergeReport) -> None:
+    """Copy folder `key` file by file, `last` (the file whose presence marks it complete) at the end."""
+    root = src.path(key)
     files = sorted(str(p) for p in src.fs.find(root))
-    rel = [f"teachers/{name}/{p[len(root):].lstrip('/')}" for p in files]
-    rel.sort(key=lambda k: k.endswith("/teacher.json"))  # teacher.json last: complete only when all is there
+    rel = [f"{key}/{p[len(root):].lstrip('/')}" for p in files]
+    rel.sort(key=lambda k: k.endswith(f"/{last}"))  # complete only when all is there
     for key in rel:
         data = src.read_bytes(key)
         dst.write_bytes(key, data)
@@ -74,8 +77,11 @@ def merge_overlay(overlay: str | os.PathLike[str], dest: str | os.PathLike[str],
                                f"remove them from {dest} first")
     report = MergeReport()
     for name in names:
-        reader.teacher(name)  # complete and bound to these inputs (raises otherwise)
-        _copy_teacher(reader.overlay, target.store, name, report)
+        tid = reader.teacher(name).meta.tokenization  # complete and bound to these inputs (raises otherwise)
+        if tid is not None and not target.store.exists(f"{tokenization_key(tid)}/tokenization.json"):
+            _copy_folder(reader.tokenization_store(tid), target.store, tokenization_key(tid), "tokenization.json",
+                         report)  # the teacher's own tokenization, built in the overlay
+        _copy_folder(reader.overlay, target.store, f"teachers/{name}", "teacher.json", report)
         report.teachers.append(name)
     check = verify_cache(dest, storage_options=storage_options, progress=False)
     if not check.ok:

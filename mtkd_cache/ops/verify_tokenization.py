@@ -50,6 +50,15 @@ def _fix(url: str, tid: str) -> str:
             f"for them (it re-tokenizes the stored text)")
 
 
+def _stores(reader: Any) -> list[Any]:
+    """The stores that may hold `reader`'s tokenizations: each overlay's own folder, then the cache."""
+    out = []
+    while hasattr(reader, "overlay"):
+        out.append(reader.overlay)
+        reader = reader.base
+    return [*out, reader.store]
+
+
 def check_tokenizations(reader: Any, problems: list[str]) -> dict[str, bool]:
     """Check every committed tokenization of `reader`'s cache; append one line per problem.
 
@@ -57,7 +66,7 @@ def check_tokenizations(reader: Any, problems: list[str]) -> dict[str, bool]:
         Tokenization id -> whether it is sound (teachers on an unsound one are reported too).
     """
     out = {}
-    for tid in reader.store.subdirs("tokenizations"):
+    for tid in sorted({t for s in _stores(reader) for t in s.subdirs("tokenizations")}):
         if tid.startswith(PARTIAL):  # a build in progress (or killed): never read, committed by rename
             continue
         before = len(problems)
@@ -81,7 +90,7 @@ def _check_one(reader: Any, tid: str, problems: list[str]) -> None:
         return
     recorded = f"{tok.key}/chunks.parquet"  # absent in a tokenization an earlier 0.1 build made: fingerprint only
     table = {(int(r["chunk"]), str(r["array"])): str(r["checksum"])
-             for r in reader.store.read_table(recorded).to_pylist()} if reader.store.exists(recorded) else None
+             for r in tok.store.read_table(recorded).to_pylist()} if tok.store.exists(recorded) else None
     sums: list[str] = []
     for c in range(tok.num_chunks):
         blocks = {}

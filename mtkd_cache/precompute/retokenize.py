@@ -77,14 +77,15 @@ def ensure_tokenization(reader: Any, tok: Any, name_or_path: str, progress_log: 
     fp = tokenizer_fingerprint(tok)
     tid = tokenization_id(fp)
     key = tokenization_key(tid)
-    if reader.store.exists(f"{key}/tokenization.json"):
+    if reader.tokenization_store(tid).exists(f"{key}/tokenization.json"):
         return TokenizationReader(reader, tid)
+    store = reader.write_store  # an overlay builds in its own folder: the base is only read
     tmp = f"tokenizations/{PARTIAL}{tid}-{uuid.uuid4().hex[:12]}"
     try:
-        meta = _build(reader, tok, name_or_path, fp, tmp)
-        _commit(reader.store, tmp, key, meta)
+        meta = _build(reader, store, tok, name_or_path, fp, tmp)
+        _commit(store, tmp, key, meta)
     finally:
-        reader.store.remove(tmp)  # a lost race's or a failed build's (what this process wrote)
+        store.remove(tmp)  # a lost race's or a failed build's (what this process wrote)
     return TokenizationReader(reader, tid)
 
 
@@ -107,9 +108,9 @@ def _measure(reader: Any, tok: Any, pieces: Sequence[bytes | None], specials: Ma
     return longest, lost_share
 
 
-def _build(reader: Any, tok: Any, name_or_path: str, fp: str, at: str) -> TokenizationMeta:
-    """Write the whole tokenization under key `at` (tokenization.json last); its metadata."""
-    store, g = reader.store, reader.inputs.grid
+def _build(reader: Any, store: Any, tok: Any, name_or_path: str, fp: str, at: str) -> TokenizationMeta:
+    """Write the whole tokenization under key `at` of `store` (tokenization.json last); its metadata."""
+    g = reader.inputs.grid
     tid = tokenization_id(fp)
     pieces, starts = token_bytes(tok), _doc_starts(reader)
     specials = special_bytes(tok, pieces)

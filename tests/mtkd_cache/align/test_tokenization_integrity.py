@@ -213,7 +213,7 @@ def test_a_later_commit_checks_it_built_the_same_tokenization(built: tuple[Path,
     tok = AutoTokenizer.from_pretrained(built[1])
     fp = reader.teacher("other").meta.tokenizer_fingerprint or ""
     late = f"tokenizations/{PARTIAL}{tid}-late"
-    meta = retokenize._build(reader, tok, "other", fp, late)
+    meta = retokenize._build(reader, reader.store, tok, "other", fp, late)
     retokenize._commit(reader.store, late, f"tokenizations/{tid}", meta)  # loses: the same, accepted
     import dataclasses
 
