@@ -22,9 +22,10 @@ of every array (export) or one write (import); memory: one cache chunk.
 from __future__ import annotations
 
 import io
+import json
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,7 @@ from mtkd_cache.format.layout import ChunkGrid, chunk_rows
 from mtkd_cache.format.meta import InputsMeta
 from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.format.store import CacheStore
+from mtkd_cache.ops._export_layout import WHOLE, Layout, layout_finder
 from mtkd_cache.ops.card import dataset_card
 
 __all__ = ["ExportReport", "export_cache", "import_cache"]
@@ -69,25 +71,24 @@ def _small_files(store: CacheStore) -> Iterator[str]:
             yield key
 
 
-def _grid_of(grid: ChunkGrid, arr: Any) -> str:
-    return "token" if arr.shape[0] == grid.shape_of("token")[0] else "sample"
-
-
-def _chunk_table(reader: CacheReader, arrays: Mapping[str, Any], chunk: int, samples: pa.Table) -> pa.Table:
+def _chunk_table(reader: CacheReader, arrays: Mapping[str, tuple[Any, Layout]], chunk: int,
+                 samples: pa.Table) -> pa.Table:
     data = reader.read_chunk(chunk)  # checked: ids, offsets, lengths of the chunk's real samples
     n = len(data.sample_ids)
     cols: dict[str, pa.Array] = {c: samples.column(c).slice(int(data.sample_ids[0]), n).combine_chunks()
                                  for c in samples.column_names}
-    for path, arr in arrays.items():
-        on = _grid_of(reader.grid, arr)
-        r0 = chunk_rows(reader.grid, chunk, on)[0]
-        if on == "token":
-            raw = arr[r0:r0 + int(data.offsets[-1] + data.lengths[-1])]
-            spans = [(int(o), int(o + ln)) for o, ln in zip(data.offsets, data.lengths, strict=True)]
-        else:
-            raw, spans = arr[r0:r0 + n], [(i, i + 1) for i in range(n)]
+    for path, (arr, layout) in arrays.items():
+        r0, spans = layout.spans(arr, chunk)
+        raw = arr[r0:r0 + spans[-1][1]]
         cols[path] = pa.array([raw[a:b].reshape(-1) for a, b in spans], type=pa.list_(pa.from_numpy_dtype(raw.dtype)))
     return pa.table(cols)
+
+
+def _split(arrays: Mapping[str, Any], find: Callable[[str], Layout | None]) -> tuple[dict, dict]:
+    """(arrays exported per sample, with their layout; arrays exported whole)."""
+    layouts = {p: find(p) for p in arrays}
+    return ({p: (a, layouts[p]) for p, a in arrays.items() if layouts[p] is not None},
+            {p: a for p, a in arrays.items() if layouts[p] is None})
 
 
 def export_cache(cache: str | os.PathLike[str], out: str | os.PathLike[str], *, license: str = "unknown",
@@ -102,7 +103,8 @@ def export_cache(cache: str | os.PathLike[str], out: str | os.PathLike[str], *, 
     dst = CacheStore(out, storage_options)
     if dst.exists(FILES):
         raise CacheExistsError(f"{out} already holds an export ({FILES}); choose an empty folder")
-    arrays = _arrays(reader.store.open_group("", mode="r"))
+    find = layout_finder(reader.store.read_json, reader.store.read_table, reader.grid)
+    arrays, whole = _split(_arrays(reader.store.open_group("", mode="r")), find)
     samples = reader.samples
     files, rows, size, writer, sink = 0, 0, 0, None, io.BytesIO()
 
@@ -123,8 +125,9 @@ def export_cache(cache: str | os.PathLike[str], out: str | os.PathLike[str], *, 
             close()
     close()
     small = [(k, reader.store.read_bytes(k)) for k in _small_files(reader.store)]
+    small += [(f"{WHOLE}/{p}.npy", _npy(a[...])) for p, a in whole.items()]
     dst.write_table(FILES, pa.table({"key": [k for k, _ in small], "data": [b for _, b in small]}))
-    shapes = {p: list(a.shape[1:]) for p, a in arrays.items()}
+    shapes = {p: list(a.shape[1:]) for p, (a, _) in arrays.items()}
     dst.write_bytes("README.md", dataset_card(reader, shapes, license, files, rows).encode())
     return ExportReport(files=files + 2, rows=rows, bytes=size)
 
@@ -144,11 +147,14 @@ def import_cache(export: str | os.PathLike[str], cache: str | os.PathLike[str], 
     small = src.read_table(FILES).to_pydict()
     pending = dict(zip(small["key"], small["data"], strict=True))
     for key in sorted(pending, key=lambda k: (k == "manifest.json", k.endswith("teacher.json"))):
-        if key == "manifest.json" or key.endswith("teacher.json"):
+        if key == "manifest.json" or key.endswith("teacher.json") or key.startswith(f"{WHOLE}/"):
             continue  # written last: the cache and its teachers are complete only when all is there
         dst.write_bytes(key, pending[key])
-    arrays = _arrays(dst.open_group("", mode="a"))
     grid = InputsMeta.from_dict(dst.read_json("inputs/inputs.json")).grid
+    find = layout_finder(lambda k: json.loads(pending[k]), lambda k: pq.read_table(io.BytesIO(pending[k])), grid)
+    arrays, whole = _split(_arrays(dst.open_group("", mode="a")), find)
+    for path, arr in whole.items():
+        arr[...] = np.load(io.BytesIO(pending[f"{WHOLE}/{path}.npy"]), allow_pickle=False)
     rows, n = 0, 0
     for name in sorted(k for k in src.listdir("data") if k.endswith(".parquet")):
         for batch in pq.ParquetFile(io.BytesIO(src.read_bytes(f"data/{name}"))).iter_batches(batch_size=1 << 30):
@@ -159,15 +165,20 @@ def import_cache(export: str | os.PathLike[str], cache: str | os.PathLike[str], 
     return ExportReport(files=n, rows=rows, bytes=0)
 
 
-def _fill(grid: ChunkGrid, arrays: Mapping[str, Any], table: pa.Table) -> int:
+def _npy(array: np.ndarray) -> bytes:
+    sink = io.BytesIO()
+    np.save(sink, array, allow_pickle=False)
+    return sink.getvalue()
+
+
+def _fill(grid: ChunkGrid, arrays: Mapping[str, tuple[Any, Layout]], table: pa.Table) -> int:
     """Write `table`'s rows (whole cache chunks, as exported) into the arrays."""
     ids = table.column("sample_id").to_numpy()
     chunks = np.array([grid.chunk_of_sample(int(i)) for i in ids])
     for chunk in np.unique(chunks):
         part = table.filter(pa.array(chunks == chunk))
-        for path, arr in arrays.items():
-            on = _grid_of(grid, arr)
-            r0, r1 = chunk_rows(grid, chunk, on)
+        for path, (arr, layout) in arrays.items():
+            r0, r1 = chunk_rows(layout.grid, chunk, layout.on(arr))
             block = np.full((r1 - r0, *arr.shape[1:]), arr.fill_value, dtype=arr.dtype)
             values = part.column(path).combine_chunks()
             flat = values.values.to_numpy(zero_copy_only=False).astype(arr.dtype).reshape(-1, *arr.shape[1:])
