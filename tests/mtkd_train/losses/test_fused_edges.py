@@ -112,13 +112,14 @@ def test_bf16_logits_in_spread_mode_at_t2_equal_their_float32_values(alpha: floa
 
 @pytest.mark.parametrize(("dtype", "temperature", "alpha"), [(torch.float32, 1.0, 0.5), (torch.float32, 2.0, 0.5),
                                                             (torch.bfloat16, 2.0, 0.5), (torch.bfloat16, 1.0, 1.0)])
+@pytest.mark.parametrize("mode", ["bucket", "spread"])
 def test_the_logits_gradient_scales_with_the_upstream_gradient(dtype: torch.dtype, temperature: float,
-                                                                alpha: float) -> None:
+                                                                alpha: float, mode: str) -> None:
     """A loss scaled before backward (AMP's GradScaler, gradient accumulation) scales the gradient."""
     t = from_dense(torch.softmax(_logits(12, dtype=torch.float64), -1), 4)
     labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(13))
     z = _logits(14).to(dtype).requires_grad_(True)
-    loss = _fused(z, t, labels, alpha=alpha, temperature=temperature, mode="bucket")
+    loss = _fused(z, t, labels, alpha=alpha, temperature=temperature, mode=mode)
     (plain,) = torch.autograd.grad(loss, z, retain_graph=True)
     (scaled,) = torch.autograd.grad(loss * 1024.0, z)
     assert float(plain.abs().max()) > 1e-3
