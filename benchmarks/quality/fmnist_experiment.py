@@ -24,6 +24,8 @@ Methods, per regime (generalists: 4 architectures on all classes; specialists: 4
   per-domain routing is a candidate), ``auto_global`` without domains. The experiment's eval cache is the
   test split, so the choice is made on val explicitly (`fmnist_auto.choose_auto`), not by ``auto`` inside
   the trainer, which would score on the eval cache.
+- ``cand:<operator>:<note>`` (only with ``--methods candidates``): every fitted row of the ``auto_global``
+  table (EM weights, fitted tau) trained as a student, for the Spearman correlation of target NLL and student.
 
 Every KD run: loss 0.9 forward-KL (T = 2, teachers tempered before mixing, exact top-10 targets,
 u8log values) + 0.1 CE on the labelled samples of the batch, AdamW lr 3e-3, batch 128, `--steps` steps

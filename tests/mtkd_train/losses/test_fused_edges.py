@@ -108,3 +108,32 @@ def test_bf16_logits_in_spread_mode_at_t2_equal_their_float32_values(alpha: floa
     got = _fused(z, t, labels, alpha=alpha, temperature=2.0, mode="spread")
     want = _fused(z.float(), t, labels, alpha=alpha, temperature=2.0, mode="spread")
     torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("dtype", "temperature", "alpha"), [(torch.float32, 1.0, 0.5), (torch.float32, 2.0, 0.5),
+                                                            (torch.bfloat16, 2.0, 0.5), (torch.bfloat16, 1.0, 1.0)])
+@pytest.mark.parametrize("mode", ["bucket", "spread"])
+def test_the_logits_gradient_scales_with_the_upstream_gradient(dtype: torch.dtype, temperature: float,
+                                                                alpha: float, mode: str) -> None:
+    """A loss scaled before backward (AMP's GradScaler, gradient accumulation) scales the gradient."""
+    t = from_dense(torch.softmax(_logits(12, dtype=torch.float64), -1), 4)
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(13))
+    z = _logits(14).to(dtype).requires_grad_(True)
+    loss = _fused(z, t, labels, alpha=alpha, temperature=temperature, mode=mode)
+    (plain,) = torch.autograd.grad(loss, z, retain_graph=True)
+    (scaled,) = torch.autograd.grad(loss * 1024.0, z)
+    assert float(plain.abs().max()) > 1e-3
+    torch.testing.assert_close(scaled.float(), plain.float() * 1024.0, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_the_gradient_of_bf16_logits_is_computed_in_float32(alpha: float) -> None:
+    """bf16 logits get the float32 gradient of their values, rounded once to bf16."""
+    t = from_dense(torch.softmax(_logits(15, dtype=torch.float64), -1), 4)
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(16))
+    z16 = _logits(17).bfloat16().requires_grad_(True)
+    z32 = z16.detach().float().requires_grad_(True)
+    (g16,) = torch.autograd.grad(_fused(z16, t, labels, alpha=alpha, temperature=2.0, mode="spread"), z16)
+    (g32,) = torch.autograd.grad(_fused(z32, t, labels, alpha=alpha, temperature=2.0, mode="spread"), z32)
+    assert g16.dtype == torch.bfloat16
+    torch.testing.assert_close(g16, g32.bfloat16(), rtol=0, atol=0)
