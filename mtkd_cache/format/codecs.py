@@ -2,7 +2,8 @@
 
 Top-k log-probabilities are stored as 8-bit codes on a fixed log grid by default
 (`code = clip(round(-logp / step), 0, 254)`, decoded as `-code * step`; code 255 is an exact
-zero, log p = -inf), or as fp16/fp32. With
+zero, log p = -inf: a probability that is 0 in float32, log p < -103.97, as a specialist's
+never-seen class with a logit of -1e4), or as fp16/fp32. With
 step 1/16 the largest per-entry error in log space is 1/32 nat, and the KL it adds to a
 renormalised top-k distribution is about step**2 / 24 ≈ 1.6e-4 nats (measured in
 benchmarks/). Indices use 16 bits when the vocabulary fits (<= 65,536 entries) and 32 bits
@@ -55,10 +56,14 @@ class ValueCodec:
     any_code_valid: bool = False
 
 
+_F32_ZERO_LOGP = float(np.log(float(np.finfo(np.float32).smallest_subnormal) / 2))
+"""log p below this (-103.97) is a probability that rounds to exactly 0 in float32, as the tail counts it."""
+
+
 def _u8_encode(logp: np.ndarray, step: float) -> np.ndarray:
     x = np.asarray(logp, dtype=np.float32)
     codes = np.clip(np.rint(-np.nan_to_num(x, neginf=0.0) / step), 0, _U8_MAX - 1)
-    return np.where(np.isneginf(x), _U8_MAX, codes).astype(np.uint8)  # 255 = probability exactly 0
+    return np.where(x < _F32_ZERO_LOGP, _U8_MAX, codes).astype(np.uint8)  # 255 = probability exactly 0
 
 
 def _u8_decode(stored: np.ndarray, step: float) -> np.ndarray:
@@ -84,7 +89,8 @@ class ValueEncoding:
     """How top-k log-probabilities are stored (`codec` names an entry of `VALUE_CODECS`).
 
     `u8log`: code = clip(round(-logp / step), 0, 254) as uint8, decoded as -code * step; code
-    255 means probability exactly 0 (log p = -inf).
+    255 means probability exactly 0 (log p = -inf), stored for every log p whose probability is
+    0 in float32 (log p < -103.97).
     `fp16`: logp as IEEE half. `fp32`: logp as float.
     """
 

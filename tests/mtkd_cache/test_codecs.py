@@ -25,19 +25,22 @@ from mtkd_cache.format.codecs import (
 
 def test_u8log_codes_round_to_the_nearest_step_and_clip() -> None:
     enc = ValueEncoding("u8log", 0.5)
-    logp = np.array([[0.0, -0.24, -0.26, -1.0], [-126.9, -127.0, -500.0, -np.inf]])
+    logp = np.array([[0.0, -0.24, -0.26, -1.0], [-100.1, -103.9, -104.0, -np.inf]])
     codes = encode_values(logp, enc)
     assert codes.dtype == np.uint8 and codes.shape == (2, 4)
-    np.testing.assert_array_equal(codes, [[0, 0, 1, 2], [254, 254, 254, 255]])
+    # a probability that is 0 in float32 (log p < -103.97) is the exact zero, even where the grid reaches
+    np.testing.assert_array_equal(codes, [[0, 0, 1, 2], [200, 208, 255, 255]])
     back = decode_values(codes, enc)
     assert back.dtype == np.float32
-    np.testing.assert_array_equal(back, np.array([[0, 0, -0.5, -1.0], [-127, -127, -127, -np.inf]], np.float32))
+    np.testing.assert_array_equal(back, np.array([[0, 0, -0.5, -1.0], [-100, -104, -np.inf, -np.inf]], np.float32))
+    clipped = encode_values(np.array([-60.0, -103.9]), ValueEncoding("u8log", 0.25))
+    np.testing.assert_array_equal(clipped, [240, 254])  # below the grid's last finite code: clipped to it
 
 
-def test_u8log_maps_only_minus_inf_to_code_255() -> None:
+def test_u8log_maps_only_float32_zero_probabilities_to_code_255() -> None:
     enc = ValueEncoding("u8log", 1 / 16)
-    codes = encode_values(np.array([-np.inf, -1e30, 0.0], dtype=np.float32), enc)
-    np.testing.assert_array_equal(codes, [255, 254, 0])
+    codes = encode_values(np.array([-np.inf, -1e30, -103.5, -20.0, 0.0], dtype=np.float32), enc)
+    np.testing.assert_array_equal(codes, [255, 255, 254, 254, 0])  # exp(-103.5) > 0 in float32: clipped
     assert np.isneginf(decode_values(np.array([255], np.uint8), enc)).all()
     assert decode_values(np.array([254], np.uint8), enc)[0] == np.float32(-254 / 16)
 

@@ -22,6 +22,15 @@ def test_u8log_round_trip_bound_and_exact_zero() -> None:
     assert back[5] == np.float32(-254 / 16), "values below the grid clip to its last finite code"
 
 
+def test_u8log_stores_a_float32_underflow_as_an_exact_zero() -> None:
+    enc = ValueEncoding("u8log", 1 / 16)
+    logp = np.array([-103.5, -104.5, -1e4, -np.finfo(np.float32).max], dtype=np.float32)
+    assert np.exp(logp[0]) > 0 and (np.exp(logp[1:]) == 0).all()  # the float32 probabilities
+    back = decode_values(encode_values(logp, enc), enc)
+    assert back[0] == np.float32(-254 / 16), "a tiny but nonzero probability clips to the last finite code"
+    assert np.isneginf(back[1:]).all(), "a probability that is 0 in float32 is stored as exactly 0"
+
+
 def test_index_width_follows_the_vocabulary() -> None:
     assert index_dtype_for(65_536) == "uint16"
     assert index_dtype_for(65_537) == "uint32"
