@@ -147,7 +147,11 @@ Trainer = Callable[[RunSpec, int, Recipe, Path], dict[str, Any]]
 
 def run_matrix(root: Path, runs: Iterable[tuple[RunSpec, int]], recipe: Recipe, trainer: Trainer,
                *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run each (spec, seed) not finished yet, in order, writing its result as soon as it ends."""
+    """Run each (spec, seed) not finished yet, in order, writing its result as soon as it ends.
+
+    A run that raises is logged and left without a result (the next call retries it), so one
+    operator's refusal does not stop the matrix; an interrupt (KeyboardInterrupt) does.
+    """
     results = []
     for spec, seed in runs:
         done = finished(root, spec, seed, recipe)
@@ -156,7 +160,11 @@ def run_matrix(root: Path, runs: Iterable[tuple[RunSpec, int]], recipe: Recipe, 
             results.append(done)
             continue
         log(f"run {spec.name} s{seed}")
-        measured = trainer(spec, seed, recipe, root / "runs" / f"{spec.name}-s{seed}")
+        try:
+            measured = trainer(spec, seed, recipe, root / "runs" / f"{spec.name}-s{seed}")
+        except Exception as e:  # noqa: BLE001 - reported, and retried by the next call
+            log(f"FAILED {spec.name} s{seed}: {type(e).__name__}: {e}")
+            continue
         result = {"spec": spec.to_dict(), "seed": seed, "recipe": recipe.to_dict(), **measured}
         write_result(root, spec, seed, result)
         results.append(result)

@@ -202,3 +202,35 @@ def test_domain_nll_pools_to_the_trainers_held_out_perplexity(tmp_path: Path) ->
     ref = evaluate_student(load_student(str(lm), {}, seed=0), open_cache(str(tmp_path / "c")), batch_size=4)
     assert pooled["positions"] == ref["positions"]
     assert pooled["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
+
+
+def test_a_failing_run_is_reported_and_retried_later(tmp_path: Path) -> None:
+    specs = base_runs()[:3]
+    calls: list[tuple[str, int]] = []
+    ok = _fake_trainer(calls, {})
+
+    def flaky(spec: RunSpec, seed: int, recipe: Recipe, out: Path) -> dict[str, object]:
+        if spec.name == "smollm2":
+            raise ValueError("operator refused")
+        return ok(spec, seed, recipe, out)
+
+    logs: list[str] = []
+    res = run_matrix(tmp_path, [(s, 0) for s in specs], Recipe(), flaky, log=logs.append)
+    assert [r["spec"]["name"] for r in res] == ["nokd", "gemma3"]
+    assert any(m.startswith("FAILED smollm2 s0: ValueError: operator refused") for m in logs)
+    calls.clear()
+    run_matrix(tmp_path, [(s, 0) for s in specs], Recipe(), ok, log=lambda _: None)
+    assert calls == [("smollm2", 0)]
+
+
+def test_matrix_runs_seed_0_of_the_base_configs_first(tmp_path: Path) -> None:
+    from examples.lm.students_cli import matrix
+
+    runs = matrix(("base", "seeds", "operators", "curve"), [0, 1, 2], tmp_path)
+    names = [(s.name, seed) for s, seed in runs]
+    base = ["nokd", "smollm2", "gemma3", "specialist", "mean-all", "mean-smollm2+gemma3"]
+    assert names[:6] == [(n, 0) for n in base]
+    assert names[6:18] == [(n, seed) for seed in (1, 2) for n in base]
+    ops = {n for n, _ in names[18:36]}
+    assert ops == {f"{op}-all" for op in ("loglinear", "entropy", "confidence", "gate", "mtbkd", "routing")}
+    assert len(names) == len(set(names))  # no (config, seed) twice: curve prefixes already in base are not re-run
