@@ -3,9 +3,14 @@
     python -m examples.lm data                      # three domains, train/held-out splits
     python -m examples.lm specialist --domain kjv   # SmolLM2 fine-tuned on one domain
     python -m examples.lm teachers                  # teachers' held-out bits per byte, per domain
+    python -m examples.lm caches                    # transfer/eval/curve data + `mtkd-cache prepare`
+    python -m examples.lm scores                    # `mtkd-score` of the teachers on the eval cache
+    python -m examples.lm students [--phase base]   # the student matrix (resumable), then `report`
+    python -m examples.lm report                    # tables, lm_students.json, lm_curve.png
 
 The work folder is ``$MTKD_LM_WORK`` (default ``runs/lm``); results also go to
-``benchmarks/results/lm_teachers.json``.
+``benchmarks/results/lm_teachers.json``, ``lm_scores.json`` and ``lm_students.json``. The teachers
+are cached with the real CLI (``mtkd-cache run``, one teacher at a time; see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from examples.lm.domains import DOMAINS, write_domains
 from examples.lm.models import model_dir
 from examples.lm.perplexity import heldout_bits_per_byte
 from examples.lm.specialist import SpecialistConfig, train_specialist
+from examples.lm.students_cli import caches, report, scores, students
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "lm_teachers.json"
 
@@ -75,6 +81,9 @@ def teachers(teachers: tuple[str, ...], max_segments: int | None) -> None:
     for key, r in sorted(results.items()):
         click.echo(f"{key:28s} {r['bits_per_byte']:9.4f} {r['token_perplexity']:8.2f}")
 
+
+for _command in (caches, scores, students, report):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

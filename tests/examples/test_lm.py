@@ -104,3 +104,133 @@ def test_specialist_resumes_to_the_same_weights(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="delete"):
         train_specialist(base, tmp_path / "data", tmp_path / "other", tmp_path / "s2",
                          SpecialistConfig("d", block=8, batch=2, lr=1e-3))
+
+
+# -- the student matrix (examples/lm/students.py, report.py, student_eval.py) ---------------------
+
+from examples.lm.caches import spread  # noqa: E402
+from examples.lm.report import aggregate, mean_std, table  # noqa: E402
+from examples.lm.student_eval import domain_nll, summarize_domains  # noqa: E402
+from examples.lm.students import (  # noqa: E402
+    ALL,
+    Recipe,
+    RunSpec,
+    base_runs,
+    curve_runs,
+    result_path,
+    run_matrix,
+)
+
+
+def test_spread_keeps_the_fraction_evenly() -> None:
+    lines = [str(i) for i in range(20)]
+    assert spread(lines, 0.25) == ["0", "4", "8", "12", "16"]
+    assert spread(lines, 1.0) == lines
+    with pytest.raises(ValueError, match="fraction"):
+        spread(lines, 0.0)
+
+
+def _fake_trainer(calls: list[tuple[str, int]], ppl: dict[str, float]):  # type: ignore[no-untyped-def]
+    def train(spec: RunSpec, seed: int, recipe: Recipe, out: Path) -> dict[str, object]:
+        calls.append((spec.name, seed))
+        p = ppl.get(spec.name, 50.0) + seed
+        return {"domains": {"a": {"perplexity": p}, "b": {"perplexity": 2 * p}, "overall": {"perplexity": 1.5 * p},
+                            "worst": {"perplexity": 2 * p}}, "curve": [], "train_seconds": 1.0}
+    return train
+
+
+def test_run_matrix_skips_finished_runs_and_refuses_another_recipe(tmp_path: Path) -> None:
+    recipe = Recipe(steps=10)
+    runs = [(s, seed) for seed in (0, 1) for s in base_runs()[:2]]
+    calls: list[tuple[str, int]] = []
+    first = run_matrix(tmp_path, runs[:3], recipe, _fake_trainer(calls, {}), log=lambda _: None)
+    assert calls == [("nokd", 0), ("smollm2", 0), ("nokd", 1)] and len(first) == 3
+    calls.clear()
+    again = run_matrix(tmp_path, runs, recipe, _fake_trainer(calls, {}), log=lambda _: None)
+    assert calls == [("smollm2", 1)]  # only the missing one runs
+    assert [r["spec"]["name"] for r in again] == ["nokd", "smollm2", "nokd", "smollm2"]
+    stored = json.loads(result_path(tmp_path, runs[0][0], 0).read_text())
+    assert stored["recipe"] == recipe.to_dict() and stored["seed"] == 0
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(ValueError, match="another recipe"):
+        run_matrix(tmp_path, runs[:1], Recipe(steps=20), _fake_trainer(calls, {}), log=lambda _: None)
+
+
+def test_aggregate_gives_mean_and_sample_std_over_seeds(tmp_path: Path) -> None:
+    runs = [(s, seed) for seed in (0, 1, 2) for s in base_runs()[:2]]
+    results = run_matrix(tmp_path, runs, Recipe(), _fake_trainer([], {"nokd": 30.0, "smollm2": 20.0}),
+                         log=lambda _: None)
+    rows = aggregate(results)
+    assert rows["smollm2"]["a"] == {"mean": 21.0, "std": pytest.approx(1.0), "n": 3}  # 20, 21, 22
+    assert rows["nokd"]["overall"]["mean"] == pytest.approx(1.5 * 31.0)
+    assert rows["nokd"]["seeds"] == [0, 1, 2]
+    assert mean_std([4.0]) == {"mean": 4.0, "std": 0.0, "n": 1}
+    md = table(rows, ["a", "b"]).splitlines()
+    assert md[2].startswith("| smollm2 | smollm2 | 3 | 21.00 ± 1.00") and md[3].startswith("| nokd | — |")
+    mixed = [*results, {**results[0], "recipe": Recipe(steps=7).to_dict()}]
+    with pytest.raises(ValueError, match="different recipes"):
+        aggregate(mixed)
+
+
+def test_curve_runs_add_the_best_order_prefixes_once() -> None:
+    fixed = {s.name for s in curve_runs({})}
+    assert fixed == {"mean-smollm2+gemma3", "mean-all"}
+    best = curve_runs({"smollm2-shakespeare": 10.0, "gemma3": 12.0, "smollm2": 11.0})
+    assert [s.name for s in best] == ["mean-smollm2+gemma3", "mean-all", "mean-smollm2+specialist"]
+    assert best[2].teachers == ("smollm2", "smollm2-shakespeare") and set(best[1].teachers) == set(ALL)
+
+
+def test_summarize_domains_pools_positions_and_names_the_worst() -> None:
+    s = summarize_domains({"a": {"nll": 10.0, "positions": 10}, "b": {"nll": 60.0, "positions": 20}})
+    assert s["a"]["perplexity"] == pytest.approx(math.e) and s["b"]["perplexity"] == pytest.approx(math.e ** 3)
+    assert s["overall"]["nll"] == pytest.approx(70 / 30) and s["worst"]["domain"] == "b"
+
+
+def test_domain_nll_pools_to_the_trainers_held_out_perplexity(tmp_path: Path) -> None:
+    from mtkd_cache import open_cache, prepare
+    from mtkd_train.evaluate import evaluate_student
+    from mtkd_train.student import load_student
+
+    lm = save_tiny_causal_lm(tmp_path / "lm", vocab_size=64)
+    rows = [{"text": " ".join(f"w{(i * k) % 50}" for i in range(3 + k)), "domain": "ab"[k % 2]} for k in range(9)]
+    _write_split(tmp_path, "d.jsonl", [])
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare(str(tmp_path / "c"), str(tmp_path / "d.jsonl"), tokenizer=str(lm), max_length=8, domain_column="domain")
+    sums = domain_nll(lm, str(tmp_path / "c"))
+    assert set(sums) == {"a", "b"}
+    pooled = summarize_domains(sums)["overall"]
+    ref = evaluate_student(load_student(str(lm), {}, seed=0), open_cache(str(tmp_path / "c")), batch_size=4)
+    assert pooled["positions"] == ref["positions"]
+    assert pooled["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-5)
+
+
+def test_a_failing_run_is_reported_and_retried_later(tmp_path: Path) -> None:
+    specs = base_runs()[:3]
+    calls: list[tuple[str, int]] = []
+    ok = _fake_trainer(calls, {})
+
+    def flaky(spec: RunSpec, seed: int, recipe: Recipe, out: Path) -> dict[str, object]:
+        if spec.name == "smollm2":
+            raise ValueError("operator refused")
+        return ok(spec, seed, recipe, out)
+
+    logs: list[str] = []
+    res = run_matrix(tmp_path, [(s, 0) for s in specs], Recipe(), flaky, log=logs.append)
+    assert [r["spec"]["name"] for r in res] == ["nokd", "gemma3"]
+    assert any(m.startswith("FAILED smollm2 s0: ValueError: operator refused") for m in logs)
+    calls.clear()
+    run_matrix(tmp_path, [(s, 0) for s in specs], Recipe(), ok, log=lambda _: None)
+    assert calls == [("smollm2", 0)]
+
+
+def test_matrix_runs_seed_0_of_the_base_configs_first(tmp_path: Path) -> None:
+    from examples.lm.students_cli import matrix
+
+    runs = matrix(("base", "seeds", "operators", "curve"), [0, 1, 2], tmp_path)
+    names = [(s.name, seed) for s, seed in runs]
+    base = ["nokd", "smollm2", "gemma3", "specialist", "mean-all", "mean-smollm2+gemma3"]
+    assert names[:6] == [(n, 0) for n in base]
+    assert names[6:18] == [(n, seed) for seed in (1, 2) for n in base]
+    ops = {n for n, _ in names[18:36]}
+    assert ops == {f"{op}-all" for op in ("loglinear", "entropy", "confidence", "gate", "mtbkd", "routing")}
+    assert len(names) == len(set(names))  # no (config, seed) twice: curve prefixes already in base are not re-run

@@ -1,0 +1,93 @@
+"""Tables of the language-model students: mean ± std over seeds, per domain, overall and worst domain.
+
+``aggregate`` turns the per-(config, seed) result JSONs into one row per config; ``table`` prints
+them as the Markdown table of ``benchmarks/README.md``; ``plot_curves`` draws the held-out curves
+and the 1 -> N teachers curve.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["aggregate", "load_results", "mean_std", "plot_curves", "table"]
+
+
+def load_results(root: Path) -> list[dict[str, Any]]:
+    """Every finished result JSON under `root` (the per-(config, seed) files of the matrix)."""
+    return [json.loads(p.read_text()) for p in sorted(root.glob("*-s*.json"))]
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value) and count."""
+    if not values:
+        raise ValueError("mean_std needs at least one value")
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def aggregate(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{config: {"spec", "seeds", domain or "overall"/"worst": mean_std of the perplexity}} over the seeds.
+
+    Results of one config made with different recipes are refused: they do not average.
+    """
+    by: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in results:
+        by[r["spec"]["name"]].append(r)
+    out: dict[str, dict[str, Any]] = {}
+    for name, rs in sorted(by.items()):
+        if len({json.dumps(r["recipe"], sort_keys=True) for r in rs}) > 1:
+            raise ValueError(f"config {name!r} has results from different recipes; keep one recipe per results folder")
+        row: dict[str, Any] = {"spec": rs[0]["spec"], "seeds": sorted(r["seed"] for r in rs)}
+        for key in rs[0]["domains"]:
+            row[key] = mean_std([r["domains"][key]["perplexity"] for r in rs])
+        out[name] = row
+    return out
+
+
+def _cell(s: Mapping[str, float]) -> str:
+    return f"{s['mean']:.2f} ± {s['std']:.2f}" if s["n"] > 1 else f"{s['mean']:.2f}"
+
+
+def table(rows: Mapping[str, Mapping[str, Any]], domains: list[str]) -> str:
+    """A Markdown table: config, seeds, each domain, overall, worst domain (perplexity, mean ± std)."""
+    head = ["config", "teachers", "seeds", *domains, "overall", "worst domain"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in sorted(rows.items(), key=lambda kv: kv[1]["overall"]["mean"]):
+        teachers = "—" if not r["spec"]["kd"] else ", ".join(r["spec"]["teachers"])
+        cells = [name, teachers, str(len(r["seeds"])), *(_cell(r[d]) for d in domains), _cell(r["overall"]),
+                 _cell(r["worst"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: Sequence[Mapping[str, Any]], rows: Mapping[str, Mapping[str, Any]], out: Path,
+                orders: Mapping[str, list[str]]) -> None:
+    """Left: held-out perplexity against steps (seed 0). Right: perplexity against teachers, per order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in results:
+        if r["seed"] == 0 and r.get("curve"):
+            a.plot([c["step"] for c in r["curve"]], [c["perplexity"] for c in r["curve"]], label=r["spec"]["name"])
+    a.set(xlabel="optimizer step", ylabel="held-out perplexity (curve cache)", yscale="log",
+          title="student held-out perplexity while training")
+    a.legend(fontsize=7)
+    for label, names in orders.items():
+        pts = [(i, rows[n]["overall"]) for i, n in enumerate(names) if n in rows]
+        if pts:
+            b.errorbar([i for i, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts],
+                       marker="o", capsize=3, label=label)
+    b.set(xlabel="teachers (mean)", ylabel="overall held-out perplexity", title="student perplexity vs teachers",
+          xticks=[0, 1, 2, 3], xticklabels=["0 (no KD)", "1", "2", "3"])
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,171 @@
+"""Subcommands ``caches``, ``scores``, ``students`` and ``report`` of ``python -m examples.lm``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import click
+
+from examples.lm.caches import CACHE_SPLITS, TEACHERS, cache_data
+from examples.lm.domains import DOMAINS
+from examples.lm.students import (
+    ALL,
+    SHORT,
+    Recipe,
+    RunSpec,
+    base_runs,
+    curve_runs,
+    mean_spec,
+    operator_runs,
+    run_matrix,
+)
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+PHASES = ("base", "seeds", "operators", "curve")
+
+
+def work() -> Path:
+    return Path(os.environ.get("MTKD_LM_WORK", "runs/lm"))
+
+
+@click.command()
+def caches() -> None:
+    """Write the transfer/eval/curve JSONL files and prepare their caches with SmolLM2's tokenizer.
+
+    The teachers are then cached one at a time with `mtkd-cache run` (printed here).
+    """
+    w = work()
+    for name in CACHE_SPLITS:
+        data = cache_data(w / "data", name)
+        subprocess.run([sys.executable, "-m", "mtkd_cache.cli", "prepare", str(w / "caches" / name), "--data",
+                        str(data), "--tokenizer", str(w / "models" / "smollm2"), "--max-length", "512",
+                        "--domain-column", "domain"], check=True)
+    for cache in ("transfer", "eval"):
+        for t in TEACHERS:
+            click.echo(f"mtkd-cache run {w / 'caches' / cache} --teacher {t} --model {w / 'models' / t} --top-k 64")
+
+
+@click.command()
+@click.option("--max-positions", type=int, default=80_000, show_default=True, help="Held-out positions scored.")
+def scores(max_positions: int) -> None:
+    """`mtkd-score` of every operator on the eval cache: all teachers, and each pair.
+
+    A set that `mtkd-score` refuses (today: any set with Gemma, whose targets are on its own tokens
+    and vocabulary) is recorded with the refusal instead of a ranking.
+    """
+    from mtkd_train.scoring import score_cache
+
+    sets = [ALL, ("smollm2", "gemma3"), ("smollm2", "smollm2-shakespeare"), ("gemma3", "smollm2-shakespeare")]
+    out: dict[str, Any] = {}
+    for teachers in sets:
+        try:
+            rows, chosen = score_cache(str(work() / "caches" / "eval"), teachers, max_positions=max_positions)
+        except ValueError as e:  # mtkd-score reads each teacher on its own grid: no cross-tokenizer teacher yet
+            out["+".join(teachers)] = {"error": f"{type(e).__name__}: {e}"}
+            click.echo(f"{'+'.join(teachers)}: refused: {e}")
+            continue
+        out["+".join(teachers)] = {"chosen": chosen, "ranked": [r.to_dict() for r in rows]}
+        click.echo(f"{'+'.join(teachers)}: chosen {json.dumps(chosen)}")
+        for r in rows:
+            click.echo(f"  {r.aggregate:<12} nll {r.nll:.4f} ppl {r.to_dict()['perplexity']:9.3f} {r.note}")
+    _write(RESULTS / "lm_scores.json", {"cache": "eval", "max_positions": max_positions, "sets": out})
+
+
+def _write(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def best_route() -> dict[str, str]:
+    """Each domain to the teacher of lowest held-out bits per byte (``lm_teachers.json``), SmolLM2 by default."""
+    path = RESULTS / "lm_teachers.json"
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    route = {}
+    for d in DOMAINS:
+        scored = {t: table[f"{t}/{d}"]["bits_per_byte"] for t in ALL if f"{t}/{d}" in table}
+        route[d] = min(scored, key=scored.__getitem__) if scored else "smollm2"
+    return route
+
+
+def single_teacher_ppl(root: Path) -> dict[str, float]:
+    """Overall held-out perplexity of each single-teacher student, mean over its finished seeds."""
+    from examples.lm.report import aggregate, load_results
+
+    rows = aggregate(load_results(root))
+    return {r["spec"]["teachers"][0]: r["overall"]["mean"] for r in rows.values()
+            if r["spec"]["kd"] and len(r["spec"]["teachers"]) == 1}
+
+
+def matrix(phases: tuple[str, ...], seeds: list[int], root: Path) -> list[tuple[RunSpec, int]]:
+    """The runs of `phases`, in the order of the experiment: base s0, base other seeds, operators, curve."""
+    runs: list[tuple[RunSpec, int]] = []
+    if "base" in phases:
+        runs += [(s, seeds[0]) for s in base_runs()]
+    if "seeds" in phases:
+        runs += [(s, seed) for seed in seeds[1:] for s in base_runs()]
+    if "operators" in phases:
+        runs += [(s, seed) for seed in seeds for s in operator_runs(best_route())]
+    if "curve" in phases:
+        known = {s.name for s in base_runs()}
+        runs += [(s, seed) for seed in seeds for s in curve_runs(single_teacher_ppl(root)) if s.name not in known]
+    return runs
+
+
+@click.command()
+@click.option("--phase", "phases", multiple=True, type=click.Choice(PHASES), default=PHASES, show_default=True,
+              help="Parts of the matrix to run (repeat); finished (config, seed) runs are skipped.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
+@click.option("--only", multiple=True, help="Run only these configs (by name, repeat).")
+@click.option("--steps", type=int, default=Recipe.steps, show_default=True, help="Optimizer steps per run.")
+@click.option("--layers", type=int, default=Recipe.layers, show_default=True, help="Student blocks.")
+@click.option("--width", type=int, default=Recipe.width, show_default=True, help="Student hidden size.")
+@click.option("--lr", type=float, default=Recipe.lr, show_default=True, help="Peak learning rate.")
+@click.option("--alpha", type=float, default=Recipe.alpha, show_default=True, help="KD weight of KD runs.")
+@click.option("--eval-every", type=int, default=Recipe.eval_every, show_default=True, help="Steps between evals.")
+def students(phases: tuple[str, ...], seeds: str, only: tuple[str, ...], steps: int, layers: int, width: int,
+             lr: float, alpha: float, eval_every: int) -> None:
+    """Train the student matrix on the transfer cache; one result JSON per (config, seed), resumable."""
+    from examples.lm.student_eval import train_student
+    from examples.lm.students import write_student_config
+
+    w = work()
+    recipe = Recipe(layers=layers, width=width, steps=steps, lr=lr, alpha=alpha, eval_every=eval_every)
+    root = w / "students" / f"L{layers}w{width}-{steps}st-lr{lr:g}-a{alpha:g}"
+    student = write_student_config(root / "student-config", recipe, w / "models" / "smollm2")
+    caches_ = w / "caches"
+    trainer = partial(train_student, cache=str(caches_ / "transfer"), curve_cache=str(caches_ / "curve"),
+                      eval_cache=str(caches_ / "eval"), student=student)
+    runs = [(s, seed) for s, seed in matrix(phases, [int(x) for x in seeds.split(",")], root)
+            if not only or s.name in only]
+    run_matrix(root, runs, recipe, trainer, log=click.echo)
+    click.echo(f"results under {root}; summarise with `python -m examples.lm report --root {root}`")
+
+
+@click.command()
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The results folder of one recipe (printed by `students`).")
+def report(root: Path) -> None:
+    """Mean ± std over seeds per config and domain: lm_students.json, a Markdown table, lm_curve.png."""
+    from examples.lm.report import aggregate, load_results, plot_curves, table
+
+    results = load_results(root)
+    rows = aggregate(results)
+    click.echo(table(rows, list(DOMAINS)))
+    best = sorted(ALL, key=lambda t: single_teacher_ppl(root).get(t, float("inf")))
+    orders = {"fixed order (" + ", ".join(ALL) + ")": _order_names(ALL),
+              "best first (" + ", ".join(best) + ")": _order_names(tuple(best))}
+    _write(RESULTS / "lm_students.json", {"root": str(root), "rows": rows, "orders": orders,
+                                          "runs": [{k: r[k] for k in ("spec", "seed", "domains", "curve",
+                                                                      "train_seconds")} for r in results]})
+    plot_curves(results, rows, RESULTS / "lm_curve.png", orders)
+
+
+def _order_names(order: tuple[str, ...]) -> list[str]:
+    """The configs of the 1 -> N curve in `order`: no KD, the first teacher alone, then the mean of the first n."""
+    return ["nokd", SHORT[order[0]], *(mean_spec(order[:n]).name for n in range(2, len(order) + 1))]
