@@ -72,6 +72,8 @@ def _batch(data: Any, idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
         batch.update({k: torch.from_numpy(np.ascontiguousarray(v[idx])) for k, v in data.inputs.items()})
     if data.labels is not None:
         batch["labels"] = torch.as_tensor(data.labels[idx])
+    if data.domains is not None:
+        batch["domains"] = torch.as_tensor(data.domains[idx])
     return batch
 
 
@@ -112,18 +114,24 @@ class _Totals:
     also mc_nll, mc_correct, predictive entropy, mutual information and the MC ECE bins.
     """
 
-    def __init__(self, device: torch.device, mc: bool):
-        self.mc = mc
+    def __init__(self, device: torch.device, mc: bool, domains: Sequence[str] = ()):
+        self.mc, self.domains = mc, list(domains)
         self.sums = torch.zeros(3 + 3 * _BINS + (4 + 3 * _BINS if mc else 0), dtype=torch.float64, device=device)
+        self.by_domain = torch.zeros((len(self.domains), 3), dtype=torch.float64, device=device)  # nll, count, correct
 
-    def add(self, z: torch.Tensor, t: torch.Tensor) -> None:
-        """Scored rows: logits z (P, V) float32, labels t (P,)."""
+    def add(self, z: torch.Tensor, t: torch.Tensor, d: torch.Tensor | None = None) -> None:
+        """Scored rows: logits z (P, V) float32, labels t (P,), domain codes d (P,) (-1 = none)."""
         logp = torch.log_softmax(z, -1)
         conf, pred = logp.max(-1)
         hit = pred == t
-        head = torch.stack([-logp.gather(1, t[:, None]).sum(), torch.tensor(t.numel(), device=z.device), hit.sum()])
+        nll = -logp.gather(1, t[:, None]).squeeze(1)
+        head = torch.stack([nll.sum(), torch.tensor(t.numel(), device=z.device), hit.sum()])
         self.sums[:3] += head.double()
         self.sums[3 : 3 + 3 * _BINS] += calibration_bins(conf.exp(), hit, _BINS).flatten()
+        if d is not None and self.domains:
+            known = d >= 0
+            rows = torch.stack([nll, torch.ones_like(nll), hit.to(nll.dtype)], 1)[known].double()
+            self.by_domain.index_add_(0, d[known], rows)
 
     def add_mc(self, mean_probs: torch.Tensor, entropy: torch.Tensor, mi: torch.Tensor, t: torch.Tensor) -> None:
         """One batch's MC-dropout prediction: mean probabilities (P, V), entropy and MI (P,)."""
@@ -137,6 +145,7 @@ class _Totals:
     def reduce(self, world: int) -> None:
         if world > 1:
             dist.all_reduce(self.sums)
+            dist.all_reduce(self.by_domain)
 
     def result(self, task: str, mc_samples: int) -> dict[str, Any]:
         v = self.sums.cpu()
@@ -146,12 +155,23 @@ class _Totals:
                                "nll": nll / n, "ece": ece_from_bins(v[3 : 3 + 3 * _BINS].view(3, _BINS))}
         if task == "causal_lm":
             out["perplexity"] = math.exp(out["nll"])
+        if self.domains:
+            out["domains"] = {name: _domain_result(task, *map(float, row))
+                              for name, row in zip(self.domains, self.by_domain.cpu()) if row[1] > 0}
         if self.mc:
             o = 3 + 3 * _BINS
             out["mc"] = {"samples": mc_samples, "accuracy": float(v[o + 1]) / n,
                          "ece": ece_from_bins(v[o + 4 :].view(3, _BINS)), "nll": float(v[o]) / n,
                          "predictive_entropy": float(v[o + 2]) / n, "mutual_information": float(v[o + 3]) / n}
         return out
+
+
+def _domain_result(task: str, nll: float, count: float, correct: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"positions" if task == "causal_lm" else "samples": int(count), "accuracy": correct / count,
+                           "nll": nll / count}
+    if task == "causal_lm":
+        out["perplexity"] = math.exp(out["nll"])
+    return out
 
 
 def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> Any:
@@ -164,6 +184,9 @@ def evaluate_student(student: Student, reader: CacheReader, *, batch_size: int =
                      amp_dtype: torch.dtype | None = None, rank: int = 0, world: int = 1) -> dict[str, Any]:
     """Perplexity (causal LM) or accuracy (classifier), ECE, and MC-dropout uncertainty if asked.
 
+    On a cache with a domain column the result also holds `domains`: per domain, the same
+    perplexity (or accuracy) and NLL over its samples' scored rows.
+
     Everything is reduced on `device` (no `(P, V)` probabilities leave it), under autocast when
     `amp_dtype` is given. With `world > 1` rank r scores batches r, r + W, ... and the totals are
     all-reduced: every rank must call it, and every rank gets the same result.
@@ -171,7 +194,7 @@ def evaluate_student(student: Student, reader: CacheReader, *, batch_size: int =
     device = device or torch.device("cpu")
     was_training = student.module.training
     student.module.eval()
-    totals = _Totals(device, mc_samples > 0)
+    totals = _Totals(device, mc_samples > 0, reader.inputs.domains or ())
     try:
         for batch in eval_batches(reader, batch_size, max_samples, rank=rank, world=world):
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -179,7 +202,7 @@ def evaluate_student(student: Student, reader: CacheReader, *, batch_size: int =
             keep = y != -100
             with _autocast(device, amp_dtype):
                 z = _rows_logits(student, batch, keep, vocab_size)  # (P, V)
-            totals.add(z, y[keep])
+            totals.add(z, y[keep], _row_domains(batch, keep))
             if mc_samples > 0:
                 student.module.train()
                 with _autocast(device, amp_dtype):
@@ -193,6 +216,14 @@ def evaluate_student(student: Student, reader: CacheReader, *, batch_size: int =
     if student.task == "causal_lm":
         out["scored"] = "loss_mask" if reader.inputs.arrays.get("loss_mask") else "all"
     return out
+
+
+def _row_domains(batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor | None:
+    """Each scored row's domain code (its sample's), or None when the cache has no domains."""
+    d = batch.get("domains")
+    if d is None:
+        return None
+    return d.view(-1, *([1] * (keep.dim() - 1))).expand_as(keep)[keep]
 
 
 def _rows_logits(student: Student, batch: dict[str, torch.Tensor], keep: torch.Tensor, vocab: int | None
