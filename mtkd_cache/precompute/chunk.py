@@ -122,8 +122,11 @@ def cpu_reducers(device: torch.device) -> Iterator[_Reducers | None]:
 
 def run_chunk(data: ChunkData, teacher: LoadedTeacher, meta: TeacherMeta, chunk: int, *, seed: int,
               batch_size: int, max_tokens: int | None, device: torch.device, dtype: torch.dtype, pad_id: int,
-              reducers: _Reducers | None = None) -> ChunkOutput:
-    """Forward every sample of one chunk; host arrays in sample order plus stats (see module doc)."""
+              reducers: _Reducers | None = None, on_batch: Callable[[int], None] | None = None) -> ChunkOutput:
+    """Forward every sample of one chunk; host arrays in sample order plus stats (see module doc).
+
+    `on_batch(positions)` is called after each batch (the progress bar moves within a chunk).
+    """
     n = len(data.sample_ids)
     lengths = data.lengths.tolist() if "token_ids" in data.inputs else [1] * n
     per_sample: list[dict[str, Any]] = [{} for _ in range(n)]
@@ -147,6 +150,8 @@ def run_chunk(data: ChunkData, teacher: LoadedTeacher, meta: TeacherMeta, chunk:
         batch = batch_inputs(data, idx, pad_id)
         mask = batch.get("attention_mask")
         bad, reduced, hidden = _forward_reduce(teacher, meta, batch, device, dtype, reducers, generator)
+        if on_batch is not None:
+            on_batch(sum(lengths[i] for i in idx))  # input positions, as the bar's total counts them
         result.nonfinite.extend(int(data.sample_ids[idx[b]]) for b in bad)
         if result.nonfinite:
             continue  # this chunk is lost; keep checking its other batches to name every bad sample

@@ -11,7 +11,7 @@ Cost per chunk: one teacher forward, plus ``O(B L D)`` pooling per stored layer.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,7 @@ def _features(teacher: LoadedTeacher, batch: Mapping[str, torch.Tensor], layers:
 
 def run_feature_chunk(data: ChunkData, teacher: LoadedTeacher, meta: TeacherMeta, chunk: int, *, batch_size: int,
                       max_tokens: int | None, device: torch.device, dtype: torch.dtype, pad_id: int,
-                      **_: Any) -> ChunkOutput:
+                      on_batch: Callable[[int], None] | None = None, **_: Any) -> ChunkOutput:
     """Forward every sample of one chunk and keep only the features (same contract as `chunk.run_chunk`)."""
     n = len(data.sample_ids)
     tokens = "token_ids" in data.inputs
@@ -136,6 +136,8 @@ def run_feature_chunk(data: ChunkData, teacher: LoadedTeacher, meta: TeacherMeta
     for idx in length_grouped_batches(lengths, max_tokens, batch_size):
         with autocast_context(device, dtype):
             feats = _features(teacher, batch_inputs(data, idx, pad_id), [f.layer for f in meta.features], how)
+        if on_batch is not None:
+            on_batch(sum(lengths[i] for i in idx))
         for layer, v in feats.items():
             finite = torch.isfinite(v).flatten(1).all(1)  # (B,)
             result.nonfinite.extend(int(data.sample_ids[idx[b]]) for b in (~finite).nonzero().flatten().tolist())

@@ -223,14 +223,14 @@ def _process(reader: CacheReader, teacher: LoadedTeacher, meta: TeacherMeta, wri
         for c in pending:
             run = run_feature_chunk if meta.target.kind == "none" else run_chunk  # a teacher without a head
             out = run(reader.read_chunk(c), teacher, meta, c, seed=cfg.seed, batch_size=cfg.batch_size,
-                            max_tokens=cfg.max_tokens, device=device, dtype=dtype, pad_id=pad_id, reducers=reducers)
+                      max_tokens=cfg.max_tokens, device=device, dtype=dtype, pad_id=pad_id, reducers=reducers,
+                      on_batch=bar.update)  # the bar moves per batch: a chunk can take minutes
             while in_flight:  # keep one chunk compressing while the next one computes
                 in_flight.pop(0).result()
             if out.nonfinite:
                 bad.extend(out.nonfinite)
                 continue
             in_flight.append(pool.submit(_commit, writer, c, out, lock))
-            bar.update(int(out.stats["positions"]))
         for f in in_flight:
             f.result()
     return bad
