@@ -1,0 +1,58 @@
+"""The head-fused objective equals the logits-level one on the same logits, to the rounding of
+the dtype (docs/TESTING.md: written from the survivors of a mutation run of `_fused_head`): in
+float64 to 1e-12, including the gradients a learned gate takes through the target, and for bf16
+hidden states and head.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtkd_train.losses import fused_kd_ce_loss, fused_linear_kd_ce_loss
+from mtkd_train.targets import SparseTargets, from_dense
+
+P, H, V = 7, 5, 13
+
+
+def _case(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SparseTargets,
+                                                       torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(P, H, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(V, generator=g, dtype=torch.float64).to(dtype)
+    t = from_dense(torch.softmax(torch.randn(P, V, generator=g, dtype=torch.float64), -1), 4)
+    labels = torch.randint(0, V, (P,), generator=g)
+    labels[2] = -100
+    return h, w, b, t, labels
+
+
+@pytest.mark.parametrize("mode", ["bucket", "spread"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_float64_head_fused_equals_the_logits_path_with_the_gate_gradients(mode: str, temperature: float) -> None:
+    h, w, b, t, labels = _case(torch.float64)
+    kw = dict(alpha=0.6, temperature=temperature, target_temperature=temperature, tail_mode=mode, chunk=3)
+    results = []
+    for fused_head in (True, False):
+        hh, ww, bb = (x.clone().requires_grad_(True) for x in (h, w, b))
+        logp = t.logp.double().clone().requires_grad_(True)
+        tail = t.tail.double().clone().requires_grad_(True)
+        target = SparseTargets(t.indices, logp, tail)
+        if fused_head:
+            loss = fused_linear_kd_ce_loss(hh, ww, target, labels, bias=bb, **kw).loss  # type: ignore[arg-type]
+        else:
+            loss = fused_kd_ce_loss(hh @ ww.T + bb, target, labels, **kw).loss  # type: ignore[arg-type]
+        assert loss.dtype == torch.float64
+        results.append((loss, *torch.autograd.grad(loss, (hh, ww, bb, logp, tail))))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_bf16_head_fused_equals_the_logits_path_on_the_same_bf16_logits(temperature: float) -> None:
+    h, w, b, t, labels = _case(torch.bfloat16, seed=1)
+    kw = dict(alpha=0.5, temperature=temperature, target_temperature=temperature, tail_mode="bucket")
+    got = fused_linear_kd_ce_loss(h, w, t, labels, bias=b, **kw).loss  # type: ignore[arg-type]
+    logits = torch.mm(h, w.t()) + b  # the bf16 logits the head computes (matmul, then the bias)
+    want = fused_kd_ce_loss(logits, t, labels, **kw).loss  # type: ignore[arg-type]
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-5)
