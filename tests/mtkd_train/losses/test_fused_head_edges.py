@@ -48,7 +48,7 @@ def test_float64_head_fused_equals_the_logits_path_with_the_gate_gradients(mode:
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("temperature", [1.0, 3.0])  # z / 3 is not exact in bf16: it must be taken in float32
 def test_bf16_head_fused_equals_the_logits_path_on_the_same_bf16_logits(temperature: float) -> None:
     h, w, b, t, labels = _case(torch.bfloat16, seed=1)
     kw = dict(alpha=0.5, temperature=temperature, target_temperature=temperature, tail_mode="bucket")
