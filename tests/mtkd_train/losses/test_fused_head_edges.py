@@ -6,6 +6,8 @@ hidden states and head.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -56,3 +58,23 @@ def test_bf16_head_fused_equals_the_logits_path_on_the_same_bf16_logits(temperat
     logits = torch.mm(h, w.t()) + b  # the bf16 logits the head computes (matmul, then the bias)
     want = fused_kd_ce_loss(logits, t, labels, **kw).loss  # type: ignore[arg-type]
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
+def test_chunks_of_every_size_give_the_same_loss_without_warnings(chunk: int) -> None:
+    """Every chunk, the last partial one included, writes into its own slice of the buffers."""
+    h, w, b, t, labels = _case(torch.float32, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fused_linear_kd_ce_loss(h.requires_grad_(True), w, t, labels, bias=b, alpha=0.5, chunk=chunk)
+    ref = fused_kd_ce_loss(h @ w.T + b, t, labels, alpha=0.5)
+    torch.testing.assert_close(out.loss, ref.loss)
+
+
+def test_the_logged_kd_and_ce_are_detached_on_both_paths() -> None:
+    h, w, b, t, labels = _case(torch.float32, seed=3)
+    h.requires_grad_(True)
+    for out in (fused_linear_kd_ce_loss(h, w, t, labels, bias=b, alpha=0.5),
+                fused_kd_ce_loss(h @ w.T + b, t, labels, alpha=0.5)):
+        assert out.loss.requires_grad
+        assert not out.kd.requires_grad and not out.ce.requires_grad
