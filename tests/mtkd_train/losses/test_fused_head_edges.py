@@ -78,3 +78,43 @@ def test_the_logged_kd_and_ce_are_detached_on_both_paths() -> None:
                 fused_kd_ce_loss(h @ w.T + b, t, labels, alpha=0.5)):
         assert out.loss.requires_grad
         assert not out.kd.requires_grad and not out.ce.requires_grad
+
+
+@pytest.mark.parametrize("scale", [2.0, 1024.0])
+@pytest.mark.parametrize("frozen_hidden", [False, True])
+def test_every_gradient_scales_with_the_upstream_gradient(scale: float, frozen_hidden: bool) -> None:
+    """A loss scaled before backward (AMP's GradScaler) scales every gradient, the gate's included;
+    inputs that need no gradient (a frozen trunk, no bias) get none."""
+    h, w, _, t, labels = _case(torch.float32, seed=4)
+    h.requires_grad_(not frozen_hidden)
+    w.requires_grad_(True)
+    logp, tail = t.logp.clone().requires_grad_(True), t.tail.clone().requires_grad_(True)
+    inputs = [x for x in (h, w, logp, tail) if x.requires_grad]
+
+    def grads(factor: float) -> tuple[torch.Tensor, ...]:
+        loss = fused_linear_kd_ce_loss(h, w, SparseTargets(t.indices, logp, tail), labels, alpha=0.5,
+                                       temperature=2.0, target_temperature=2.0).loss
+        return torch.autograd.grad(loss * factor, inputs)
+
+    for plain, scaled in zip(grads(1.0), grads(scale), strict=True):
+        assert float(plain.abs().max()) > 1e-4
+        torch.testing.assert_close(scaled, plain * scale, rtol=1e-5, atol=1e-6)
+
+
+def test_batched_hidden_states_are_read_on_their_last_axis() -> None:
+    h, w, b, t, labels = _case(torch.float32, seed=5)
+    hb = torch.cat([h, h[:5]]).reshape(3, 4, H)  # (B, T, H) with T != H
+    tb = SparseTargets(*(torch.cat([x, x[:5]]).reshape(3, 4, *x.shape[1:]) for x in t))
+    lb = torch.cat([labels, labels[:5]]).reshape(3, 4)
+    got = fused_linear_kd_ce_loss(hb, w, tb, lb, bias=b, alpha=0.5).loss
+    want = fused_kd_ce_loss(hb @ w.T + b, tb, lb, alpha=0.5).loss
+    torch.testing.assert_close(got, want)
+
+
+def test_a_float32_head_runs_in_the_dtype_of_bf16_hidden_states() -> None:
+    """As nn.Linear under autocast: weight and bias are cast to bf16 first (the bias is not added in float32)."""
+    h, _, _, t, labels = _case(torch.bfloat16, seed=6)
+    _, w32, b32, _, _ = _case(torch.float32, seed=7)
+    want = fused_linear_kd_ce_loss(h, w32.bfloat16(), t, labels, bias=(b32 * 10).bfloat16(), alpha=0.5).loss
+    got = fused_linear_kd_ce_loss(h, w32, t, labels, bias=b32 * 10, alpha=0.5).loss
+    torch.testing.assert_close(got, want)
