@@ -118,3 +118,12 @@ def test_a_float32_head_runs_in_the_dtype_of_bf16_hidden_states() -> None:
     want = fused_linear_kd_ce_loss(h, w32.bfloat16(), t, labels, bias=(b32 * 10).bfloat16(), alpha=0.5).loss
     got = fused_linear_kd_ce_loss(h, w32, t, labels, bias=b32 * 10, alpha=0.5).loss
     torch.testing.assert_close(got, want)
+
+
+def test_an_outer_autocast_does_not_change_the_head_fused_loss() -> None:
+    """The head runs in the hidden states' dtype, as chosen outside; autocast must not recast it."""
+    h, w, b, t, labels = _case(torch.float32, seed=8)
+    want = fused_linear_kd_ce_loss(h, w, t, labels, bias=b, alpha=0.5).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_linear_kd_ce_loss(h, w, t, labels, bias=b, alpha=0.5).loss
+    torch.testing.assert_close(got, want)
