@@ -174,3 +174,13 @@ def test_bf16_chunks_of_every_size_give_the_same_gradient_without_warnings(chunk
         (got,) = torch.autograd.grad(loss, z)
     (want,) = torch.autograd.grad(_fused(z, t, labels, alpha=0.5, temperature=2.0, mode="spread", chunk=P), z)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_batched_logits_equal_their_flattened_rows() -> None:
+    t = from_dense(torch.softmax(_logits(24, rows=12, dtype=torch.float64), -1), 3)
+    labels = torch.randint(0, V, (12,), generator=torch.Generator().manual_seed(25))
+    z = _logits(26, rows=12)
+    flat = _fused(z, t, labels, alpha=0.5, temperature=2.0, mode="spread")
+    batched = _fused(z.reshape(3, 4, V), SparseTargets(*(x.reshape(3, 4, *x.shape[1:]) for x in t)),
+                     labels.reshape(3, 4), alpha=0.5, temperature=2.0, mode="spread")
+    torch.testing.assert_close(batched, flat)
