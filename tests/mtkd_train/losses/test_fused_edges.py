@@ -8,6 +8,7 @@ in spread mode at T != 1.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -137,3 +138,49 @@ def test_the_gradient_of_bf16_logits_is_computed_in_float32(alpha: float) -> Non
     (g32,) = torch.autograd.grad(_fused(z32, t, labels, alpha=alpha, temperature=2.0, mode="spread"), z32)
     assert g16.dtype == torch.bfloat16
     torch.testing.assert_close(g16, g32.bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("needs", ["logp", "tail", "both"])
+def test_gate_gradients_reach_exactly_the_target_parts_that_need_them_and_scale(needs: str) -> None:
+    """A learned gate differentiates the merged target; the logits themselves may be frozen."""
+    t = from_dense(torch.softmax(_logits(18, dtype=torch.float64), -1), 4)
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(19))
+    z = _logits(20)  # no gradient wanted for the logits
+    logp = t.logp.clone().requires_grad_(needs in ("logp", "both"))
+    tail = t.tail.clone().requires_grad_(needs in ("tail", "both"))
+    inputs = [x for x in (logp, tail) if x.requires_grad]
+
+    def grads(loss_fn: str, factor: float) -> tuple[torch.Tensor, ...]:
+        target = SparseTargets(t.indices, logp, tail)
+        if loss_fn == "fused":
+            loss = _fused(z, target, labels, alpha=0.5, temperature=2.0, mode="bucket")
+        else:
+            loss = _reference(z, target, labels, alpha=0.5, temperature=2.0, mode="bucket")
+        return torch.autograd.grad(loss * factor, inputs)
+
+    for got, want, scaled in zip(grads("fused", 1.0), grads("reference", 1.0), grads("fused", 64.0), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(scaled, got * 64.0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, P])
+def test_bf16_chunks_of_every_size_give_the_same_gradient_without_warnings(chunk: int) -> None:
+    t = from_dense(torch.softmax(_logits(21, dtype=torch.float64), -1), 4)
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(22))
+    z = _logits(23).bfloat16().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = _fused(z, t, labels, alpha=0.5, temperature=2.0, mode="spread", chunk=chunk)
+        (got,) = torch.autograd.grad(loss, z)
+    (want,) = torch.autograd.grad(_fused(z, t, labels, alpha=0.5, temperature=2.0, mode="spread", chunk=P), z)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_batched_logits_equal_their_flattened_rows() -> None:
+    t = from_dense(torch.softmax(_logits(24, rows=12, dtype=torch.float64), -1), 3)
+    labels = torch.randint(0, V, (12,), generator=torch.Generator().manual_seed(25))
+    z = _logits(26, rows=12)
+    flat = _fused(z, t, labels, alpha=0.5, temperature=2.0, mode="spread")
+    batched = _fused(z.reshape(3, 4, V), SparseTargets(*(x.reshape(3, 4, *x.shape[1:]) for x in t)),
+                     labels.reshape(3, 4), alpha=0.5, temperature=2.0, mode="spread")
+    torch.testing.assert_close(batched, flat)
