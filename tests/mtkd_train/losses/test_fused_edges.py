@@ -13,7 +13,8 @@ import warnings
 import pytest
 import torch
 
-from mtkd_train.losses import combine, fused_kd_ce_loss, hard_label_loss, kd_loss
+from mtkd_train.losses import LossConfigError, combine, fused_kd_ce_loss, hard_label_loss, kd_loss
+from mtkd_train.losses._fused import CHUNK_ELEMENTS, MIN_CHUNK_ROWS, chunk_rows
 from mtkd_train.targets import SparseTargets, from_dense, from_samples
 
 P, V = 6, 11
@@ -184,3 +185,50 @@ def test_batched_logits_equal_their_flattened_rows() -> None:
     batched = _fused(z.reshape(3, 4, V), SparseTargets(*(x.reshape(3, 4, *x.shape[1:]) for x in t)),
                      labels.reshape(3, 4), alpha=0.5, temperature=2.0, mode="spread")
     torch.testing.assert_close(batched, flat)
+
+
+def test_vocab_size_bounds_and_message() -> None:
+    t = from_dense(torch.softmax(_logits(27, dtype=torch.float64)[:, :1], -1), 1)
+    labels = torch.zeros(P, dtype=torch.int64)
+    z = _logits(28)
+    one = fused_kd_ce_loss(z, t, labels, alpha=0.5, vocab_size=1)  # a one-token vocabulary: both terms are 0
+    assert float(one.loss) == pytest.approx(0.0, abs=1e-6)
+    for bad in (0, -1, V + 1, 3.0):
+        with pytest.raises(LossConfigError) as err:
+            fused_kd_ce_loss(z, t, labels, alpha=0.5, vocab_size=bad)  # type: ignore[arg-type]
+        assert str(err.value) == (f"vocab_size={bad!r} must be a positive int no larger than the {V} logits / head "
+                                  "rows; padded vocabulary columns beyond it are dropped")
+
+
+def test_chunk_rows_aims_at_chunk_elements_per_chunk() -> None:
+    rows = chunk_rows(10**6, 2**14, None)
+    assert rows == CHUNK_ELEMENTS // 2**14 and type(rows) is int  # a row count for range() and slicing
+    assert chunk_rows(10**8, 1, None) == CHUNK_ELEMENTS
+    assert chunk_rows(10**6, 10**7, None) == MIN_CHUNK_ROWS
+    assert chunk_rows(5, 10, None) == 5 and chunk_rows(0, 10, None) == 1
+    assert chunk_rows(100, 10, 1) == 1 and chunk_rows(3, 10, 8) == 3
+    for bad in (0, -2, 2.0):
+        with pytest.raises(LossConfigError, match=rf"^chunk_rows must be a positive int, got {bad!r}$"):
+            chunk_rows(10, 10, bad)  # type: ignore[arg-type]
+
+
+def test_one_labelled_row_gives_its_own_cross_entropy() -> None:
+    t = from_dense(torch.softmax(_logits(29, dtype=torch.float64), -1), 3)
+    labels = torch.full((P,), -100)
+    labels[3] = 4
+    z = _logits(30)
+    out = fused_kd_ce_loss(z, t, labels, alpha=0.5)
+    torch.testing.assert_close(out.ce, torch.nn.functional.cross_entropy(z[3:4], labels[3:4]))
+
+
+def test_double_precision_targets_do_not_change_the_float32_computation() -> None:
+    t = from_dense(torch.softmax(_logits(31, dtype=torch.float64), -1), 3)
+    t64 = SparseTargets(t.indices, t.logp.double(), t.tail.double())
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(32))
+    z = _logits(33)
+    want = fused_kd_ce_loss(z, t, labels, alpha=0.5, temperature=2.0, tail_mode="spread")
+    got = fused_kd_ce_loss(z, t64, labels, alpha=0.5, temperature=2.0, tail_mode="spread",
+                           target_negentropy=torch.zeros(P, dtype=torch.float64))
+    assert got.loss.dtype == torch.float32 and got.kd.dtype == torch.float32
+    torch.testing.assert_close(fused_kd_ce_loss(z, t64, labels, alpha=0.5, temperature=2.0,
+                                                tail_mode="spread").loss, want.loss)
