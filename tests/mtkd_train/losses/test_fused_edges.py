@@ -15,7 +15,7 @@ import torch
 
 from mtkd_train.losses import LossConfigError, combine, fused_kd_ce_loss, hard_label_loss, kd_loss
 from mtkd_train.losses._fused import CHUNK_ELEMENTS, MIN_CHUNK_ROWS, chunk_rows
-from mtkd_train.targets import SparseTargets, from_dense, from_samples
+from mtkd_train.targets import SparseTargets, from_dense, from_samples, to_dense
 
 P, V = 6, 11
 
@@ -232,3 +232,50 @@ def test_double_precision_targets_do_not_change_the_float32_computation() -> Non
     assert got.loss.dtype == torch.float32 and got.kd.dtype == torch.float32
     torch.testing.assert_close(fused_kd_ce_loss(z, t64, labels, alpha=0.5, temperature=2.0,
                                                 tail_mode="spread").loss, want.loss)
+
+
+@pytest.mark.parametrize("pad_id", [0, -1, V + 5])
+@pytest.mark.parametrize("mode", ["bucket", "spread"])
+def test_rows_without_a_kept_token_may_hold_any_padding_id(pad_id: int, mode: str) -> None:
+    t = from_dense(torch.softmax(_logits(34, dtype=torch.float64), -1), 1)  # K = 1
+    indices, logp, tail = t.indices.clone(), t.logp.clone(), t.tail.clone()
+    indices[1], logp[1], tail[1] = pad_id, -math.inf, 1.0  # a placeholder row: all mass in the tail
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(35))
+    for temperature in (1.0, 2.0):
+        _agree(_logits(36), SparseTargets(indices, logp, tail), labels, alpha=0.5, temperature=temperature,
+               mode=mode)
+
+
+def test_one_labelled_row_weighs_its_cross_entropy_fully_in_the_loss() -> None:
+    t = from_dense(torch.softmax(_logits(37, dtype=torch.float64), -1), 3)
+    labels = torch.full((P,), -100)
+    labels[5] = 2
+    out = fused_kd_ce_loss(_logits(38), t, labels, alpha=0.25)
+    torch.testing.assert_close(out.loss, 0.25 * out.kd + 0.75 * out.ce)
+
+
+def test_float64_logits_match_a_float64_dense_reference_to_1e_12() -> None:
+    z = _logits(39, dtype=torch.float64)
+    t = from_dense(torch.softmax(_logits(40, dtype=torch.float64), -1), 4)
+    t = SparseTargets(t.indices, t.logp.double(), t.tail.double())
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(41))
+    labels[0] = -100
+    temperature, alpha = 2.0, 0.3
+    got = fused_kd_ce_loss(z, t, labels, alpha=alpha, temperature=temperature, target_temperature=temperature,
+                           tail_mode="spread")
+    p = to_dense(t, V)
+    log_q = torch.log_softmax(z / temperature, -1)
+    kd = temperature**2 * (p * (p.log() - log_q)).sum(-1).mean()
+    ce = torch.nn.functional.cross_entropy(z, labels)
+    torch.testing.assert_close(got.kd, kd, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.ce, ce, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.loss, alpha * kd + (1 - alpha) * ce, rtol=1e-12, atol=1e-12)
+
+
+def test_targets_of_other_positions_are_refused_with_both_shapes() -> None:
+    t = from_dense(torch.softmax(_logits(42, rows=12, dtype=torch.float64), -1), 3)
+    batched = SparseTargets(*(x.reshape(2, 6, *x.shape[1:]) for x in t))
+    with pytest.raises(LossConfigError) as err:
+        fused_kd_ce_loss(_logits(43, rows=12).reshape(3, 4, V), batched, torch.zeros(3, 4, dtype=torch.int64),
+                         alpha=0.5)
+    assert str(err.value) == "target positions (2, 6) do not match the positions (3, 4)"
