@@ -279,3 +279,13 @@ def test_targets_of_other_positions_are_refused_with_both_shapes() -> None:
         fused_kd_ce_loss(_logits(43, rows=12).reshape(3, 4, V), batched, torch.zeros(3, 4, dtype=torch.int64),
                          alpha=0.5)
     assert str(err.value) == "target positions (2, 6) do not match the positions (3, 4)"
+
+
+@pytest.mark.parametrize("mode", ["bucket", "spread"])
+def test_a_target_captured_at_another_temperature_is_retempered_by_the_ratio(mode: str) -> None:
+    t = from_dense(torch.softmax(_logits(44, dtype=torch.float64), -1), 4)
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(45))
+    z = _logits(46)
+    got = fused_kd_ce_loss(z, t, labels, alpha=0.5, temperature=2.0, target_temperature=4.0, tail_mode=mode).loss
+    kd = kd_loss(z, t, kind="forward_kl", temperature=2.0, target_temperature=4.0, tail_mode=mode)  # type: ignore[arg-type]
+    torch.testing.assert_close(got, combine(kd, hard_label_loss(z, labels), 0.5), atol=1e-5, rtol=1e-5)
