@@ -206,7 +206,7 @@ def test_chunk_rows_aims_at_chunk_elements_per_chunk() -> None:
     assert chunk_rows(10**8, 1, None) == CHUNK_ELEMENTS
     assert chunk_rows(10**6, 10**7, None) == MIN_CHUNK_ROWS
     assert chunk_rows(5, 10, None) == 5 and chunk_rows(0, 10, None) == 1
-    assert chunk_rows(100, 10, 1) == 1 and chunk_rows(3, 10, 8) == 3
+    assert chunk_rows(100, 10, 1) == 1 and chunk_rows(3, 10, 8) == 3 and chunk_rows(1, 10, 8) == 1
     for bad in (0, -2, 2.0):
         with pytest.raises(LossConfigError, match=rf"^chunk_rows must be a positive int, got {bad!r}$"):
             chunk_rows(10, 10, bad)  # type: ignore[arg-type]
