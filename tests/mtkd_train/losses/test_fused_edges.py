@@ -286,6 +286,7 @@ def test_a_target_captured_at_another_temperature_is_retempered_by_the_ratio(mod
     t = from_dense(torch.softmax(_logits(44, dtype=torch.float64), -1), 4)
     labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(45))
     z = _logits(46)
-    got = fused_kd_ce_loss(z, t, labels, alpha=0.5, temperature=2.0, target_temperature=4.0, tail_mode=mode).loss
+    got = fused_kd_ce_loss(z, t, labels, alpha=0.5, temperature=2.0, target_temperature=4.0,
+                           tail_mode=mode).loss  # type: ignore[arg-type]
     kd = kd_loss(z, t, kind="forward_kl", temperature=2.0, target_temperature=4.0, tail_mode=mode)  # type: ignore[arg-type]
     torch.testing.assert_close(got, combine(kd, hard_label_loss(z, labels), 0.5), atol=1e-5, rtol=1e-5)
