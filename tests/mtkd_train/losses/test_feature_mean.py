@@ -48,3 +48,32 @@ def test_relational_mean_with_one_row_is_zero() -> None:
     fd = FeatureDistiller(DS, [DT, DT], kind="similarity", aggregate="mean")
     out = fd(h, fs)
     assert float(out.detach()) == 0.0 and torch.isfinite(out)
+
+
+def test_mean_betas_are_normalised_even_when_they_sum_below_one_in_float64() -> None:
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(M, DS, generator=g, dtype=torch.float64)
+    fs = [torch.randn(M, DT, generator=g, dtype=torch.float64) for _ in range(2)]
+    fd = FeatureDistiller(DS, [DT, DT], betas=[0.1, 0.2], aggregate="mean").double()
+    want = (fd.projections[0](h) - (fs[0] / 3 + 2 * fs[1] / 3)).pow(2).mean()
+    torch.testing.assert_close(fd(h, fs), want, rtol=1e-13, atol=1e-13)
+
+
+def test_mean_uses_the_first_student_layer_and_casts_features_to_its_dtype() -> None:
+    h, fs = _inputs(4)
+    fd = FeatureDistiller(DS, [DT, DT], aggregate="mean")
+    other = torch.randn(M, DS, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(fd([h, other], fs), fd(h, fs))
+    out = fd(h, [f.double() for f in fs])
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, fd(h, fs))
+
+
+def test_relational_mean_of_one_wide_features_is_not_skipped() -> None:
+    h, fs = _inputs(6)
+    fs = [f[:, :1] for f in fs]
+    fd = FeatureDistiller(DS, [1, 1], kind="similarity", aggregate="mean")
+    want = relational_loss(fd.projections[0](h), 0.5 * similarity_matrix(fs[0]) + 0.5 * similarity_matrix(fs[1]),
+                           target_is_similarity=True)
+    assert float(want.detach()) > 0
+    torch.testing.assert_close(fd(h, fs), want)
