@@ -13,8 +13,9 @@ import warnings
 import pytest
 import torch
 
-from mtkd_train.losses import combine, fused_kd_ce_loss, hard_label_loss, kd_loss
-from mtkd_train.targets import SparseTargets, from_dense, from_samples
+from mtkd_train.losses import LossConfigError, combine, fused_kd_ce_loss, hard_label_loss, kd_loss
+from mtkd_train.losses._fused import CHUNK_ELEMENTS, MIN_CHUNK_ROWS, chunk_rows
+from mtkd_train.targets import SparseTargets, from_dense, from_samples, to_dense
 
 P, V = 6, 11
 
@@ -184,3 +185,108 @@ def test_batched_logits_equal_their_flattened_rows() -> None:
     batched = _fused(z.reshape(3, 4, V), SparseTargets(*(x.reshape(3, 4, *x.shape[1:]) for x in t)),
                      labels.reshape(3, 4), alpha=0.5, temperature=2.0, mode="spread")
     torch.testing.assert_close(batched, flat)
+
+
+def test_vocab_size_bounds_and_message() -> None:
+    t = from_dense(torch.softmax(_logits(27, dtype=torch.float64)[:, :1], -1), 1)
+    labels = torch.zeros(P, dtype=torch.int64)
+    z = _logits(28)
+    one = fused_kd_ce_loss(z, t, labels, alpha=0.5, vocab_size=1)  # a one-token vocabulary: both terms are 0
+    assert float(one.loss) == pytest.approx(0.0, abs=1e-6)
+    for bad in (0, -1, V + 1, 3.0):
+        with pytest.raises(LossConfigError) as err:
+            fused_kd_ce_loss(z, t, labels, alpha=0.5, vocab_size=bad)  # type: ignore[arg-type]
+        assert str(err.value) == (f"vocab_size={bad!r} must be a positive int no larger than the {V} logits / head "
+                                  "rows; padded vocabulary columns beyond it are dropped")
+
+
+def test_chunk_rows_aims_at_chunk_elements_per_chunk() -> None:
+    rows = chunk_rows(10**6, 2**14, None)
+    assert rows == CHUNK_ELEMENTS // 2**14 and type(rows) is int  # a row count for range() and slicing
+    assert chunk_rows(10**8, 1, None) == CHUNK_ELEMENTS
+    assert chunk_rows(10**6, 10**7, None) == MIN_CHUNK_ROWS
+    assert chunk_rows(5, 10, None) == 5 and chunk_rows(0, 10, None) == 1
+    assert chunk_rows(100, 10, 1) == 1 and chunk_rows(3, 10, 8) == 3 and chunk_rows(1, 10, 8) == 1
+    for bad in (0, -2, 2.0):
+        with pytest.raises(LossConfigError, match=rf"^chunk_rows must be a positive int, got {bad!r}$"):
+            chunk_rows(10, 10, bad)  # type: ignore[arg-type]
+
+
+def test_one_labelled_row_gives_its_own_cross_entropy() -> None:
+    t = from_dense(torch.softmax(_logits(29, dtype=torch.float64), -1), 3)
+    labels = torch.full((P,), -100)
+    labels[3] = 4
+    z = _logits(30)
+    out = fused_kd_ce_loss(z, t, labels, alpha=0.5)
+    torch.testing.assert_close(out.ce, torch.nn.functional.cross_entropy(z[3:4], labels[3:4]))
+
+
+def test_double_precision_targets_do_not_change_the_float32_computation() -> None:
+    t = from_dense(torch.softmax(_logits(31, dtype=torch.float64), -1), 3)
+    t64 = SparseTargets(t.indices, t.logp.double(), t.tail.double())
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(32))
+    z = _logits(33)
+    want = fused_kd_ce_loss(z, t, labels, alpha=0.5, temperature=2.0, tail_mode="spread")
+    got = fused_kd_ce_loss(z, t64, labels, alpha=0.5, temperature=2.0, tail_mode="spread",
+                           target_negentropy=torch.zeros(P, dtype=torch.float64))
+    assert got.loss.dtype == torch.float32 and got.kd.dtype == torch.float32
+    torch.testing.assert_close(fused_kd_ce_loss(z, t64, labels, alpha=0.5, temperature=2.0,
+                                                tail_mode="spread").loss, want.loss)
+
+
+@pytest.mark.parametrize("pad_id", [0, -1, V + 5])
+@pytest.mark.parametrize("mode", ["bucket", "spread"])
+def test_rows_without_a_kept_token_may_hold_any_padding_id(pad_id: int, mode: str) -> None:
+    t = from_dense(torch.softmax(_logits(34, dtype=torch.float64), -1), 1)  # K = 1
+    indices, logp, tail = t.indices.clone(), t.logp.clone(), t.tail.clone()
+    indices[1], logp[1], tail[1] = pad_id, -math.inf, 1.0  # a placeholder row: all mass in the tail
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(35))
+    for temperature in (1.0, 2.0):
+        _agree(_logits(36), SparseTargets(indices, logp, tail), labels, alpha=0.5, temperature=temperature,
+               mode=mode)
+
+
+def test_one_labelled_row_weighs_its_cross_entropy_fully_in_the_loss() -> None:
+    t = from_dense(torch.softmax(_logits(37, dtype=torch.float64), -1), 3)
+    labels = torch.full((P,), -100)
+    labels[5] = 2
+    out = fused_kd_ce_loss(_logits(38), t, labels, alpha=0.25)
+    torch.testing.assert_close(out.loss, 0.25 * out.kd + 0.75 * out.ce)
+
+
+def test_float64_logits_match_a_float64_dense_reference_to_1e_12() -> None:
+    z = _logits(39, dtype=torch.float64)
+    t = from_dense(torch.softmax(_logits(40, dtype=torch.float64), -1), 4)
+    t = SparseTargets(t.indices, t.logp.double(), t.tail.double())
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(41))
+    labels[0] = -100
+    temperature, alpha = 2.0, 0.3
+    got = fused_kd_ce_loss(z, t, labels, alpha=alpha, temperature=temperature, target_temperature=temperature,
+                           tail_mode="spread")
+    p = to_dense(t, V)
+    log_q = torch.log_softmax(z / temperature, -1)
+    kd = temperature**2 * (p * (p.log() - log_q)).sum(-1).mean()
+    ce = torch.nn.functional.cross_entropy(z, labels)
+    torch.testing.assert_close(got.kd, kd, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.ce, ce, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.loss, alpha * kd + (1 - alpha) * ce, rtol=1e-12, atol=1e-12)
+
+
+def test_targets_of_other_positions_are_refused_with_both_shapes() -> None:
+    t = from_dense(torch.softmax(_logits(42, rows=12, dtype=torch.float64), -1), 3)
+    batched = SparseTargets(*(x.reshape(2, 6, *x.shape[1:]) for x in t))
+    with pytest.raises(LossConfigError) as err:
+        fused_kd_ce_loss(_logits(43, rows=12).reshape(3, 4, V), batched, torch.zeros(3, 4, dtype=torch.int64),
+                         alpha=0.5)
+    assert str(err.value) == "target positions (2, 6) do not match the positions (3, 4)"
+
+
+@pytest.mark.parametrize("mode", ["bucket", "spread"])
+def test_a_target_captured_at_another_temperature_is_retempered_by_the_ratio(mode: str) -> None:
+    t = from_dense(torch.softmax(_logits(44, dtype=torch.float64), -1), 4)
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(45))
+    z = _logits(46)
+    got = fused_kd_ce_loss(z, t, labels, alpha=0.5, temperature=2.0, target_temperature=4.0,
+                           tail_mode=mode).loss  # type: ignore[arg-type]
+    kd = kd_loss(z, t, kind="forward_kl", temperature=2.0, target_temperature=4.0, tail_mode=mode)  # type: ignore[arg-type]
+    torch.testing.assert_close(got, combine(kd, hard_label_loss(z, labels), 0.5), atol=1e-5, rtol=1e-5)
