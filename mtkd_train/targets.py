@@ -82,7 +82,7 @@ def parse_tail_mode(value: str) -> TailMode:
 
 
 def _check_vocab_size(vocab_size: int) -> None:
-    if not isinstance(vocab_size, int) or vocab_size < 1:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
         raise TargetsError(f"vocab_size must be a positive int, got {vocab_size!r}")
 
 
@@ -181,7 +181,7 @@ def from_dense(probs: torch.Tensor, k: int) -> SparseTargets:
     Raises:
         TargetsError: ``k`` out of range.
     """
-    if not isinstance(k, int) or not 1 <= k <= probs.shape[-1]:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= probs.shape[-1]:
         raise TargetsError(f"k must be an int in [1, {probs.shape[-1]}], got {k!r}")
     top, idx = probs.topk(k, dim=-1)  # (..., k)
     rest = probs.scatter(-1, idx, torch.zeros_like(top)).sum(dim=-1)  # (...,)

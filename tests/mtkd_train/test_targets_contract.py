@@ -28,13 +28,18 @@ def _row(logp: list[float], indices: list[int], tail: float, dtype: torch.dtype 
     return SparseTargets(torch.tensor([indices]), torch.tensor([logp], dtype=dtype), torch.tensor([tail], dtype=dtype))
 
 
-@pytest.mark.parametrize("bad", [0, -4, 6.0, "6", None])
+@pytest.mark.parametrize("bad", [0, -4, 6.0, "6", None, True])
 def test_vocab_size_must_be_a_positive_int_with_the_exact_message(bad: object) -> None:
     t = _row([math.log(0.5)], [1], 0.5)
     for call in (lambda: spread_log_value(t, bad), lambda: to_dense(t, bad), lambda: retemper(t, 2.0, bad)):  # type: ignore[arg-type]
         with pytest.raises(TargetsError) as err:
             call()
         assert str(err.value) == f"vocab_size must be a positive int, got {bad!r}"
+
+
+def test_k_true_is_refused_not_read_as_one() -> None:
+    with pytest.raises(TargetsError, match="k must be an int in"):
+        from_dense(torch.tensor([[0.5, 0.5]]), True)  # type: ignore[arg-type]
 
 
 def test_a_one_token_vocabulary_is_allowed() -> None:
