@@ -252,7 +252,7 @@ def _teacher_chunks(reader: CacheReader, name: str) -> Iterator[tuple[Any, Any, 
 
     cross = cross_teachers(reader, [name])
     for c in range(reader.num_chunks):
-        data = read_chunk_aligned(reader, c, [name], None, cross) if cross else reader.read_chunk(c, teachers=[name])
+        data = read_chunk_aligned(reader, c, [name], None, cross)  # = reader.read_chunk when not cross
         block = data.targets[name]
         yield data, block, getattr(block, "present", None)
 

@@ -49,6 +49,12 @@ def layout_finder(read_json: Callable[[str], dict], read_table: Callable[[str], 
                   inputs_grid: ChunkGrid) -> Callable[[str], Layout | None]:
     """path of a zarr array -> its `Layout`, or None for an array that travels whole."""
     cache: dict[str | None, Layout] = {}
+    on_tokenization: dict[str, str | None] = {}  # teacher -> the tokenization teacher.json names
+
+    def teacher_tokenization(name: str) -> str | None:
+        if name not in on_tokenization:  # one read of teacher.json per teacher, not per array
+            on_tokenization[name] = read_json(f"teachers/{name}/teacher.json").get("tokenization")
+        return on_tokenization[name]
 
     def layout(tid: str | None) -> Layout:
         if tid not in cache:
@@ -63,7 +69,7 @@ def layout_finder(read_json: Callable[[str], dict], read_table: Callable[[str], 
         if parts[0] == "tokenizations":
             return None if parts[-1] == "vocab_map" else layout(parts[1])
         if parts[0] == "teachers":
-            return layout(read_json(f"teachers/{parts[1]}/teacher.json").get("tokenization"))
+            return layout(teacher_tokenization(parts[1]))
         return layout(None)
 
     return find

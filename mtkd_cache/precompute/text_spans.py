@@ -41,8 +41,8 @@ def text_pieces(tokenizer: Any, pack: bool) -> list[bytes | None] | None:
 
 def special_bytes(tokenizer: Any, pieces: Sequence[bytes | None]) -> dict[int, bytes]:
     """The literal string of every token that spells nothing (special tokens), as UTF-8."""
-    names = tokenizer.convert_ids_to_tokens([i for i, b in enumerate(pieces) if b is None])
-    return {i: str(n).encode() for i, n in zip((i for i, b in enumerate(pieces) if b is None), names) if n}
+    ids = [i for i, b in enumerate(pieces) if b is None]
+    return {i: str(n).encode() for i, n in zip(ids, tokenizer.convert_ids_to_tokens(ids)) if n}
 
 
 def spell(ids: Sequence[int], pieces: Sequence[bytes | None], data: bytes, specials: Mapping[int, bytes]
