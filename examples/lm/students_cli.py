@@ -46,15 +46,17 @@ def caches() -> None:
         subprocess.run([sys.executable, "-m", "mtkd_cache.cli", "prepare", str(w / "caches" / name), "--data",
                         str(data), "--tokenizer", str(w / "models" / "smollm2"), "--max-length", "512",
                         "--domain-column", "domain"], check=True)
-    for cache in ("transfer", "eval"):
+    for cache in ("transfer", "curve"):
         for t in TEACHERS:
             click.echo(f"mtkd-cache run {w / 'caches' / cache} --teacher {t} --model {w / 'models' / t} --top-k 64")
 
 
 @click.command()
+@click.option("--cache", "cache_name", type=click.Choice(sorted(CACHE_SPLITS)), default="curve", show_default=True,
+              help="Held-out cache whose cached teachers are scored (the teachers are run on it).")
 @click.option("--max-positions", type=int, default=80_000, show_default=True, help="Held-out positions scored.")
-def scores(max_positions: int) -> None:
-    """`mtkd-score` of every operator on the eval cache: all teachers, and each pair.
+def scores(cache_name: str, max_positions: int) -> None:
+    """`mtkd-score` of every operator on a held-out cache: all teachers, and each pair.
 
     A set that `mtkd-score` refuses (today: any set with Gemma, whose targets are on its own tokens
     and vocabulary) is recorded with the refusal instead of a ranking.
@@ -65,7 +67,7 @@ def scores(max_positions: int) -> None:
     out: dict[str, Any] = {}
     for teachers in sets:
         try:
-            rows, chosen = score_cache(str(work() / "caches" / "eval"), teachers, max_positions=max_positions)
+            rows, chosen = score_cache(str(work() / "caches" / cache_name), teachers, max_positions=max_positions)
         except ValueError as e:  # mtkd-score reads each teacher on its own grid: no cross-tokenizer teacher yet
             out["+".join(teachers)] = {"error": f"{type(e).__name__}: {e}"}
             click.echo(f"{'+'.join(teachers)}: refused: {e}")
@@ -74,7 +76,7 @@ def scores(max_positions: int) -> None:
         click.echo(f"{'+'.join(teachers)}: chosen {json.dumps(chosen)}")
         for r in rows:
             click.echo(f"  {r.aggregate:<12} nll {r.nll:.4f} ppl {r.to_dict()['perplexity']:9.3f} {r.note}")
-    _write(RESULTS / "lm_scores.json", {"cache": "eval", "max_positions": max_positions, "sets": out})
+    _write(RESULTS / "lm_scores.json", {"cache": cache_name, "max_positions": max_positions, "sets": out})
 
 
 def _write(path: Path, obj: Any) -> None:

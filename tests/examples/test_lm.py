@@ -116,6 +116,7 @@ from examples.lm.students import (  # noqa: E402
     Recipe,
     RunSpec,
     base_runs,
+    claim_run,
     curve_runs,
     result_path,
     run_matrix,
@@ -234,3 +235,23 @@ def test_matrix_runs_seed_0_of_the_base_configs_first(tmp_path: Path) -> None:
     ops = {n for n, _ in names[18:36]}
     assert ops == {f"{op}-all" for op in ("loglinear", "entropy", "confidence", "gate", "mtbkd", "routing")}
     assert len(names) == len(set(names))  # no (config, seed) twice: curve prefixes already in base are not re-run
+
+
+def test_a_run_claimed_by_a_live_process_is_left_to_it_and_a_dead_claim_is_taken_over(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+
+    specs = base_runs()[:2]
+    live = claim_run(tmp_path, specs[0], 0)
+    assert live is not None and live.read_text() == f"{socket.gethostname()} {os.getpid()}"
+    assert claim_run(tmp_path, specs[0], 0) is None  # held by a live process (this one)
+    calls: list[tuple[str, int]] = []
+    logs: list[str] = []
+    run_matrix(tmp_path, [(s, 0) for s in specs], Recipe(), _fake_trainer(calls, {}), log=logs.append)
+    assert calls == [("smollm2", 0)] and "skip nokd s0: another process is running it" in logs
+    assert live.is_file() and not (tmp_path / "runs" / "smollm2-s0.claim").exists()  # released after its run
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live.write_text(f"{socket.gethostname()} {int(dead.stdout)}")  # its process has exited
+    run_matrix(tmp_path, [(s, 0) for s in specs], Recipe(), _fake_trainer(calls, {}), log=lambda _: None)
+    assert calls == [("smollm2", 0), ("nokd", 0)] and not live.exists()
