@@ -113,22 +113,28 @@ def _block_results(split: HeadSplit, flat: torch.Tensor, mask: torch.Tensor | No
                    ) -> Iterator[tuple[slice, torch.Tensor | None, list[int], list[torch.Tensor]]]:
     """(rows, logits, bad rows, outputs) per block, in order.
 
-    Without `pool`: the head and `reduce` per row block on this thread. With `pool`: the head on this
-    thread (its intra-op threads) for a group of blocks of about :data:`GROUP_ELEMENTS` logits, whose
-    blocks the single-threaded workers then reduce while this thread runs the next group's head;
-    the logits are not returned (None), and two groups' logits are the peak logits memory.
+    The head runs once per group of blocks of about :data:`GROUP_ELEMENTS` logits: its matmul reads
+    the whole ``(V, D)`` weight per call, so one call per cache-sized block (4 rows at V = 262,144)
+    would re-read 671 MB every 4 positions. Without `pool`: each block of the group is reduced on
+    this thread, and its logits are returned. With `pool`: the single-threaded workers reduce the
+    group's blocks while this thread runs the next group's head; the logits are not returned
+    (None), and two groups' logits are the peak logits memory.
     """
+    per_block = max(1, blocks[0].stop - blocks[0].start) if blocks else 1
+    per_group = max(1, GROUP_ELEMENTS // max(1, per_block * vocab))  # blocks per head call
     if pool is None:
-        for rows in blocks:
-            logits = split.logits(flat[rows]).unsqueeze(1)  # (n, 1, V_padded): one block of logits
-            yield (rows, logits, *reduce(logits, None if mask is None else mask[rows].to(logits.device)))
+        for g in range(0, len(blocks), per_group):
+            group = blocks[g: g + per_group]
+            first = group[0].start
+            logits = split.logits(flat[first: group[-1].stop]).unsqueeze(1)  # (rows, 1, V_padded)
+            for rows in group:
+                part = logits[rows.start - first: rows.stop - first]  # one cache-sized block of the group
+                yield (rows, part, *reduce(part, None if mask is None else mask[rows].to(part.device)))
         return
     def one(rows: slice, logits: torch.Tensor, first: int) -> tuple[list[int], list[torch.Tensor]]:
         part = logits[rows.start - first: rows.stop - first]
         return reduce(part, None if mask is None else mask[rows].to(part.device))
 
-    per_block = max(1, blocks[0].stop - blocks[0].start) if blocks else 1
-    per_group = max(1, GROUP_ELEMENTS // max(1, per_block * vocab))  # blocks per head call
     pending: list[tuple[slice, Future[tuple[list[int], list[torch.Tensor]]]]] = []
     for g in range(0, len(blocks), per_group):
         group = blocks[g: g + per_group]

@@ -36,6 +36,7 @@ def test_blocked_head_equals_the_full_logits(
     kind: dict[str, Any],
 ) -> None:
     monkeypatch.setitem(extract._BLOCK_ELEMENTS, "cpu", 72 * 5)  # 5 rows per block: many blocks per batch
+    monkeypatch.setattr(headblocks, "GROUP_ELEMENTS", 72 * 15)  # the head per group of 3 blocks (15 rows)
     rows_seen: list[int] = []
     real_logits = headblocks.HeadSplit.logits
 
@@ -46,7 +47,8 @@ def test_blocked_head_equals_the_full_logits(
     monkeypatch.setattr(headblocks.HeadSplit, "logits", spy)
     blocked = copy_cache(inputs_template, "blocked")
     run_teacher(blocked, RunConfig(teacher="t", model=str(lm_dir), batch_size=4, **kind), progress=False)
-    assert rows_seen and max(rows_seen) <= 8  # the probe's 8 tokens, then blocks of 5 rows: never B·L rows
+    # the probe's 8 tokens, then groups of 3 blocks: one head call per group, never per block nor B·L rows
+    assert rows_seen and max(rows_seen) <= 15 and 15 in rows_seen
 
     monkeypatch.setattr(chunk, "head_split", lambda teacher, batch: None)  # the full-logits path
     full = copy_cache(inputs_template, "full")
