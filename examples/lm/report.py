@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["aggregate", "load_results", "mean_std", "plot_curves", "table"]
+__all__ = ["aggregate", "goal", "load_results", "mean_std", "plot_curves", "table"]
 
 
 def load_results(root: Path) -> list[dict[str, Any]]:
@@ -47,6 +47,36 @@ def aggregate(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
             row[key] = mean_std([r["domains"][key]["perplexity"] for r in rs])
         out[name] = row
     return out
+
+
+def goal(rows: Mapping[str, Mapping[str, Any]], results: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """Issue 13's goal: does the best multi-teacher student beat the best single-teacher one by > 2 std?
+
+    "Best" is the lowest mean overall perplexity among configs with all seeds of the best single
+    one. The margin must exceed twice the larger of the two std's; the paired per-seed differences
+    (same seed: same init and data order) and the worst-domain comparison are reported beside it.
+    None until both kinds have a result.
+    """
+    kd = {n: r for n, r in rows.items() if r["spec"]["kd"]}
+    single = {n: r for n, r in kd.items() if len(r["spec"]["teachers"]) == 1}
+    multi = {n: r for n, r in kd.items() if len(r["spec"]["teachers"]) > 1}
+    if not single or not multi:
+        return None
+    s_name = min(single, key=lambda n: single[n]["overall"]["mean"])
+    seeds = rows[s_name]["seeds"]
+    full = {n: r for n, r in multi.items() if r["seeds"] == seeds} or multi
+    m_name = min(full, key=lambda n: full[n]["overall"]["mean"])
+    s_row, m_row = rows[s_name], rows[m_name]
+    margin = s_row["overall"]["mean"] - m_row["overall"]["mean"]
+    two_std = 2 * max(s_row["overall"]["std"], m_row["overall"]["std"])
+    by_seed = {(r["spec"]["name"], r["seed"]): r["domains"]["overall"]["perplexity"] for r in results}
+    paired = {seed: by_seed[(s_name, seed)] - by_seed[(m_name, seed)] for seed in seeds
+              if (s_name, seed) in by_seed and (m_name, seed) in by_seed}
+    return {"best_single": s_name, "best_multi": m_name, "single_overall": s_row["overall"],
+            "multi_overall": m_row["overall"], "margin": margin, "two_std": two_std,
+            "paired_margin_by_seed": paired, "single_worst": s_row["worst"], "multi_worst": m_row["worst"],
+            "met": bool(margin > two_std and len(s_row["seeds"]) > 1 and len(m_row["seeds"]) > 1
+                        and m_row["worst"]["mean"] < s_row["worst"]["mean"])}
 
 
 def _cell(s: Mapping[str, float]) -> str:

@@ -154,15 +154,21 @@ def students(phases: tuple[str, ...], seeds: str, only: tuple[str, ...], steps: 
               help="The results folder of one recipe (printed by `students`).")
 def report(root: Path) -> None:
     """Mean ± std over seeds per config and domain: lm_students.json, a Markdown table, lm_curve.png."""
-    from examples.lm.report import aggregate, load_results, plot_curves, table
+    from examples.lm.report import aggregate, goal, load_results, plot_curves, table
 
     results = load_results(root)
     rows = aggregate(results)
     click.echo(table(rows, list(DOMAINS)))
+    verdict = goal(rows, results)
+    if verdict is not None:
+        click.echo(f"goal ({verdict['best_multi']} vs {verdict['best_single']}): margin {verdict['margin']:.3f} "
+                   f"vs 2 std {verdict['two_std']:.3f}, paired {verdict['paired_margin_by_seed']}, "
+                   f"worst domain {verdict['multi_worst']['mean']:.2f} vs {verdict['single_worst']['mean']:.2f}: "
+                   f"{'met' if verdict['met'] else 'NOT met'}")
     best = sorted(ALL, key=lambda t: single_teacher_ppl(root).get(t, float("inf")))
     orders = {"fixed order (" + ", ".join(ALL) + ")": _order_names(ALL),
               "best first (" + ", ".join(best) + ")": _order_names(tuple(best))}
-    _write(RESULTS / "lm_students.json", {"root": str(root), "rows": rows, "orders": orders,
+    _write(RESULTS / "lm_students.json", {"root": str(root), "rows": rows, "orders": orders, "goal": verdict,
                                           "runs": [{k: r[k] for k in ("spec", "seed", "domains", "curve",
                                                                       "train_seconds")} for r in results]})
     plot_curves(results, rows, RESULTS / "lm_curve.png", orders)

@@ -109,7 +109,7 @@ def test_specialist_resumes_to_the_same_weights(tmp_path: Path) -> None:
 # -- the student matrix (examples/lm/students.py, report.py, student_eval.py) ---------------------
 
 from examples.lm.caches import spread  # noqa: E402
-from examples.lm.report import aggregate, mean_std, table  # noqa: E402
+from examples.lm.report import aggregate, goal, mean_std, table  # noqa: E402
 from examples.lm.student_eval import domain_nll, summarize_domains  # noqa: E402
 from examples.lm.students import (  # noqa: E402
     ALL,
@@ -255,3 +255,20 @@ def test_a_run_claimed_by_a_live_process_is_left_to_it_and_a_dead_claim_is_taken
     live.write_text(f"{socket.gethostname()} {int(dead.stdout)}")  # its process has exited
     run_matrix(tmp_path, [(s, 0) for s in specs], Recipe(), _fake_trainer(calls, {}), log=lambda _: None)
     assert calls == [("smollm2", 0), ("nokd", 0)] and not live.exists()
+
+
+def test_goal_compares_the_best_multi_teacher_student_with_the_best_single_one(tmp_path: Path) -> None:
+    specs = {s.name: s for s in base_runs()}
+    ppl = {"nokd": 40.0, "smollm2": 20.0, "gemma3": 25.0, "mean-all": 16.0, "mean-smollm2+gemma3": 19.5}
+    runs = [(specs[n], seed) for seed in (0, 1, 2) for n in ppl]
+    results = run_matrix(tmp_path, runs, Recipe(), _fake_trainer([], ppl), log=lambda _: None)
+    assert goal(aggregate(results[:1]), results[:1]) is None  # no KD result yet: nothing to compare
+    g = goal(aggregate(results), results)
+    assert g is not None and (g["best_single"], g["best_multi"]) == ("smollm2", "mean-all")
+    assert g["margin"] == pytest.approx(1.5 * 4.0) and g["two_std"] == pytest.approx(2 * 1.5)  # seed adds 0, 1, 2
+    assert g["paired_margin_by_seed"] == {0: pytest.approx(6.0), 1: pytest.approx(6.0), 2: pytest.approx(6.0)}
+    assert g["met"]
+    close = run_matrix(tmp_path / "close", [(specs[n], seed) for seed in (0, 1, 2) for n in ("smollm2", "mean-all")],
+                       Recipe(), _fake_trainer([], {"smollm2": 20.0, "mean-all": 19.0}), log=lambda _: None)
+    g = goal(aggregate(close), close)
+    assert g is not None and g["margin"] == pytest.approx(1.5) and not g["met"]  # 1.5 < 2 std = 3
