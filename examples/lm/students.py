@@ -82,8 +82,10 @@ def base_runs() -> list[RunSpec]:
 
 
 def operator_runs(route: Mapping[str, str]) -> list[RunSpec]:
-    """Every other operator over all three teachers; `route` maps each domain to its routed teacher."""
-    return [RunSpec(f"{op}-all", ALL, op) for op in ("loglinear", "entropy", "confidence", "gate", "mtbkd")] + [
+    """`auto` (the operator and weights `mtkd-score` picks on the held-out curve cache before step 0),
+    then every other operator over all three teachers; `route` maps each domain to its routed teacher."""
+    return [RunSpec("auto-all", ALL, "auto")] + [
+        RunSpec(f"{op}-all", ALL, op) for op in ("entropy", "confidence", "loglinear", "gate", "mtbkd")] + [
         RunSpec("routing-all", ALL, "routing", {"domain_to_teacher": dict(route)})]
 
 

@@ -232,8 +232,9 @@ def test_matrix_runs_seed_0_of_the_base_configs_first(tmp_path: Path) -> None:
     base = ["nokd", "smollm2", "gemma3", "specialist", "mean-all", "mean-smollm2+gemma3"]
     assert names[:6] == [(n, 0) for n in base]
     assert names[6:18] == [(n, seed) for seed in (1, 2) for n in base]
-    ops = {n for n, _ in names[18:36]}
-    assert ops == {f"{op}-all" for op in ("loglinear", "entropy", "confidence", "gate", "mtbkd", "routing")}
+    ops = {n for n, _ in names[18:39]}
+    assert names[18] == ("auto-all", 0)  # the scored choice first: the question is whether it beats a sweep
+    assert ops == {f"{op}-all" for op in ("auto", "loglinear", "entropy", "confidence", "gate", "mtbkd", "routing")}
     assert len(names) == len(set(names))  # no (config, seed) twice: curve prefixes already in base are not re-run
 
 
