@@ -67,13 +67,16 @@ def scores(cache_name: str, max_positions: int) -> None:
     out: dict[str, Any] = {}
     for teachers in sets:
         try:
-            rows, chosen = score_cache(str(work() / "caches" / cache_name), teachers, max_positions=max_positions)
+            info: dict[str, Any] = {}
+            rows, chosen = score_cache(str(work() / "caches" / cache_name), teachers, max_positions=max_positions,
+                                       heldout_info=info)
         except ValueError as e:  # mtkd-score reads each teacher on its own grid: no cross-tokenizer teacher yet
             out["+".join(teachers)] = {"error": f"{type(e).__name__}: {e}"}
             click.echo(f"{'+'.join(teachers)}: refused: {e}")
             continue
-        out["+".join(teachers)] = {"chosen": chosen, "ranked": [r.to_dict() for r in rows]}
-        click.echo(f"{'+'.join(teachers)}: chosen {json.dumps(chosen)}")
+        out["+".join(teachers)] = {"chosen": chosen, "ranked": [r.to_dict() for r in rows], **info}
+        click.echo(f"{'+'.join(teachers)}: chosen {json.dumps(chosen)}; {info['positions']} positions scored, "
+                   f"{100 * float(info['aligned']):.1f}% of those read (Gemma: where it is aligned)")
         for r in rows:
             click.echo(f"  {r.aggregate:<12} nll {r.nll:.4f} ppl {r.to_dict()['perplexity']:9.3f} {r.note}")
     _write(RESULTS / "lm_scores.json", {"cache": cache_name, "max_positions": max_positions, "sets": out})
