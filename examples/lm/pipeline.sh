@@ -10,7 +10,7 @@
 #   teachers  `mtkd-cache run` of smollm2, gemma3, smollm2-shakespeare on transfer, then on curve
 #   scores    `mtkd-score` of the operators on the curve cache -> benchmarks/results/lm_scores.json
 #   bpb       teachers' held-out bits per byte (15 segments per domain) -> benchmarks/results/lm_teachers.json
-#   students  the student matrix (STEPS=N, the recipe's steps), then `report`
+#   students  the student matrix (`python -m examples.lm students $STUDENT_ARGS`); summarise with `report`
 # Two jobs run at once with one thread each (OMP_NUM_THREADS=1): on 2 cores that is faster than one
 # job on two threads, because much of a teacher's or student's step is single-threaded.
 set -u

@@ -58,8 +58,9 @@ def caches() -> None:
 def scores(cache_name: str, max_positions: int) -> None:
     """`mtkd-score` of every operator on a held-out cache: all teachers, and each pair.
 
-    A set that `mtkd-score` refuses (today: any set with Gemma, whose targets are on its own tokens
-    and vocabulary) is recorded with the refusal instead of a ranking.
+    A set with Gemma (its own tokens and vocabulary) is scored where Gemma is aligned; the positions
+    scored and that share are stored with the ranking. A set `mtkd-score` refuses is recorded with
+    the refusal instead of a ranking.
     """
     from mtkd_train.scoring import score_cache
 
@@ -70,7 +71,7 @@ def scores(cache_name: str, max_positions: int) -> None:
             info: dict[str, Any] = {}
             rows, chosen = score_cache(str(work() / "caches" / cache_name), teachers, max_positions=max_positions,
                                        heldout_info=info)
-        except ValueError as e:  # mtkd-score reads each teacher on its own grid: no cross-tokenizer teacher yet
+        except ValueError as e:  # e.g. no held-out position where every cross-tokenizer teacher is aligned
             out["+".join(teachers)] = {"error": f"{type(e).__name__}: {e}"}
             click.echo(f"{'+'.join(teachers)}: refused: {e}")
             continue

@@ -122,28 +122,24 @@ def _block_results(split: HeadSplit, flat: torch.Tensor, mask: torch.Tensor | No
     """
     per_block = max(1, blocks[0].stop - blocks[0].start) if blocks else 1
     per_group = max(1, GROUP_ELEMENTS // max(1, per_block * vocab))  # blocks per head call
-    if pool is None:
-        for g in range(0, len(blocks), per_group):
-            group = blocks[g: g + per_group]
-            first = group[0].start
-            logits = split.logits(flat[first: group[-1].stop]).unsqueeze(1)  # (rows, 1, V_padded)
-            for rows in group:
-                part = logits[rows.start - first: rows.stop - first]  # one cache-sized block of the group
-                yield (rows, part, *reduce(part, None if mask is None else mask[rows].to(part.device)))
-        return
-    def one(rows: slice, logits: torch.Tensor, first: int) -> tuple[list[int], list[torch.Tensor]]:
-        part = logits[rows.start - first: rows.stop - first]
-        return reduce(part, None if mask is None else mask[rows].to(part.device))
 
-    pending: list[tuple[slice, Future[tuple[list[int], list[torch.Tensor]]]]] = []
+    def one(rows: slice, logits: torch.Tensor, first: int) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
+        part = logits[rows.start - first: rows.stop - first]  # one cache-sized block of the group
+        return (part, *reduce(part, None if mask is None else mask[rows].to(part.device)))
+
+    pending: list[tuple[slice, Future[tuple[torch.Tensor, list[int], list[torch.Tensor]]]]] = []
     for g in range(0, len(blocks), per_group):
         group = blocks[g: g + per_group]
-        logits = split.logits(flat[group[0].start: group[-1].stop]).unsqueeze(1)  # (rows, 1, V_padded)
-        submitted = [(rows, pool.submit(one, rows, logits, group[0].start)) for rows in group]
+        first = group[0].start
+        logits = split.logits(flat[first: group[-1].stop]).unsqueeze(1)  # (rows, 1, V_padded)
+        if pool is None:
+            yield from ((rows, *one(rows, logits, first)) for rows in group)
+            continue
+        submitted = [(rows, pool.submit(one, rows, logits, first)) for rows in group]
         # the previous group was reduced while this group's head ran: two groups' logits at most
-        yield from ((rows, None, *f.result()) for rows, f in pending)
+        yield from ((rows, None, *f.result()[1:]) for rows, f in pending)
         pending = submitted
-    yield from ((rows, None, *f.result()) for rows, f in pending)
+    yield from ((rows, None, *f.result()[1:]) for rows, f in pending)
 
 
 def reduce_by_head_blocks(
