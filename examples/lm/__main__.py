@@ -7,6 +7,7 @@
     python -m examples.lm scores                    # `mtkd-score` of the teachers on the eval cache
     python -m examples.lm students [--phase base]   # the student matrix (resumable), then `report`
     python -m examples.lm report                    # tables, lm_students.json, lm_curve.png
+    python -m examples.lm predict --root R          # target NLL vs student perplexity (Spearman)
 
 The work folder is ``$MTKD_LM_WORK`` (default ``runs/lm``); results also go to
 ``benchmarks/results/lm_teachers.json``, ``lm_scores.json`` and ``lm_students.json``. The teachers
@@ -25,7 +26,7 @@ from examples.lm.domains import DOMAINS, write_domains
 from examples.lm.models import model_dir
 from examples.lm.perplexity import heldout_bits_per_byte
 from examples.lm.specialist import SpecialistConfig, train_specialist
-from examples.lm.students_cli import caches, report, scores, students
+from examples.lm.students_cli import caches, predict, report, scores, students
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "lm_teachers.json"
 
@@ -82,7 +83,7 @@ def teachers(teachers: tuple[str, ...], max_segments: int | None) -> None:
         click.echo(f"{key:28s} {r['bits_per_byte']:9.4f} {r['token_perplexity']:8.2f}")
 
 
-for _command in (caches, scores, students, report):
+for _command in (caches, scores, students, report, predict):
     main.add_command(_command)
 
 if __name__ == "__main__":

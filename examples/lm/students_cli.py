@@ -1,8 +1,9 @@
-"""Subcommands ``caches``, ``scores``, ``students`` and ``report`` of ``python -m examples.lm``."""
+"""Subcommands ``caches``, ``scores``, ``students``, ``report`` and ``predict`` of ``python -m examples.lm``."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -181,3 +182,39 @@ def report(root: Path) -> None:
 def _order_names(order: tuple[str, ...]) -> list[str]:
     """The configs of the 1 -> N curve in `order`: no KD, the first teacher alone, then the mean of the first n."""
     return ["nokd", SHORT[order[0]], *(mean_spec(order[:n]).name for n in range(2, len(order) + 1))]
+
+
+@click.command()
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The results folder of one recipe (printed by `students`).")
+@click.option("--max-positions", type=int, default=80_000, show_default=True,
+              help="Held-out positions of the curve cache scored.")
+def predict(root: Path, max_positions: int) -> None:
+    """Spearman of each config's target NLL (held-out, before training) against its student's perplexity."""
+    from benchmarks.quality.fmnist_auto import spearman
+    from examples.lm.predict import student_points, target_config, target_points
+    from examples.lm.report import load_results
+
+    results = load_results(root)
+    students_ = student_points(results)
+    specs = {r["spec"]["name"]: r["spec"] for r in results if r["spec"]["name"] in students_}
+    configs = {}
+    for name, s in specs.items():
+        spec = RunSpec(s["name"], tuple(s["teachers"]), s["aggregate"], s["aggregate_kwargs"], s["kd"])
+        configs[name] = (spec.teachers, *target_config(spec, root / "runs" / f"{name}-s0"))
+    targets, info = target_points(str(work() / "caches" / "curve"), configs, max_positions=max_positions)
+    points = {n: {**targets[n], **students_[n]} for n in configs}
+    with_s0 = {n: p for n, p in points.items() if "student_nll_s0" in p}
+    rho = {"seed0": spearman(with_s0, "nll", ("student_nll_s0",)),
+           "seed_mean": spearman(points, "nll", ("student_nll_mean",)),
+           "multi_teacher_only_seed0": spearman({n: p for n, p in with_s0.items() if len(p["teachers"]) > 1},
+                                                "nll", ("student_nll_s0",))}
+    click.echo(f"{'config':28s} {'target ppl':>10s} {'student ppl s0':>14s} {'mean ppl':>9s} seeds")
+    for n, p in sorted(points.items(), key=lambda kv: kv[1]["nll"]):
+        s0 = f"{math.exp(p['student_nll_s0']):14.1f}" if "student_nll_s0" in p else f"{'-':>14s}"
+        click.echo(f"{n:28s} {math.exp(p['nll']):10.2f} {s0} "
+                   f"{math.exp(p['student_nll_mean']):9.1f} {p['seeds']}")
+    for k, r in rho.items():
+        y = next(key for key in r if key.startswith("student"))
+        click.echo(f"spearman {k} (n = {r['n']}): rho {r[y]['rho']}, p {r[y]['p']}")
+    _write(RESULTS / "lm_predict.json", {"root": str(root), "curve_cache": info, "points": points, "spearman": rho})

@@ -273,3 +273,51 @@ def test_goal_compares_the_best_multi_teacher_student_with_the_best_single_one(t
                        Recipe(), _fake_trainer([], {"smollm2": 20.0, "mean-all": 19.0}), log=lambda _: None)
     g = goal(aggregate(close), close)
     assert g is not None and g["margin"] == pytest.approx(1.5) and not g["met"]  # 1.5 < 2 std = 3
+
+
+# -- does scoring the target predict the student? (examples/lm/predict.py) -------------------------
+
+from examples.lm.predict import student_points, target_config, target_points  # noqa: E402
+
+
+def test_target_config_reads_the_choice_auto_logged(tmp_path: Path) -> None:
+    assert target_config(RunSpec("entropy-all", ALL, "entropy"), tmp_path) == ("entropy", {})
+    auto = RunSpec("auto-all", ALL, "auto")
+    with pytest.raises(FileNotFoundError, match="auto_aggregate.json"):
+        target_config(auto, tmp_path)
+    chosen = {"aggregate": "mean", "aggregate_kwargs": {"weights": [0.2, 0.3, 0.5]}}
+    (tmp_path / "auto_aggregate.json").write_text(json.dumps({"chosen": chosen, "ranked": []}))
+    assert target_config(auto, tmp_path) == ("mean", {"weights": [0.2, 0.3, 0.5]})
+
+
+def test_student_points_leave_out_the_gate_and_no_kd(tmp_path: Path) -> None:
+    specs = {s.name: s for s in base_runs()} | {"gate-all": RunSpec("gate-all", ALL, "gate")}
+    ppl = {"nokd": 40.0, "smollm2": 20.0, "gate-all": 18.0}
+    runs = [(specs[n], seed) for seed in (0, 1) for n in ppl]
+    pts = student_points(run_matrix(tmp_path, runs, Recipe(), _fake_trainer([], ppl), log=lambda _: None))
+    assert set(pts) == {"smollm2"} and pts["smollm2"]["seeds"] == 2
+    # the fake trainer's overall perplexity is 1.5 * (ppl + seed)
+    assert pts["smollm2"]["student_nll_s0"] == pytest.approx(math.log(30.0))
+    assert pts["smollm2"]["student_nll_mean"] == pytest.approx((math.log(30.0) + math.log(31.5)) / 2)
+
+
+def test_target_points_score_every_config_on_the_same_positions(tmp_path: Path) -> None:
+    from mtkd_cache import RunConfig, open_cache, prepare, run_teacher
+    from mtkd_train.scoring import collect_heldout, score_operator
+
+    models = [save_tiny_causal_lm(tmp_path / f"t{s}", vocab_size=40, seed=s) for s in (1, 2)]
+    rows = [{"text": " ".join(f"w{(i * k) % 30}" for i in range(4 + k % 5)), "domain": "ab"[k % 2]} for k in range(12)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cache = str(tmp_path / "c")
+    prepare(cache, str(tmp_path / "d.jsonl"), tokenizer=str(models[0]), max_length=12, domain_column="domain",
+            progress=False)
+    for name, m in zip("ab", models):
+        run_teacher(cache, RunConfig(teacher=name, model=str(m), top_k=8), progress=False)
+    configs = {"a": (("a",), "mean", {}), "b": (("b",), "mean", {}), "mean-ab": (("a", "b"), "mean", {}),
+               "routing-ab": (("a", "b"), "routing", {"domain_to_teacher": {"a": "b", "b": "a"}})}
+    pts, info = target_points(cache, configs, teachers=("a", "b"))
+    alone = score_operator(collect_heldout(open_cache(cache), ("a",)), "mean", {})
+    assert info["positions"] > 0 and pts["a"]["nll"] == pytest.approx(alone.nll, rel=1e-6)
+    assert pts["mean-ab"]["nll"] < (pts["a"]["nll"] + pts["b"]["nll"]) / 2  # -log is convex: the mixture wins
+    assert pts["routing-ab"]["nll"] != pytest.approx(pts["mean-ab"]["nll"])
+    assert min(pts["a"]["nll"], pts["b"]["nll"]) <= pts["routing-ab"]["nll"] <= max(pts["a"]["nll"], pts["b"]["nll"])

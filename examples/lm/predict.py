@@ -1,0 +1,74 @@
+"""Does scoring the target predict the student? (issue 13, part 2, on the language model.)
+
+Every configuration of the student matrix trains on an aggregate of cached teachers. Its target is
+scored on the held-out ``curve`` cache before any student exists (``score_operator``: the NLL of the
+true next token at T = 1, the students' temperature), with the configuration's own options: library
+defaults, the routing table, the choice ``auto`` logged in its run folder. All configurations are scored on
+the same positions, those where Gemma (its own tokenization) is aligned, so single teachers, pairs and
+all three compare. The learned gate is left out (its target depends on the trained network), and so is
+no-KD (no target). The Spearman correlation of target NLL against student perplexity is then taken
+over configurations, with the students' seed 0 and with the mean over their finished seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from examples.lm.students import ALL, RunSpec
+
+__all__ = ["SKIP", "student_points", "target_config", "target_points"]
+
+SKIP = ("gate",)
+"""Operators whose target is not a function of the cache (the gate is a trained network)."""
+
+
+def target_config(spec: RunSpec, run_dir: Path) -> tuple[str, dict[str, Any]]:
+    """The operator and options `spec` trained on; for ``auto``, the choice its run logged before step 0."""
+    if spec.aggregate != "auto":
+        return spec.aggregate, dict(spec.aggregate_kwargs)
+    path = run_dir / "auto_aggregate.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run {spec.name} first (its choice is logged there)")
+    chosen = json.loads(path.read_text())["chosen"]
+    return chosen["aggregate"], dict(chosen.get("aggregate_kwargs", {}))
+
+
+def target_points(curve_cache: str, configs: Mapping[str, tuple[Sequence[str], str, Mapping[str, Any]]],
+                  *, teachers: Sequence[str] = ALL, max_positions: int = 80_000) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Held-out NLL, ECE and accuracy of each ``name -> (teachers, operator, options)`` target.
+
+    The positions are read once for all teachers (so every target is scored on the same ones) and
+    each configuration gets the subset of `teachers` it uses.
+    """
+    from mtkd_cache import open_cache
+    from mtkd_train.scoring import HeldOut, collect_heldout, score_operator
+
+    data = collect_heldout(open_cache(curve_cache), teachers, max_positions=max_positions)
+    out = {}
+    for name, (used, op, kwargs) in configs.items():
+        idx = [list(teachers).index(t) for t in used]
+        sub = HeldOut(tuple(data.targets[i] for i in idx), data.labels, data.vocab_size, data.domains,
+                      data.domain_names, tuple(used), data.aligned)
+        row = score_operator(sub, op, kwargs)
+        out[name] = {"aggregate": op, "aggregate_kwargs": kwargs, "teachers": list(used), "nll": row.nll,
+                     "ece": row.ece, "accuracy": row.accuracy}
+    return out, {"positions": data.num_positions, "aligned": data.aligned}
+
+
+def student_points(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per KD configuration: overall held-out log-perplexity of seed 0 and the mean over its seeds."""
+    by: dict[str, list[Mapping[str, Any]]] = {}
+    for r in results:
+        if r["spec"]["kd"] and r["spec"]["aggregate"] not in SKIP:
+            by.setdefault(r["spec"]["name"], []).append(r)
+    out = {}
+    for name, rs in by.items():
+        nll = [math.log(r["domains"]["overall"]["perplexity"]) for r in rs]
+        s0 = [math.log(r["domains"]["overall"]["perplexity"]) for r in rs if r["seed"] == 0]
+        out[name] = {"student_nll_mean": sum(nll) / len(nll), "seeds": len(nll),
+                     **({"student_nll_s0": s0[0]} if s0 else {})}
+    return out
