@@ -20,7 +20,7 @@ from typing import Any
 
 from examples.lm.students import ALL, RunSpec
 
-__all__ = ["SKIP", "student_points", "target_config", "target_points"]
+__all__ = ["SKIP", "plot_points", "student_points", "target_config", "target_points"]
 
 SKIP = ("gate",)
 """Operators whose target is not a function of the cache (the gate is a trained network)."""
@@ -72,3 +72,25 @@ def student_points(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, 
         out[name] = {"student_nll_mean": sum(nll) / len(nll), "seeds": len(nll),
                      **({"student_nll_s0": s0[0]} if s0 else {})}
     return out
+
+
+def plot_points(points: Mapping[str, Mapping[str, Any]], out: Path) -> None:
+    """Student perplexity (mean over seeds) against target perplexity, one labelled point per config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name, p in points.items():
+        x, y = math.exp(p["nll"]), math.exp(p["student_nll_mean"])
+        ax.scatter(x, y, s=30, edgecolor="black", color="tab:blue" if len(p["teachers"]) > 1 else "tab:orange",
+                   zorder=3)
+        ax.annotate(f"{name} ({p['seeds']})", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set(xscale="log", xlabel="target perplexity on held-out positions (before training)",
+           ylabel="student held-out perplexity (mean over seeds)",
+           title="does scoring the target predict the student? (orange: one teacher)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)

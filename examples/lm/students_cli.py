@@ -29,6 +29,9 @@ from examples.lm.students import (
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 PHASES = ("base", "seeds", "operators", "curve")
+SUFFIX = click.option("--suffix", default="", show_default=True,
+                      help="Appended to the names of the files written in benchmarks/results (one per recipe, "
+                           "e.g. _450st).")
 
 
 def work() -> Path:
@@ -157,7 +160,8 @@ def students(phases: tuple[str, ...], seeds: str, only: tuple[str, ...], steps: 
 @click.command()
 @click.option("--root", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="The results folder of one recipe (printed by `students`).")
-def report(root: Path) -> None:
+@SUFFIX
+def report(root: Path, suffix: str) -> None:
     """Mean ± std over seeds per config and domain: lm_students.json, a Markdown table, lm_curve.png."""
     from examples.lm.report import aggregate, goal, load_results, plot_curves, table
 
@@ -173,10 +177,10 @@ def report(root: Path) -> None:
     best = sorted(ALL, key=lambda t: single_teacher_ppl(root).get(t, float("inf")))
     orders = {"fixed order (" + ", ".join(ALL) + ")": _order_names(ALL),
               "best first (" + ", ".join(best) + ")": _order_names(tuple(best))}
-    _write(RESULTS / "lm_students.json", {"root": str(root), "rows": rows, "orders": orders, "goal": verdict,
+    _write(RESULTS / f"lm_students{suffix}.json", {"root": str(root), "rows": rows, "orders": orders, "goal": verdict,
                                           "runs": [{k: r[k] for k in ("spec", "seed", "domains", "curve",
                                                                       "train_seconds")} for r in results]})
-    plot_curves(results, rows, RESULTS / "lm_curve.png", orders)
+    plot_curves(results, rows, RESULTS / f"lm_curve{suffix}.png", orders)
 
 
 def _order_names(order: tuple[str, ...]) -> list[str]:
@@ -189,10 +193,11 @@ def _order_names(order: tuple[str, ...]) -> list[str]:
               help="The results folder of one recipe (printed by `students`).")
 @click.option("--max-positions", type=int, default=80_000, show_default=True,
               help="Held-out positions of the curve cache scored.")
-def predict(root: Path, max_positions: int) -> None:
+@SUFFIX
+def predict(root: Path, max_positions: int, suffix: str) -> None:
     """Spearman of each config's target NLL (held-out, before training) against its student's perplexity."""
     from benchmarks.quality.fmnist_auto import spearman
-    from examples.lm.predict import student_points, target_config, target_points
+    from examples.lm.predict import plot_points, student_points, target_config, target_points
     from examples.lm.report import load_results
 
     results = load_results(root)
@@ -217,4 +222,5 @@ def predict(root: Path, max_positions: int) -> None:
     for k, r in rho.items():
         y = next(key for key in r if key.startswith("student"))
         click.echo(f"spearman {k} (n = {r['n']}): rho {r[y]['rho']}, p {r[y]['p']}")
-    _write(RESULTS / "lm_predict.json", {"root": str(root), "curve_cache": info, "points": points, "spearman": rho})
+    _write(RESULTS / f"lm_predict{suffix}.json", {"root": str(root), "curve_cache": info, "points": points, "spearman": rho})
+    plot_points(points, RESULTS / f"lm_predict{suffix}.png")
