@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["aggregate", "goal", "load_results", "mean_std", "plot_curves", "table"]
+__all__ = ["aggregate", "goal", "last_change", "load_results", "mean_std", "plot_curves", "table"]
 
 
 def load_results(root: Path) -> list[dict[str, Any]]:
@@ -30,8 +30,20 @@ def mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
+def last_change(curve: Sequence[Mapping[str, float]]) -> float | None:
+    """Relative change of held-out perplexity over a run's last evaluation interval (None before two evaluations).
+
+    How flat a run ends: -0.08 means the last interval still took 8% off.
+    """
+    if len(curve) < 2:
+        return None
+    return curve[-1]["perplexity"] / curve[-2]["perplexity"] - 1
+
+
 def aggregate(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """{config: {"spec", "seeds", domain or "overall"/"worst": mean_std of the perplexity}} over the seeds.
+    """{config: {"spec", "seeds", domain or "overall"/"worst": mean_std of the perplexity, "last_change"}} over the seeds.
+
+    ``last_change`` is the mean_std of :func:`last_change` (None when a run logged fewer than two evaluations).
 
     Results of one config made with different recipes are refused: they do not average.
     """
@@ -45,6 +57,8 @@ def aggregate(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
         row: dict[str, Any] = {"spec": rs[0]["spec"], "seeds": sorted(r["seed"] for r in rs)}
         for key in rs[0]["domains"]:
             row[key] = mean_std([r["domains"][key]["perplexity"] for r in rs])
+        last = [last_change(r.get("curve", [])) for r in rs]
+        row["last_change"] = mean_std([x for x in last if x is not None]) if None not in last else None
         out[name] = row
     return out
 
@@ -84,13 +98,15 @@ def _cell(s: Mapping[str, float]) -> str:
 
 
 def table(rows: Mapping[str, Mapping[str, Any]], domains: list[str]) -> str:
-    """A Markdown table: config, seeds, each domain, overall, worst domain (perplexity, mean ± std)."""
-    head = ["config", "teachers", "seeds", *domains, "overall", "worst domain"]
+    """A Markdown table: config, seeds, each domain, overall, worst domain (perplexity, mean ± std), and the
+    held-out curve's change over the last evaluation interval (mean over seeds)."""
+    head = ["config", "teachers", "seeds", *domains, "overall", "worst domain", "last interval"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in sorted(rows.items(), key=lambda kv: kv[1]["overall"]["mean"]):
         teachers = "—" if not r["spec"]["kd"] else ", ".join(r["spec"]["teachers"])
+        flat = r.get("last_change")
         cells = [name, teachers, str(len(r["seeds"])), *(_cell(r[d]) for d in domains), _cell(r["overall"]),
-                 _cell(r["worst"])]
+                 _cell(r["worst"]), "—" if flat is None else f"{100 * flat['mean']:+.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

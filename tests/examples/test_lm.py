@@ -109,7 +109,7 @@ def test_specialist_resumes_to_the_same_weights(tmp_path: Path) -> None:
 # -- the student matrix (examples/lm/students.py, report.py, student_eval.py) ---------------------
 
 from examples.lm.caches import spread  # noqa: E402
-from examples.lm.report import aggregate, goal, mean_std, table  # noqa: E402
+from examples.lm.report import aggregate, goal, last_change, mean_std, table  # noqa: E402
 from examples.lm.student_eval import domain_nll, summarize_domains  # noqa: E402
 from examples.lm.students import (  # noqa: E402
     ALL,
@@ -321,3 +321,15 @@ def test_target_points_score_every_config_on_the_same_positions(tmp_path: Path) 
     assert pts["mean-ab"]["nll"] < (pts["a"]["nll"] + pts["b"]["nll"]) / 2  # -log is convex: the mixture wins
     assert pts["routing-ab"]["nll"] != pytest.approx(pts["mean-ab"]["nll"])
     assert min(pts["a"]["nll"], pts["b"]["nll"]) <= pts["routing-ab"]["nll"] <= max(pts["a"]["nll"], pts["b"]["nll"])
+
+
+def test_last_change_measures_how_flat_a_run_ends() -> None:
+    curve = [{"step": 30, "perplexity": 200.0}, {"step": 60, "perplexity": 100.0}, {"step": 90, "perplexity": 95.0}]
+    assert last_change(curve) == pytest.approx(-0.05) and last_change(curve[:1]) is None
+    res = [{"spec": RunSpec("smollm2", ("smollm2",)).to_dict(), "seed": s, "recipe": Recipe().to_dict(),
+            "domains": {"overall": {"perplexity": 90.0 + s}, "worst": {"perplexity": 99.0}}, "curve": curve[: 3 - s]}
+           for s in (0, 1)]
+    rows = aggregate(res)
+    assert rows["smollm2"]["last_change"]["mean"] == pytest.approx((-0.05 - 0.5) / 2)
+    assert aggregate(res + [{**res[0], "seed": 2, "curve": []}])["smollm2"]["last_change"] is None
+    assert table(rows, []).splitlines()[2].endswith("| -27.5% |")
