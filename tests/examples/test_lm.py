@@ -389,3 +389,16 @@ def test_last_change_measures_how_flat_a_run_ends() -> None:
     assert rows["smollm2"]["last_change"]["mean"] == pytest.approx((-0.05 - 0.5) / 2)
     assert aggregate(res + [{**res[0], "seed": 2, "curve": []}])["smollm2"]["last_change"] is None
     assert table(rows, []).splitlines()[2].endswith("| -27.5% |")
+
+
+def test_goal_ignores_configs_of_one_seed_and_compares_on_the_single_configs_seeds(tmp_path: Path) -> None:
+    specs = {s.name: s for s in base_runs()} | {"auto-all": RunSpec("auto-all", ALL, "auto")}
+    runs = [(specs["smollm2"], s) for s in (0, 1, 2)] + [(specs["mean-all"], s) for s in (0, 1, 2, 3)]
+    runs += [(specs["auto-all"], 0)]
+    ppl = {"smollm2": 400.0, "mean-all": 334.0, "auto-all": 300.0}
+    results = run_matrix(tmp_path, runs, Recipe(), _fake_trainer([], ppl), log=lambda _: None)
+    g = goal(aggregate(results), results)
+    assert g is not None and (g["best_single"], g["best_multi"]) == ("smollm2", "mean-all")  # not the 1-seed auto
+    assert g["met"] and sorted(g["paired_margin_by_seed"]) == [0, 1, 2]
+    only_one = [r for r in results if r["spec"]["name"] != "mean-all"]
+    assert goal(aggregate(only_one), only_one) is None  # no multi-teacher config with 2+ seeds
