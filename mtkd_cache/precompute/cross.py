@@ -19,8 +19,12 @@ from mtkd_cache.format.tokenization import TokenizationReader
 __all__ = ["reader_for", "teacher_grid", "with_tokenization"]
 
 
-def teacher_grid(reader: Any, teacher: Any, cfg: Any, own: bool | None) -> Any:
-    """`reader`, or a `TokenizationReader` of the teacher's own tokenization when it needs one."""
+def teacher_grid(reader: Any, teacher: Any, cfg: Any, own: bool | None, tok: Any = None,
+                 fingerprint: str | None = None) -> Any:
+    """`reader`, or a `TokenizationReader` of the teacher's own tokenization when it needs one.
+
+    `tok` / `fingerprint`: the teacher's tokenizer and its fingerprint when the caller has them (else loaded here).
+    """
     inputs = reader.inputs
     if own is False or inputs.tokenizer is None or teacher.task != "causal_lm":
         return reader
@@ -29,10 +33,11 @@ def teacher_grid(reader: Any, teacher: Any, cfg: Any, own: bool | None) -> Any:
             raise CacheMismatchError(f"teacher {cfg.teacher!r} ({cfg.model}) has no tokenizer files, so it cannot "
                                      f"run on its own tokenization; put its tokenizer next to the model")
         return reader
-    from mtkd_cache.precompute.prepare import load_tokenizer
+    if tok is None:
+        from mtkd_cache.precompute.prepare import load_tokenizer
 
-    tok = load_tokenizer(teacher.tokenizer_path, cfg.trust_remote_code)
-    if not own and tokenizer_fingerprint(tok) == inputs.tokenizer.fingerprint:
+        tok, fingerprint = load_tokenizer(teacher.tokenizer_path, cfg.trust_remote_code), None
+    if not own and (fingerprint or tokenizer_fingerprint(tok)) == inputs.tokenizer.fingerprint:
         return reader
     if inputs.text is None:
         raise CacheMismatchError(

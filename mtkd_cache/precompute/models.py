@@ -24,7 +24,7 @@ import importlib.util
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -81,6 +81,8 @@ class LoadedTeacher:
         num_layers: Transformer layers, when the config says; hidden states have one more entry.
         hidden_size: Width of the hidden states, when the config says.
         tokenizer_path: Folder holding tokenizer files, when the model folder has them.
+        tokenizer: That tokenizer, as loaded to size the vocabulary (``None`` when not loaded): the
+            run's checks reuse it instead of parsing the files again (~0.4 s for a 49k vocabulary).
     """
 
     module: torch.nn.Module
@@ -93,6 +95,7 @@ class LoadedTeacher:
     num_layers: int | None
     hidden_size: int | None
     tokenizer_path: str | None
+    tokenizer: Any = field(default=None, repr=False, compare=False)
 
 
 def load_teacher(
@@ -269,7 +272,7 @@ def _load_hf_folder(
     if placement.device_map is None:  # a dispatched model is already where accelerate put it
         frozen.to(placement.device)
     text_config = module.config.get_text_config()
-    padded, vocab = _vocab_sizes(module, task, folder, trust_remote_code)
+    padded, vocab, tokenizer = _vocab_sizes(module, task, folder, trust_remote_code)
     has_tokenizer = any((folder / name).is_file() for name in _TOKENIZER_FILES)
     return LoadedTeacher(
         module=module,
@@ -282,6 +285,7 @@ def _load_hf_folder(
         num_layers=getattr(text_config, "num_hidden_layers", None),
         hidden_size=getattr(text_config, "hidden_size", None),
         tokenizer_path=str(folder) if has_tokenizer else None,
+        tokenizer=tokenizer,
     )
 
 
@@ -312,11 +316,11 @@ def _hash_files(files: list[Path]) -> str:
 
 def _vocab_sizes(
     module: PreTrainedModel, task: str, folder: Path, trust_remote_code: bool
-) -> tuple[int, int]:
-    """(padded_vocab_size, vocab_size) of a Hugging Face model."""
+) -> tuple[int, int, Any]:
+    """(padded_vocab_size, vocab_size, the tokenizer loaded to count it or None) of a Hugging Face model."""
     if task == "encoder":  # no head: the embedding table's width is the vocabulary it reads
         size = getattr(module.config.get_text_config(), "vocab_size", None)
-        return (int(size), int(size)) if isinstance(size, int) and size > 0 else (1, 1)
+        return (int(size), int(size), None) if isinstance(size, int) and size > 0 else (1, 1, None)
     if task != "causal_lm":
         labels = module.config.num_labels
         if labels is None or labels < 1:
@@ -324,7 +328,7 @@ def _vocab_sizes(
                 f"teacher folder {str(folder)!r}: classifier config has num_labels={labels}; "
                 "set num_labels (or id2label) in config.json"
             )
-        return int(labels), int(labels)
+        return int(labels), int(labels), None
     head = module.get_output_embeddings()
     width = head.weight.shape[0] if head is not None else module.config.get_text_config().vocab_size
     if width is None:
@@ -334,14 +338,14 @@ def _vocab_sizes(
         )
     padded = int(width)
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        return padded, padded
+        return padded, padded, None
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(
         str(folder), trust_remote_code=trust_remote_code, local_files_only=True
     )
     # len() counts added/special tokens too; ids past the head width cannot be predicted anyway.
-    return padded, min(len(tokenizer), padded)
+    return padded, min(len(tokenizer), padded), tokenizer
 
 
 def _freeze(module: torch.nn.Module) -> torch.nn.Module:

@@ -48,8 +48,9 @@ def setup_teacher(reader: CacheReader, cfg: RunConfig, model_kwargs: Mapping[str
     """
     teacher = load(cfg.model, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                            factory_kwargs=model_kwargs)
-    reader = teacher_grid(reader, teacher, cfg, own_tokenization)  # another tokenizer: its own tokenization
-    teacher = _check_vocab(reader, teacher, cfg)
+    tok, fingerprint = _teacher_tokenizer(teacher, cfg)
+    reader = teacher_grid(reader, teacher, cfg, own_tokenization, tok, fingerprint)  # another tokenizer: its own grid
+    teacher = _check_vocab(reader, teacher, cfg, fingerprint)
     tok = reader.inputs.tokenizer
     pad_id = tok.pad_token_id if tok and tok.pad_token_id is not None else 0
     check_layers(teacher, cfg.features, cfg.teacher)
@@ -71,18 +72,26 @@ def setup_teacher(reader: CacheReader, cfg: RunConfig, model_kwargs: Mapping[str
     return teacher, meta, pad_id
 
 
-def _check_vocab(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig) -> LoadedTeacher:
+def _teacher_tokenizer(teacher: LoadedTeacher, cfg: RunConfig) -> tuple[Any, str | None]:
+    """The teacher's tokenizer (the one `load_teacher` read, else loaded here) and its fingerprint, once per run."""
+    if teacher.tokenizer_path is None or teacher.task not in ("causal_lm", "sequence_classification", "encoder"):
+        return None, None
+    tok = teacher.tokenizer
+    if tok is None:
+        from mtkd_cache.precompute.prepare import load_tokenizer
+
+        tok = load_tokenizer(teacher.tokenizer_path, cfg.trust_remote_code)
+    return tok, tokenizer_fingerprint(tok)
+
+
+def _check_vocab(reader: CacheReader, teacher: LoadedTeacher, cfg: RunConfig, fp: str | None) -> LoadedTeacher:
     inputs = reader.inputs
     if inputs.tokenizer is not None and teacher.task in ("causal_lm", "sequence_classification", "encoder"):
-        if teacher.tokenizer_path is not None:
-            from mtkd_cache.precompute.prepare import load_tokenizer
-
-            fp = tokenizer_fingerprint(load_tokenizer(teacher.tokenizer_path, cfg.trust_remote_code))
-            if fp != inputs.tokenizer.fingerprint:
-                raise CacheMismatchError(
-                    f"teacher {cfg.teacher!r} ({cfg.model}) has tokenizer fingerprint {fp}, but the cache's "
-                    f"inputs were tokenized with {inputs.tokenizer.name_or_path!r} ({inputs.tokenizer.fingerprint}); "
-                    f"use a teacher that shares the tokenizer, or prepare a new cache with its tokenizer")
+        if fp is not None and fp != inputs.tokenizer.fingerprint:
+            raise CacheMismatchError(
+                f"teacher {cfg.teacher!r} ({cfg.model}) has tokenizer fingerprint {fp}, but the cache's "
+                f"inputs were tokenized with {inputs.tokenizer.name_or_path!r} ({inputs.tokenizer.fingerprint}); "
+                f"use a teacher that shares the tokenizer, or prepare a new cache with its tokenizer")
         if teacher.task == "causal_lm":
             if teacher.padded_vocab_size < inputs.tokenizer.vocab_size:
                 raise CacheMismatchError(
