@@ -26,13 +26,21 @@ SKIP = ("gate",)
 """Operators whose target is not a function of the cache (the gate is a trained network)."""
 
 
-def target_config(spec: RunSpec, run_dir: Path) -> tuple[str, dict[str, Any]]:
-    """The operator and options `spec` trained on; for ``auto``, the choice its run logged before step 0."""
+def target_config(spec: RunSpec, run_dir: Path, result: Mapping[str, Any] | None = None
+                  ) -> tuple[str, dict[str, Any]]:
+    """The operator and options `spec` trained on; for ``auto``, the choice made before step 0.
+
+    That choice is read from the run's result JSON (``aggregate`` and ``aggregate_kwargs``), or, for
+    results written before those were stored, from ``auto_aggregate.json`` in its run folder.
+    """
     if spec.aggregate != "auto":
         return spec.aggregate, dict(spec.aggregate_kwargs)
+    if result is not None and "aggregate_kwargs" in result:
+        return result["aggregate"], dict(result["aggregate_kwargs"])
     path = run_dir / "auto_aggregate.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run {spec.name} first (its choice is logged there)")
+        raise FileNotFoundError(f"the choice of {spec.name} is neither in its result JSON nor in {path}; "
+                                f"re-run {spec.name} (its result JSON then stores it)")
     chosen = json.loads(path.read_text())["chosen"]
     return chosen["aggregate"], dict(chosen.get("aggregate_kwargs", {}))
 

@@ -66,31 +66,33 @@ def aggregate(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
 def goal(rows: Mapping[str, Mapping[str, Any]], results: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
     """Issue 13's goal: does the best multi-teacher student beat the best single-teacher one by > 2 std?
 
-    "Best" is the lowest mean overall perplexity among configs with all seeds of the best single
-    one. The margin must exceed twice the larger of the two std's; the paired per-seed differences
-    (same seed: same init and data order) and the worst-domain comparison are reported beside it.
-    None until both kinds have a result.
+    Only configs with 2+ seeds take part (a std needs them). The best single-teacher config is the one
+    of lowest mean overall perplexity; the best multi-teacher one is chosen among those whose seeds
+    include all of its seeds. The goal is met when the margin exceeds twice the larger of the two std's
+    *and* the multi-teacher student has the lower worst-domain perplexity (the issue asks for both). The
+    paired per-seed differences (same seed: same init and data order) are reported beside it. None
+    until both kinds have a config with 2+ seeds.
     """
-    kd = {n: r for n, r in rows.items() if r["spec"]["kd"]}
+    kd = {n: r for n, r in rows.items() if r["spec"]["kd"] and len(r["seeds"]) > 1}
     single = {n: r for n, r in kd.items() if len(r["spec"]["teachers"]) == 1}
-    multi = {n: r for n, r in kd.items() if len(r["spec"]["teachers"]) > 1}
-    if not single or not multi:
+    if not single:
         return None
     s_name = min(single, key=lambda n: single[n]["overall"]["mean"])
-    seeds = rows[s_name]["seeds"]
-    full = {n: r for n, r in multi.items() if r["seeds"] == seeds} or multi
-    m_name = min(full, key=lambda n: full[n]["overall"]["mean"])
+    seeds = set(rows[s_name]["seeds"])
+    multi = {n: r for n, r in kd.items() if len(r["spec"]["teachers"]) > 1 and seeds <= set(r["seeds"])}
+    if not multi:
+        return None
+    m_name = min(multi, key=lambda n: multi[n]["overall"]["mean"])
     s_row, m_row = rows[s_name], rows[m_name]
     margin = s_row["overall"]["mean"] - m_row["overall"]["mean"]
     two_std = 2 * max(s_row["overall"]["std"], m_row["overall"]["std"])
     by_seed = {(r["spec"]["name"], r["seed"]): r["domains"]["overall"]["perplexity"] for r in results}
-    paired = {seed: by_seed[(s_name, seed)] - by_seed[(m_name, seed)] for seed in seeds
+    paired = {seed: by_seed[(s_name, seed)] - by_seed[(m_name, seed)] for seed in sorted(seeds)
               if (s_name, seed) in by_seed and (m_name, seed) in by_seed}
     return {"best_single": s_name, "best_multi": m_name, "single_overall": s_row["overall"],
             "multi_overall": m_row["overall"], "margin": margin, "two_std": two_std,
             "paired_margin_by_seed": paired, "single_worst": s_row["worst"], "multi_worst": m_row["worst"],
-            "met": bool(margin > two_std and len(s_row["seeds"]) > 1 and len(m_row["seeds"]) > 1
-                        and m_row["worst"]["mean"] < s_row["worst"]["mean"])}
+            "met": bool(margin > two_std and m_row["worst"]["mean"] < s_row["worst"]["mean"])}
 
 
 def _cell(s: Mapping[str, float]) -> str:

@@ -38,6 +38,10 @@ def domain_nll(student_dir: Path, cache: str) -> dict[str, dict[str, float]]:
         data = reader.read_chunk(c)
         if data.domains is None:
             raise ValueError(f"cache {cache} has no domain column; prepare it with --domain-column")
+        if "loss_mask" in data.inputs or "doc_start" in data.inputs or (data.domains < 0).any():
+            raise ValueError(f"cache {cache} has packed or loss-masked samples, or samples without a domain; "
+                             "domain_nll scores whole unpacked samples of a named domain: prepare it without "
+                             "--pack / a response mask, with a domain on every row")
         ids_all = data.inputs["token_ids"]
         for i in range(len(data.sample_ids)):
             o, n = int(data.offsets[i]), int(data.lengths[i])
@@ -100,11 +104,14 @@ def train_student(spec: RunSpec, seed: int, recipe: Recipe, out: Path, *, cache:
     seconds = time.perf_counter() - t0
     assert path is not None  # rank 0: one process here
     return {"domains": summarize_domains(domain_nll(path, eval_cache)), "curve": read_curve(out / "metrics.jsonl"),
-            "aggregate": recipe_.aggregate, "train_seconds": seconds, "resumed": resume,
+            "aggregate": recipe_.aggregate, "aggregate_kwargs": recipe_.aggregate_kwargs,
+            "train_seconds": seconds, "resumed": resume,
             "positions_per_s": _rate(out / "metrics.jsonl")}
 
 
 def _rate(metrics: Path) -> float | None:
+    if not metrics.is_file():
+        return None
     rates = [json.loads(line).get("positions_per_s") for line in metrics.read_text().splitlines()]
     rates = [r for r in rates if r is not None]
     return rates[-1] if rates else None

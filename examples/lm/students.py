@@ -12,6 +12,7 @@ interrupted one continues from its newest checkpoint (``resume=True``, the train
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ALL", "SHORT", "Recipe", "RunSpec", "base_runs", "curve_runs", "finished", "mean_spec", "operator_runs",
-           "claim_run", "result_path", "run_matrix", "write_result", "write_student_config"]
+           "Claim", "claim_path", "claim_run", "result_path", "run_matrix", "write_result", "write_student_config"]
 
 
 @dataclass(frozen=True)
@@ -165,44 +166,87 @@ def run_matrix(root: Path, runs: Iterable[tuple[RunSpec, int]], recipe: Recipe, 
             continue
         claim = claim_run(root, spec, seed)
         if claim is None:
-            log(f"skip {spec.name} s{seed}: another process is running it")
+            log(f"skip {spec.name} s{seed}: another process holds {claim_path(root, spec, seed)} (if none does, "
+                f"delete that file)")
             continue
-        log(f"run {spec.name} s{seed}")
         try:
-            measured = trainer(spec, seed, recipe, root / "runs" / f"{spec.name}-s{seed}")
-        except Exception as e:  # noqa: BLE001 - reported, and retried by the next call
-            log(f"FAILED {spec.name} s{seed}: {type(e).__name__}: {e}")
-            continue
+            done = finished(root, spec, seed, recipe)  # another lane may have finished it since the first check
+            if done is not None:
+                log(f"skip {spec.name} s{seed}: {result_path(root, spec, seed)} exists")
+                results.append(done)
+                continue
+            log(f"run {spec.name} s{seed}")
+            try:
+                measured = trainer(spec, seed, recipe, root / "runs" / f"{spec.name}-s{seed}")
+            except Exception as e:  # noqa: BLE001 - reported, and retried by the next call
+                log(f"FAILED {spec.name} s{seed}: {type(e).__name__}: {e}")
+                continue
+            result = {"spec": spec.to_dict(), "seed": seed, "recipe": recipe.to_dict(), **measured}
+            write_result(root, spec, seed, result)  # before the claim goes: no lane can start it again
+            results.append(result)
         finally:
-            claim.unlink(missing_ok=True)
-        result = {"spec": spec.to_dict(), "seed": seed, "recipe": recipe.to_dict(), **measured}
-        write_result(root, spec, seed, result)
-        results.append(result)
+            claim.release()
     return results
 
 
-def claim_run(root: Path, spec: RunSpec, seed: int) -> Path | None:
-    """Claim (spec, seed) for this process with an exclusively created ``.claim`` file, or None if a live one holds it.
+def claim_path(root: Path, spec: RunSpec, seed: int) -> Path:
+    return root / "runs" / f"{spec.name}-s{seed}.claim"
+
+
+@dataclass
+class Claim:
+    """A held claim: the ``.claim`` file (host and pid inside) and the open descriptor whose lock holds it."""
+
+    path: Path
+    fd: int
+
+    def release(self) -> None:
+        """Delete the claim file if it is still this claim's (same inode), then drop the lock."""
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(self.fd)
+
+
+def claim_run(root: Path, spec: RunSpec, seed: int) -> Claim | None:
+    """Claim (spec, seed) for this process, or None if a live process holds it.
 
     Several processes (one per core, or one per machine on a shared folder) can then work through
-    one matrix: each takes the next run nobody holds. A claim whose process is gone (same host) is
-    taken over, so a killed lane does not block its run.
+    one matrix: each takes the next run nobody holds. The claim is a ``.claim`` file, created
+    exclusively or taken over, with an exclusive ``flock`` held on it until :meth:`Claim.release`; the lock
+    goes with the process, so a killed lane does not block its run. A file that exists is taken
+    over only when its lock is free *and* the host/pid written in it is gone from this host (a holder
+    that writes the file without locking it is left alone while it lives). Of two processes taking
+    over one dead claim, only the one that gets the lock proceeds.
     """
-    path = root / "runs" / f"{spec.name}-s{seed}.claim"
+    path = claim_path(root, spec, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
+    try:
+        fd, created = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644), True
+    except FileExistsError:
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if not _stale(path):
-                return None
-            path.unlink(missing_ok=True)  # our own kind of file, held by a dead process
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return path
-    return None
+            fd, created = os.open(path, os.O_RDWR), False
+        except FileNotFoundError:
+            return None  # released in between: the next call sees the result or claims it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    try:
+        same = os.stat(path).st_ino == os.fstat(fd).st_ino  # not a file released and replaced meanwhile
+    except FileNotFoundError:
+        same = False
+    if not same or (not created and not _stale(path)):
+        os.close(fd)
+        return None
+    me = f"{socket.gethostname()} {os.getpid()}".encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, me, 0)
+    return Claim(path, fd)
 
 
 def _stale(claim: Path) -> bool:

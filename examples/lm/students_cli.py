@@ -202,11 +202,15 @@ def predict(root: Path, max_positions: int, suffix: str) -> None:
 
     results = load_results(root)
     students_ = student_points(results)
-    specs = {r["spec"]["name"]: r["spec"] for r in results if r["spec"]["name"] in students_}
+    first: dict[str, dict[str, Any]] = {}  # each config's lowest seed: its auto choice is read from there
+    for r in sorted(results, key=lambda r: r["seed"]):
+        if r["spec"]["name"] in students_:
+            first.setdefault(r["spec"]["name"], r)
     configs = {}
-    for name, s in specs.items():
+    for name, r in first.items():
+        s = r["spec"]
         spec = RunSpec(s["name"], tuple(s["teachers"]), s["aggregate"], s["aggregate_kwargs"], s["kd"])
-        configs[name] = (spec.teachers, *target_config(spec, root / "runs" / f"{name}-s0"))
+        configs[name] = (spec.teachers, *target_config(spec, root / "runs" / f"{name}-s{r['seed']}", r))
     targets, info = target_points(str(work() / "caches" / "curve"), configs, max_positions=max_positions)
     points = {n: {**targets[n], **students_[n]} for n in configs}
     with_s0 = {n: p for n, p in points.items() if "student_nll_s0" in p}

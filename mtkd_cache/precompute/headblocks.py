@@ -5,14 +5,16 @@
 Linear, plus Gemma's `final_logit_softcapping`) and checks once per model, on a few tokens of
 the first batch, that `head(body(x))` equals the model's own logits bit for bit; a model with
 any other post-processing (a logit scale, a custom forward) fails that check and keeps the
-full-logits path. `reduce_by_head_blocks` then applies the head to one row block of the flattened
-`(B·L, D)` hidden states at a time, inside the reduction loop: the blocks are exactly the row
-blocks the reductions already use (`extract._row_blocks`), so top-k, stats and the sampled draws
-(same rows per `multinomial` call, same generator) equal the unblocked path's.
+full-logits path. `reduce_by_head_blocks` then applies the head to one group of row blocks of the
+flattened `(B·L, D)` hidden states at a time (about `GROUP_ELEMENTS` logits; never fewer than 4 rows
+unless the batch has fewer), inside the reduction loop: the blocks are exactly the row blocks the
+reductions already use (`extract._row_blocks`), so top-k, stats and the sampled draws (same rows per
+`multinomial` call, same generator) equal the unblocked path's.
 
 Not possible (full logits are built): classifiers (one row per sample: small anyway), factory
 teachers (their forward is opaque), and HF models whose check fails. Peak logits memory per batch
-drops from B·L·V to one block (`extract._BLOCK_ELEMENTS`: 2^20 logits on CPU, 2^26 on GPU).
+drops from B·L·V to two groups of about `GROUP_ELEMENTS` logits (2^24 each; on a GPU one row block of
+`extract._BLOCK_ELEMENTS` = 2^26 logits, the group there).
 """
 
 from __future__ import annotations
@@ -103,9 +105,24 @@ def forward_body(teacher: LoadedTeacher, split: HeadSplit, batch: Mapping[str, t
 Reduce = Callable[[torch.Tensor, torch.Tensor | None], tuple[list[int], list[torch.Tensor]]]
 
 GROUP_ELEMENTS = 1 << 24
-"""Logits per head call when the row blocks are reduced on workers (64 MiB of float32): the head's
+"""Logits per head call (64 MiB of float32), with or without reduction workers: the head's
 matmul reads its whole ``(V, D)`` weight once per call, so a call per 4 MiB row block re-read it
 ~100 times per 2,048-position batch (a matmul of ~20 rows; ~3x the CPU time of the large one)."""
+
+
+MIN_GROUP_ROWS = 4
+"""The CPU's float32 matmul takes another kernel below 4 rows, whose last bits differ from the large
+matmul's; a trailing group that small joins the previous one, so the logits equal the full-logits path's."""
+
+
+def _groups(blocks: list[slice], per_group: int) -> list[list[slice]]:
+    """`per_group` consecutive row blocks per head call; a last group of fewer than MIN_GROUP_ROWS rows joins
+    the one before it."""
+    groups = [blocks[g: g + per_group] for g in range(0, len(blocks), per_group)]
+    if len(groups) > 1 and groups[-1][-1].stop - groups[-1][0].start < MIN_GROUP_ROWS:
+        tail = groups.pop()
+        groups[-1] = groups[-1] + tail
+    return groups
 
 
 def _block_results(split: HeadSplit, flat: torch.Tensor, mask: torch.Tensor | None, blocks: list[slice], vocab: int,
@@ -128,8 +145,7 @@ def _block_results(split: HeadSplit, flat: torch.Tensor, mask: torch.Tensor | No
         return (part, *reduce(part, None if mask is None else mask[rows].to(part.device)))
 
     pending: list[tuple[slice, Future[tuple[torch.Tensor, list[int], list[torch.Tensor]]]]] = []
-    for g in range(0, len(blocks), per_group):
-        group = blocks[g: g + per_group]
+    for group in _groups(blocks, per_group):
         first = group[0].start
         logits = split.logits(flat[first: group[-1].stop]).unsqueeze(1)  # (rows, 1, V_padded)
         if pool is None:

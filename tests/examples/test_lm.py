@@ -120,6 +120,7 @@ from examples.lm.students import (  # noqa: E402
     curve_runs,
     result_path,
     run_matrix,
+    write_result,
 )
 
 
@@ -244,18 +245,73 @@ def test_a_run_claimed_by_a_live_process_is_left_to_it_and_a_dead_claim_is_taken
     import subprocess
 
     specs = base_runs()[:2]
+    me = f"{socket.gethostname()} {os.getpid()}"
     live = claim_run(tmp_path, specs[0], 0)
-    assert live is not None and live.read_text() == f"{socket.gethostname()} {os.getpid()}"
-    assert claim_run(tmp_path, specs[0], 0) is None  # held by a live process (this one)
+    assert live is not None and live.path.read_text() == me
+    assert claim_run(tmp_path, specs[0], 0) is None  # its lock is held
     calls: list[tuple[str, int]] = []
     logs: list[str] = []
     run_matrix(tmp_path, [(s, 0) for s in specs], Recipe(), _fake_trainer(calls, {}), log=logs.append)
-    assert calls == [("smollm2", 0)] and "skip nokd s0: another process is running it" in logs
-    assert live.is_file() and not (tmp_path / "runs" / "smollm2-s0.claim").exists()  # released after its run
+    assert calls == [("smollm2", 0)] and any(line.startswith("skip nokd s0: another process holds") for line in logs)
+    assert live.path.is_file() and not (tmp_path / "runs" / "smollm2-s0.claim").exists()  # released after its run
+    os.close(live.fd)  # the holder dies: its lock goes, its file stays
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    live.write_text(f"{socket.gethostname()} {int(dead.stdout)}")  # its process has exited
+    live.path.write_text(f"{socket.gethostname()} {int(dead.stdout)}")
     run_matrix(tmp_path, [(s, 0) for s in specs], Recipe(), _fake_trainer(calls, {}), log=lambda _: None)
-    assert calls == [("smollm2", 0), ("nokd", 0)] and not live.exists()
+    assert calls == [("smollm2", 0), ("nokd", 0)] and not live.path.exists()
+
+
+def test_of_two_takeovers_of_a_dead_claim_one_wins_and_a_locked_or_unlocked_live_claim_is_kept(tmp_path: Path
+                                                                                                ) -> None:
+    import os
+    import socket
+    import subprocess
+
+    spec = base_runs()[0]
+    path = tmp_path / "runs" / "nokd-s0.claim"
+    path.parent.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.write_text(f"{socket.gethostname()} {int(dead.stdout)}")
+    first = claim_run(tmp_path, spec, 0)
+    assert first is not None and claim_run(tmp_path, spec, 0) is None  # the second taker does not get the lock
+    path.write_text(f"{socket.gethostname()} {int(dead.stdout)}")  # a locked file is held, whatever it says
+    assert claim_run(tmp_path, spec, 0) is None
+    first.release()
+    assert not path.exists()
+    path.write_text(f"{socket.gethostname()} {os.getpid()}")  # a live holder that does not lock (older code)
+    assert claim_run(tmp_path, spec, 0) is None and path.read_text().endswith(str(os.getpid()))
+
+
+def test_a_run_finished_while_it_was_being_claimed_is_not_run_again(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import examples.lm.students as students_mod
+
+    spec, calls = base_runs()[1], []
+    real = students_mod.claim_run
+
+    def claim_after_another_lane_finished(root: Path, s: RunSpec, seed: int):  # type: ignore[no-untyped-def]
+        write_result(root, s, seed, {"spec": s.to_dict(), "seed": seed, "recipe": Recipe().to_dict(), "x": 1})
+        return real(root, s, seed)
+
+    monkeypatch.setattr(students_mod, "claim_run", claim_after_another_lane_finished)
+    out = run_matrix(tmp_path, [(spec, 0)], Recipe(), _fake_trainer(calls, {}), log=lambda _: None)
+    assert calls == [] and out[0]["x"] == 1 and not (tmp_path / "runs" / "smollm2-s0.claim").exists()
+
+
+def test_the_result_is_written_before_the_claim_is_released(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import examples.lm.students as students_mod
+
+    spec, claim = base_runs()[1], tmp_path / "runs" / "smollm2-s0.claim"
+    seen = []
+    real = students_mod.write_result
+
+    def write(root: Path, s: RunSpec, seed: int, result: dict[str, object]) -> Path:
+        seen.append(claim.is_file())  # still held while the result is written
+        return real(root, s, seed, result)
+
+    monkeypatch.setattr(students_mod, "write_result", write)
+    run_matrix(tmp_path, [(spec, 0)], Recipe(), _fake_trainer([], {}), log=lambda _: None)
+    assert seen == [True] and result_path(tmp_path, spec, 0).is_file() and not claim.exists()
 
 
 def test_goal_compares_the_best_multi_teacher_student_with_the_best_single_one(tmp_path: Path) -> None:
@@ -333,3 +389,16 @@ def test_last_change_measures_how_flat_a_run_ends() -> None:
     assert rows["smollm2"]["last_change"]["mean"] == pytest.approx((-0.05 - 0.5) / 2)
     assert aggregate(res + [{**res[0], "seed": 2, "curve": []}])["smollm2"]["last_change"] is None
     assert table(rows, []).splitlines()[2].endswith("| -27.5% |")
+
+
+def test_goal_ignores_configs_of_one_seed_and_compares_on_the_single_configs_seeds(tmp_path: Path) -> None:
+    specs = {s.name: s for s in base_runs()} | {"auto-all": RunSpec("auto-all", ALL, "auto")}
+    runs = [(specs["smollm2"], s) for s in (0, 1, 2)] + [(specs["mean-all"], s) for s in (0, 1, 2, 3)]
+    runs += [(specs["auto-all"], 0)]
+    ppl = {"smollm2": 400.0, "mean-all": 334.0, "auto-all": 300.0}
+    results = run_matrix(tmp_path, runs, Recipe(), _fake_trainer([], ppl), log=lambda _: None)
+    g = goal(aggregate(results), results)
+    assert g is not None and (g["best_single"], g["best_multi"]) == ("smollm2", "mean-all")  # not the 1-seed auto
+    assert g["met"] and sorted(g["paired_margin_by_seed"]) == [0, 1, 2]
+    only_one = [r for r in results if r["spec"]["name"] != "mean-all"]
+    assert goal(aggregate(only_one), only_one) is None  # no multi-teacher config with 2+ seeds
