@@ -5,6 +5,7 @@ Library errors become `click.ClickException` (a message and exit code 1, no trac
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -78,7 +79,23 @@ def _so() -> dict[str, Any]:
     return dict(click.get_current_context().find_root().obj or {})
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The commands here, plus ``score``: `mtkd-score` (it lives in mtkd_train, whose imports load only when called)."""
+
+    LAZY = {"score": ("mtkd_train.scoring.cli", "main")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.LAZY:
+            module, attr = self.LAZY[name]
+            command: click.Command = getattr(importlib.import_module(module), attr)
+            return command
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mtkd-cache")
 @click.option("--storage-options", envvar="MTKD_STORAGE_OPTIONS", callback=_storage_options, default=None,
               help="fsspec options for a remote CACHE, as JSON (e.g. an S3 endpoint_url); also read from "

@@ -81,7 +81,8 @@ def oracle_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     probs = torch.softmax(_oracle.table(0), -1).numpy()
     labels = [int(rng.choice(_oracle.CLASSES, p=probs[c])) for c in ctx[:, 0]]
     cache = tmp_path_factory.mktemp("score") / "cache"
-    prepare_arrays(cache, {"input_ids": ctx}, labels=labels, chunk_samples=256)
+    prepare_arrays(cache, {"input_ids": ctx}, labels=labels, domains=[("lo", "hi")[int(c >= _oracle.CONTEXTS // 2)]
+                                                                       for c in ctx[:, 0]], chunk_samples=256)
     spec = f"{_oracle.__name__}:oracle"
     for name, mix in (("exact", 0.0), ("blur", 0.7), ("far", 1.0)):
         run_teacher(cache, RunConfig(teacher=name, model=spec, top_k=3), factory_kwargs={"mix": mix, "seed": 5},
@@ -113,3 +114,36 @@ def test_cli_writes_a_config_mtkd_train_reads(oracle_cache: Path, tmp_path: Path
 def test_cli_names_a_missing_teacher(oracle_cache: Path) -> None:
     res = CliRunner().invoke(score_main, [str(oracle_cache), "--teachers", "exact,nope"])
     assert res.exit_code != 0 and "nope" in res.output and "Traceback" not in res.output
+
+
+def test_mtkd_cache_score_is_mtkd_score_and_no_domains_drops_the_per_domain_weights(oracle_cache: Path) -> None:
+    from mtkd_cache.cli import main as cache_main
+
+    args = [str(oracle_cache), "--teachers", "exact,far", "--json"]
+    direct = json.loads(CliRunner().invoke(score_main, args).output)
+    via = CliRunner().invoke(cache_main, ["score", *args])
+    assert via.exit_code == 0, via.output
+    assert json.loads(via.output) == direct and any(r["aggregate"] == "routing" for r in direct)
+    flat = json.loads(CliRunner().invoke(score_main, [*args, "--no-domains"]).output)
+    assert not any(r["aggregate"] == "routing" for r in flat) and len(flat) == len(direct) - 1
+
+
+def test_score_reads_storage_options_from_its_flag_or_the_mtkd_cache_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mtkd_train.scoring.cli as score_cli
+    from mtkd_cache.cli import main as cache_main
+
+    seen: list[object] = []
+
+    def fake(cache: str, teachers: list[str], **kw: object) -> None:
+        seen.append(kw["storage_options"])
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(score_cli, "score_cache", fake)
+    opts = '{"anon": true}'
+    for argv, cmd in ((["s3://b/c", "--teachers", "a", "--storage-options", opts], score_main),
+                      (["--storage-options", opts, "score", "s3://b/c", "--teachers", "a"], cache_main)):
+        res = CliRunner().invoke(cmd, argv)
+        assert res.exit_code != 0 and "stop here" in res.output and "Traceback" not in res.output
+    assert seen == [{"anon": True}, {"anon": True}]
+    res = CliRunner().invoke(score_main, ["s3://b/c", "--teachers", "a", "--storage-options", "[1]"])
+    assert res.exit_code != 0 and "JSON object" in res.output
