@@ -12,7 +12,8 @@
   tail is ``(V - U) * prod_i u_i^(w_i/T) / Z``: exact under the spread reading.
 
 Linear pooling costs ``O(P * sum K_i)`` after the union's sort (:func:`union_mixture`, no
-``(P, N, U)`` table); log-linear ``O(P * N * U)`` after :func:`build_union`.
+``(P, N, U)`` table); one teacher at weight 1 (single-teacher KD) skips the union: its target is the
+merged one. Log-linear costs ``O(P * N * U)`` after :func:`build_union`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def linear_pool(
     Returns:
         ``(P, U)`` merged targets; ``tail`` is the merged mass outside the union.
     """
+    if len(targets) == 1 and not weights.requires_grad and bool((weights == 1).all()):
+        return _one_teacher(targets[0], vocab_size=vocab_size, tail_mode=tail_mode, smoothing=smoothing)
     union = union_mixture(targets, weights, vocab_size=vocab_size, tail_mode=tail_mode)
     merged = union.probs  # (P, U)
     tail = (weights.to(merged.dtype) * union.tail_out).sum(dim=1)  # (P,)
@@ -63,6 +66,25 @@ def linear_pool(
         tail = (1 - smoothing) * tail + smoothing * outside / vocab_size
     logp = torch.where(union.valid, _safe_log(merged), -math.inf)  # (P, U)
     return SparseTargets(union.indices, logp, tail)
+
+
+def _one_teacher(t: SparseTargets, *, vocab_size: int, tail_mode: TailMode, smoothing: float) -> SparseTargets:
+    """:func:`linear_pool` of one teacher at weight 1: its own target (its union is its support), no sort.
+
+    Equal to the union path to float rounding: the same kept tokens (in the teacher's order, padding
+    entries left as they are: they hold no token), the same log-probabilities and tail. Under ``"spread"`` a
+    row that keeps all ``V`` tokens has no outside, so its tail is dropped, as the union path does.
+    """
+    kept = t.logp > -math.inf
+    tail = t.tail
+    outside = vocab_size - kept.sum(dim=-1)  # (P,)
+    if tail_mode == "spread":
+        tail = torch.where(outside > 0, tail, torch.zeros_like(tail))
+    if smoothing == 0:
+        return SparseTargets(t.indices, t.logp, tail)
+    probs = (1 - smoothing) * t.logp.exp() + smoothing / vocab_size
+    return SparseTargets(t.indices, torch.where(kept, _safe_log(probs), -math.inf),
+                         (1 - smoothing) * tail + smoothing * outside.to(tail.dtype) / vocab_size)
 
 
 def log_linear_pool(

@@ -216,3 +216,42 @@ def test_bad_inputs_name_the_option() -> None:
         fused_kd_ce_loss(z, t32, labels, alpha=0.5, temprature=2.0)  # type: ignore[call-arg]
     with pytest.raises(LossConfigError, match="positions"):
         fused_kd_ce_loss(z[:3], t32, labels[:3], alpha=0.5)
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_float32_gradient_where_the_student_keeps_less_off_support_mass_than_the_tail(head: bool) -> None:
+    """t / r > W + t: the coefficient of q in the gradient is negative on those rows (the T = 1 fast path's sign)."""
+    t, labels = _teacher(2, 4), _labels()
+    tail = t.tail.clone()
+    tail[:5] = 0.4  # a heavy tail on some rows ...
+    logp = t.logp + torch.log((1 - tail) / t.logp.exp().sum(-1)).unsqueeze(1)  # ... the kept mass rescaled to match
+    t = SparseTargets(t.indices, logp, tail)
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(P, H, generator=g, dtype=F64)
+    w = torch.randn(WIDTH, H, generator=g, dtype=F64)
+    z = h @ w.T
+    z.scatter_add_(1, t.indices, torch.full(t.indices.shape, 4.0, dtype=F64))  # little student mass off the support
+    if head:  # the same logits through the head-fused path: z = h' @ w'^T with the boost folded into h', w'
+        h, w = torch.cat([h, torch.eye(P, dtype=F64)], 1), torch.cat([w, (z - h @ w.T).T], 1)
+    q = torch.softmax(z[:, :V], -1)
+    r = 1 - q.gather(1, t.indices).masked_fill(t.logp == -math.inf, 0).sum(-1)
+    assert ((t.tail / r) > 1 + 1e-3).sum() >= 3  # the negative-coefficient case really occurs
+    kw: dict[str, Any] = dict(alpha=0.6, tail_mode="bucket", vocab_size=V, chunk=4)
+    t32 = SparseTargets(t.indices, t.logp.float(), t.tail.float())
+    if head:
+        h32, w32 = h.float().requires_grad_(True), w.float().requires_grad_(True)
+        got = fused_linear_kd_ce_loss(h32, w32, t32, labels, **kw).loss
+        grads = torch.autograd.grad(got, (h32, w32))
+        h64, w64 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        ref = _dense(h64 @ w64.T, t, labels, alpha=0.6, temperature=1.0, mode="bucket")
+        want = torch.autograd.grad(ref, (h64, w64))
+    else:
+        z32 = z.float().requires_grad_(True)
+        got = fused_kd_ce_loss(z32, t32, labels, **kw).loss
+        grads = torch.autograd.grad(got, (z32,))
+        z64 = z.clone().requires_grad_(True)
+        ref = _dense(z64, t, labels, alpha=0.6, temperature=1.0, mode="bucket")
+        want = torch.autograd.grad(ref, (z64,))
+    torch.testing.assert_close(got.double(), ref.detach(), atol=1e-5, rtol=0)
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=0)

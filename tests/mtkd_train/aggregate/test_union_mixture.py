@@ -57,3 +57,31 @@ def test_ids_beyond_the_vocabulary_still_get_a_correct_union() -> None:
     u = build_union([t0, t1], vocab_size=10, tail_mode="bucket")
     assert u.indices.tolist() == [[3, 5, 70000], [1, 2, 9]]
     assert u.size.tolist() == [3, 3]
+
+
+def _dense(t: SparseTargets, v: int) -> torch.Tensor:
+    """``(P, V + 1)``: each kept token's probability, and the tail in the last column."""
+    kept = t.logp > -math.inf
+    out = torch.zeros(t.logp.shape[0], v + 1, dtype=torch.float64)
+    out[:, :v].scatter_add_(1, torch.where(kept, t.indices, 0), torch.where(kept, t.logp.double().exp(), 0.0))
+    out[:, v] = t.tail.double()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["bucket", "spread"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize(("v", "k"), [(12, 5), (9, 9), (300, 16)])
+def test_one_teacher_at_weight_one_skips_the_union_and_equals_it(mode: str, smoothing: float, v: int, k: int
+                                                                 ) -> None:
+    from mtkd_train.aggregate import linear_pool
+
+    (t,) = _targets(1, 23, v, k, seed=v + k)
+    t = SparseTargets(t.indices, t.logp.detach(), t.tail.detach())
+    ones = torch.ones(23, 1)
+    fast = linear_pool([t], ones, vocab_size=v, tail_mode=mode, smoothing=smoothing)  # type: ignore[arg-type]
+    slow = linear_pool([t], ones.clone().requires_grad_(True), vocab_size=v, tail_mode=mode,  # type: ignore[arg-type]
+                       smoothing=smoothing)  # a weight that needs a gradient takes the union path
+    assert fast.indices is t.indices  # no sort, no copy: the teacher's own layout
+    torch.testing.assert_close(_dense(fast, v), _dense(slow, v).detach(), rtol=0, atol=1e-6)
+    half = linear_pool([t], torch.full((23, 1), 0.5), vocab_size=v, tail_mode=mode)  # type: ignore[arg-type]
+    assert half.indices is not t.indices  # any other weight is pooled on the union
