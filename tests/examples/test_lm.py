@@ -402,3 +402,10 @@ def test_goal_ignores_configs_of_one_seed_and_compares_on_the_single_configs_see
     assert g["met"] and sorted(g["paired_margin_by_seed"]) == [0, 1, 2]
     only_one = [r for r in results if r["spec"]["name"] != "mean-all"]
     assert goal(aggregate(only_one), only_one) is None  # no multi-teacher config with 2+ seeds
+
+
+def test_train_seconds_add_up_over_a_resumed_run(tmp_path: Path) -> None:
+    from examples.lm.student_eval import _add_seconds
+
+    assert _add_seconds(tmp_path / "s.json", 10.0) == 10.0
+    assert _add_seconds(tmp_path / "s.json", 2.5) == 12.5  # the second stretch, after a resume
