@@ -101,7 +101,7 @@ def train_student(spec: RunSpec, seed: int, recipe: Recipe, out: Path, *, cache:
         path = recipe_.save()
     finally:
         recipe_.close()
-    seconds = _add_seconds(out / "train_seconds.json", time.perf_counter() - t0)  # a resumed run adds up
+    seconds = _add_seconds(out / "train_seconds.json", time.perf_counter() - t0, resumed=resume)
     assert path is not None  # rank 0: one process here
     return {"domains": summarize_domains(domain_nll(path, eval_cache)), "curve": read_curve(out / "metrics.jsonl"),
             "aggregate": recipe_.aggregate, "aggregate_kwargs": recipe_.aggregate_kwargs,
@@ -109,9 +109,9 @@ def train_student(spec: RunSpec, seed: int, recipe: Recipe, out: Path, *, cache:
             "positions_per_s": _rate(out / "metrics.jsonl")}
 
 
-def _add_seconds(path: Path, seconds: float) -> float:
-    """Add this stretch's seconds to those the run folder recorded before (an interrupted run resumes); the total."""
-    total = seconds + (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0)
+def _add_seconds(path: Path, seconds: float, *, resumed: bool) -> float:
+    """This stretch's seconds, plus those the run folder recorded before when the run resumed; the total."""
+    total = seconds + (json.loads(path.read_text())["seconds"] if resumed and path.is_file() else 0.0)
     path.write_text(json.dumps({"seconds": total}))
     return total
 

@@ -407,5 +407,6 @@ def test_goal_ignores_configs_of_one_seed_and_compares_on_the_single_configs_see
 def test_train_seconds_add_up_over_a_resumed_run(tmp_path: Path) -> None:
     from examples.lm.student_eval import _add_seconds
 
-    assert _add_seconds(tmp_path / "s.json", 10.0) == 10.0
-    assert _add_seconds(tmp_path / "s.json", 2.5) == 12.5  # the second stretch, after a resume
+    assert _add_seconds(tmp_path / "s.json", 10.0, resumed=False) == 10.0
+    assert _add_seconds(tmp_path / "s.json", 2.5, resumed=True) == 12.5  # the second stretch, after a resume
+    assert _add_seconds(tmp_path / "s.json", 4.0, resumed=False) == 4.0  # a fresh run in the same folder
