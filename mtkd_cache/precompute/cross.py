@@ -12,18 +12,16 @@ import dataclasses
 from typing import Any
 
 from mtkd_cache.errors import CacheMismatchError
-from mtkd_cache.format.fingerprint import tokenizer_fingerprint
 from mtkd_cache.format.meta import TeacherMeta
 from mtkd_cache.format.tokenization import TokenizationReader
 
 __all__ = ["reader_for", "teacher_grid", "with_tokenization"]
 
 
-def teacher_grid(reader: Any, teacher: Any, cfg: Any, own: bool | None, tok: Any = None,
-                 fingerprint: str | None = None) -> Any:
+def teacher_grid(reader: Any, teacher: Any, cfg: Any, own: bool | None, tok: Any, fingerprint: str | None) -> Any:
     """`reader`, or a `TokenizationReader` of the teacher's own tokenization when it needs one.
 
-    `tok` / `fingerprint`: the teacher's tokenizer and its fingerprint when the caller has them (else loaded here).
+    `tok` / `fingerprint`: the teacher's tokenizer and its fingerprint (`setup._teacher_tokenizer`), loaded once per run.
     """
     inputs = reader.inputs
     if own is False or inputs.tokenizer is None or teacher.task != "causal_lm":
@@ -33,11 +31,7 @@ def teacher_grid(reader: Any, teacher: Any, cfg: Any, own: bool | None, tok: Any
             raise CacheMismatchError(f"teacher {cfg.teacher!r} ({cfg.model}) has no tokenizer files, so it cannot "
                                      f"run on its own tokenization; put its tokenizer next to the model")
         return reader
-    if tok is None:
-        from mtkd_cache.precompute.prepare import load_tokenizer
-
-        tok, fingerprint = load_tokenizer(teacher.tokenizer_path, cfg.trust_remote_code), None
-    if not own and (fingerprint or tokenizer_fingerprint(tok)) == inputs.tokenizer.fingerprint:
+    if not own and fingerprint == inputs.tokenizer.fingerprint:
         return reader
     if inputs.text is None:
         raise CacheMismatchError(
