@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["aggregate", "goal", "last_change", "load_results", "mean_std", "plot_curves", "table"]
+__all__ = ["aggregate", "goal", "last_change", "load_results", "mean_std", "plot_curves", "ranking_stability", "table"]
 
 
 def load_results(root: Path) -> list[dict[str, Any]]:
@@ -93,6 +93,46 @@ def goal(rows: Mapping[str, Mapping[str, Any]], results: Iterable[Mapping[str, A
             "multi_overall": m_row["overall"], "margin": margin, "two_std": two_std,
             "paired_margin_by_seed": paired, "single_worst": s_row["worst"], "multi_worst": m_row["worst"],
             "met": bool(margin > two_std and m_row["worst"]["mean"] < s_row["worst"]["mean"])}
+
+
+def ranking_stability(results: Iterable[Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any] | None:
+    """Is the ranking of `names` settled before the end of training? (Issue 10's "trained long enough".)
+
+    At every evaluation step of the held-out curve, the configs are ranked by their mean perplexity over
+    the seeds all of them finished. ``stable_since`` is the first step from which that ranking no longer
+    changes up to the last evaluation; ``final_agrees`` says whether the last curve ranking is the
+    ranking by final perplexity on the full held-out cache. ``pairs`` gives, for each pair, in how many
+    seeds the first config ends below the second (a ranking can be settled in the mean and not per seed).
+    None when fewer than two of `names` have results.
+    """
+    by: dict[str, dict[int, Mapping[str, Any]]] = defaultdict(dict)
+    for r in results:
+        if r["spec"]["name"] in names and r.get("curve"):
+            by[r["spec"]["name"]][r["seed"]] = r
+    present = [n for n in names if n in by]
+    if len(present) < 2:
+        return None
+    seeds = sorted(set.intersection(*(set(by[n]) for n in present)))
+    if not seeds:
+        return None
+    steps = sorted(set.intersection(*({c["step"] for c in by[n][s]["curve"]} for n in present for s in seeds)))
+
+    def rank(value: Any) -> list[str]:
+        return sorted(present, key=lambda n: statistics.fmean(value(by[n][s]) for s in seeds))
+
+    at = {step: rank(lambda r, step=step: next(c["perplexity"] for c in r["curve"] if c["step"] == step))
+          for step in steps}
+    final = rank(lambda r: r["domains"]["overall"]["perplexity"])
+    since = steps[-1] if steps else None
+    for step in reversed(steps):
+        if at[step] != at[steps[-1]]:
+            break
+        since = step
+    pairs = {f"{a} < {b}": sum(by[a][s]["domains"]["overall"]["perplexity"] < by[b][s]["domains"]["overall"]["perplexity"]
+                               for s in seeds) for i, a in enumerate(final) for b in final[i + 1:]}
+    return {"seeds": seeds, "ranking_by_step": {str(k): v for k, v in at.items()}, "final_ranking": final,
+            "stable_since": since, "last_step": steps[-1] if steps else None,
+            "final_agrees": bool(steps) and at[steps[-1]] == final, "pairs_by_seed": pairs}
 
 
 def _cell(s: Mapping[str, float]) -> str:

@@ -29,6 +29,8 @@ from examples.lm.students import (
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 PHASES = ("base", "seeds", "operators", "curve")
+CROSS_TOKENIZER = ("smollm2", "gemma3", "mean-smollm2+gemma3")
+"""Issue 10's item 4: each generalist alone and both (different tokenizers)."""
 SUFFIX = click.option("--suffix", default="", show_default=True,
                       help="Appended to the names of the files written in benchmarks/results (one per recipe, "
                            "e.g. _450st).")
@@ -163,7 +165,14 @@ def students(phases: tuple[str, ...], seeds: str, only: tuple[str, ...], steps: 
 @SUFFIX
 def report(root: Path, suffix: str) -> None:
     """Mean ± std over seeds per config and domain: lm_students.json, a Markdown table, lm_curve.png."""
-    from examples.lm.report import aggregate, goal, load_results, plot_curves, table
+    from examples.lm.report import (
+        aggregate,
+        goal,
+        load_results,
+        plot_curves,
+        ranking_stability,
+        table,
+    )
 
     results = load_results(root)
     rows = aggregate(results)
@@ -174,10 +183,20 @@ def report(root: Path, suffix: str) -> None:
                    f"vs 2 std {verdict['two_std']:.3f}, paired {verdict['paired_margin_by_seed']}, "
                    f"worst domain {verdict['multi_worst']['mean']:.2f} vs {verdict['single_worst']['mean']:.2f}: "
                    f"{'met' if verdict['met'] else 'NOT met'}")
+    stability = {"issue 10 (each generalist alone and both)": ranking_stability(results, CROSS_TOKENIZER),
+                 "every config run on the most seeds": ranking_stability(
+                     results, sorted(n for n, r in rows.items() if len(r["seeds"]) == max(len(x["seeds"]) for x in rows.values())))}
+    for label, st in stability.items():
+        if st is not None:
+            click.echo(f"ranking, {label}, seeds {st['seeds']}: {' < '.join(st['final_ranking'])}; the curve's "
+                       f"ranking is unchanged since step {st['stable_since']} of {st['last_step']}"
+                       f"{'' if st['final_agrees'] else ' (the full held-out set ranks otherwise)'}; "
+                       f"per seed: {st['pairs_by_seed']}")
     best = sorted(ALL, key=lambda t: single_teacher_ppl(root).get(t, float("inf")))
     orders = {"fixed order (" + ", ".join(ALL) + ")": _order_names(ALL),
               "best first (" + ", ".join(best) + ")": _order_names(tuple(best))}
     _write(RESULTS / f"lm_students{suffix}.json", {"root": str(root), "rows": rows, "orders": orders, "goal": verdict,
+                                                   "ranking_stability": stability,
                                           "runs": [{k: r[k] for k in ("spec", "seed", "domains", "curve",
                                                                       "train_seconds")} for r in results]})
     plot_curves(results, rows, RESULTS / f"lm_curve{suffix}.png", orders)

@@ -109,7 +109,7 @@ def test_specialist_resumes_to_the_same_weights(tmp_path: Path) -> None:
 # -- the student matrix (examples/lm/students.py, report.py, student_eval.py) ---------------------
 
 from examples.lm.caches import spread  # noqa: E402
-from examples.lm.report import aggregate, goal, last_change, mean_std, table  # noqa: E402
+from examples.lm.report import aggregate, goal, last_change, mean_std, ranking_stability, table  # noqa: E402
 from examples.lm.student_eval import domain_nll, summarize_domains  # noqa: E402
 from examples.lm.students import (  # noqa: E402
     ALL,
@@ -410,3 +410,23 @@ def test_train_seconds_add_up_over_a_resumed_run(tmp_path: Path) -> None:
     assert _add_seconds(tmp_path / "s.json", 10.0, resumed=False) == 10.0
     assert _add_seconds(tmp_path / "s.json", 2.5, resumed=True) == 12.5  # the second stretch, after a resume
     assert _add_seconds(tmp_path / "s.json", 4.0, resumed=False) == 4.0  # a fresh run in the same folder
+
+
+def test_ranking_stability_finds_when_the_ranking_settles_and_counts_seeds_per_pair() -> None:
+    def result(name: str, seed: int, ppl: list[float], final: float) -> dict:
+        return {"spec": RunSpec(name, ("smollm2",)).to_dict(), "seed": seed, "recipe": Recipe().to_dict(),
+                "domains": {"overall": {"perplexity": final}},
+                "curve": [{"step": 10 * (i + 1), "perplexity": p} for i, p in enumerate(ppl)]}
+
+    res = [result("a", 0, [50, 40, 30, 20], 20), result("a", 1, [50, 40, 30, 22], 25),  # curve means 50 40 30 21
+           result("b", 0, [45, 42, 35, 25], 21), result("b", 1, [45, 42, 35, 23], 23),  # curve means 45 42 35 24
+           result("c", 0, [60, 50, 40, 30], 30)]  # one seed only
+    st = ranking_stability(res, ["a", "b"])
+    assert st is not None and st["seeds"] == [0, 1]
+    assert st["ranking_by_step"]["10"] == ["b", "a"] and st["ranking_by_step"]["40"] == ["a", "b"]
+    assert st["stable_since"] == 20 and st["last_step"] == 40
+    assert st["final_ranking"] == ["b", "a"] and not st["final_agrees"]  # full held-out set: b 22 < a 22.5
+    assert st["pairs_by_seed"] == {"b < a": 1}  # seed 1 only (23 < 25; seed 0: 21 > 20)
+    assert ranking_stability(res, ["a"]) is None and ranking_stability(res, ["a", "zzz"]) is None
+    with_c = ranking_stability(res, ["a", "b", "c"])
+    assert with_c is not None and with_c["seeds"] == [0] and with_c["final_ranking"] == ["a", "b", "c"]
