@@ -27,6 +27,7 @@ dtype (float32, or float64 for float64 logits); ``x`` may be bf16/fp16 (read, ne
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -121,13 +122,15 @@ def _stats_t1(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`chunk_stats` at ``T = 1`` for compute-dtype logits: one fused log-softmax kernel.
 
-    ``lse = max z - max log_softmax(z)`` (the log-softmax at the argmax is in ``[-log V, 0]``, so
-    nothing cancels). Bucket: ``r = 1 - sum_S q`` in float64, ``q_j = exp(z_j - lse)`` from the
+    ``lse = z_j - log_softmax(z)_j`` at one column ``j`` per row, the support token (or label) of
+    largest logit: two ``O(c)`` gathers instead of two ``(c, V)`` max passes. Where that
+    log-probability is below ``LSE_COLUMN_FLOOR`` (or not finite) the row takes the exact
+    ``max z - max log_softmax(z)`` (the log-softmax at the argmax is in ``[-log V, 0]``), so no digits
+    are lost either way. Bucket: ``r = 1 - sum_S q`` in float64, ``q_j = exp(z_j - lse)`` from the
     gathered logits; rows where ``r < RISKY_REST`` are recomputed exactly as a masked sum.
     """
-    m = x.amax(dim=1)  # (c,)
     torch.ops.aten._log_softmax.out(x, 1, False, out=buf)  # buf := log q
-    lse = m - buf.amax(dim=1)
+    lse = _lse_from_column(x, buf, rt, x_kept)
     if mode != "bucket":
         return lse, lse, x.sum(dim=1, dtype=buf.dtype)
     q_kept = torch.where(rt.kept, (x_kept.double() - lse.double().unsqueeze(1)).exp(), 0.0)  # (c, C)
@@ -139,6 +142,26 @@ def _stats_t1(
     has = rt.kept.any(dim=1)
     log_rest = torch.where(has, rest.log().to(buf.dtype) + lse, lse)
     return lse, lse, log_rest
+
+
+LSE_COLUMN_FLOOR = -12.0
+"""A row's log-sum-exp is read as ``z_j - log q_j`` only where ``log q_j >= -12``: its float32 rounding
+is then within ~1e-6 (an ulp of 12), as good as the max-based formula's."""
+
+
+def _lse_from_column(x: torch.Tensor, logq: torch.Tensor, rt: RowTargets, x_kept: torch.Tensor) -> torch.Tensor:
+    """``(c,)`` ``logsumexp(x)`` from a computed ``logq = log_softmax(x)``; see :func:`_stats_t1`."""
+    cand = torch.cat([torch.where(rt.kept, x_kept.to(logq.dtype), -math.inf),
+                      x.gather(1, rt.labels.unsqueeze(1)).to(logq.dtype)], dim=1)  # (c, C + 1)
+    best = cand.argmax(dim=1, keepdim=True)  # (c, 1)
+    col = torch.cat([rt.idx, rt.labels.unsqueeze(1)], dim=1).gather(1, best)
+    at = logq.gather(1, col).squeeze(1)
+    lse = cand.gather(1, best).squeeze(1) - at
+    exact = ~(at >= LSE_COLUMN_FLOOR)  # also NaN / -inf
+    if bool(exact.any()):
+        rows = exact.nonzero().squeeze(1)
+        lse = lse.index_copy(0, rows, x[rows].amax(dim=1).to(logq.dtype) - logq[rows].amax(dim=1))
+    return lse
 
 
 def chunk_terms(

@@ -290,3 +290,28 @@ def test_a_target_captured_at_another_temperature_is_retempered_by_the_ratio(mod
                            tail_mode=mode).loss  # type: ignore[arg-type]
     kd = kd_loss(z, t, kind="forward_kl", temperature=2.0, target_temperature=4.0, tail_mode=mode)  # type: ignore[arg-type]
     torch.testing.assert_close(got, combine(kd, hard_label_loss(z, labels), 0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_a_second_backward_through_a_retained_graph_gives_the_same_gradient() -> None:
+    probs = torch.softmax(_logits(11, dtype=torch.float64), -1)
+    t = from_dense(probs, 4)
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(12))
+    z = _logits(13).requires_grad_(True)
+    loss = _fused(z, t, labels, alpha=0.6, temperature=1.0, mode="bucket", chunk=4)  # two chunks
+    (first,) = torch.autograd.grad(loss, z, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, z)  # the saved statistics are not consumed by the first
+    torch.testing.assert_close(first, second, atol=1e-7, rtol=1e-6)
+    _agree(z, t, labels, alpha=0.6, temperature=1.0, mode="bucket")
+
+
+@pytest.mark.parametrize("mode", ["bucket", "spread"])
+def test_rows_whose_best_support_token_is_improbable_take_the_exact_log_sum_exp(mode: str) -> None:
+    # rows 0-2: the student puts ~e-30 on every teacher token (below LSE_COLUMN_FLOOR, so the row's
+    # log-sum-exp comes from the max); rows 3-5: ordinary. Both must match the float64 reference.
+    z = _logits(21)
+    t = from_dense(torch.softmax(_logits(22, dtype=torch.float64), -1), 3)
+    far = torch.zeros(P, V, dtype=torch.bool)
+    far[:3].scatter_(1, t.indices[:3], True)
+    z = torch.where(far, z - 30.0, z)
+    labels = t.indices[:, 0].clone()  # the label is on the support too: no other column to read from
+    _agree(z, t, labels, alpha=0.5, temperature=1.0, mode=mode)
