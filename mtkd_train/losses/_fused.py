@@ -12,6 +12,9 @@ non-zeros and one tail per row); the label is the one extra non-zero of the CE t
 
 Cost: ``O(P V)`` reads in the forward and ``O(P V)`` reads + writes in the backward, as
 ``F.cross_entropy``; ``O(P C)`` for everything sparse. Memory: ``O(P C)`` saved for the backward.
+At ``T = 1`` with compute-dtype logits (the trainer's usual case) a chunk costs only its dense kernels
+(a log-softmax in the forward; a softmax, a scale and two scatters in the backward): the sparse
+statistics and the per-row gradient parts are computed once over all rows, not per chunk.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ from mtkd_train.losses._fused_math import (
     chunk_grad,
     chunk_stats,
     chunk_terms,
+    exact_rest,
+    lse_columns,
+    scaled_grad,
+    t1_grad,
+    t1_log_softmax,
+    t1_stats,
 )
 from mtkd_train.losses._kd import LossConfigError, _parse
 from mtkd_train.targets import SparseTargets, TailMode, parse_tail_mode, retemper
@@ -212,16 +221,19 @@ class _FusedKDCE(torch.autograd.Function):
         p = x_all.shape[0]
         need_ce = bool(rt.labelled.any())
         buf = torch.empty((min(chunk, p), vocab), dtype=cd, device=logits.device)
-        stats = [torch.empty(p, dtype=cd, device=logits.device) for _ in range(3)]
         x_kept = x_all.gather(1, rt.idx)  # (P, C)
-        for a in range(0, p, chunk):
-            b = min(a + chunk, p)
-            got = chunk_stats(x_all[a:b, :vocab], rt.rows(a, b), buf[: b - a], temperature, mode, need_ce,
-                              x_kept[a:b])
-            for dst, src in zip(stats, got, strict=True):
-                dst[a:b] = src
-        s_kept = x_kept.to(cd) / temperature
         z_label = x_all.gather(1, rt.labels.unsqueeze(1)).squeeze(1).to(cd)
+        if temperature == 1.0 and x_all.dtype == cd:
+            stats = _stats_t1_rows(x_all, rt, x_kept, z_label, buf, vocab, mode, chunk)
+        else:
+            stats = [torch.empty(p, dtype=cd, device=logits.device) for _ in range(3)]
+            for a in range(0, p, chunk):
+                b = min(a + chunk, p)
+                got = chunk_stats(x_all[a:b, :vocab], rt.rows(a, b), buf[: b - a], temperature, mode, need_ce,
+                                  x_kept[a:b])
+                for dst, src in zip(stats, got, strict=True):
+                    dst[a:b] = src
+        s_kept = x_kept.to(cd) / temperature
         terms = chunk_terms((stats[0], stats[1], stats[2]), s_kept, z_label, rt, temperature, mode)
         ctx.save_for_backward(logits, *terms, *stats, *rt)
         ctx.meta = (vocab, temperature, chunk, len(terms), len(stats))
@@ -245,6 +257,27 @@ class _FusedKDCE(torch.autograd.Function):
         return grad_logits, grad_w, grad_tail, None, None, None, None, None
 
 
+def _stats_t1_rows(
+    x_all: torch.Tensor, rt: RowTargets, x_kept: torch.Tensor, z_label: torch.Tensor, buf: torch.Tensor,
+    vocab: int, mode: str, chunk: int,
+) -> list[torch.Tensor]:
+    """:func:`chunk_stats` at ``T = 1`` for all rows: only the log-softmax (and the spread mode's logit
+    sums) per chunk, the sparse work once over all rows; rows whose off-support mass needs the exact
+    sum re-read their logits (rare: the student keeps < 1% off the support)."""
+    p = x_all.shape[0]
+    col, z_col = lse_columns(rt, x_kept, z_label)
+    lse = torch.empty(p, dtype=buf.dtype, device=buf.device)
+    x_sum = torch.empty_like(lse) if mode != "bucket" else None
+    for a in range(0, p, chunk):
+        b = min(a + chunk, p)
+        x = x_all[a:b, :vocab]
+        lse[a:b] = t1_log_softmax(x, buf[: b - a], col[a:b], z_col[a:b])
+        if x_sum is not None:
+            x_sum[a:b] = x.sum(dim=1, dtype=buf.dtype)
+    return list(t1_stats(lse, rt, x_kept, mode, lambda rows: exact_rest(x_all[rows, :vocab], rt.idx[rows], logq=False),
+                         x_sum))
+
+
 def _logits_grad(
     logits: torch.Tensor, terms: ChunkTerms, stats: tuple[torch.Tensor, ...], rt: RowTargets,
     vocab: int, temperature: float, chunk: int, g: torch.Tensor,
@@ -257,6 +290,13 @@ def _logits_grad(
     cd = compute_dtype(logits.dtype)
     buf = torch.empty((min(chunk, p), vocab), dtype=cd, device=logits.device)
     scale = g.to(cd)
+    if temperature == 1.0 and logits.dtype == cd:  # the per-row parts once, then softmax, scale, scatter per chunk
+        sg = scaled_grad(terms, scale, grad.dtype)
+        for a in range(0, p, chunk):
+            b = min(a + chunk, p)
+            t1_grad(logits[a:b, :vocab], grad[a:b, :vocab], buf[: b - a], sg.rows(a, b), rt.idx[a:b],
+                    rt.labels[a:b])
+        return grad
     for a in range(0, p, chunk):
         b = min(a + chunk, p)
         part = ChunkTerms(*(t[a:b] for t in terms))
