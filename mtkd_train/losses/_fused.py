@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple, TypedDict, Unpack
 
 import torch
@@ -257,25 +258,29 @@ class _FusedKDCE(torch.autograd.Function):
         return grad_logits, grad_w, grad_tail, None, None, None, None, None
 
 
+def _rest_of(logq: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return exact_rest(logq[rows], idx[rows])
+
+
 def _stats_t1_rows(
     x_all: torch.Tensor, rt: RowTargets, x_kept: torch.Tensor, z_label: torch.Tensor, buf: torch.Tensor,
     vocab: int, mode: str, chunk: int,
 ) -> list[torch.Tensor]:
-    """:func:`chunk_stats` at ``T = 1`` for all rows: only the log-softmax (and the spread mode's logit
-    sums) per chunk, the sparse work once over all rows; rows whose off-support mass needs the exact
-    sum re-read their logits (rare: the student keeps < 1% off the support)."""
+    """:func:`chunk_stats` at ``T = 1`` for all rows: the columns the log-sum-exps are read at are chosen
+    once over all rows; each chunk runs its log-softmax and its rows' sparse statistics, and rows whose
+    off-support mass needs the exact sum read it from the chunk's log-softmax (no extra buffer)."""
     p = x_all.shape[0]
     col, z_col = lse_columns(rt, x_kept, z_label)
-    lse = torch.empty(p, dtype=buf.dtype, device=buf.device)
-    x_sum = torch.empty_like(lse) if mode != "bucket" else None
+    stats = [torch.empty(p, dtype=buf.dtype, device=buf.device) for _ in range(3)]
     for a in range(0, p, chunk):
         b = min(a + chunk, p)
-        x = x_all[a:b, :vocab]
-        lse[a:b] = t1_log_softmax(x, buf[: b - a], col[a:b], z_col[a:b])
-        if x_sum is not None:
-            x_sum[a:b] = x.sum(dim=1, dtype=buf.dtype)
-    return list(t1_stats(lse, rt, x_kept, mode, lambda rows: exact_rest(x_all[rows, :vocab], rt.idx[rows], logq=False),
-                         x_sum))
+        x, logq, rows = x_all[a:b, :vocab], buf[: b - a], rt.rows(a, b)
+        lse = t1_log_softmax(x, logq, col[a:b], z_col[a:b])
+        got = t1_stats(lse, rows, x_kept[a:b], mode, partial(_rest_of, logq, rows.idx),
+                       x.sum(dim=1, dtype=buf.dtype) if mode != "bucket" else None)
+        for dst, src in zip(stats, got, strict=True):
+            dst[a:b] = src
+    return stats
 
 
 def _logits_grad(
@@ -294,8 +299,7 @@ def _logits_grad(
         sg = scaled_grad(terms, scale, grad.dtype)
         for a in range(0, p, chunk):
             b = min(a + chunk, p)
-            t1_grad(logits[a:b, :vocab], grad[a:b, :vocab], buf[: b - a], sg.rows(a, b), rt.idx[a:b],
-                    rt.labels[a:b])
+            t1_grad(logits[a:b, :vocab], grad[a:b, :vocab], buf[: b - a], sg.rows(a, b), rt.rows(a, b))
         return grad
     for a in range(0, p, chunk):
         b = min(a + chunk, p)

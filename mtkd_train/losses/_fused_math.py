@@ -15,6 +15,10 @@ Its gradient with respect to ``s`` is ``A q - B`` plus a correction on ``S``:
 * bucket: ``A = W + t - t/r``, ``B = 0``, correction ``q_j t/r - w_j``;
 * spread: ``A = W + u (V - |S|)``, ``B = u``, correction ``u - w_j``;
 
+(on ``S`` the sum is ``(W + t) q_j - w_j``, resp. ``(W + u (V - |S|)) q_j - w_j``: the support's values are
+written whole, not added as corrections, as ``A q_j`` and ``q_j t/r`` cancel to nothing where a confident
+student leaves ``r`` tiny and ``t/r`` huge)
+
 and the cross-entropy ``lse_1 - z_y`` adds ``q^(1) - onehot(y)``. So one pass over the row gives
 the statistics (``lse_T``, ``lse_1``, the off-support log-mass or the row sum) and one pass writes
 the gradient: the same two passes as ``F.cross_entropy``. The cross term is linear in ``(w, t)``;
@@ -76,7 +80,7 @@ class ChunkTerms(NamedTuple):
     coef_t: torch.Tensor  # (c,) multiplies q at temperature T in d/dz
     coef_1: torch.Tensor  # (c,) multiplies q at temperature 1 (0 when folded into coef_t)
     shift: torch.Tensor  # (c,) subtracted from every token's d/dz
-    corr: torch.Tensor  # (c, C) added on the support
+    support: torch.Tensor  # (c, C) the whole d/dz on the support (before the label's), written over the dense value
     label_corr: torch.Tensor  # (c,) added at the label
     grad_w: torch.Tensor  # (c, C) d total / d w
     grad_tail: torch.Tensor  # (c,) d total / d tail
@@ -130,7 +134,7 @@ def _stats_t1(
     """
     col, z_col = lse_columns(rt, x_kept, x.gather(1, rt.labels.unsqueeze(1)).squeeze(1).to(buf.dtype))
     lse = t1_log_softmax(x, buf, col, z_col)
-    return t1_stats(lse, rt, x_kept, mode, lambda rows: exact_rest(buf[rows], rt.idx[rows], logq=True),
+    return t1_stats(lse, rt, x_kept, mode, lambda rows: exact_rest(buf[rows], rt.idx[rows]),
                     x.sum(dim=1, dtype=buf.dtype) if mode != "bucket" else None)
 
 
@@ -164,10 +168,9 @@ def t1_log_softmax(x: torch.Tensor, buf: torch.Tensor, col: torch.Tensor, z_col:
     return lse
 
 
-def exact_rest(rows_logq: torch.Tensor, idx: torch.Tensor, *, logq: bool) -> torch.Tensor:
-    """``(r,)`` float64 ``sum_{v not in S} q_v`` of rows given their log-softmax (``logq``) or logits."""
-    lq = rows_logq if logq else torch.log_softmax(rows_logq, dim=1)
-    return lq.exp().scatter_(1, idx, 0.0).sum(dim=1, dtype=torch.float64)
+def exact_rest(logq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``(r,)`` float64 ``sum_{v not in S} q_v`` of rows given their log-softmax."""
+    return logq.exp().scatter_(1, idx, 0.0).sum(dim=1, dtype=torch.float64)
 
 
 def t1_stats(
@@ -225,9 +228,9 @@ def chunk_terms(
         neg_log_r = lse_t - aux  # -log r
         cross = cross + torch.where(bucket, rt.tail * neg_log_r, zero)
         t_over_r = torch.where(bucket, rt.tail * torch.exp(neg_log_r), zero)
-        coef = w_sum + torch.where(bucket, rt.tail, zero) - t_over_r
+        whole = w_sum + torch.where(bucket, rt.tail, zero)  # A + t/r: the support's coefficient
+        coef = whole - t_over_r
         shift = torch.zeros_like(coef)
-        corr = torch.where(rt.kept, q_kept * t_over_r.unsqueeze(1) - rt.w, zero)
         grad_tail = torch.where(bucket, neg_log_r, zero)
     else:
         out = rt.n_out > 0
@@ -236,19 +239,23 @@ def chunk_terms(
         neg_logq_off = torch.where(out, (rt.n_out * lse_t - s_off) / rt.n_out.clamp(min=1), zero)
         cross = cross + u * rt.n_out * neg_logq_off
         coef = w_sum + u * rt.n_out
+        whole = coef  # the shift u and the correction's u cancel on the support
         shift = u
-        corr = torch.where(rt.kept, u.unsqueeze(1) - rt.w, zero)
         grad_tail = neg_logq_off
     kd, ce_w, inv_t = rt.kd_row, rt.ce_row, 1.0 / temperature
     ce = lse_1 - z_label
     folded = temperature == 1.0
+    labelled = rt.kept & (ce_w > 0).unsqueeze(1)  # lse_1 is only computed for rows with a CE term
+    q1_kept = q_kept if folded else torch.exp(torch.where(labelled, s_kept * temperature - lse_1.unsqueeze(1), -math.inf))
+    support = torch.where(rt.kept, kd.unsqueeze(1) * (whole.unsqueeze(1) * q_kept - rt.w) * inv_t
+                          + torch.where(labelled, ce_w.unsqueeze(1) * q1_kept, zero), zero)
     return ChunkTerms(
         cross=cross,
         ce=ce,
         coef_t=kd * coef * inv_t + (ce_w if folded else 0.0),
         coef_1=torch.zeros_like(ce) if folded else ce_w,
         shift=kd * shift * inv_t,
-        corr=kd.unsqueeze(1) * corr * inv_t,
+        support=support,
         label_corr=-ce_w,
         grad_w=kd.unsqueeze(1) * neg_logq,
         grad_tail=kd * grad_tail,
@@ -272,7 +279,7 @@ def chunk_grad(
     """
     lse_t, lse_1, _ = stats
     if temperature == 1.0 and x.dtype == buf.dtype:
-        t1_grad(x, out, buf, scaled_grad(terms, scale, out.dtype), rt.idx, rt.labels)
+        t1_grad(x, out, buf, scaled_grad(terms, scale, out.dtype), rt)
         return
     work = out if out.dtype == buf.dtype else buf
     if terms.coef_1.any() and work.data_ptr() != buf.data_ptr():
@@ -289,45 +296,46 @@ def chunk_grad(
         work.add_(one)
     elif bool(terms.coef_1.any()):  # work is buf: no room for a second softmax, add it in place
         work.add_(torch.exp(x.to(buf.dtype) - lse_1.unsqueeze(1)) * (terms.coef_1 * scale).unsqueeze(1))
-    add_sparse(work, scaled_grad(terms, scale, work.dtype), rt.idx, rt.labels)
+    add_sparse(work, scaled_grad(terms, scale, work.dtype), rt)
     if work.data_ptr() != out.data_ptr():
         out.copy_(work)
 
 
 class ScaledGrad(NamedTuple):
-    """The per-row parts of ``scale * d total / d z`` (``(c, V)`` = ``coef * q - shift`` plus the sparse
-    corrections), computed once for all rows and sliced per chunk."""
+    """The per-row parts of ``scale * d total / d z`` (``(c, V)`` = ``coef * q - shift`` off the support,
+    ``support`` on it, plus the label's correction), computed once for all rows and sliced per chunk."""
 
     coef: torch.Tensor  # (c, 1) multiplies q (at T = 1, with the CE weight folded in)
     shift: torch.Tensor | None  # (c, 1) subtracted from every token (spread), None when all zero
-    corr: torch.Tensor  # (c, C) added on the support
+    support: torch.Tensor  # (c, C) the value on the support, in the gradient's dtype
     label: torch.Tensor  # (c, 1) added at the label
 
     def rows(self, a: int, b: int) -> ScaledGrad:
-        return ScaledGrad(self.coef[a:b], None if self.shift is None else self.shift[a:b], self.corr[a:b],
+        return ScaledGrad(self.coef[a:b], None if self.shift is None else self.shift[a:b], self.support[a:b],
                           self.label[a:b])
 
 
 def scaled_grad(terms: ChunkTerms, scale: torch.Tensor, dtype: torch.dtype) -> ScaledGrad:
     """:class:`ScaledGrad` of ``terms`` times ``scale``, the sparse parts in the gradient's ``dtype``."""
     shift = (terms.shift * scale).unsqueeze(1).to(dtype) if bool(terms.shift.any()) else None
-    return ScaledGrad((terms.coef_t * scale).unsqueeze(1), shift, (terms.corr * scale).to(dtype),
+    return ScaledGrad((terms.coef_t * scale).unsqueeze(1), shift, (terms.support * scale).to(dtype),
                       (terms.label_corr * scale).unsqueeze(1).to(dtype))
 
 
-def t1_grad(x: torch.Tensor, out: torch.Tensor, buf: torch.Tensor, sg: ScaledGrad, idx: torch.Tensor,
-            labels: torch.Tensor) -> None:
+def t1_grad(x: torch.Tensor, out: torch.Tensor, buf: torch.Tensor, sg: ScaledGrad, rt: RowTargets) -> None:
     """``out := sg.coef * softmax(x) + sparse`` (``T = 1``, compute-dtype ``x``): q from one fused softmax
     kernel, written straight into ``out`` when it can hold it (else via ``buf``), then scaled in place."""
     q = out if (out.dtype == buf.dtype and out.is_contiguous() and out.data_ptr() != x.data_ptr()) else buf
     torch.ops.aten._softmax.out(x, 1, False, out=q)
     torch.mul(q, sg.coef, out=out)
-    add_sparse(out, sg, idx, labels)
+    add_sparse(out, sg, rt)
 
 
-def add_sparse(out: torch.Tensor, sg: ScaledGrad, idx: torch.Tensor, labels: torch.Tensor) -> None:
-    """The per-row shift and the support / label corrections of the gradient."""
+def add_sparse(out: torch.Tensor, sg: ScaledGrad, rt: RowTargets) -> None:
+    """The per-row shift, the support's values (written, kept entries only: padding entries repeat a
+    kept token) and the label's correction (added last: the label may lie on the support)."""
     if sg.shift is not None:
         out.sub_(sg.shift)
-    out.scatter_add_(1, idx, sg.corr)
-    out.scatter_add_(1, labels.unsqueeze(1), sg.label)
+    r, c = rt.kept.nonzero(as_tuple=True)
+    out.index_put_((r, rt.idx[r, c]), sg.support[r, c])
+    out.scatter_add_(1, rt.labels.unsqueeze(1), sg.label)

@@ -13,7 +13,14 @@ import warnings
 import pytest
 import torch
 
-from mtkd_train.losses import LossConfigError, combine, fused_kd_ce_loss, hard_label_loss, kd_loss
+from mtkd_train.losses import (
+    LossConfigError,
+    combine,
+    fused_kd_ce_loss,
+    fused_linear_kd_ce_loss,
+    hard_label_loss,
+    kd_loss,
+)
 from mtkd_train.losses._fused import CHUNK_ELEMENTS, MIN_CHUNK_ROWS, chunk_rows
 from mtkd_train.targets import SparseTargets, from_dense, from_samples, to_dense
 
@@ -315,3 +322,58 @@ def test_rows_whose_best_support_token_is_improbable_take_the_exact_log_sum_exp(
     z = torch.where(far, z - 30.0, z)
     labels = t.indices[:, 0].clone()  # the label is on the support too: no other column to read from
     _agree(z, t, labels, alpha=0.5, temperature=1.0, mode=mode)
+
+
+@pytest.mark.parametrize("lift", [9.0, 25.0])
+@pytest.mark.parametrize("mode", ["bucket", "spread"])
+def test_confident_rows_in_later_chunks_with_large_padded_columns_match_the_reference(mode: str, lift: float) -> None:
+    # rows 5-11 keep > 99% of the student's mass on the support (the exact off-support sum, read from
+    # their chunk's log-softmax); padded head columns hold large logits that must count nowhere. At
+    # lift 25 the student leaves r ~ 1e-10 off the support: t/r ~ 1e9, where a gradient assembled as
+    # A q_j + q_j t/r on the support was off by ~1e3 (it is now written whole).
+    rows, pad = 12, 3
+    probs = torch.softmax(torch.randn(rows, V, generator=torch.Generator().manual_seed(31), dtype=torch.float64), -1)
+    t = from_dense(probs, 3)
+    z = torch.randn(rows, V, generator=torch.Generator().manual_seed(32))
+    z[5:] = z[5:].scatter_add(1, t.indices[5:], torch.full((rows - 5, 3), lift))
+    wide = torch.cat([z, torch.full((rows, pad), 40.0)], dim=1).requires_grad_(True)
+    labels = torch.randint(0, V, (rows,), generator=torch.Generator().manual_seed(33))
+    got = fused_kd_ce_loss(wide, t, labels, alpha=0.5, tail_mode=mode, vocab_size=V, chunk=4).loss  # type: ignore[arg-type]
+    (g_got,) = torch.autograd.grad(got, wide)
+    zr = z.double().requires_grad_(True)  # float64: the float32 reference loses r's digits itself
+    ref = _reference(zr, t, labels, alpha=0.5, temperature=1.0, mode=mode)
+    (g_ref,) = torch.autograd.grad(ref, zr)
+    torch.testing.assert_close(got.double(), ref.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_got[:, :V].double(), g_ref.double(), atol=1e-5, rtol=1e-4)
+    assert bool((g_got[:, V:] == 0).all())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_head_fused_loss_keeps_a_confident_students_support_gradient_exact(temperature: float) -> None:
+    probs = torch.softmax(torch.randn(P, V, generator=torch.Generator().manual_seed(51), dtype=torch.float64), -1)
+    t = from_dense(probs, 3)
+    z = torch.randn(P, V, generator=torch.Generator().manual_seed(52))
+    z = z.scatter_add(1, t.indices, torch.full((P, 3), 25.0 * temperature))  # r ~ 1e-10 at T
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(53))
+    h = z.clone().requires_grad_(True)  # logits = h @ I: the head's gradient is the logits' gradient
+    got = fused_linear_kd_ce_loss(h, torch.eye(V), t, labels, alpha=0.5, temperature=temperature,
+                                  target_temperature=temperature, chunk=2).loss
+    (g_got,) = torch.autograd.grad(got, h)
+    zr = z.double().requires_grad_(True)
+    ref = _reference(zr, t, labels, alpha=0.5, temperature=temperature, mode="bucket")
+    (g_ref,) = torch.autograd.grad(ref, zr)
+    torch.testing.assert_close(got.double(), ref.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_got.double(), g_ref.double(), atol=1e-5, rtol=1e-4)
+
+
+def test_an_ignored_label_row_and_transposed_logits_match_the_reference() -> None:
+    probs = torch.softmax(_logits(41, dtype=torch.float64), -1)
+    t = from_dense(probs, 3)
+    labels = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(42))
+    labels[2] = -100
+    z = _logits(43)
+    z[2, 0] = 50.0  # the ignored row's label is read as column 0: the largest logit of the row
+    _agree(z, t, labels, alpha=0.5, temperature=1.0, mode="bucket")
+    zt = z.t().contiguous().t()  # the same values, column-major
+    assert not zt.is_contiguous()
+    _agree(zt, t, labels, alpha=0.5, temperature=1.0, mode="bucket")
