@@ -296,7 +296,7 @@ def _logits_grad(
     buf = torch.empty((min(chunk, p), vocab), dtype=cd, device=logits.device)
     scale = g.to(cd)
     if temperature == 1.0 and logits.dtype == cd:  # the per-row parts once, then softmax, scale, scatter per chunk
-        sg = scaled_grad(terms, scale, grad.dtype)
+        sg = scaled_grad(terms, scale, grad.dtype, rt)
         for a in range(0, p, chunk):
             b = min(a + chunk, p)
             t1_grad(logits[a:b, :vocab], grad[a:b, :vocab], buf[: b - a], sg.rows(a, b), rt.rows(a, b))

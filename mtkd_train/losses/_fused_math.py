@@ -279,7 +279,7 @@ def chunk_grad(
     """
     lse_t, lse_1, _ = stats
     if temperature == 1.0 and x.dtype == buf.dtype:
-        t1_grad(x, out, buf, scaled_grad(terms, scale, out.dtype), rt)
+        t1_grad(x, out, buf, scaled_grad(terms, scale, out.dtype, rt), rt)
         return
     work = out if out.dtype == buf.dtype else buf
     if terms.coef_1.any() and work.data_ptr() != buf.data_ptr():
@@ -296,7 +296,7 @@ def chunk_grad(
         work.add_(one)
     elif bool(terms.coef_1.any()):  # work is buf: no room for a second softmax, add it in place
         work.add_(torch.exp(x.to(buf.dtype) - lse_1.unsqueeze(1)) * (terms.coef_1 * scale).unsqueeze(1))
-    add_sparse(work, scaled_grad(terms, scale, work.dtype), rt)
+    add_sparse(work, scaled_grad(terms, scale, work.dtype, rt), rt)
     if work.data_ptr() != out.data_ptr():
         out.copy_(work)
 
@@ -307,18 +307,24 @@ class ScaledGrad(NamedTuple):
 
     coef: torch.Tensor  # (c, 1) multiplies q (at T = 1, with the CE weight folded in)
     shift: torch.Tensor | None  # (c, 1) subtracted from every token (spread), None when all zero
-    support: torch.Tensor  # (c, C) the value on the support, in the gradient's dtype
+    support: torch.Tensor  # (c, C) the value on the support in the gradient's dtype; padding entries
+    #                        repeat the value of the kept token they point at, so a scatter writes it twice
+    empty: torch.Tensor | None  # (c,) rows with no kept token (their padding points at token 0), or None
     label: torch.Tensor  # (c, 1) added at the label
 
     def rows(self, a: int, b: int) -> ScaledGrad:
         return ScaledGrad(self.coef[a:b], None if self.shift is None else self.shift[a:b], self.support[a:b],
-                          self.label[a:b])
+                          None if self.empty is None else self.empty[a:b], self.label[a:b])
 
 
-def scaled_grad(terms: ChunkTerms, scale: torch.Tensor, dtype: torch.dtype) -> ScaledGrad:
+def scaled_grad(terms: ChunkTerms, scale: torch.Tensor, dtype: torch.dtype, rt: RowTargets) -> ScaledGrad:
     """:class:`ScaledGrad` of ``terms`` times ``scale``, the sparse parts in the gradient's ``dtype``."""
     shift = (terms.shift * scale).unsqueeze(1).to(dtype) if bool(terms.shift.any()) else None
-    return ScaledGrad((terms.coef_t * scale).unsqueeze(1), shift, (terms.support * scale).to(dtype),
+    support = (terms.support * scale).to(dtype)
+    at_fill = torch.where(rt.kept, rt.idx, -1).argmax(dim=1, keepdim=True)  # the kept entry padding points at
+    support = torch.where(rt.kept, support, support.gather(1, at_fill))
+    empty = ~rt.kept.any(dim=1)
+    return ScaledGrad((terms.coef_t * scale).unsqueeze(1), shift, support, empty if bool(empty.any()) else None,
                       (terms.label_corr * scale).unsqueeze(1).to(dtype))
 
 
@@ -332,10 +338,12 @@ def t1_grad(x: torch.Tensor, out: torch.Tensor, buf: torch.Tensor, sg: ScaledGra
 
 
 def add_sparse(out: torch.Tensor, sg: ScaledGrad, rt: RowTargets) -> None:
-    """The per-row shift, the support's values (written, kept entries only: padding entries repeat a
-    kept token) and the label's correction (added last: the label may lie on the support)."""
+    """The per-row shift, the support's values (written; a row without a kept token writes back what its
+    padding entries point at) and the label's correction (added last: the label may lie on the support)."""
     if sg.shift is not None:
         out.sub_(sg.shift)
-    r, c = rt.kept.nonzero(as_tuple=True)
-    out.index_put_((r, rt.idx[r, c]), sg.support[r, c])
+    values = sg.support
+    if sg.empty is not None:
+        values = torch.where(sg.empty.unsqueeze(1), out.gather(1, rt.idx), values)
+    out.scatter_(1, rt.idx, values)
     out.scatter_add_(1, rt.labels.unsqueeze(1), sg.label)
