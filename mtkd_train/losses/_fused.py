@@ -12,9 +12,10 @@ non-zeros and one tail per row); the label is the one extra non-zero of the CE t
 
 Cost: ``O(P V)`` reads in the forward and ``O(P V)`` reads + writes in the backward, as
 ``F.cross_entropy``; ``O(P C)`` for everything sparse. Memory: ``O(P C)`` saved for the backward.
-At ``T = 1`` with compute-dtype logits (the trainer's usual case) a chunk costs only its dense kernels
-(a log-softmax in the forward; a softmax, a scale and two scatters in the backward): the sparse
-statistics and the per-row gradient parts are computed once over all rows, not per chunk.
+At ``T = 1`` with compute-dtype logits (the trainer's usual case) the columns the log-sum-exps are read
+at and the backward's scaled per-row parts are computed once over all rows; a chunk then runs its
+log-softmax and its rows' ``O(c C)`` statistics in the forward, a softmax, a scale and two scatters in the
+backward.
 """
 
 from __future__ import annotations
