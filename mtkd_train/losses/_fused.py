@@ -12,10 +12,8 @@ non-zeros and one tail per row); the label is the one extra non-zero of the CE t
 
 Cost: ``O(P V)`` reads in the forward and ``O(P V)`` reads + writes in the backward, as
 ``F.cross_entropy``; ``O(P C)`` for everything sparse. Memory: ``O(P C)`` saved for the backward.
-At ``T = 1`` with compute-dtype logits (the trainer's usual case) the columns the log-sum-exps are read
-at and the backward's scaled per-row parts are computed once over all rows; a chunk then runs its
-log-softmax and its rows' ``O(c C)`` statistics in the forward, a softmax, a scale and two scatters in the
-backward.
+At ``T = 1`` with compute-dtype logits (the trainer's usual case) the backward's scaled per-row parts
+are computed once over all rows; a chunk then runs a softmax, a scale and two scatters.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, NamedTuple, TypedDict, Unpack
 
 import torch
@@ -34,12 +31,8 @@ from mtkd_train.losses._fused_math import (
     chunk_grad,
     chunk_stats,
     chunk_terms,
-    exact_rest,
-    lse_columns,
     scaled_grad,
     t1_grad,
-    t1_log_softmax,
-    t1_stats,
 )
 from mtkd_train.losses._kd import LossConfigError, _parse
 from mtkd_train.targets import SparseTargets, TailMode, parse_tail_mode, retemper
@@ -223,19 +216,16 @@ class _FusedKDCE(torch.autograd.Function):
         p = x_all.shape[0]
         need_ce = bool(rt.labelled.any())
         buf = torch.empty((min(chunk, p), vocab), dtype=cd, device=logits.device)
+        stats = [torch.empty(p, dtype=cd, device=logits.device) for _ in range(3)]
         x_kept = x_all.gather(1, rt.idx)  # (P, C)
-        z_label = x_all.gather(1, rt.labels.unsqueeze(1)).squeeze(1).to(cd)
-        if temperature == 1.0 and x_all.dtype == cd:
-            stats = _stats_t1_rows(x_all, rt, x_kept, z_label, buf, vocab, mode, chunk)
-        else:
-            stats = [torch.empty(p, dtype=cd, device=logits.device) for _ in range(3)]
-            for a in range(0, p, chunk):
-                b = min(a + chunk, p)
-                got = chunk_stats(x_all[a:b, :vocab], rt.rows(a, b), buf[: b - a], temperature, mode, need_ce,
-                                  x_kept[a:b])
-                for dst, src in zip(stats, got, strict=True):
-                    dst[a:b] = src
+        for a in range(0, p, chunk):
+            b = min(a + chunk, p)
+            got = chunk_stats(x_all[a:b, :vocab], rt.rows(a, b), buf[: b - a], temperature, mode, need_ce,
+                              x_kept[a:b])
+            for dst, src in zip(stats, got, strict=True):
+                dst[a:b] = src
         s_kept = x_kept.to(cd) / temperature
+        z_label = x_all.gather(1, rt.labels.unsqueeze(1)).squeeze(1).to(cd)
         terms = chunk_terms((stats[0], stats[1], stats[2]), s_kept, z_label, rt, temperature, mode)
         ctx.save_for_backward(logits, *terms, *stats, *rt)
         ctx.meta = (vocab, temperature, chunk, len(terms), len(stats))
@@ -257,31 +247,6 @@ class _FusedKDCE(torch.autograd.Function):
         grad_w = terms.grad_w * g if ctx.needs_input_grad[1] else None
         grad_tail = terms.grad_tail * g if ctx.needs_input_grad[2] else None
         return grad_logits, grad_w, grad_tail, None, None, None, None, None
-
-
-def _rest_of(logq: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return exact_rest(logq[rows], idx[rows])
-
-
-def _stats_t1_rows(
-    x_all: torch.Tensor, rt: RowTargets, x_kept: torch.Tensor, z_label: torch.Tensor, buf: torch.Tensor,
-    vocab: int, mode: str, chunk: int,
-) -> list[torch.Tensor]:
-    """:func:`chunk_stats` at ``T = 1`` for all rows: the columns the log-sum-exps are read at are chosen
-    once over all rows; each chunk runs its log-softmax and its rows' sparse statistics, and rows whose
-    off-support mass needs the exact sum read it from the chunk's log-softmax (no extra buffer)."""
-    p = x_all.shape[0]
-    col, z_col = lse_columns(rt, x_kept, z_label)
-    stats = [torch.empty(p, dtype=buf.dtype, device=buf.device) for _ in range(3)]
-    for a in range(0, p, chunk):
-        b = min(a + chunk, p)
-        x, logq, rows = x_all[a:b, :vocab], buf[: b - a], rt.rows(a, b)
-        lse = t1_log_softmax(x, logq, col[a:b], z_col[a:b])
-        got = t1_stats(lse, rows, x_kept[a:b], mode, partial(_rest_of, logq, rows.idx),
-                       x.sum(dim=1, dtype=buf.dtype) if mode != "bucket" else None)
-        for dst, src in zip(stats, got, strict=True):
-            dst[a:b] = src
-    return stats
 
 
 def _logits_grad(

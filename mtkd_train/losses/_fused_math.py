@@ -32,13 +32,12 @@ dtype (float32, or float64 for float64 logits); ``x`` may be bf16/fp16 (read, ne
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["ChunkTerms", "RowTargets", "ScaledGrad", "add_sparse", "chunk_grad", "chunk_stats", "chunk_terms", "exact_rest", "lse_columns",
-           "scaled_grad", "t1_grad", "t1_log_softmax", "t1_stats"]
+__all__ = ["ChunkTerms", "RowTargets", "ScaledGrad", "add_sparse", "chunk_grad", "chunk_stats", "chunk_terms",
+           "scaled_grad", "t1_grad"]
 
 
 class RowTargets(NamedTuple):
@@ -128,14 +127,24 @@ def _stats_t1(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`chunk_stats` at ``T = 1`` for compute-dtype logits: one fused log-softmax kernel.
 
-    ``lse = z_j - log_softmax(z)_j`` at one column ``j`` per row (:func:`lse_columns`): two ``O(c)``
-    gathers instead of two ``(c, V)`` max passes. Bucket: ``r = 1 - sum_S q`` in float64 from the
-    gathered logits (:func:`t1_stats`); rows where ``r < RISKY_REST`` get the exact masked sum.
+    ``lse = z_j - log_softmax(z)_j`` at one column ``j`` per row (:func:`_lse_at_column`): two ``O(c)``
+    gathers instead of two ``(c, V)`` max passes. Bucket: ``r = 1 - sum_S q`` in float64, ``q_j =
+    exp(z_j - lse)`` from the gathered logits; rows where ``r < RISKY_REST`` are recomputed exactly as a
+    masked sum over the chunk's log-softmax.
     """
-    col, z_col = lse_columns(rt, x_kept, x.gather(1, rt.labels.unsqueeze(1)).squeeze(1).to(buf.dtype))
-    lse = t1_log_softmax(x, buf, col, z_col)
-    return t1_stats(lse, rt, x_kept, mode, lambda rows: exact_rest(buf[rows], rt.idx[rows]),
-                    x.sum(dim=1, dtype=buf.dtype) if mode != "bucket" else None)
+    torch.ops.aten._log_softmax.out(x, 1, False, out=buf)  # buf := log q
+    lse = _lse_at_column(x, buf, rt, x_kept)
+    if mode != "bucket":
+        return lse, lse, x.sum(dim=1, dtype=buf.dtype)
+    q_kept = torch.where(rt.kept, (x_kept.double() - lse.double().unsqueeze(1)).exp(), 0.0)  # (c, C)
+    rest = (1.0 - q_kept.sum(dim=1)).clamp(min=0.0)  # (c,) float64
+    risky = (rest < RISKY_REST).nonzero().squeeze(1)
+    if risky.numel():
+        exact = buf[risky].exp_().scatter_(1, rt.idx[risky], 0.0).sum(dim=1, dtype=torch.float64)
+        rest = rest.index_copy(0, risky, exact)
+    has = rt.kept.any(dim=1)
+    log_rest = torch.where(has, rest.log().to(buf.dtype) + lse, lse)
+    return lse, lse, log_rest
 
 
 LSE_COLUMN_FLOOR = -12.0
@@ -143,57 +152,22 @@ LSE_COLUMN_FLOOR = -12.0
 is then within ~1e-6 (an ulp of 12), as good as the max-based formula's."""
 
 
-def lse_columns(rt: RowTargets, x_kept: torch.Tensor, z_label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(c, 1)`` the column each row's log-sum-exp is read at, and ``(c,)`` its logit: of the support
-    tokens and the label, the one of largest logit (its log-probability is the row's largest there)."""
-    cand = torch.cat([torch.where(rt.kept, x_kept.to(z_label.dtype), -math.inf), z_label.unsqueeze(1)], dim=1)
+def _lse_at_column(x: torch.Tensor, logq: torch.Tensor, rt: RowTargets, x_kept: torch.Tensor) -> torch.Tensor:
+    """``(c,)`` ``logsumexp(x)`` from ``logq = log_softmax(x)``, read as ``z_j - log q_j`` at the support token
+    or label of largest logit. Where that log-probability is below ``LSE_COLUMN_FLOOR`` (or not finite)
+    the row takes the exact ``max z - max log_softmax(z)`` (the log-softmax at the argmax is in
+    ``[-log V, 0]``), so no digits are lost either way."""
+    cand = torch.cat([torch.where(rt.kept, x_kept.to(logq.dtype), -math.inf),
+                      x.gather(1, rt.labels.unsqueeze(1)).to(logq.dtype)], dim=1)  # (c, C + 1)
     best = cand.argmax(dim=1, keepdim=True)  # (c, 1)
-    return torch.cat([rt.idx, rt.labels.unsqueeze(1)], dim=1).gather(1, best), cand.gather(1, best).squeeze(1)
-
-
-def t1_log_softmax(x: torch.Tensor, buf: torch.Tensor, col: torch.Tensor, z_col: torch.Tensor) -> torch.Tensor:
-    """The dense part of a chunk at ``T = 1``: ``buf := log_softmax(x)``, and ``(c,)`` ``logsumexp(x)``.
-
-    Read as ``z_j - log q_j`` at ``col``; where that log-probability is below ``LSE_COLUMN_FLOOR`` (or
-    not finite) the row takes the exact ``max z - max log_softmax(z)`` (the log-softmax at the argmax
-    is in ``[-log V, 0]``), so no digits are lost either way.
-    """
-    torch.ops.aten._log_softmax.out(x, 1, False, out=buf)
-    at = buf.gather(1, col).squeeze(1)
-    lse = z_col - at
+    col = torch.cat([rt.idx, rt.labels.unsqueeze(1)], dim=1).gather(1, best)
+    at = logq.gather(1, col).squeeze(1)
+    lse = cand.gather(1, best).squeeze(1) - at
     exact = ~(at >= LSE_COLUMN_FLOOR)  # also NaN / -inf
     if bool(exact.any()):
         rows = exact.nonzero().squeeze(1)
-        lse = lse.index_copy(0, rows, x[rows].amax(dim=1).to(buf.dtype) - buf[rows].amax(dim=1))
+        lse = lse.index_copy(0, rows, x[rows].amax(dim=1).to(logq.dtype) - logq[rows].amax(dim=1))
     return lse
-
-
-def exact_rest(logq: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``(r,)`` float64 ``sum_{v not in S} q_v`` of rows given their log-softmax."""
-    return logq.exp().scatter_(1, idx, 0.0).sum(dim=1, dtype=torch.float64)
-
-
-def t1_stats(
-    lse: torch.Tensor, rt: RowTargets, x_kept: torch.Tensor, mode: str,
-    rest_of: Callable[[torch.Tensor], torch.Tensor], x_sum: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sparse part at ``T = 1``: ``(lse, lse, aux)`` of :func:`chunk_stats` from the rows' ``lse``.
-
-    Bucket: ``aux = log r + lse`` with ``r = 1 - sum_S q`` in float64, ``q_j = exp(z_j - lse)``; rows where
-    ``r < RISKY_REST`` take ``rest_of(rows)`` (the masked sum over their log-softmax). Spread: ``aux``
-    is ``x_sum``, the rows' logit sums.
-    """
-    if mode != "bucket":
-        assert x_sum is not None
-        return lse, lse, x_sum
-    q_kept = torch.where(rt.kept, (x_kept.double() - lse.double().unsqueeze(1)).exp(), 0.0)  # (c, C)
-    rest = (1.0 - q_kept.sum(dim=1)).clamp(min=0.0)  # (c,) float64
-    risky = (rest < RISKY_REST).nonzero().squeeze(1)
-    if risky.numel():
-        rest = rest.index_copy(0, risky, rest_of(risky))
-    has = rt.kept.any(dim=1)
-    log_rest = torch.where(has, rest.log().to(lse.dtype) + lse, lse)
-    return lse, lse, log_rest
 
 
 def chunk_terms(
