@@ -97,11 +97,12 @@ def loss_fn(arm: str, ts: list[SparseTargets], labels: torch.Tensor, vocab: int)
     """The loss of an arm as a function of the logits (aggregation included for KD arms)."""
     if arm == "ce":
         return lambda z: F.cross_entropy(z, labels)
-    if arm == "fused":
-        return lambda z: fused_kd_ce_loss(z, merged_target(ts, labels, vocab), labels, alpha=0.5).loss
-    if arm == "fused_loss_only":  # the merged target given: the loss alone, without the aggregation
+    kernels = "eager" if arm.endswith("_eager") else "compiled"  # the fused loss's row kernels (_kernels.py)
+    if arm.startswith("fused_loss_only"):  # the merged target given: the loss alone, without the aggregation
         merged = merged_target(ts, labels, vocab)
-        return lambda z: fused_kd_ce_loss(z, merged, labels, alpha=0.5).loss
+        return lambda z: fused_kd_ce_loss(z, merged, labels, alpha=0.5, kernels=kernels).loss
+    if arm.startswith("fused"):
+        return lambda z: fused_kd_ce_loss(z, merged_target(ts, labels, vocab), labels, alpha=0.5, kernels=kernels).loss
     return lambda z: combine(kd_loss(z, merged_target(ts, labels, vocab)), hard_label_loss(z, labels), 0.5)
 
 
@@ -128,13 +129,17 @@ def allocator() -> str:
     return "warm heap (" + ", ".join(f"{k}={v}" for k, v in set_.items()) + ")" if set_ else "glibc default"
 
 
+FUSED_ARMS = ("fused", "fused_eager", "fused_loss_only", "fused_loss_only_eager")
+"""Fused arms of part (a): with the aggregation or the merged target given, compiled or eager row kernels."""
+
+
 def part_a(rounds: int, vocabs: tuple[int, ...] = (8192, 49152, 262144)) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for vocab, p in ((v, p) for v, p in ((8192, 512), (49152, 512), (262144, 128)) if v in vocabs):
         for n in (1, 4):
             ts, labels = teachers(p, vocab, n, seed=1), labels_for(p, vocab)
             z = student_logits(p, vocab, seed=2).requires_grad_(True)
-            arms = {a: loss_fn(a, ts, labels, vocab) for a in ("ce", "fused", "fused_loss_only", "reference")}
+            arms = {a: loss_fn(a, ts, labels, vocab) for a in ("ce", *FUSED_ARMS, "reference")}
             runs = {a: (lambda f=f, z=z: torch.autograd.grad(f(z), z)) for a, f in arms.items()}
             for run in runs.values():  # warm-up
                 run()
@@ -146,10 +151,10 @@ def part_a(rounds: int, vocabs: tuple[int, ...] = (8192, 49152, 262144)) -> dict
             key = f"V={vocab},N={n}"
             out[key] = {"P": p, "V": vocab, "N": n, "k": K, "median_ms": {a: 1e3 * median(v) for a, v in times.items()},
                         "median_page_faults": {a: median(v) for a, v in faults.items()}, "allocator": allocator(),
-                        **{f"{a}/ce": _ratio(times[a], times["ce"]) for a in ("fused", "fused_loss_only", "reference")},
+                        **{f"{a}/ce": _ratio(times[a], times["ce"]) for a in (*FUSED_ARMS, "reference")},
                         "targets": target_stats(ts)}
             click.echo(f"(a) {key} P={p}: " + ", ".join(f"{a}/CE {out[key][f'{a}/ce']['ratio']:.3f}"
-                                                       for a in ("fused", "fused_loss_only", "reference")))
+                                                       for a in (*FUSED_ARMS, "reference")))
     return out
 
 
@@ -273,12 +278,13 @@ def _batch(b: int, length: int, vocab: int, n: int) -> dict[str, Any]:
             "targets": targets, "_stats": target_stats(ts)}
 
 
-def _objective(batch: dict[str, Any], impl: str, vocab: int) -> Any:
+def _objective(batch: dict[str, Any], arm: str, vocab: int) -> Any:
     from mtkd_train.objective import Objective
 
+    impl, eager = arm.removesuffix("_eager"), arm.endswith("_eager")
     return Objective(teachers=list(batch["targets"]), capture_temperatures=[1.0] * len(batch["targets"]),
                      vocab_size=vocab, aggregate="entropy", aggregate_kwargs={}, loss="forward_kl", tail_mode="bucket",
-                     alpha=0.5, temperature=1.0, loss_impl=impl)
+                     alpha=0.5, temperature=1.0, loss_impl=impl, kernels="eager" if eager else "compiled")
 
 
 def _distill_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, Any], obj: Any) -> None:
@@ -328,7 +334,7 @@ def _tax(vocab: int, width: int, layers: int, intermediate: int, b: int, length:
 
 
 def part_c(rounds: int, steps: int, vocabs: tuple[int, ...] = (8192, 49152)) -> dict[str, Any]:
-    arms = ("fused", "fused_head", "reference")
+    arms = ("fused", "fused_head", "fused_head_eager", "reference")
     out = {}
     if 49152 in vocabs:
         out["width64_V49152"] = _tax(49152, 64, 2, 256, 8, 64, rounds, steps, arms)

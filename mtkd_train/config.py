@@ -23,7 +23,7 @@ __all__ = ["FEATURE_KINDS", "RUN_ONLY_KEYS", "ConfigError", "FeatureSpec", "Trai
 
 RUN_ONLY_KEYS = ("out", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_cache", "eval_every", "eval_max_samples",
                  "mc_samples", "tensorboard", "verify_cache", "num_workers", "device", "progress", "trust_factory",
-                 "find_unused_parameters", "lanes", "merge_lora")
+                 "find_unused_parameters", "lanes", "merge_lora", "kernels")
 """Keys that do not change what a training step computes: left out of `TrainConfig.fingerprint`."""
 _FEATURE_DEFAULTS = {"feature_aggregate": "per_teacher", "feature_tau": 0.05, "student_pooling": "auto"}
 FEATURE_KINDS = ("mse", "cosine", "similarity", "contrastive")  # = losses.FEATURE_LOSS_KINDS
@@ -142,6 +142,10 @@ class TrainConfig:
     """How alpha * KD + (1 - alpha) * CE is computed: auto (forward_kl: fused_head if the student allows it, else
     fused; other losses: reference), fused (closed-form gradient in row chunks, forward_kl only), fused_head (also
     fused with the LM head: the logits are never built; causal-LM students) or reference (autograd)."""
+    kernels: str = "auto"
+    """The fused loss's two dense row loops at T = 1: compiled (torch.compile: C++ on the CPU, Triton on CUDA; the
+    first step compiles), eager (PyTorch's kernels) or auto (compiled where torch.compile works, else eager with a
+    warning; $MTKD_KERNELS overrides auto). Same values up to summation order."""
     temperature: float = 1.0
     """KD temperature T (loss scaled by T^2)."""
     features: Mapping[str, Any] = field(default_factory=dict)
@@ -248,6 +252,8 @@ class TrainConfig:
         if self.loss_impl not in ("auto", "fused", "fused_head", "reference"):
             raise ConfigError(f"{_flag('loss_impl')} is {self.loss_impl!r}; expected auto, fused, fused_head or "
                               f"reference")
+        if self.kernels not in ("auto", "compiled", "eager"):
+            raise ConfigError(f"{_flag('kernels')} is {self.kernels!r}; expected auto, compiled or eager")
         if self.loss_impl in ("fused", "fused_head") and self.loss != "forward_kl":
             raise ConfigError(f"{_flag('loss_impl')} {self.loss_impl} needs --loss forward_kl, got {self.loss!r}; use auto or "
                               f"reference for the other divergences (docs/LOSSES.md says why they are not fused)")

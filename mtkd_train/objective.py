@@ -73,7 +73,7 @@ class Objective(nn.Module):
                  temperature: float, gate: nn.Module | None = None, gate_entropy: float = 0.0,
                  features: nn.Module | None = None, feature_keys: Mapping[str, str] | None = None,
                  feature_layers: Mapping[str, int] | None = None, domains: Sequence[str] | None = None,
-                 hidden_size: int | None = None, loss_impl: str = "auto"):
+                 hidden_size: int | None = None, loss_impl: str = "auto", kernels: str = "auto"):
         super().__init__()
         self.teachers = list(teachers)
         self.capture_t = list(capture_temperatures)
@@ -93,6 +93,7 @@ class Objective(nn.Module):
         self.feature_keys = dict(feature_keys or {})
         self.fused = loss == "forward_kl" and loss_impl in ("auto", "fused", "fused_head")
         self.head_fused = self.fused and loss_impl == "fused_head"  # forward() then takes HeadInputs
+        self.kernels = kernels  # auto: $MTKD_KERNELS if set
         self.feature_layers = {t: int((feature_layers or {}).get(t, -1)) for t in self.feature_keys}
 
     @property
@@ -152,7 +153,7 @@ class Objective(nn.Module):
                    if weights is not None and self.tail_mode == "spread" else None)  # = weighted_forward_kl
             kw: dict[str, Any] = dict(alpha=self.alpha, temperature=self.T, target_temperature=self.T,
                                       tail_mode=self.tail_mode, vocab_size=self.vocab_size, target_negentropy=neg,
-                                      mask=kd_at)
+                                      mask=kd_at, kernels=self.kernels)
             total, kd, ce = (fused_kd_ce_loss(z, merged, labels, **kw) if head is None else
                              fused_linear_kd_ce_loss(z, head.weight, merged, labels, bias=head.bias, **kw))
         else:

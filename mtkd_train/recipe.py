@@ -215,7 +215,7 @@ class DistillRecipe:
             tail_mode=c.tail_mode, alpha=c.alpha, temperature=c.temperature, gate_entropy=c.gate_entropy,
             features=feats, feature_keys=keys, feature_layers={s.teacher: s.student_layer for s in specs},
             domains=tuple(self.reader.inputs.domains or ()), hidden_size=hidden_size,
-            loss_impl=self._loss_impl()).to(self.device)
+            loss_impl=self._loss_impl(), kernels=c.kernels).to(self.device)
         self.model = _Step(self.student, self.objective)
         self.ddp = None
         if self.world > 1:

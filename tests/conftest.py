@@ -9,6 +9,9 @@ from services import _chunk_cache_in_tmp, http_server, s3_server  # noqa: F401 -
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The fused loss's row kernels: eager unless a test asks (compiling per test process costs minutes); the fused
+# tests run both (tests/helpers/kernels.py).
+os.environ.setdefault("MTKD_KERNELS", "eager")
 torch.set_num_threads(1)
 
 

@@ -33,8 +33,10 @@ from mtkd_train.losses._fused_math import (
     chunk_terms,
     scaled_grad,
     t1_grad,
+    t1_grad_compiled,
 )
 from mtkd_train.losses._kd import LossConfigError, _parse
+from mtkd_train.losses._kernels import resolve_kernels
 from mtkd_train.targets import SparseTargets, TailMode, parse_tail_mode, retemper
 
 __all__ = ["FusedLoss", "FusedOptions", "chunk_rows", "fused_kd_ce_loss", "mixture_negentropy", "row_targets_for", "target_negentropy"]
@@ -74,6 +76,8 @@ class FusedOptions(TypedDict, total=False):
             does not change.
         ignore_index: Label value left out of the CE (default -100).
         chunk: Rows per chunk (default: :func:`chunk_rows`).
+        kernels: ``"auto"`` (default: ``$MTKD_KERNELS``, else compiled where ``torch.compile`` works),
+            ``"compiled"`` or ``"eager"``: how the two dense row loops at ``T = 1`` run (:mod:`._kernels`).
     """
 
     temperature: float
@@ -84,6 +88,7 @@ class FusedOptions(TypedDict, total=False):
     target_negentropy: torch.Tensor | None
     ignore_index: int
     chunk: int | None
+    kernels: str | None
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class Options:
     target_negentropy: torch.Tensor | None = None
     ignore_index: int = -100
     chunk: int | None = None
+    kernels: str | None = None
 
     @classmethod
     def parse(cls, options: FusedOptions, width: int) -> tuple[Options, int]:
@@ -111,6 +117,13 @@ class Options:
             raise LossConfigError(f"vocab_size={opts.vocab_size!r} must be a positive int no larger than the "
                                   f"{width} logits / head rows; padded vocabulary columns beyond it are dropped")
         return opts, vocab
+
+    def compiled(self, device: torch.device) -> bool:
+        """Whether the compiled row kernels run (only ``T = 1`` has them)."""
+        try:
+            return self.temperature == 1.0 and resolve_kernels(self.kernels, device)
+        except ValueError as err:
+            raise LossConfigError(str(err)) from None
 
 
 def chunk_rows(num_rows: int, vocab: int, chunk: int | None) -> int:
@@ -209,33 +222,36 @@ class _FusedKDCE(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, logits: torch.Tensor, w: torch.Tensor, tail: torch.Tensor, rt: RowTargets,
-        vocab: int, temperature: float, mode: str, chunk: int,
+        vocab: int, temperature: float, mode: str, chunk: int, compiled: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x_all = logits.detach()
         cd = compute_dtype(logits.dtype)
         p = x_all.shape[0]
         need_ce = bool(rt.labelled.any())
-        buf = torch.empty((min(chunk, p), vocab), dtype=cd, device=logits.device)
-        stats = [torch.empty(p, dtype=cd, device=logits.device) for _ in range(3)]
         x_kept = x_all.gather(1, rt.idx)  # (P, C)
-        for a in range(0, p, chunk):
-            b = min(a + chunk, p)
-            got = chunk_stats(x_all[a:b, :vocab], rt.rows(a, b), buf[: b - a], temperature, mode, need_ce,
-                              x_kept[a:b])
-            for dst, src in zip(stats, got, strict=True):
-                dst[a:b] = src
+        if compiled:  # one read-only loop over all rows: no (chunk, V) buffer
+            stats = list(chunk_stats(x_all[:, :vocab], rt, None, temperature, mode, need_ce, x_kept, compiled=True))
+        else:
+            buf = torch.empty((min(chunk, p), vocab), dtype=cd, device=logits.device)
+            stats = [torch.empty(p, dtype=cd, device=logits.device) for _ in range(3)]
+            for a in range(0, p, chunk):
+                b = min(a + chunk, p)
+                got = chunk_stats(x_all[a:b, :vocab], rt.rows(a, b), buf[: b - a], temperature, mode, need_ce,
+                                  x_kept[a:b])
+                for dst, src in zip(stats, got, strict=True):
+                    dst[a:b] = src
         s_kept = x_kept.to(cd) / temperature
         z_label = x_all.gather(1, rt.labels.unsqueeze(1)).squeeze(1).to(cd)
         terms = chunk_terms((stats[0], stats[1], stats[2]), s_kept, z_label, rt, temperature, mode)
         ctx.save_for_backward(logits, *terms, *stats, *rt)
-        ctx.meta = (vocab, temperature, chunk, len(terms), len(stats))
+        ctx.meta = (vocab, temperature, chunk, len(terms), len(stats), compiled)
         total = (rt.kd_row * terms.cross).sum() + (rt.ce_row * terms.ce).sum()
         ctx.mark_non_differentiable(terms.cross, terms.ce)
         return total, terms.cross, terms.ce
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
-        vocab, temperature, chunk, n_terms, n_stats = ctx.meta
+        vocab, temperature, chunk, n_terms, n_stats, compiled = ctx.meta
         saved = ctx.saved_tensors
         logits = saved[0]
         terms = ChunkTerms(*saved[1 : 1 + n_terms])
@@ -243,22 +259,25 @@ class _FusedKDCE(torch.autograd.Function):
         rt = RowTargets(*saved[1 + n_terms + n_stats :])
         grad_logits = None
         if ctx.needs_input_grad[0]:
-            grad_logits = _logits_grad(logits, terms, stats, rt, vocab, temperature, chunk, g)
+            grad_logits = _logits_grad(logits, terms, stats, rt, vocab, temperature, chunk, g, compiled)
         grad_w = terms.grad_w * g if ctx.needs_input_grad[1] else None
         grad_tail = terms.grad_tail * g if ctx.needs_input_grad[2] else None
-        return grad_logits, grad_w, grad_tail, None, None, None, None, None
+        return grad_logits, grad_w, grad_tail, None, None, None, None, None, None
 
 
 def _logits_grad(
     logits: torch.Tensor, terms: ChunkTerms, stats: tuple[torch.Tensor, ...], rt: RowTargets,
-    vocab: int, temperature: float, chunk: int, g: torch.Tensor,
+    vocab: int, temperature: float, chunk: int, g: torch.Tensor, compiled: bool,
 ) -> torch.Tensor:
-    """The gradient-writing pass, chunk by chunk; padded head columns get 0."""
+    """The gradient-writing pass (one compiled loop, or chunk by chunk); padded head columns get 0."""
     p, width = logits.shape
     grad = torch.empty_like(logits)
     if width > vocab:
         grad[:, vocab:].zero_()
     cd = compute_dtype(logits.dtype)
+    if compiled:
+        t1_grad_compiled(logits[:, :vocab], grad[:, :vocab], stats[0], scaled_grad(terms, g.to(cd), grad.dtype, rt), rt)
+        return grad
     buf = torch.empty((min(chunk, p), vocab), dtype=cd, device=logits.device)
     scale = g.to(cd)
     if temperature == 1.0 and logits.dtype == cd:  # the per-row parts once, then softmax, scale, scatter per chunk
@@ -333,7 +352,7 @@ def fused_kd_ce_loss(
         labels: ``(...,)`` int64 hard labels; ``ignore_index`` rows are left out of the CE.
         alpha: Weight of the KD term, in ``[0, 1]``.
         **options: :class:`FusedOptions` (temperature, target_temperature, tail_mode,
-            vocab_size, mask, target_negentropy, ignore_index, chunk).
+            vocab_size, mask, target_negentropy, ignore_index, chunk, kernels).
 
     Returns:
         :class:`FusedLoss` ``(loss, kd, ce)``.
@@ -346,5 +365,6 @@ def fused_kd_ce_loss(
     cd = compute_dtype(z.dtype)
     rt, w, tail, rows = _prepare(target, labels, tuple(student_logits.shape[:-1]), vocab, alpha, opts, cd)
     size = chunk_rows(z.shape[0], vocab, opts.chunk)
-    total, cross, ce = _FusedKDCE.apply(z, w, tail, rt, vocab, float(opts.temperature), opts.tail_mode, size)
+    total, cross, ce = _FusedKDCE.apply(z, w, tail, rt, vocab, float(opts.temperature), opts.tail_mode, size,
+                                        opts.compiled(z.device))
     return finish(total, cross, ce, w, tail, rt, rows, alpha, opts)

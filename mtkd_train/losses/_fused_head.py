@@ -55,22 +55,23 @@ class _Grads:
 
 def _chunk(
     h: torch.Tensor, head: torch.Tensor, bias: torch.Tensor | None, rt: RowTargets, logits: torch.Tensor,
-    buf: torch.Tensor, temperature: float, mode: str, grads: _Grads, a: int, need_ce: bool,
+    buf: torch.Tensor | None, temperature: float, mode: str, grads: _Grads, a: int, need_ce: bool, compiled: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk: logits, statistics, terms, then the gradient folded into the accumulators."""
     torch.mm(h, head.t(), out=logits)  # (c, V)
     if bias is not None:
         logits.add_(bias)
     x_kept = logits.gather(1, rt.idx)  # (c, C)
-    stats = chunk_stats(logits, rt, buf, temperature, mode, need_ce, x_kept)
-    s_kept = x_kept.to(buf.dtype) / temperature
-    z_label = logits.gather(1, rt.labels.unsqueeze(1)).squeeze(1).to(buf.dtype)
+    stats = chunk_stats(logits, rt, buf, temperature, mode, need_ce, x_kept, compiled)
+    cd = stats[0].dtype
+    s_kept = x_kept.to(cd) / temperature
+    z_label = logits.gather(1, rt.labels.unsqueeze(1)).squeeze(1).to(cd)
     terms = chunk_terms(stats, s_kept, z_label, rt, temperature, mode)
     b = a + h.shape[0]
     grads.w[a:b], grads.tail[a:b] = terms.grad_w, terms.grad_tail
     if grads.any_model_grad:
-        one = torch.ones((), dtype=buf.dtype, device=buf.device)
-        chunk_grad(logits, logits, buf, terms, stats, rt, temperature, one)  # logits := dL/dlogits
+        one = torch.ones((), dtype=cd, device=logits.device)
+        chunk_grad(logits, logits, buf, terms, stats, rt, temperature, one, compiled)  # logits := dL/dlogits
         if grads.h is not None:
             torch.mm(logits, head, out=grads.h[a:b])
         if grads.weight is not None:
@@ -86,7 +87,7 @@ class _FusedLinearKDCE(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w: torch.Tensor,
-        tail: torch.Tensor, rt: RowTargets, vocab: int, temperature: float, mode: str, chunk: int,
+        tail: torch.Tensor, rt: RowTargets, vocab: int, temperature: float, mode: str, chunk: int, compiled: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = hidden.shape[0]
         cd = compute_dtype(hidden.dtype)
@@ -95,14 +96,15 @@ class _FusedLinearKDCE(torch.autograd.Function):
         grads = _Grads(hidden, weight, bias, p, rt.idx.shape[1], cd)
         size = min(chunk, max(p, 1))
         logits = torch.empty((size, vocab), dtype=hidden.dtype, device=hidden.device)
-        buf = torch.empty((size, vocab), dtype=cd, device=hidden.device)
+        buf = None if compiled else torch.empty((size, vocab), dtype=cd, device=hidden.device)
         cross, ce = torch.empty(p, dtype=cd, device=hidden.device), torch.empty(p, dtype=cd, device=hidden.device)
         need_ce = bool(rt.labelled.any())
         h_all = hidden.detach()
         for a in range(0, p, size):
             b = min(a + size, p)
-            cross[a:b], ce[a:b] = _chunk(h_all[a:b], head, b_head, rt.rows(a, b), logits[: b - a], buf[: b - a],
-                                         temperature, mode, grads, a, need_ce)
+            cross[a:b], ce[a:b] = _chunk(h_all[a:b], head, b_head, rt.rows(a, b), logits[: b - a],
+                                         None if buf is None else buf[: b - a], temperature, mode, grads, a, need_ce,
+                                         compiled)
         ctx.grads = grads
         total = (rt.kd_row * cross).sum() + (rt.ce_row * ce).sum()
         ctx.mark_non_differentiable(cross, ce)
@@ -118,7 +120,7 @@ class _FusedLinearKDCE(torch.autograd.Function):
 
         out = (scaled(grads.h), scaled(grads.weight), scaled(grads.bias), scaled(grads.w), scaled(grads.tail))
         ctx.grads = None
-        return (*out, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None)
 
 
 def fused_linear_kd_ce_loss(
@@ -159,5 +161,5 @@ def fused_linear_kd_ce_loss(
     size = chunk_rows(h.shape[0], vocab, opts.chunk)
     with torch.autocast(h.device.type, enabled=False):  # out= matmuls; the dtypes are already chosen
         total, cross, ce = _FusedLinearKDCE.apply(h, weight, bias, w, tail, rt, vocab, float(opts.temperature),
-                                                  opts.tail_mode, size)
+                                                  opts.tail_mode, size, opts.compiled(h.device))
     return finish(total, cross, ce, w, tail, rt, rows, alpha, opts)

@@ -36,8 +36,10 @@ from typing import NamedTuple
 
 import torch
 
+from mtkd_train.losses._kernels import row_stats, scaled_exp_
+
 __all__ = ["ChunkTerms", "RowTargets", "ScaledGrad", "add_sparse", "chunk_grad", "chunk_stats", "chunk_terms",
-           "scaled_grad", "t1_grad"]
+           "scaled_grad", "t1_grad", "t1_grad_compiled"]
 
 
 class RowTargets(NamedTuple):
@@ -86,15 +88,19 @@ class ChunkTerms(NamedTuple):
 
 
 def chunk_stats(
-    x: torch.Tensor, rt: RowTargets, buf: torch.Tensor, temperature: float, mode: str, need_ce: bool,
-    x_kept: torch.Tensor,
+    x: torch.Tensor, rt: RowTargets, buf: torch.Tensor | None, temperature: float, mode: str, need_ce: bool,
+    x_kept: torch.Tensor, compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One read of the chunk: ``lse_T``, ``lse_1`` and the tail statistic, each ``(c,)``.
 
     The tail statistic is ``log sum_{v not in S} exp(s_v)`` (bucket) or ``sum_v s_v`` (spread).
     ``x_kept`` is ``x.gather(1, rt.idx)`` (the caller needs it too, so it is gathered once).
-    ``buf`` (``(c, V)``, compute dtype) is overwritten.
+    ``buf`` (``(c, V)``, compute dtype) is overwritten; with ``compiled`` (the row kernels of
+    :mod:`._kernels`, ``T = 1`` only, any ``x`` dtype) it is not used and may be None.
     """
+    if temperature == 1.0 and compiled:
+        return _stats_t1(x, rt, None, mode, x_kept)
+    assert buf is not None
     if temperature == 1.0 and x.dtype == buf.dtype:
         return _stats_t1(x, rt, buf, mode, x_kept)
     inv_t = 1.0 / temperature
@@ -123,27 +129,34 @@ RISKY_REST = 1e-2
 
 
 def _stats_t1(
-    x: torch.Tensor, rt: RowTargets, buf: torch.Tensor, mode: str, x_kept: torch.Tensor
+    x: torch.Tensor, rt: RowTargets, buf: torch.Tensor | None, mode: str, x_kept: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`chunk_stats` at ``T = 1`` for compute-dtype logits: one fused log-softmax kernel.
+    """:func:`chunk_stats` at ``T = 1``: the compiled row kernel (``buf`` None), or one fused log-softmax.
 
-    ``lse = z_j - log_softmax(z)_j`` at one column ``j`` per row (:func:`_lse_at_column`): two ``O(c)``
-    gathers instead of two ``(c, V)`` max passes. Bucket: ``r = 1 - sum_S q`` in float64, ``q_j =
+    Eager: ``lse = z_j - log_softmax(z)_j`` at one column ``j`` per row (:func:`_lse_at_column`): two
+    ``O(c)`` gathers instead of two ``(c, V)`` max passes. Bucket: ``r = 1 - sum_S q`` in float64, ``q_j =
     exp(z_j - lse)`` from the gathered logits; rows where ``r < RISKY_REST`` are recomputed exactly as a
-    masked sum over the chunk's log-softmax.
+    masked sum over their ``exp(z - lse)``.
     """
-    torch.ops.aten._log_softmax.out(x, 1, False, out=buf)  # buf := log q
-    lse = _lse_at_column(x, buf, rt, x_kept)
-    if mode != "bucket":
-        return lse, lse, x.sum(dim=1, dtype=buf.dtype)
+    if buf is None:
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        lse, total = row_stats(x, cd, mode != "bucket")
+    else:
+        cd = buf.dtype
+        torch.ops.aten._log_softmax.out(x, 1, False, out=buf)  # buf := log q
+        lse = _lse_at_column(x, buf, rt, x_kept)
+        total = None if mode == "bucket" else x.sum(dim=1, dtype=cd)
+    if total is not None:
+        return lse, lse, total
     q_kept = torch.where(rt.kept, (x_kept.double() - lse.double().unsqueeze(1)).exp(), 0.0)  # (c, C)
     rest = (1.0 - q_kept.sum(dim=1)).clamp(min=0.0)  # (c,) float64
     risky = (rest < RISKY_REST).nonzero().squeeze(1)
     if risky.numel():
-        exact = buf[risky].exp_().scatter_(1, rt.idx[risky], 0.0).sum(dim=1, dtype=torch.float64)
+        q = buf[risky].exp_() if buf is not None else (x[risky].to(cd) - lse[risky].unsqueeze(1)).exp_()
+        exact = q.scatter_(1, rt.idx[risky], 0.0).sum(dim=1, dtype=torch.float64)
         rest = rest.index_copy(0, risky, exact)
     has = rt.kept.any(dim=1)
-    log_rest = torch.where(has, rest.log().to(buf.dtype) + lse, lse)
+    log_rest = torch.where(has, rest.log().to(cd) + lse, lse)
     return lse, lse, log_rest
 
 
@@ -239,19 +252,25 @@ def chunk_terms(
 def chunk_grad(
     x: torch.Tensor,
     out: torch.Tensor,
-    buf: torch.Tensor,
+    buf: torch.Tensor | None,
     terms: ChunkTerms,
     stats: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     rt: RowTargets,
     temperature: float,
     scale: torch.Tensor,
+    compiled: bool = False,
 ) -> None:
     """Write ``scale * d total / d z`` for the chunk into ``out`` (``(c, V)``, any float dtype).
 
     ``out`` may be ``x`` itself (the head-fused path overwrites its logits chunk); ``buf`` is the
-    compute-dtype scratch (it may be ``out`` when ``out`` has the compute dtype and is not ``x``).
+    compute-dtype scratch (it may be ``out`` when ``out`` has the compute dtype and is not ``x``), unused
+    with ``compiled`` (the row kernels of :mod:`._kernels`, at ``T = 1``).
     """
     lse_t, lse_1, _ = stats
+    if temperature == 1.0 and compiled:
+        t1_grad_compiled(x, out, lse_t, scaled_grad(terms, scale, out.dtype, rt), rt)
+        return
+    assert buf is not None, "the eager path needs a (c, V) compute-dtype buffer"
     if temperature == 1.0 and x.dtype == buf.dtype:
         t1_grad(x, out, buf, scaled_grad(terms, scale, out.dtype, rt), rt)
         return
@@ -309,6 +328,13 @@ def t1_grad(x: torch.Tensor, out: torch.Tensor, buf: torch.Tensor, sg: ScaledGra
     torch.ops.aten._softmax.out(x, 1, False, out=q)
     torch.mul(q, sg.coef, out=out)
     add_sparse(out, sg, rt)
+
+
+def t1_grad_compiled(x: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sg: ScaledGrad, rt: RowTargets) -> None:
+    """:func:`t1_grad` by the compiled kernel: ``out := coef * exp(x - lse) - shift`` in one loop (``out`` may be
+    ``x``; any float dtypes), then the sparse parts."""
+    scaled_exp_(out, x, lse, sg.coef, sg.shift)
+    add_sparse(out, sg._replace(shift=None), rt)
 
 
 def add_sparse(out: torch.Tensor, sg: ScaledGrad, rt: RowTargets) -> None:

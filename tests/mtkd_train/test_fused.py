@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.kernels import row_kernels  # noqa: F401 - every test runs eager and compiled
 
 from mtkd_train.aggregate import AggregationContext, build_aggregator, linear_pool
 from mtkd_train.losses import (

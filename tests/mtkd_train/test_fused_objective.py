@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers.kernels import row_kernels  # noqa: F401 - every test runs eager and compiled
 
 from mtkd_train.aggregate import GateNetwork
 from mtkd_train.config import ConfigError, TrainConfig

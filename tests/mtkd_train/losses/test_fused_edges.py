@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from helpers.kernels import row_kernels  # noqa: F401 - every test runs eager and compiled
 
 from mtkd_train.losses import (
     LossConfigError,

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from helpers.kernels import row_kernels  # noqa: F401 - every test runs eager and compiled
 
 from mtkd_train.losses import fused_kd_ce_loss, fused_linear_kd_ce_loss
 from mtkd_train.targets import SparseTargets, from_dense

@@ -1,0 +1,136 @@
+"""The two dense row kernels of the fused objectives at ``T = 1``, compiled once with ``torch.compile``.
+
+At ``T = 1`` the whole ``O(P V)`` cost of :mod:`._fused` and :mod:`._fused_head` is two loops over the logits:
+
+* :func:`row_stats`: each row's log-sum-exp (and, for the spread tail, its sum) in the compute dtype,
+  read-only;
+* :func:`scaled_exp_`: ``out := coef * exp(x - lse) - shift``, one read of ``x`` and one write of ``out``.
+
+PyTorch's eager CPU kernels have neither as one loop: the eager path (:mod:`._fused_math`) writes a
+``(c, V)`` log-softmax in the forward and runs a softmax, then a row scale, in the backward. Compiled by
+Inductor (C++ with vector intrinsics on the CPU, Triton on CUDA) each is a single fused loop, and bf16/fp16
+logits are read and upcast inside it instead of through a float32 copy.
+
+``kernels`` (the fused losses' option, ``TrainConfig.kernels``, ``--kernels``) chooses:
+
+* ``"eager"``: PyTorch's kernels, nothing compiled;
+* ``"compiled"``: the compiled kernels; a failure to compile is an error that says how to fall back;
+* ``"auto"`` (default; the environment variable ``MTKD_KERNELS`` overrides it): compiled where
+  ``torch.compile`` works on the logits' device, else eager after one warning. The first call of a
+  process compiles (seconds to a minute; Inductor caches the code on disk for the next process).
+
+Both paths compute the same quantities in the same dtype; they differ in summation order only (tested
+against a float64 reference in ``tests/mtkd_train/losses/test_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import types
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["KERNELS", "resolve_kernels", "row_stats", "scaled_exp_"]
+
+KERNELS = ("auto", "compiled", "eager")
+ENV = "MTKD_KERNELS"
+log = logging.getLogger(__name__)
+
+
+def _stats(x: torch.Tensor, cd: torch.dtype, want_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    s = x.to(cd)
+    m = s.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # an all -inf row: lse = -inf, not NaN
+    lse = m.squeeze(1) + (s - m).exp().sum(dim=1).log()
+    return lse, (s.sum(dim=1) if want_sum else None)
+
+
+def _scaled_exp(out: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
+                shift: torch.Tensor) -> None:
+    cd = lse.dtype
+    out.copy_(coef.to(cd) * (x.to(cd) - lse.unsqueeze(1)).exp() - shift.to(cd))
+
+
+_COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
+_FAILED: dict[str, str | None] = {}
+"""Per device type: None when the compiled kernels work there, else why they do not."""
+_WARNED: set[str] = set()
+
+
+def _compiled(name: str, *key: Any) -> Callable[..., Any]:
+    """The compiled kernel ``name`` for one ``key`` (dtypes, flags, aliasing): each key compiles its own copy of
+    the function, so Dynamo's per-function recompile limit counts the shapes and strides of one setting only."""
+    if (name, *key) not in _COMPILED:
+        fn = {"stats": _stats, "scaled_exp": _scaled_exp}[name]
+        fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        _COMPILED[(name, *key)] = torch.compile(fresh, dynamic=True, fullgraph=True)
+    return _COMPILED[(name, *key)]
+
+
+def _probe(device: torch.device) -> None:
+    """Compile and run both kernels on a tiny input of ``device`` (raises what torch.compile raises)."""
+    x = torch.linspace(-3.0, 3.0, 24, device=device).reshape(3, 8)
+    lse, _ = row_stats(x, torch.float32, False)
+    out = torch.empty_like(x)
+    scaled_exp_(out, x, lse, torch.ones(3, 1, device=device), None)
+    if not torch.allclose(out.sum(dim=1), torch.ones(3, device=device), atol=1e-5):
+        raise RuntimeError("the compiled softmax does not sum to 1")
+
+
+def resolve_kernels(kernels: str | None, device: torch.device) -> bool:
+    """Whether the compiled kernels run for logits on ``device`` (``kernels`` as in the module doc).
+
+    Raises:
+        ValueError: an unknown ``kernels``, or ``"compiled"`` where ``torch.compile`` fails.
+    """
+    from_env = kernels in (None, "auto") and ENV in os.environ
+    choice = os.environ[ENV] if from_env else (kernels or "auto")
+    if choice not in KERNELS:
+        where = f"the environment variable {ENV}={choice!r}" if from_env else f"kernels={choice!r}"
+        raise ValueError(f"{where} is not one of {', '.join(KERNELS)}")
+    if choice == "eager":
+        return False
+    key = device.type
+    if key not in _FAILED:
+        log.info("compiling the fused loss's row kernels for %s (once per process; kernels='eager' skips it)", key)
+        try:
+            _probe(device)
+            _FAILED[key] = None
+        except Exception as err:  # noqa: BLE001 - any compiler/toolchain failure means: fall back
+            _FAILED[key] = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+    reason = _FAILED[key]
+    if reason is None:
+        return True
+    if choice == "compiled":
+        raise ValueError(f"kernels='compiled' but torch.compile fails on {key}: {reason}; install a C++ compiler "
+                         f"(CPU) or Triton (CUDA), or use kernels='eager' ({ENV}=eager)")
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"torch.compile fails on {key} ({reason}); the fused loss runs PyTorch's eager kernels "
+                      f"(set kernels='eager' or {ENV}=eager to skip the attempt)", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def row_stats(x: torch.Tensor, cd: torch.dtype, want_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(lse, row sum or None)`` of the ``(c, V)`` rows of ``x``, in ``cd``, by the compiled kernel."""
+    return _compiled("stats", x.device.type, x.dtype, cd, want_sum)(x, cd, want_sum)
+
+
+def scaled_exp_(out: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
+                shift: torch.Tensor | None) -> None:
+    """``out := coef * exp(x - lse) - shift`` by the compiled kernel (``out`` may be ``x``).
+
+    Args:
+        out: ``(c, V)`` destination, any float dtype (cast on store).
+        x: ``(c, V)`` logits.
+        lse: ``(c,)`` their log-sum-exps in the compute dtype.
+        coef: ``(c, 1)`` row scale.
+        shift: ``(c, 1)`` subtracted from every element, or None.
+    """
+    zero = torch.zeros((1, 1), dtype=lse.dtype, device=lse.device) if shift is None else shift
+    key = (x.device.type, x.dtype, out.dtype, lse.dtype, coef.dtype, zero.dtype, out.data_ptr() == x.data_ptr())
+    _compiled("scaled_exp", *key)(out, x, lse, coef, zero)
