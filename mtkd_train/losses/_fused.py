@@ -36,7 +36,7 @@ from mtkd_train.losses._fused_math import (
     t1_grad_compiled,
 )
 from mtkd_train.losses._kd import LossConfigError, _parse
-from mtkd_train.losses._kernels import resolve_kernels
+from mtkd_train.losses._kernels import kernels_choice, resolve_kernels
 from mtkd_train.targets import SparseTargets, TailMode, parse_tail_mode, retemper
 
 __all__ = ["FusedLoss", "FusedOptions", "chunk_rows", "fused_kd_ce_loss", "mixture_negentropy", "row_targets_for", "target_negentropy"]
@@ -121,6 +121,7 @@ class Options:
     def compiled(self, device: torch.device) -> bool:
         """Whether the compiled row kernels run (only ``T = 1`` has them)."""
         try:
+            kernels_choice(self.kernels)  # a bad value is refused at any temperature
             return self.temperature == 1.0 and resolve_kernels(self.kernels, device)
         except ValueError as err:
             raise LossConfigError(str(err)) from None
@@ -230,7 +231,8 @@ class _FusedKDCE(torch.autograd.Function):
         need_ce = bool(rt.labelled.any())
         x_kept = x_all.gather(1, rt.idx)  # (P, C)
         if compiled:  # one read-only loop over all rows: no (chunk, V) buffer
-            stats = list(chunk_stats(x_all[:, :vocab], rt, None, temperature, mode, need_ce, x_kept, compiled=True))
+            stats = list(chunk_stats(x_all[:, :vocab], rt, None, temperature, mode, need_ce, x_kept, compiled=True,
+                                     block=chunk))
         else:
             buf = torch.empty((min(chunk, p), vocab), dtype=cd, device=logits.device)
             stats = [torch.empty(p, dtype=cd, device=logits.device) for _ in range(3)]
@@ -275,8 +277,9 @@ def _logits_grad(
     if width > vocab:
         grad[:, vocab:].zero_()
     cd = compute_dtype(logits.dtype)
-    if compiled:
-        t1_grad_compiled(logits[:, :vocab], grad[:, :vocab], stats[0], scaled_grad(terms, g.to(cd), grad.dtype, rt), rt)
+    if compiled:  # one dense loop over all rows, then the sparse parts chunk by chunk
+        t1_grad_compiled(logits[:, :vocab], grad[:, :vocab], stats[0], scaled_grad(terms, g.to(cd), grad.dtype, rt),
+                         rt, chunk)
         return grad
     buf = torch.empty((min(chunk, p), vocab), dtype=cd, device=logits.device)
     scale = g.to(cd)

@@ -89,17 +89,18 @@ class ChunkTerms(NamedTuple):
 
 def chunk_stats(
     x: torch.Tensor, rt: RowTargets, buf: torch.Tensor | None, temperature: float, mode: str, need_ce: bool,
-    x_kept: torch.Tensor, compiled: bool = False,
+    x_kept: torch.Tensor, compiled: bool = False, block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One read of the chunk: ``lse_T``, ``lse_1`` and the tail statistic, each ``(c,)``.
 
     The tail statistic is ``log sum_{v not in S} exp(s_v)`` (bucket) or ``sum_v s_v`` (spread).
     ``x_kept`` is ``x.gather(1, rt.idx)`` (the caller needs it too, so it is gathered once).
     ``buf`` (``(c, V)``, compute dtype) is overwritten; with ``compiled`` (the row kernels of
-    :mod:`._kernels`, ``T = 1`` only, any ``x`` dtype) it is not used and may be None.
+    :mod:`._kernels`, ``T = 1`` only, any ``x`` dtype) it is not used and may be None, and ``block`` bounds the
+    rows whose exact off-support mass is summed at once (default: all ``c``).
     """
     if temperature == 1.0 and compiled:
-        return _stats_t1(x, rt, None, mode, x_kept)
+        return _stats_t1(x, rt, None, mode, x_kept, block)
     assert buf is not None
     if temperature == 1.0 and x.dtype == buf.dtype:
         return _stats_t1(x, rt, buf, mode, x_kept)
@@ -129,14 +130,16 @@ RISKY_REST = 1e-2
 
 
 def _stats_t1(
-    x: torch.Tensor, rt: RowTargets, buf: torch.Tensor | None, mode: str, x_kept: torch.Tensor
+    x: torch.Tensor, rt: RowTargets, buf: torch.Tensor | None, mode: str, x_kept: torch.Tensor,
+    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`chunk_stats` at ``T = 1``: the compiled row kernel (``buf`` None), or one fused log-softmax.
 
     Eager: ``lse = z_j - log_softmax(z)_j`` at one column ``j`` per row (:func:`_lse_at_column`): two
     ``O(c)`` gathers instead of two ``(c, V)`` max passes. Bucket: ``r = 1 - sum_S q`` in float64, ``q_j =
     exp(z_j - lse)`` from the gathered logits; rows where ``r < RISKY_REST`` are recomputed exactly as a
-    masked sum over their ``exp(z - lse)``.
+    masked sum over their ``exp(z - lse)``, ``block`` rows at a time (a confident student may make every row
+    risky: never a float32 copy of all of them).
     """
     if buf is None:
         cd = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -151,10 +154,12 @@ def _stats_t1(
     q_kept = torch.where(rt.kept, (x_kept.double() - lse.double().unsqueeze(1)).exp(), 0.0)  # (c, C)
     rest = (1.0 - q_kept.sum(dim=1)).clamp(min=0.0)  # (c,) float64
     risky = (rest < RISKY_REST).nonzero().squeeze(1)
-    if risky.numel():
-        q = buf[risky].exp_() if buf is not None else (x[risky].to(cd) - lse[risky].unsqueeze(1)).exp_()
-        exact = q.scatter_(1, rt.idx[risky], 0.0).sum(dim=1, dtype=torch.float64)
-        rest = rest.index_copy(0, risky, exact)
+    step = max(1, block or x.shape[0])
+    for a in range(0, risky.numel(), step):
+        part = risky[a : a + step]
+        q = buf[part].exp_() if buf is not None else (x[part].to(cd) - lse[part].unsqueeze(1)).exp_()
+        exact = q.scatter_(1, rt.idx[part], 0.0).sum(dim=1, dtype=torch.float64)
+        rest = rest.index_copy(0, part, exact)
     has = rt.kept.any(dim=1)
     log_rest = torch.where(has, rest.log().to(cd) + lse, lse)
     return lse, lse, log_rest
@@ -299,7 +304,7 @@ class ScaledGrad(NamedTuple):
     ``support`` on it, plus the label's correction), computed once for all rows and sliced per chunk."""
 
     coef: torch.Tensor  # (c, 1) multiplies q (at T = 1, with the CE weight folded in)
-    shift: torch.Tensor | None  # (c, 1) subtracted from every token (spread), None when all zero
+    shift: torch.Tensor | None  # (c, 1) subtracted from every token (spread; compute dtype), None when all zero
     support: torch.Tensor  # (c, C) the value on the support in the gradient's dtype; padding entries
     #                        repeat the value of the kept token they point at, so a scatter writes it twice
     empty: torch.Tensor | None  # (c,) rows with no kept token (their padding points at token 0), or None
@@ -312,7 +317,8 @@ class ScaledGrad(NamedTuple):
 
 def scaled_grad(terms: ChunkTerms, scale: torch.Tensor, dtype: torch.dtype, rt: RowTargets) -> ScaledGrad:
     """:class:`ScaledGrad` of ``terms`` times ``scale``, the sparse parts in the gradient's ``dtype``."""
-    shift = (terms.shift * scale).unsqueeze(1).to(dtype) if bool(terms.shift.any()) else None
+    # the shift stays in the compute dtype: subtracted before the result is rounded to `dtype`
+    shift = (terms.shift * scale).unsqueeze(1) if bool(terms.shift.any()) else None
     support = (terms.support * scale).to(dtype)
     at_fill = torch.where(rt.kept, rt.idx, -1).argmax(dim=1, keepdim=True)  # the kept entry padding points at
     support = torch.where(rt.kept, support, support.gather(1, at_fill))
@@ -330,11 +336,17 @@ def t1_grad(x: torch.Tensor, out: torch.Tensor, buf: torch.Tensor, sg: ScaledGra
     add_sparse(out, sg, rt)
 
 
-def t1_grad_compiled(x: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sg: ScaledGrad, rt: RowTargets) -> None:
+def t1_grad_compiled(x: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sg: ScaledGrad, rt: RowTargets,
+                     block: int | None = None) -> None:
     """:func:`t1_grad` by the compiled kernel: ``out := coef * exp(x - lse) - shift`` in one loop (``out`` may be
-    ``x``; any float dtypes), then the sparse parts."""
+    ``x``; any float dtypes), then the sparse parts ``block`` rows at a time (a scatter into bf16/fp16 on the
+    CPU works on a float32 copy of what it is given)."""
     scaled_exp_(out, x, lse, sg.coef, sg.shift)
-    add_sparse(out, sg._replace(shift=None), rt)
+    sparse = sg._replace(shift=None)
+    step = max(1, block or out.shape[0])
+    for a in range(0, out.shape[0], step):
+        b = min(a + step, out.shape[0])
+        add_sparse(out[a:b], sparse.rows(a, b), rt.rows(a, b))
 
 
 def add_sparse(out: torch.Tensor, sg: ScaledGrad, rt: RowTargets) -> None:

@@ -14,10 +14,14 @@ logits are read and upcast inside it instead of through a float32 copy.
 ``kernels`` (the fused losses' option, ``TrainConfig.kernels``, ``--kernels``) chooses:
 
 * ``"eager"``: PyTorch's kernels, nothing compiled;
-* ``"compiled"``: the compiled kernels; a failure to compile is an error that says how to fall back;
+* ``"compiled"``: the compiled kernels; if ``torch.compile`` does not work on the device at all (a probe on a
+  tiny float32 input, once per process and device type), that is an error that says how to fall back;
 * ``"auto"`` (default; the environment variable ``MTKD_KERNELS`` overrides it): compiled where
   ``torch.compile`` works on the logits' device, else eager after one warning. The first call of a
   process compiles (seconds to a minute; Inductor caches the code on disk for the next process).
+
+In every mode, a kernel variant (dtypes, aliasing) that fails to compile after the probe passed, e.g. bf16 on
+a GPU whose Triton lacks it, runs the same code eagerly after one warning.
 
 Both paths compute the same quantities in the same dtype; they differ in summation order only (tested
 against a float64 reference in ``tests/mtkd_train/losses/test_kernels.py``).
@@ -34,7 +38,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["KERNELS", "resolve_kernels", "row_stats", "scaled_exp_"]
+__all__ = ["KERNELS", "kernels_choice", "resolve_kernels", "row_stats", "scaled_exp_"]
 
 KERNELS = ("auto", "compiled", "eager")
 ENV = "MTKD_KERNELS"
@@ -56,29 +60,66 @@ def _scaled_exp(out: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, coef: tor
 
 
 _COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
-_FAILED: dict[str, str | None] = {}
-"""Per device type: None when the compiled kernels work there, else why they do not."""
-_WARNED: set[str] = set()
+_FAILED: dict[Any, str | None] = {}
+"""Per device type (the probe) and per kernel key: None when it compiled, else why it did not."""
+_WARNED: set[Any] = set()
+_EAGER: dict[str, Callable[..., Any]] = {"stats": _stats, "scaled_exp": _scaled_exp}
 
 
-def _compiled(name: str, *key: Any) -> Callable[..., Any]:
-    """The compiled kernel ``name`` for one ``key`` (dtypes, flags, aliasing): each key compiles its own copy of
-    the function, so Dynamo's per-function recompile limit counts the shapes and strides of one setting only."""
-    if (name, *key) not in _COMPILED:
-        fn = {"stats": _stats, "scaled_exp": _scaled_exp}[name]
-        fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-        _COMPILED[(name, *key)] = torch.compile(fresh, dynamic=True, fullgraph=True)
-    return _COMPILED[(name, *key)]
+def _run(name: str, key: tuple[Any, ...], *args: Any) -> Any:
+    """Kernel ``name`` compiled for ``key`` (dtypes, flags, aliasing), or its eager code where that key failed.
+
+    Each key compiles its own copy of the function, so Dynamo's per-function recompile limit counts the shapes
+    and strides of one setting only (past that limit Dynamo runs the copy eagerly). A key that fails to compile
+    after the device's probe passed (e.g. bf16 on a GPU without bf16 support in Triton) runs the same code
+    eagerly, after one warning: a compile error is raised before the kernel writes anything.
+    """
+    full = (name, *key)
+    if _FAILED.get(full) is None:
+        if full not in _COMPILED:
+            fn = _EAGER[name]
+            fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                       fn.__closure__)
+            _COMPILED[full] = torch.compile(fresh, dynamic=True)
+        try:
+            return _COMPILED[full](*args)
+        except Exception as err:  # noqa: BLE001 - any compiler/toolchain failure means: fall back
+            _FAILED[full] = _first_line(err)
+    if full not in _WARNED:
+        _WARNED.add(full)
+        warnings.warn(f"torch.compile fails for the fused loss's {name} kernel on {key} ({_FAILED[full]}); that "
+                      f"kernel runs eagerly", RuntimeWarning, stacklevel=3)
+    return _EAGER[name](*args)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 def _probe(device: torch.device) -> None:
     """Compile and run both kernels on a tiny input of ``device`` (raises what torch.compile raises)."""
     x = torch.linspace(-3.0, 3.0, 24, device=device).reshape(3, 8)
-    lse, _ = row_stats(x, torch.float32, False)
-    out = torch.empty_like(x)
-    scaled_exp_(out, x, lse, torch.ones(3, 1, device=device), None)
+    fns = {n: torch.compile(f, dynamic=True) for n, f in _EAGER.items()}  # not the cached copies: no key used up
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        lse, _ = fns["stats"](x, torch.float32, False)
+        out = torch.empty_like(x)
+        fns["scaled_exp"](out, x, lse, torch.ones(3, 1, device=device), torch.zeros(3, 1, device=device))
     if not torch.allclose(out.sum(dim=1), torch.ones(3, device=device), atol=1e-5):
         raise RuntimeError("the compiled softmax does not sum to 1")
+
+
+def kernels_choice(kernels: str | None) -> str:
+    """``kernels`` with ``$MTKD_KERNELS`` applied to ``None`` / ``"auto"``, checked (no compiling here).
+
+    Raises:
+        ValueError: a value that is not one of :data:`KERNELS`, naming where it came from.
+    """
+    from_env = kernels in (None, "auto") and ENV in os.environ
+    choice = os.environ[ENV] if from_env else (kernels or "auto")
+    if choice not in KERNELS:
+        where = f"the environment variable {ENV}={choice!r}" if from_env else f"kernels={choice!r}"
+        raise ValueError(f"{where} is not one of {', '.join(KERNELS)}")
+    return choice
 
 
 def resolve_kernels(kernels: str | None, device: torch.device) -> bool:
@@ -87,11 +128,7 @@ def resolve_kernels(kernels: str | None, device: torch.device) -> bool:
     Raises:
         ValueError: an unknown ``kernels``, or ``"compiled"`` where ``torch.compile`` fails.
     """
-    from_env = kernels in (None, "auto") and ENV in os.environ
-    choice = os.environ[ENV] if from_env else (kernels or "auto")
-    if choice not in KERNELS:
-        where = f"the environment variable {ENV}={choice!r}" if from_env else f"kernels={choice!r}"
-        raise ValueError(f"{where} is not one of {', '.join(KERNELS)}")
+    choice = kernels_choice(kernels)
     if choice == "eager":
         return False
     key = device.type
@@ -101,7 +138,7 @@ def resolve_kernels(kernels: str | None, device: torch.device) -> bool:
             _probe(device)
             _FAILED[key] = None
         except Exception as err:  # noqa: BLE001 - any compiler/toolchain failure means: fall back
-            _FAILED[key] = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            _FAILED[key] = _first_line(err)
     reason = _FAILED[key]
     if reason is None:
         return True
@@ -111,13 +148,13 @@ def resolve_kernels(kernels: str | None, device: torch.device) -> bool:
     if key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(f"torch.compile fails on {key} ({reason}); the fused loss runs PyTorch's eager kernels "
-                      f"(set kernels='eager' or {ENV}=eager to skip the attempt)", RuntimeWarning, stacklevel=3)
+                      f"(set kernels='eager' or {ENV}=eager to skip the attempt)", RuntimeWarning, stacklevel=4)
     return False
 
 
 def row_stats(x: torch.Tensor, cd: torch.dtype, want_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(lse, row sum or None)`` of the ``(c, V)`` rows of ``x``, in ``cd``, by the compiled kernel."""
-    return _compiled("stats", x.device.type, x.dtype, cd, want_sum)(x, cd, want_sum)
+    return _run("stats", (x.device.type, x.dtype, cd, want_sum), x, cd, want_sum)  # type: ignore[no-any-return]
 
 
 def scaled_exp_(out: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, coef: torch.Tensor,
@@ -131,6 +168,6 @@ def scaled_exp_(out: torch.Tensor, x: torch.Tensor, lse: torch.Tensor, coef: tor
         coef: ``(c, 1)`` row scale.
         shift: ``(c, 1)`` subtracted from every element, or None.
     """
-    zero = torch.zeros((1, 1), dtype=lse.dtype, device=lse.device) if shift is None else shift
-    key = (x.device.type, x.dtype, out.dtype, lse.dtype, coef.dtype, zero.dtype, out.data_ptr() == x.data_ptr())
-    _compiled("scaled_exp", *key)(out, x, lse, coef, zero)
+    shift = torch.zeros_like(coef) if shift is None else shift  # always (c, 1): no size-1 specialisation
+    key = (x.device.type, x.dtype, out.dtype, lse.dtype, coef.dtype, shift.dtype, out.data_ptr() == x.data_ptr())
+    _run("scaled_exp", key, out, x, lse, coef, shift)

@@ -6,6 +6,7 @@ respect to the student's logits and the gate's parameters (float32, so within 1e
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -111,3 +112,23 @@ def _scaled(forward: Any) -> Any:
         return out
 
     return run
+
+
+def test_the_configured_kernels_reach_the_fused_loss(lm_cache: LMCache, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import mtkd_train.objective as objective
+    from mtkd_train.recipe import DistillRecipe
+
+    seen: list[Any] = []
+    real = objective.fused_linear_kd_ce_loss
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        seen.append(kw.get("kernels"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(objective, "fused_linear_kd_ce_loss", spy)
+    cfg = TrainConfig(cache=str(lm_cache.cache), teachers=("a", "b"), student=str(lm_cache.student), out=str(tmp_path),
+                      batch_size=2, max_steps=1, kernels="compiled", progress=False)
+    recipe = DistillRecipe(cfg).setup()
+    recipe.train()
+    assert recipe.objective.kernels == "compiled" and seen and set(seen) == {"compiled"}

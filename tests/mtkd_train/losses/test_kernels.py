@@ -5,7 +5,9 @@ The fused losses themselves run every test eager and compiled (tests/helpers/ker
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,3 +110,81 @@ def test_compiled_and_eager_agree_and_the_choice_is_not_part_of_the_run_fingerpr
     torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-7)
     base = dict(cache="c", teachers=("t",), student="s", out="o")
     assert TrainConfig(**base, kernels="eager").fingerprint() == TrainConfig(**base).fingerprint()  # type: ignore[arg-type]
+
+
+def test_a_variant_that_fails_to_compile_after_the_probe_runs_eagerly_after_one_warning(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real_compile = torch.compile
+
+    def picky_compile(fn, **kw):  # type: ignore[no-untyped-def]  # "Triton without bf16": bf16 inputs fail
+        compiled = real_compile(fn, **kw)
+
+        def run(*args):  # type: ignore[no-untyped-def]
+            if any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+                raise RuntimeError("triton: bf16 is not supported on this GPU")
+            return compiled(*args)
+        return run
+
+    monkeypatch.setattr(kernels.torch, "compile", picky_compile)
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "_FAILED", {"cpu": None})  # the device's probe passed
+    monkeypatch.setattr(kernels, "_WARNED", set())
+    z = _logits(12, 50).to(torch.bfloat16).requires_grad_(True)
+    t = from_dense(torch.softmax(_logits(12, 50) / 2, dim=1), 8)
+    labels = torch.arange(12) % 50
+    with pytest.warns(RuntimeWarning, match=r"fails for the fused loss's stats kernel .*bf16 is not supported"):
+        loss = fused_kd_ce_loss(z, t, labels, alpha=0.5, kernels="compiled").loss
+        grad = torch.autograd.grad(loss, z)[0]
+    want = fused_kd_ce_loss(z, t, labels, alpha=0.5, kernels="eager").loss
+    torch.testing.assert_close(loss, want, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grad, torch.autograd.grad(want, z)[0], rtol=1e-2, atol=1e-3)
+    assert ("stats", "cpu", torch.bfloat16, torch.float32, False) in kernels._FAILED
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per kernel variant
+        fused_kd_ce_loss(z, t, labels, alpha=0.5, kernels="compiled")
+
+
+def test_a_bad_choice_is_refused_at_any_temperature() -> None:
+    z, t = _logits(4, 10), from_dense(torch.softmax(_logits(4, 10), dim=1), 3)
+    with pytest.raises(LossConfigError, match="kernels='fast'"):
+        fused_kd_ce_loss(z, t, torch.zeros(4, dtype=torch.long), alpha=0.5, temperature=2.0, kernels="fast")
+
+
+_PEAK = '''
+import sys, torch
+from mtkd_train.losses import fused_kd_ce_loss
+from mtkd_train.targets import SparseTargets
+torch.set_num_threads(1)
+p, v, k = 2048, 16000, 64
+z = torch.randn(p, v).mul_(0.5)
+z[:, :k] += 25.0  # the student keeps ~all its mass on the target's support: every row is "risky"
+z = z.to(torch.bfloat16).requires_grad_(True)
+idx = torch.arange(k).expand(p, k).contiguous()
+t = SparseTargets(idx, torch.log_softmax(torch.randn(p, k), dim=1) + torch.log(torch.tensor(0.95)),
+                  torch.full((p,), 0.05))
+labels = torch.zeros(p, dtype=torch.long)
+small = fused_kd_ce_loss(z[:8], SparseTargets(idx[:8], t.logp[:8], t.tail[:8]), labels[:8], alpha=0.5,
+                         kernels=sys.argv[1]).loss
+torch.autograd.grad(small, z)  # compiles, and allocates a (p, v) bf16 gradient once
+def status(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")
+base = status("VmRSS")
+torch.autograd.grad(fused_kd_ce_loss(z, t, labels, alpha=0.5, kernels=sys.argv[1]).loss, z)
+print(status("VmHWM") - base)
+'''
+
+
+@pytest.mark.parametrize("choice", ["eager", "compiled"])
+def test_a_confident_bf16_student_costs_no_float32_copy_of_its_logits(choice: str, tmp_path: Path) -> None:
+    """Every row risky (exact off-support sums) and a bf16 gradient (scatters): memory stays chunk-sized."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "peak.py"
+    script.write_text(_PEAK)
+    out = subprocess.run([sys.executable, str(script), choice], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    peak = int(out.stdout.strip().splitlines()[-1])
+    logits = 2048 * 16000 * 2  # bytes of the bf16 logits; their gradient is as large
+    assert peak < 1.5 * logits, f"peak {peak / 2**20:.0f} MiB for {logits / 2**20:.0f} MiB of bf16 logits"
