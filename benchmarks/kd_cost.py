@@ -93,15 +93,20 @@ def merged_target(ts: list[SparseTargets], labels: torch.Tensor, vocab: int) -> 
     return agg(ts, AggregationContext(labels=labels), vocab_size=vocab, tail_mode="bucket")
 
 
+def arm_kernels(arm: str) -> tuple[str, str]:
+    """``(arm without "_eager", its row kernels)``: an ``*_eager`` arm runs the eager ones (`losses/_kernels.py`)."""
+    return arm.removesuffix("_eager"), "eager" if arm.endswith("_eager") else "compiled"
+
+
 def loss_fn(arm: str, ts: list[SparseTargets], labels: torch.Tensor, vocab: int) -> Callable[[torch.Tensor], Any]:
     """The loss of an arm as a function of the logits (aggregation included for KD arms)."""
     if arm == "ce":
         return lambda z: F.cross_entropy(z, labels)
-    kernels = "eager" if arm.endswith("_eager") else "compiled"  # the fused loss's row kernels (_kernels.py)
-    if arm.startswith("fused_loss_only"):  # the merged target given: the loss alone, without the aggregation
+    arm, kernels = arm_kernels(arm)
+    if arm == "fused_loss_only":  # the merged target given: the loss alone, without the aggregation
         merged = merged_target(ts, labels, vocab)
         return lambda z: fused_kd_ce_loss(z, merged, labels, alpha=0.5, kernels=kernels).loss
-    if arm.startswith("fused"):
+    if arm == "fused":
         return lambda z: fused_kd_ce_loss(z, merged_target(ts, labels, vocab), labels, alpha=0.5, kernels=kernels).loss
     return lambda z: combine(kd_loss(z, merged_target(ts, labels, vocab)), hard_label_loss(z, labels), 0.5)
 
@@ -208,8 +213,7 @@ def _probe_run(arm: str, p: int, vocab: int, n: int, hidden: int) -> Callable[[]
     labels = labels_for(p, vocab)
     target = merged_target(sparse_teachers(p, vocab, n), labels, vocab)
     g = torch.Generator().manual_seed(3)
-    kernels = "eager" if arm.endswith("_eager") else "compiled"
-    arm = arm.removesuffix("_eager")
+    arm, kernels = arm_kernels(arm)
     if arm.endswith("head"):
         h = torch.randn(p, hidden, generator=g).requires_grad_(True)
         w = torch.randn(vocab, hidden, generator=g).mul_(0.1).requires_grad_(True)
@@ -289,10 +293,10 @@ def _batch(b: int, length: int, vocab: int, n: int) -> dict[str, Any]:
 def _objective(batch: dict[str, Any], arm: str, vocab: int) -> Any:
     from mtkd_train.objective import Objective
 
-    impl, eager = arm.removesuffix("_eager"), arm.endswith("_eager")
+    impl, kernels = arm_kernels(arm)
     return Objective(teachers=list(batch["targets"]), capture_temperatures=[1.0] * len(batch["targets"]),
                      vocab_size=vocab, aggregate="entropy", aggregate_kwargs={}, loss="forward_kl", tail_mode="bucket",
-                     alpha=0.5, temperature=1.0, loss_impl=impl, kernels="eager" if eager else "compiled")
+                     alpha=0.5, temperature=1.0, loss_impl=impl, kernels=kernels)
 
 
 def _distill_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, Any], obj: Any) -> None:

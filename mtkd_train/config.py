@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mtkd_train.aggregate import AGGREGATORS
-from mtkd_train.losses import LOSS_KINDS
+from mtkd_train.losses import KERNELS, LOSS_KINDS
 
 __all__ = ["FEATURE_KINDS", "RUN_ONLY_KEYS", "ConfigError", "FeatureSpec", "TrainConfig", "load_config_file",
            "parse_features"]
@@ -252,8 +252,8 @@ class TrainConfig:
         if self.loss_impl not in ("auto", "fused", "fused_head", "reference"):
             raise ConfigError(f"{_flag('loss_impl')} is {self.loss_impl!r}; expected auto, fused, fused_head or "
                               f"reference")
-        if self.kernels not in ("auto", "compiled", "eager"):
-            raise ConfigError(f"{_flag('kernels')} is {self.kernels!r}; expected auto, compiled or eager")
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"{_flag('kernels')} is {self.kernels!r}; expected {', '.join(KERNELS[:-1])} or {KERNELS[-1]}")
         if self.loss_impl in ("fused", "fused_head") and self.loss != "forward_kl":
             raise ConfigError(f"{_flag('loss_impl')} {self.loss_impl} needs --loss forward_kl, got {self.loss!r}; use auto or "
                               f"reference for the other divergences (docs/LOSSES.md says why they are not fused)")

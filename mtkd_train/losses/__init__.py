@@ -15,11 +15,13 @@ from mtkd_train.losses._kd import (
     kd_loss_per_position,
     weighted_forward_kl,
 )
+from mtkd_train.losses._kernels import KERNELS
 from mtkd_train.losses._relational import RELATIONAL_KINDS, relational_loss, similarity_matrix
 
 __all__ = [
     "FEATURE_AGGREGATES",
     "FEATURE_LOSS_KINDS",
+    "KERNELS",
     "LOSS_KINDS",
     "RELATIONAL_KINDS",
     "FeatureDistiller",
