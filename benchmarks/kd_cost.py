@@ -9,7 +9,10 @@
     the fused loss and for the reference (autograd) loss. V = 8,192 / 49,152 with P = 512
     positions, V = 262,144 with P = 128 (the reference path needs ~10 float32 ``(P, V)``
     temporaries, which at P = 512 would be ~5 GB on a machine shared with other jobs). N = 1 and
-    4 teachers, k = 64.
+    4 teachers, k = 64. Two fused arms: ``fused`` merges the teachers inside the timed call (the
+    trainer with ``merge_in = step``, or with the gate); ``fused_loss_only`` gets the merged
+    target, as the trainer's step does by default (the DataLoader worker merged it:
+    `mtkd_train.teacher_side`). ``merge`` times that merge alone (the worker's share).
 (b) **Peak memory of the loss / that of cross-entropy.** Each arm runs in a fresh subprocess:
     inputs built, the kernel's RSS high-water mark reset (``5 > /proc/self/clear_refs``), one
     forward + backward, then ``VmHWM - VmRSS`` before it (``/proc/self/status``). Large tensors
@@ -22,7 +25,9 @@
     hard-label step (HF forward with ``labels``, backward, AdamW), on batches held in memory
     (no loader: the loader is measured in ``train_loader``). Two students: a 2-layer width-64
     Llama at V = 49,152 with 8 x 64 tokens, and the ``train_step`` setting's 2-layer width-128
-    Llama at V = 8,192 with 4 x 128 tokens.
+    Llama at V = 8,192 with 4 x 128 tokens. ``fused_head_loader`` steps on the batch as the loader
+    hands it over, merged (``merge_in = loader``, the default on the CPU); the merge is the worker's CPU time,
+    stored as ``loader_merge_ms`` per batch. The other arms merge in the step.
 
 Targets are top-64 of teacher distributions ``softmax(4.5 * randn)``-like with a per-teacher scale,
 giving top-64 tails and entropies in the range of trained LMs (printed and stored). Clock: process
@@ -146,20 +151,21 @@ def part_a(rounds: int, vocabs: tuple[int, ...] = (8192, 49152, 262144)) -> dict
             z = student_logits(p, vocab, seed=2).requires_grad_(True)
             arms = {a: loss_fn(a, ts, labels, vocab) for a in ("ce", *FUSED_ARMS, "reference")}
             runs = {a: (lambda f=f, z=z: torch.autograd.grad(f(z), z)) for a, f in arms.items()}
+            runs["merge"] = lambda ts=ts, labels=labels, vocab=vocab: merged_target(ts, labels, vocab)  # loader work
             for run in runs.values():  # warm-up
                 run()
-            times: dict[str, list[float]] = {a: [] for a in arms}
-            faults: dict[str, list[int]] = {a: [] for a in arms}
+            times: dict[str, list[float]] = {a: [] for a in runs}
+            faults: dict[str, list[int]] = {a: [] for a in runs}
             for _ in range(rounds):
                 for a, run in runs.items():
                     times[a].append(_time(run, faults[a]))
             key = f"V={vocab},N={n}"
             out[key] = {"P": p, "V": vocab, "N": n, "k": K, "median_ms": {a: 1e3 * median(v) for a, v in times.items()},
                         "median_page_faults": {a: median(v) for a, v in faults.items()}, "allocator": allocator(),
-                        **{f"{a}/ce": _ratio(times[a], times["ce"]) for a in (*FUSED_ARMS, "reference")},
+                        **{f"{a}/ce": _ratio(times[a], times["ce"]) for a in (*FUSED_ARMS, "reference", "merge")},
                         "targets": target_stats(ts)}
             click.echo(f"(a) {key} P={p}: " + ", ".join(f"{a}/CE {out[key][f'{a}/ce']['ratio']:.3f}"
-                                                       for a in (*FUSED_ARMS, "reference")))
+                                                       for a in (*FUSED_ARMS, "reference", "merge")))
     return out
 
 
@@ -323,13 +329,19 @@ def _plain_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[
 
 def _tax(vocab: int, width: int, layers: int, intermediate: int, b: int, length: int, rounds: int, steps: int,
          arms: tuple[str, ...]) -> dict[str, Any]:
+    """A ``*_loader`` arm steps on the batch as the trainer's loader hands it over, its teachers already merged
+    (``merge_in = loader``, a DataLoader worker's work: timed apart as ``loader_merge_ms``)."""
     batch = _batch(b, length, vocab, 4)
     models = {a: _student(vocab, width, layers, intermediate, length) for a in ("plain", *arms)}
     opts = {a: torch.optim.AdamW(m.parameters(), lr=3e-4) for a, m in models.items()}
     runs: dict[str, Callable[[], None]] = {"plain": lambda: _plain_step(models["plain"], opts["plain"], batch)}
-    objs = {a: _objective(batch, a, vocab) for a in arms}
+    objs = {a: _objective(batch, a.removesuffix("_loader"), vocab) for a in arms}
+    merge = next((objs[a].loader_transform("causal_lm") for a in arms if a.endswith("_loader")), None)
+    merged = batch if merge is None else merge(batch)
     for a in arms:
-        runs[a] = lambda a=a: _distill_step(models[a], opts[a], batch, objs[a])
+        runs[a] = lambda a=a: _distill_step(models[a], opts[a], merged if a.endswith("_loader") else batch, objs[a])
+    if merge is not None:
+        runs["loader_merge"] = lambda: merge(batch)
     for run in runs.values():
         run()
     times: dict[str, list[float]] = {a: [] for a in runs}
@@ -339,6 +351,8 @@ def _tax(vocab: int, width: int, layers: int, intermediate: int, b: int, length:
     pos = b * length
     out: dict[str, Any] = {"V": vocab, "width": width, "layers": layers, "batch": [b, length], "targets": batch["_stats"],
                            "positions_per_cpu_s": {a: pos / median(t) for a, t in times.items()}}
+    if merge is not None:
+        out["loader_merge_ms"] = 1e3 * median(times.pop("loader_merge"))
     for a in arms:  # tax = distill throughput / plain throughput = plain time / distill time
         out[f"tax {a}"] = _ratio(times["plain"], times[a])
     click.echo(f"(c) V={vocab} width={width}: " + ", ".join(f"{a} {out[f'tax {a}']['ratio']:.3f}" for a in arms))
@@ -346,7 +360,7 @@ def _tax(vocab: int, width: int, layers: int, intermediate: int, b: int, length:
 
 
 def part_c(rounds: int, steps: int, vocabs: tuple[int, ...] = (8192, 49152)) -> dict[str, Any]:
-    arms = ("fused", "fused_head", "fused_head_eager", "reference")
+    arms = ("fused", "fused_head", "fused_head_loader", "fused_head_eager", "reference")
     out = {}
     if 49152 in vocabs:
         out["width64_V49152"] = _tax(49152, 64, 2, 256, 8, 64, rounds, steps, arms)
@@ -365,9 +379,10 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig, (ax_a, ax_c) = plt.subplots(1, 2, figsize=(11, 4))
     if "a_time" in res:
         keys = list(res["a_time"])
-        for i, arm in enumerate(("fused", "fused_loss_only")):
+        for i, (arm, label) in enumerate((("fused", "fused, merged in the step"),
+                                          ("fused_loss_only", "fused, merged in the loader"))):
             ax_a.bar([j + 0.4 * i for j in range(len(keys))], [res["a_time"][k][f"{arm}/ce"]["ratio"] for k in keys],
-                     width=0.4, label=arm)
+                     width=0.4, label=label)
         ax_a.axhline(1.15, color="k", ls="--", lw=1, label="target 1.15")
         ax_a.set_xticks([j + 0.2 for j in range(len(keys))], [k.replace(",", "\n") for k in keys], fontsize=8)
         ax_a.set_ylabel("time / F.cross_entropy (fwd + bwd)")
@@ -375,12 +390,12 @@ def plot(res: dict[str, Any], path: Path) -> None:
         ax_a.legend(fontsize=8)
     if "c_tax" in res:
         keys = list(res["c_tax"])
-        for i, arm in enumerate(("fused_head", "fused", "reference")):
-            ax_c.bar([j + 0.27 * i for j in range(len(keys))], [res["c_tax"][k][f"tax {arm}"]["ratio"] for k in keys],
-                     width=0.27, label=arm)
+        for i, arm in enumerate(("fused_head_loader", "fused_head", "fused", "reference")):
+            ax_c.bar([j + 0.2 * i for j in range(len(keys))],
+                     [res["c_tax"][k].get(f"tax {arm}", {"ratio": 0.0})["ratio"] for k in keys], width=0.2, label=arm)
         ax_c.axhline(0.85, color="k", ls="--", lw=1)
         ax_c.axhline(0.9, color="k", ls=":", lw=1)
-        ax_c.set_xticks([j + 0.27 for j in range(len(keys))], keys, fontsize=8)
+        ax_c.set_xticks([j + 0.3 for j in range(len(keys))], keys, fontsize=8)
         ax_c.set_ylabel("distilling / plain throughput")
         ax_c.set_title("(c) distillation tax (targets 0.85 / 0.9)")
         ax_c.legend(fontsize=8)

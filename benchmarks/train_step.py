@@ -19,6 +19,12 @@ Measurements, every one a ratio of arms run interleaved in the same process (A, 
    inputs) / distilling from 4 cached teachers, as student throughput (`tail_mode` bucket, the
    default). A per-component breakdown on one batch (pieces timed interleaved, as fractions of
    a plain step) says where the time goes, for both tail modes.
+4. **Merge in the loader** (``--workers``, wall clock): as the trainer runs by default, a
+   DataLoader with one worker process decodes each batch and merges its teachers
+   (``merge_in = loader``: `mtkd_train.teacher_side`) while the step runs; against the same
+   loader without the merge (``merge_in = step``: the step merges) and plain training from
+   a one-worker loader of the inputs alone. Wall clock is the figure here: the worker's
+   work is off the step's critical path only if a core is free for it (a quiet 2-core machine).
 3. **Cached vs online**: throughput distilling from the `online` cache / throughput of online KD
    with the same N teachers (T0..T3, 10.1M parameters each) resident and run at every step, for
    N = 1, 2, 4 (`benchmarks._online`).
@@ -338,6 +344,42 @@ def _params(folder: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - not iterable
 
 
+# -- 4: the merge in a loader worker (wall clock) ---------------------------------------------------------
+def merge_in_loader(paths: SettingPaths, rounds: int, tmp: Path) -> dict[str, Any]:
+    """Throughput with one DataLoader worker: merged in the worker / merged in the step / plain (wall clock)."""
+    s = paths.setting
+    w = s.window_steps
+    loader = _recipe(paths, "main", s.teachers, tmp / "merge-loader", merge_in="loader")
+    step = _recipe(paths, "main", s.teachers, tmp / "merge-step", merge_in="step")
+    plain_ds = CachedDistillDataset(step.reader, (), batch_size=s.batch_size, seed=step.cfg.seed,
+                                    shuffle_chunks=s.shuffle_chunks)
+    assert loader.dataset.transform is not None and step.dataset.transform is None
+
+    def batches(ds: CachedDistillDataset) -> Iterator[Batch]:
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, prefetch_factor=2)
+        return iter(dl)
+
+    its = [batches(loader.dataset), batches(step.dataset), batches(plain_ds)]
+    arms: dict[str, Block] = {
+        "loader": _list_block(lambda b: _step(loader, b), its[0], w),
+        "step": _list_block(lambda b: _step(step, b), its[1], w),
+        "plain": _list_block(lambda b: _plain_step(step, b), its[2], w),
+    }
+    for arm in arms.values():  # warm-up window (worker start, first compile), not recorded
+        arm(-1)
+    raw = interleave(arms, rounds)
+    del its
+    return {
+        "tax_merged_in_loader": {**_compare(raw, "loader", "plain"), "target": ">= 0.9",
+                                 "meaning": "throughput distilling, teachers merged in the worker / plain (wall clock)"},
+        "tax_merged_in_step": {**_compare(raw, "step", "plain"), "target": ">= 0.9",
+                               "meaning": "throughput distilling, teachers merged in the step / plain (wall clock)"},
+        "loader_over_step": {**_compare(raw, "loader", "step"),
+                             "meaning": "throughput merging in the worker / merging in the step"},
+        "raw": raw,
+    }
+
+
 # -- report ---------------------------------------------------------------------------------------
 def _fmt(c: dict[str, Any], clock: str) -> str:
     lo, hi = c[clock]["per_round_min_max"]
@@ -349,6 +391,11 @@ def _table(res: dict[str, Any]) -> str:
     rows = [("streaming overhead: step time streaming / in memory (N=4)", o["streaming_overhead"], "<= 1.05"),
             ("distillation tax: throughput distilling from 4 cached teachers / plain", o["distillation_tax"], ">= 0.9")]
     rows += [(f"cached / online throughput, N={n}", cvo[f"N={n}"], "> 1") for n in (1, 2, 4) if f"N={n}" in cvo]
+    m = res.get("merge_in_loader", {})
+    rows += [(f"one loader worker: {label}", m[key], t) for key, label, t in (
+        ("tax_merged_in_loader", "distilling (merged in the worker) / plain", ">= 0.9"),
+        ("tax_merged_in_step", "distilling (merged in the step) / plain", ">= 0.9"),
+        ("loader_over_step", "merged in the worker / merged in the step", "> 1")) if key in m]
     lines = ["| measurement | CPU time: ratio (per-round min-max) | wall time: ratio (min-max) | target |",
              "|---|---:|---:|---|"]
     lines += [f"| {name} | {_fmt(c, 'cpu')} | {_fmt(c, 'wall')} | {t} |" for name, c, t in rows]
@@ -370,12 +417,14 @@ def _table(res: dict[str, Any]) -> str:
 @click.option("--repeats", type=int, default=7, show_default=True, help="Repeats of the per-component breakdown.")
 @click.option("--online/--no-online", default=True, show_default=True,
               help="Also measure cached vs online (--no-online: overhead, tax and breakdown only).")
+@click.option("--workers/--no-workers", default=True, show_default=True,
+              help="Also measure the merge in a one-worker DataLoader against the merge in the step (wall clock).")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch intra-op threads (1: on shared cores, spinning OpenMP threads inflate CPU time).")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "train_step.json", show_default=True,
               help="JSON results file.")
-def main(work: Path, rounds: int, online_rounds: int, online_steps: int, repeats: int, online: bool, threads: int,
-         out: Path) -> None:
+def main(work: Path, rounds: int, online_rounds: int, online_steps: int, repeats: int, online: bool, workers: bool,
+         threads: int, out: Path) -> None:
     """Streaming overhead, distillation tax (with a breakdown) and cached vs online throughput."""
     torch.set_num_threads(threads)
     paths = ensure_setting(work)
@@ -385,6 +434,8 @@ def main(work: Path, rounds: int, online_rounds: int, online_steps: int, repeats
         res: dict[str, Any] = {"benchmark": "train_step", "setting": paths.setting.to_dict(),
                                "torch_threads": torch.get_num_threads(), "load_average_before": os.getloadavg()}
         res["overhead_and_tax"] = overhead_and_tax(paths, rounds, tmp)
+        if workers:
+            res["merge_in_loader"] = merge_in_loader(paths, rounds, tmp)
         res["breakdown"] = breakdown(paths, repeats, tmp)
         if online:
             res["cached_vs_online"] = cached_vs_online(paths, online_rounds, online_steps, tmp)

@@ -23,7 +23,7 @@ __all__ = ["FEATURE_KINDS", "RUN_ONLY_KEYS", "ConfigError", "FeatureSpec", "Trai
 
 RUN_ONLY_KEYS = ("out", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "eval_cache", "eval_every", "eval_max_samples",
                  "mc_samples", "tensorboard", "verify_cache", "num_workers", "device", "progress", "trust_factory",
-                 "find_unused_parameters", "lanes", "merge_lora", "kernels")
+                 "find_unused_parameters", "lanes", "merge_lora", "kernels", "merge_in")
 """Keys that do not change what a training step computes: left out of `TrainConfig.fingerprint`."""
 _FEATURE_DEFAULTS = {"feature_aggregate": "per_teacher", "feature_tau": 0.05, "student_pooling": "auto"}
 FEATURE_KINDS = ("mse", "cosine", "similarity", "contrastive")  # = losses.FEATURE_LOSS_KINDS
@@ -189,6 +189,11 @@ class TrainConfig:
     num_workers: int = 2
     """DataLoader workers decoding the next batches while the step runs (0: decode in the training
     process). The batch order, and so the losses, are the same for any value."""
+    merge_in: str = "auto"
+    """Where the teachers' targets are merged (operator weights, union, mixture) for the fused loss: loader (in
+    the DataLoader workers, so the step runs only the student and the loss), step (inside the training step) or
+    auto (loader when training on the CPU, step on CUDA, where the GPU merges faster than a CPU worker). The gate
+    reads the student, so it always merges in the step. Same values either way (mtkd_train.teacher_side)."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N."""
     amp: str = "auto"
@@ -252,6 +257,8 @@ class TrainConfig:
         if self.loss_impl not in ("auto", "fused", "fused_head", "reference"):
             raise ConfigError(f"{_flag('loss_impl')} is {self.loss_impl!r}; expected auto, fused, fused_head or "
                               f"reference")
+        if self.merge_in not in ("auto", "loader", "step"):
+            raise ConfigError(f"{_flag('merge_in')} is {self.merge_in!r}; expected auto, loader or step")
         if self.kernels not in KERNELS:
             raise ConfigError(f"{_flag('kernels')} is {self.kernels!r}; expected {', '.join(KERNELS[:-1])} or {KERNELS[-1]}")
         if self.loss_impl in ("fused", "fused_head") and self.loss != "forward_kl":

@@ -22,22 +22,20 @@ from mtkd_train.aggregate import (
     gate_entropy_regularizer,
     gate_scoring_loss,
     label_log_prob,
-    linear_pool,
 )
 from mtkd_train.aggregate import make_aggregator as build_operator
-from mtkd_train.aggregate._presence import PresentAggregator, kd_rows, row_presence
 from mtkd_train.losses import (
     combine,
     fused_kd_ce_loss,
     fused_linear_kd_ce_loss,
     hard_label_loss,
     kd_loss,
-    mixture_negentropy,
     weighted_forward_kl,
 )
 from mtkd_train.rows import loss_rows, row_labels, row_targets, take_rows
 from mtkd_train.student import HeadInputs
 from mtkd_train.targets import SparseTargets
+from mtkd_train.teacher_side import LoaderMerge, Merged, TeacherSide
 
 __all__ = ["Objective", "make_aggregator", "row_labels", "row_targets"]
 # row_labels / row_targets live in mtkd_train.rows; re-exported here for existing callers.
@@ -78,8 +76,9 @@ class Objective(nn.Module):
         self.teachers = list(teachers)
         self.capture_t = list(capture_temperatures)
         self.vocab_size = vocab_size
-        self.aggregator = make_aggregator(aggregate, len(teachers), vocab_size, aggregate_kwargs,
-                                          teachers=teachers, domains=domains)
+        self.teacher_side = TeacherSide(tuple(teachers), tuple(capture_temperatures), vocab_size, make_aggregator(
+            aggregate, len(teachers), vocab_size, aggregate_kwargs, teachers=teachers, domains=domains),
+            tail_mode, temperature)
         self.aggregate_name = aggregate
         self.loss_kind, self.tail_mode, self.alpha, self.T = loss, tail_mode, alpha, temperature
         if gate is None and "gate_logits" in self.aggregator.context:
@@ -97,6 +96,15 @@ class Objective(nn.Module):
         self.feature_layers = {t: int((feature_layers or {}).get(t, -1)) for t in self.feature_keys}
 
     @property
+    def aggregator(self) -> Aggregator:
+        """The operator (held by :attr:`teacher_side`, which merges with it)."""
+        return self.teacher_side.aggregator
+
+    @aggregator.setter
+    def aggregator(self, value: Aggregator) -> None:
+        self.teacher_side = dataclasses.replace(self.teacher_side, aggregator=value)
+
+    @property
     def hidden_layers(self) -> tuple[int, ...]:
         """The student hidden-state layers `forward` reads (empty: none)."""
         layers = [-1] if self.gate is not None else []
@@ -106,15 +114,20 @@ class Objective(nn.Module):
     def _context(self, batch: Mapping[str, Any], mask: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,
                  hidden: torch.Tensor | Mapping[int, torch.Tensor] | None) -> AggregationContext:
         """The per-batch fields the operator declared, at the real rows (P, ...)."""
-        need = self.aggregator.context
-        domains = batch.get("domains") if "domains" in need else None
-        gate_logits = None
-        if self.gate is not None and "gate_logits" in need:
-            gate_logits = self.gate(take_rows(_hidden_at(hidden, -1), rows).detach())
-        return AggregationContext(
-            labels=labels if "labels" in need else None,
-            domains=None if domains is None else take_rows(domains.view(-1, 1).expand(mask.shape), rows),
-            gate_logits=gate_logits)
+        ctx = self.teacher_side.context(batch, rows, labels, tuple(mask.shape))  # type: ignore[arg-type]
+        if self.gate is not None and "gate_logits" in self.aggregator.context:
+            ctx = dataclasses.replace(ctx, gate_logits=self.gate(take_rows(_hidden_at(hidden, -1), rows).detach()))
+        return ctx
+
+    def loader_transform(self, student_task: str) -> LoaderMerge | None:
+        """The data stream's transform that merges the teachers in the loader, or None where it cannot.
+
+        Only the fused loss takes a merged batch, and only an operator that reads nothing of the
+        student (not ``gate``) can be merged before the step (:mod:`mtkd_train.teacher_side`).
+        """
+        if not self.fused or not self.teacher_side.batch_only:
+            return None
+        return self.teacher_side.loader_transform(student_task)
 
     def forward(self, batch: Mapping[str, Any], logits: torch.Tensor | HeadInputs,
                 hidden: torch.Tensor | Mapping[int, torch.Tensor] | None, student_task: str
@@ -134,43 +147,41 @@ class Objective(nn.Module):
             rows = loss_rows(batch) if student_task == "causal_lm" else mask
         z = take_rows(base, rows)  # (P, V_s) logits, or (P, H) hidden states for the head-fused loss
         labels = take_rows(row_labels(batch, student_task), rows)  # (P,)
-        targets = [row_targets(batch["targets"][n], rows, tc, self.vocab_size, self.T)
-                   for n, tc in zip(self.teachers, self.capture_t)]
-        gate_ctx = self._context(batch, mask, rows, labels, hidden)
-        # the KD target never trains the gate (it would reward the teacher the student already matches)
-        ctx = gate_ctx if gate_ctx.gate_logits is None else dataclasses.replace(
-            gate_ctx, gate_logits=gate_ctx.gate_logits.detach())
         out: dict[str, torch.Tensor] = {}
-        # cross-tokenizer teachers may be absent at a row: aggregate over the present ones, no KD where none is
-        present = row_presence(batch["targets"], self.teachers, lambda x: take_rows(x, rows))
-        agg = self.aggregator if present is None else PresentAggregator(self.aggregator, present)
-        kd_at = kd_rows(present)
-        weights = agg.weights(targets, ctx)
-        smoothing = agg._smoothing()
-        if self.fused:  # one sparse target (the merged one) + the labels, closed-form gradient
-            merged = self._merge(agg, targets, ctx, weights, smoothing)
-            neg = (mixture_negentropy(targets, weights, self.vocab_size, smoothing)
-                   if weights is not None and self.tail_mode == "spread" else None)  # = weighted_forward_kl
-            kw: dict[str, Any] = dict(alpha=self.alpha, temperature=self.T, target_temperature=self.T,
-                                      tail_mode=self.tail_mode, vocab_size=self.vocab_size, target_negentropy=neg,
-                                      mask=kd_at, kernels=self.kernels)
-            total, kd, ce = (fused_kd_ce_loss(z, merged, labels, **kw) if head is None else
-                             fused_linear_kd_ce_loss(z, head.weight, merged, labels, bias=head.bias, **kw))
+        side = self.teacher_side
+        if self.fused and side.batch_only and "merged" in batch:  # merged by the loader (`loader_transform`)
+            m = Merged.from_batch(batch["merged"])
+            total, kd, ce = self._fused(z, head, m.target, labels, m.negentropy, m.kd_rows)
+            if m.teacher_weights is not None:
+                out["teacher_weights"] = m.teacher_weights
+            targets, gate_ctx, agg, weights = None, None, self.aggregator, None
         else:
-            zk, tk, wk = (z, targets, weights) if kd_at is None else (
-                z[kd_at], [_at(t, kd_at) for t in targets], None if weights is None else weights[kd_at])
-            if wk is not None and self.loss_kind == "forward_kl" and self.tail_mode == "spread":
-                kd = weighted_forward_kl(zk, tk, wk, temperature=self.T, target_temperature=self.T,
-                                         tail_mode="spread", vocab_size=self.vocab_size, smoothing=smoothing)
+            targets = side.targets(batch, rows)
+            gate_ctx = self._context(batch, mask, rows, labels, hidden)
+            # the KD target never trains the gate (it would reward the teacher the student already matches)
+            ctx = gate_ctx if gate_ctx.gate_logits is None else dataclasses.replace(
+                gate_ctx, gate_logits=gate_ctx.gate_logits.detach())
+            # cross-tokenizer teachers may be absent at a row: aggregate over the present ones, no KD where none is
+            agg, kd_at = side.operator(batch, rows)
+            weights = agg.weights(targets, ctx)
+            if self.fused:  # one sparse target (the merged one) + the labels, closed-form gradient
+                merged, neg = side.merge(agg, targets, ctx, weights)
+                total, kd, ce = self._fused(z, head, merged, labels, neg, kd_at)
             else:
-                merged = self._merge(agg, targets, ctx, weights, smoothing)
-                mk = merged if kd_at is None else _at(merged, kd_at)
-                kd = kd_loss(zk, mk, kind=self.loss_kind, temperature=self.T, target_temperature=self.T,
-                             tail_mode=self.tail_mode, vocab_size=self.vocab_size)  # type: ignore[arg-type]
-            ce = hard_label_loss(z[..., : self.vocab_size], labels)  # padded head columns are not tokens
-            total = combine(kd, ce, self.alpha)
+                zk, tk, wk = (z, targets, weights) if kd_at is None else (
+                    z[kd_at], [_at(t, kd_at) for t in targets], None if weights is None else weights[kd_at])
+                if wk is not None and self.loss_kind == "forward_kl" and self.tail_mode == "spread":
+                    kd = weighted_forward_kl(zk, tk, wk, temperature=self.T, target_temperature=self.T,
+                                             tail_mode="spread", vocab_size=self.vocab_size, smoothing=agg._smoothing())
+                else:
+                    merged, _ = side.merge(agg, targets, ctx, weights)
+                    mk = merged if kd_at is None else _at(merged, kd_at)
+                    kd = kd_loss(zk, mk, kind=self.loss_kind, temperature=self.T, target_temperature=self.T,
+                                 tail_mode=self.tail_mode, vocab_size=self.vocab_size)  # type: ignore[arg-type]
+                ce = hard_label_loss(z[..., : self.vocab_size], labels)  # padded head columns are not tokens
+                total = combine(kd, ce, self.alpha)
         out["kd"], out["ce"] = kd, ce
-        if self.gate is not None and weights is not None:
+        if self.gate is not None and weights is not None and targets is not None and gate_ctx is not None:
             total = total + self._gate_loss(targets, gate_ctx, labels, out, agg)
         elif weights is not None:
             out["teacher_weights"] = weights.detach().mean(0)
@@ -180,13 +191,15 @@ class Objective(nn.Module):
         out["loss"] = total
         return out
 
-    def _merge(self, agg: Aggregator, targets: Sequence[SparseTargets], ctx: AggregationContext,
-               weights: torch.Tensor | None, smoothing: float) -> SparseTargets:
-        """The merged target; a linear operator's weights, already computed, are not computed again."""
-        if weights is None:  # a non-linear operator pools by its own rule
-            return agg(targets, ctx, vocab_size=self.vocab_size, tail_mode=self.tail_mode)  # type: ignore[arg-type]
-        return linear_pool(targets, weights, vocab_size=self.vocab_size, tail_mode=self.tail_mode,  # type: ignore[arg-type]
-                           smoothing=smoothing)
+    def _fused(self, z: torch.Tensor, head: HeadInputs | None, merged: SparseTargets, labels: torch.Tensor,
+               neg: torch.Tensor | None, kd_at: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(alpha * KD + (1 - alpha) * CE, KD, CE)`` of the fused loss (on the logits or through the head)."""
+        kw: dict[str, Any] = dict(alpha=self.alpha, temperature=self.T, target_temperature=self.T,
+                                  tail_mode=self.tail_mode, vocab_size=self.vocab_size, target_negentropy=neg,
+                                  mask=kd_at, kernels=self.kernels)
+        if head is None:
+            return fused_kd_ce_loss(z, merged, labels, **kw)
+        return fused_linear_kd_ce_loss(z, head.weight, merged, labels, bias=head.bias, **kw)
 
     def _gate_loss(self, targets: Sequence[SparseTargets], ctx: AggregationContext, labels: torch.Tensor,
                    out: dict[str, torch.Tensor], agg: Aggregator | None = None) -> torch.Tensor:

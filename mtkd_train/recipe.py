@@ -244,10 +244,12 @@ class DistillRecipe:
 
     def _setup_data(self) -> None:
         feats = {s.teacher: [s.layer] for s in self.feature_specs}
+        where = self.cfg.merge_in if self.cfg.merge_in != "auto" else ("step" if self.device.type == "cuda" else "loader")
+        merge = self.objective.loader_transform(self.student.task) if where == "loader" else None
         self.dataset = CachedDistillDataset(
             self.reader, teachers=list(self.cfg.teachers), features=feats or None, batch_size=self.cfg.batch_size,
             seed=self.cfg.seed, shuffle=True, shuffle_chunks=self.cfg.shuffle_chunks, rank=self.rank,
-            world_size=self.world, lanes=self.cfg.lanes)
+            world_size=self.world, lanes=self.cfg.lanes, transform=merge)
 
     def _loader(self) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(

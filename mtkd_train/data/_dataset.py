@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +127,8 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
         cache_chunks: Most decoded chunks kept per reading process; default one shuffle window.
         pad_to_max_length: Pad token inputs to the cache's `max_length`, not the batch's longest.
         storage_options: fsspec options when `cache` is a URL.
+        transform: Applied to every batch where it is made (in the DataLoader worker), e.g. the
+            trainer's teacher merge (`mtkd_train.teacher_side`); picklable for spawned workers.
 
     Raises:
         StreamConfigError: an argument is out of range.
@@ -152,8 +154,10 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
         lanes: int | None = None,
         pad_to_max_length: bool = False,
         storage_options: Mapping[str, Any] | None = None,
+        transform: Callable[[Batch], Batch] | None = None,
     ):
         super().__init__()
+        self.transform = transform
         if not isinstance(cache, CacheReader):
             cache = open_cache(cache, storage_options)
         self.reader = cache
@@ -357,7 +361,8 @@ class BatchStream(Iterator[Batch]):
             self.close()
             raise StopIteration
         self._j += self.workers
-        return self._assemble(pos)
+        batch = self._assemble(pos)
+        return batch if self.ds.transform is None else self.ds.transform(batch)
 
     def _assemble(self, pos: np.ndarray) -> Batch:
         ds, order = self.ds, self.ds.order

@@ -20,6 +20,7 @@ BASE = {"cache": "c", "teachers": ("a", "b"), "student": "s"}
         ({"aggregate": "median"}, "aggregate"),
         ({"loss": "mse"}, "loss"),
         ({"tail_mode": "drop"}, "tail_mode"),
+        ({"merge_in": "worker"}, "merge_in"),
         ({"batch_size": 0}, "batch_size"),
         ({"teachers": ("a", "a")}, "teachers"),
         ({"teachers": ()}, "teachers"),
