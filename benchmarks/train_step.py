@@ -23,7 +23,8 @@ Measurements, every one a ratio of arms run interleaved in the same process (A, 
    DataLoader with one worker process decodes each batch and merges its teachers
    (``merge_in = loader``: `mtkd_train.teacher_side`) while the step runs; against the same
    loader without the merge (``merge_in = step``: the step merges) and plain training from
-   a one-worker loader of the inputs alone. Wall clock is the figure here: the worker's
+   a one-worker loader of the inputs alone; and the streaming overhead of that loader against
+   the same steps on merged batches held in memory. Wall clock is the figure here: the worker's
    work is off the step's critical path only if a core is free for it (a quiet 2-core machine).
 3. **Cached vs online**: throughput distilling from the `online` cache / throughput of online KD
    with the same N teachers (T0..T3, 10.1M parameters each) resident and run at every step, for
@@ -208,7 +209,7 @@ def overhead_and_tax(paths: SettingPaths, rounds: int, tmp: Path) -> dict[str, A
 def breakdown(paths: SettingPaths, repeats: int, tmp: Path) -> dict[str, Any]:
     """Time the pieces of one distillation step on one batch, as fractions of a plain step."""
     s = paths.setting
-    recipe = _recipe(paths, "main", s.teachers, tmp / "breakdown")
+    recipe = _recipe(paths, "main", s.teachers, tmp / "breakdown", merge_in="step")  # the raw targets, to time each piece
     obj = recipe.objective
     stream = iter(recipe.dataset)
     batch = next(stream)
@@ -359,8 +360,12 @@ def merge_in_loader(paths: SettingPaths, rounds: int, tmp: Path) -> dict[str, An
         dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, prefetch_factor=2)
         return iter(dl)
 
+    twin = CachedDistillDataset(loader.reader, s.teachers, batch_size=s.batch_size, seed=loader.cfg.seed,
+                                shuffle_chunks=s.shuffle_chunks, transform=loader.dataset.transform)
+    in_memory = iter(InMemoryTargets.from_stream(twin, max_batches=(rounds + 1) * w))  # merged, held in memory
     its = [batches(loader.dataset), batches(step.dataset), batches(plain_ds)]
     arms: dict[str, Block] = {
+        "memory": _list_block(lambda b: _step(loader, b), in_memory, w),
         "loader": _list_block(lambda b: _step(loader, b), its[0], w),
         "step": _list_block(lambda b: _step(step, b), its[1], w),
         "plain": _list_block(lambda b: _plain_step(step, b), its[2], w),
@@ -370,6 +375,9 @@ def merge_in_loader(paths: SettingPaths, rounds: int, tmp: Path) -> dict[str, An
     raw = interleave(arms, rounds)
     del its
     return {
+        "streaming_overhead_one_worker": {**_compare(raw, "memory", "loader"), "target": "<= 1.05",
+                                          "meaning": "step time streaming from one worker (decoded and merged there) / "
+                                                     "the same step on the merged batches held in memory (wall clock)"},
         "tax_merged_in_loader": {**_compare(raw, "loader", "plain"), "target": ">= 0.9",
                                  "meaning": "throughput distilling, teachers merged in the worker / plain (wall clock)"},
         "tax_merged_in_step": {**_compare(raw, "step", "plain"), "target": ">= 0.9",
@@ -393,6 +401,7 @@ def _table(res: dict[str, Any]) -> str:
     rows += [(f"cached / online throughput, N={n}", cvo[f"N={n}"], "> 1") for n in (1, 2, 4) if f"N={n}" in cvo]
     m = res.get("merge_in_loader", {})
     rows += [(f"one loader worker: {label}", m[key], t) for key, label, t in (
+        ("streaming_overhead_one_worker", "step time streaming / merged batches in memory", "<= 1.05"),
         ("tax_merged_in_loader", "distilling (merged in the worker) / plain", ">= 0.9"),
         ("tax_merged_in_step", "distilling (merged in the step) / plain", ">= 0.9"),
         ("loader_over_step", "merged in the worker / merged in the step", "> 1")) if key in m]

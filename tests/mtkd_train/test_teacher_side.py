@@ -54,6 +54,7 @@ def _assert_same(objective: Objective, batch: dict[str, Any], logits: torch.Tens
     assert isinstance(transform, LoaderMerge)
     merged_batch = transform(batch)
     assert "merged" in merged_batch and "merged" not in batch  # the input batch is left as it was
+    assert "targets" not in merged_batch and "targets" in batch  # the step reads only the merged target
     in_step, g_step = _terms_and_grad(objective, batch, logits, task)
     in_loader, g_loader = _terms_and_grad(objective, merged_batch, logits, task)
     assert in_step.keys() == in_loader.keys()
