@@ -193,7 +193,8 @@ class TrainConfig:
     """Where the teachers' targets are merged (operator weights, union, mixture) for the fused loss: loader (in
     the DataLoader workers, so the step runs only the student and the loss), step (inside the training step) or
     auto (loader when training on the CPU, step on CUDA, where the GPU merges faster than a CPU worker). The gate
-    reads the student, so it always merges in the step. Same values either way (mtkd_train.teacher_side)."""
+    reads the student, so it always merges in the step. Same values either way on the same device
+    (mtkd_train.teacher_side)."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N."""
     amp: str = "auto"

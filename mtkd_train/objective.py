@@ -102,6 +102,7 @@ class Objective(nn.Module):
 
     @aggregator.setter
     def aggregator(self, value: Aggregator) -> None:
+        """Replace the operator; a transform from :meth:`loader_transform` made before keeps the old one."""
         self.teacher_side = dataclasses.replace(self.teacher_side, aggregator=value)
 
     @property
@@ -149,7 +150,12 @@ class Objective(nn.Module):
         labels = take_rows(row_labels(batch, student_task), rows)  # (P,)
         out: dict[str, torch.Tensor] = {}
         side = self.teacher_side
-        if self.fused and side.batch_only and "merged" in batch:  # merged by the loader (`loader_transform`)
+        if "merged" in batch and not (self.fused and side.batch_only):
+            raise AggregationInputError(
+                f"this batch was merged by the loader (TrainConfig.merge_in = loader) but the objective "
+                f"({self.loss_kind}, {self.aggregate_name}) merges in the step; stream the batches without "
+                f"`loader_transform` (merge_in = step)")
+        if "merged" in batch:  # merged by the loader (`loader_transform`)
             m = Merged.from_batch(batch["merged"])
             total, kd, ce = self._fused(z, head, m.target, labels, m.negentropy, m.kd_rows)
             if m.teacher_weights is not None:
@@ -174,7 +180,7 @@ class Objective(nn.Module):
                     kd = weighted_forward_kl(zk, tk, wk, temperature=self.T, target_temperature=self.T,
                                              tail_mode="spread", vocab_size=self.vocab_size, smoothing=agg._smoothing())
                 else:
-                    merged, _ = side.merge(agg, targets, ctx, weights)
+                    merged, _ = side.merge(agg, targets, ctx, weights, negentropy=False)
                     mk = merged if kd_at is None else _at(merged, kd_at)
                     kd = kd_loss(zk, mk, kind=self.loss_kind, temperature=self.T, target_temperature=self.T,
                                  tail_mode=self.tail_mode, vocab_size=self.vocab_size)  # type: ignore[arg-type]

@@ -21,7 +21,8 @@ four teachers' arrays are 12 of a batch's 21) plus two keys; it moves to a devic
   ``(P,)`` bool when some row has no teacher present and ``"negentropy"`` ``(P,)`` under
   ``spread`` with a linear operator.
 
-The values are the ones the step would compute on the same device, bit for bit.
+The values are the ones the step would compute on the same device, bit for bit (a GPU step would
+round differently from a CPU worker in the last bits: ``merge_in = auto`` merges in the step on CUDA).
 """
 
 from __future__ import annotations
@@ -121,8 +122,8 @@ class TeacherSide:
         return AggregationContext(labels=labels if "labels" in need else None, domains=domains)
 
     def merge(self, agg: Aggregator, targets: Sequence[SparseTargets], ctx: AggregationContext,
-              weights: torch.Tensor | None) -> tuple[SparseTargets, torch.Tensor | None]:
-        """The merged target and, under ``spread`` with weights, the mixture's negentropy.
+              weights: torch.Tensor | None, negentropy: bool = True) -> tuple[SparseTargets, torch.Tensor | None]:
+        """The merged target and, under ``spread`` with weights (and `negentropy`), the mixture's negentropy.
 
         A linear operator's weights, already computed, are not computed again.
         """
@@ -132,7 +133,7 @@ class TeacherSide:
         merged = linear_pool(targets, weights, vocab_size=self.vocab_size, tail_mode=self.tail_mode,  # type: ignore[arg-type]
                              smoothing=smoothing)
         neg = (mixture_negentropy(targets, weights, self.vocab_size, smoothing)
-               if self.tail_mode == "spread" else None)  # with it the fused value equals weighted_forward_kl
+               if negentropy and self.tail_mode == "spread" else None)  # with it the fused value equals weighted_forward_kl
         return merged, neg
 
     def loader_transform(self, student_task: str) -> LoaderMerge:

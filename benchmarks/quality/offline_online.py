@@ -34,7 +34,10 @@ FACTORY = "examples.fmnist.models:load_teacher"
 
 
 class OnlineRecipe(DistillRecipe):
-    """The same recipe, with every batch's targets replaced by the resident teachers' full softmax."""
+    """The same recipe, with every batch's targets replaced by the resident teachers' full softmax.
+
+    Needs ``merge_in="step"``: with the loader merging, a batch arrives merged and without its raw targets.
+    """
 
     teacher_dir: Path
 
@@ -81,7 +84,8 @@ def run(out: Path, teacher_dir: Path, seed: int, steps: int) -> dict[str, Any]:
         cfg = TrainConfig(cache=str(train_cache), teachers=TEACHERS, student="examples.fmnist.models:build_student",
                           out=str(out / f"{mode}_s{seed}"), aggregate="mean", loss="forward_kl", tail_mode="spread",
                           alpha=0.9, temperature=2.0, batch_size=128, max_steps=steps, lr=3e-3, warmup_steps=20,
-                          checkpoint_every=steps, eval_cache=str(test_cache), seed=seed)
+                          checkpoint_every=steps, eval_cache=str(test_cache), seed=seed,
+                          merge_in="step")  # OnlineRecipe rewrites the raw targets: the step must merge them
         if Path(cfg.out).exists():
             import shutil
 

@@ -148,12 +148,13 @@ def test_sequence_classifier_student_on_token_inputs(lm_cache: LMCache, tmp_path
     with pytest.raises(ConfigError, match="no labels for the CE term"):
         DistillRecipe(_cfg(lm_cache, tmp_path / "run", teachers=("cls",), student=str(folder))).setup()
     recipe = _train(_cfg(lm_cache, tmp_path / "run", teachers=("cls",), student=str(folder), aggregate="mean",
-                         max_steps=2, alpha=1.0))  # fmt: skip
+                         max_steps=2, alpha=1.0, merge_in="step"))  # raw batches: no row_index yet  # fmt: skip
     records = read_metrics(tmp_path / "run")
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["kd"]) for r in records)
     assert all(r["ce"] == 0 for r in records)
     batch = next(iter(recipe._loader()))
+    assert "row_index" not in batch  # so the first forward below takes the boolean mask
     recipe.model.eval()  # no dropout: two forwards must agree
     with_index = recipe.model(to_device(batch, recipe.device, per_token=False))["kd"]
     assert torch.equal(recipe.model(batch)["kd"], with_index)  # host-made index == boolean mask
