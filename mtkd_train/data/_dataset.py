@@ -49,6 +49,7 @@ from mtkd_train.data._align import cross_teachers, read_chunk_aligned
 from mtkd_train.data._chunks import ChunkCache, ChunkCacheStats
 from mtkd_train.data._collate import BatchBuilder, BatchSpec
 from mtkd_train.data._errors import StreamConfigError, StreamStateError
+from mtkd_train.data._handover import Handover
 from mtkd_train.data._order import SampleOrder
 from mtkd_train.data._ranks import lane_share, rank_slice
 from mtkd_train.data._validate import validate_teachers
@@ -92,7 +93,8 @@ class StreamState:
 class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
     """Batches of inputs and cached teacher targets, streamed chunk by chunk from a cache.
 
-    Use with `DataLoader(ds, batch_size=None, num_workers=W)`. Each batch is a dict:
+    Use with `DataLoader(ds, batch_size=None, num_workers=W)` (a worker hands each batch over as one
+    shared buffer, `_handover`; it arrives as the same dict). Each batch is a dict:
 
     * `sample_ids` (B,) int64;
     * token inputs: `input_ids` (B, L) int64 right-padded, `attention_mask` (B, L) int64 and
@@ -303,7 +305,7 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
     def __iter__(self) -> BatchStream:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return BatchStream(self, self._state.position(self.num_samples), worker, workers)
+        return BatchStream(self, self._state.position(self.num_samples), worker, workers, in_worker=info is not None)
 
     def read_chunk(self, chunk: int) -> ChunkData:
         """One decoded chunk with this stream's teachers and features (`CacheReader.read_chunk`)."""
@@ -313,8 +315,9 @@ class CachedDistillDataset(IterableDataset):  # type: ignore[type-arg]
 class BatchStream(Iterator[Batch]):
     """One process's iterator over its batches; `stats` counts its chunk reads and cache use."""
 
-    def __init__(self, ds: CachedDistillDataset, start: int, worker: int, workers: int):
+    def __init__(self, ds: CachedDistillDataset, start: int, worker: int, workers: int, *, in_worker: bool = False):
         self.ds, self.start, self.worker, self.workers = ds, start, worker, workers
+        self.in_worker = in_worker  # a DataLoader worker hands each batch over as one buffer (`_handover`)
         self._j = worker
         order, own = ds.order, ds.own_lanes
         self._own = own
@@ -362,7 +365,8 @@ class BatchStream(Iterator[Batch]):
             raise StopIteration
         self._j += self.workers
         batch = self._assemble(pos)
-        return batch if self.ds.transform is None else self.ds.transform(batch)
+        batch = batch if self.ds.transform is None else self.ds.transform(batch)
+        return Handover(batch) if self.in_worker else batch  # type: ignore[return-value]  # unpickles as the batch
 
     def _assemble(self, pos: np.ndarray) -> Batch:
         ds, order = self.ds, self.ds.order
