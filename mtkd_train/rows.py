@@ -13,7 +13,7 @@ import torch
 
 from mtkd_train.targets import SparseTargets, from_samples, retemper
 
-__all__ = ["loss_rows", "row_index", "row_labels", "row_targets", "take_rows", "to_device"]
+__all__ = ["loss_rows", "row_index", "row_labels", "row_targets", "scored_rows", "take_rows", "to_device"]
 
 
 def row_index(mask: torch.Tensor) -> torch.Tensor:
@@ -90,14 +90,18 @@ def row_labels(batch: Mapping[str, Any], task: str) -> torch.Tensor:
     return batch["labels"].view(-1, 1)
 
 
+def scored_rows(batch: Mapping[str, Any], per_token: bool) -> torch.Tensor:
+    """``(P,)`` flat index of the rows the loss scores: a causal LM's loss rows, else one row per sample."""
+    return row_index(loss_rows(batch)) if per_token else torch.arange(len(batch["sample_ids"]))
+
+
 def to_device(batch: dict[str, Any], device: torch.device, per_token: bool) -> dict[str, Any]:
     """Copy a batch to `device`, with the flat index of its scored rows made on the host first.
 
     `per_token` (causal LM students): the real positions; otherwise one row per sample (T = 1).
     """
     if "row_index" not in batch:
-        rows = row_index(loss_rows(batch)) if per_token else torch.arange(len(batch["sample_ids"]))
-        batch = {**batch, "row_index": rows}
+        batch = {**batch, "row_index": scored_rows(batch, per_token)}
     if device.type == "cpu":
         return batch
     return {k: _nested_to(v, device) for k, v in batch.items()}

@@ -36,7 +36,7 @@ import torch
 from mtkd_train.aggregate import AggregationContext, Aggregator, linear_pool
 from mtkd_train.aggregate._presence import PresentAggregator, kd_rows, row_presence
 from mtkd_train.losses import mixture_negentropy
-from mtkd_train.rows import loss_rows, row_index, row_labels, row_targets, take_rows
+from mtkd_train.rows import row_labels, row_targets, scored_rows, take_rows
 from mtkd_train.targets import SparseTargets
 
 __all__ = ["Merged", "TeacherSide"]
@@ -152,12 +152,9 @@ class LoaderMerge:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         side, task = self.side, self.student_task
-        if task == "causal_lm":  # the rows `rows.to_device` would pick
-            grid = tuple(batch["position_mask"].shape)
-            rows = row_index(loss_rows(batch))
-        else:
-            grid = (len(batch["sample_ids"]), 1)
-            rows = torch.arange(grid[0])
+        per_token = task == "causal_lm"
+        rows = scored_rows(batch, per_token)  # the rows `rows.to_device` would pick
+        grid = tuple(batch["position_mask"].shape) if per_token else (len(batch["sample_ids"]), 1)
         labels = take_rows(row_labels(batch, task), rows)
         targets = side.targets(batch, rows)
         agg, kd_at = side.operator(batch, rows)

@@ -21,13 +21,13 @@ _ALIGN = 64
 """Byte alignment of every tensor in the buffer (a cache line; a multiple of every dtype's size)."""
 
 
-def _leaves(tree: Any, path: tuple[Any, ...], out: list[tuple[tuple[Any, ...], torch.Tensor]]) -> Any:
+def _leaves(tree: Any, out: list[torch.Tensor]) -> Any:
     """`tree` with every tensor replaced by its index in `out` (nested dicts; other values kept)."""
     if isinstance(tree, torch.Tensor):
-        out.append((path, tree))
+        out.append(tree)
         return _Slot(len(out) - 1)
     if isinstance(tree, dict):
-        return {k: _leaves(v, (*path, k), out) for k, v in tree.items()}
+        return {k: _leaves(v, out) for k, v in tree.items()}
     return tree
 
 
@@ -35,27 +35,31 @@ class _Slot(int):
     """The place of a tensor in the buffer's table (an int subclass: it pickles as itself)."""
 
 
-def _pack(batch: dict[str, Any]) -> tuple[torch.Tensor, Any, list[tuple[int, torch.dtype, tuple[int, ...]]]]:
-    found: list[tuple[tuple[Any, ...], torch.Tensor]] = []
-    skeleton = _leaves(batch, (), found)
-    table, offset = [], 0
-    for _, t in found:
-        table.append((offset, t.dtype, tuple(t.shape)))
-        offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
-    buf = torch.empty(offset, dtype=torch.uint8)
-    for (_, t), (at, _, _) in zip(found, table, strict=True):
+_Table = list[tuple[int, int, torch.dtype, tuple[int, ...]]]
+"""Per tensor: byte offset in the buffer, byte size, dtype, shape."""
+
+
+def _pack(batch: dict[str, Any]) -> tuple[torch.Tensor, Any, _Table]:
+    found: list[torch.Tensor] = []
+    skeleton = _leaves(batch, found)
+    table: _Table = []
+    offset = 0
+    for t in found:
         n = t.numel() * t.element_size()
+        table.append((offset, n, t.dtype, tuple(t.shape)))
+        offset += -(-n // _ALIGN) * _ALIGN
+    buf = torch.empty(offset, dtype=torch.uint8)
+    for t, (at, n, dtype, shape) in zip(found, table, strict=True):
         if n:
-            buf[at:at + n].view(t.dtype).view(t.shape).copy_(t)
+            buf[at:at + n].view(dtype).view(shape).copy_(t)
     return buf, skeleton, table
 
 
-def unpack(buf: torch.Tensor, skeleton: Any, table: list[tuple[int, torch.dtype, tuple[int, ...]]]) -> Any:
+def unpack(buf: torch.Tensor, skeleton: Any, table: _Table) -> Any:
     """The batch :class:`Handover` packed: every tensor a view of `buf` (called by unpickling)."""
     def fill(tree: Any) -> Any:
         if isinstance(tree, _Slot):
-            at, dtype, shape = table[tree]
-            n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            at, n, dtype, shape = table[tree]
             return buf[at:at + n].view(dtype).view(shape)
         if isinstance(tree, dict):
             return {k: fill(v) for k, v in tree.items()}
