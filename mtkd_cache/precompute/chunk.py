@@ -28,7 +28,7 @@ from mtkd_cache.precompute.extract import (
     distribution_stats,
     nonfinite_samples,
     sample_targets,
-    topk_targets_with_stats,
+    topk_targets_checked,
 )
 from mtkd_cache.precompute.forward import forward_teacher
 from mtkd_cache.precompute.headblocks import forward_body, head_split, reduce_by_head_blocks
@@ -74,12 +74,15 @@ class _Reducers:
 def _reduce(logits: torch.Tensor, rows_mask: torch.Tensor | None, spec: TargetSpec, vocab_size: int
             ) -> tuple[list[int], list[torch.Tensor]]:
     """(rows with non-finite logits, []) or ([], [indices, logp, tail] (top-k only) + [entropy, top1])."""
-    bad = nonfinite_samples(logits, mask=rows_mask, vocab_size=vocab_size)  # (B,)
+    if spec.kind == "topk":  # the finiteness check rides on the top-k pass
+        bad, outputs = topk_targets_checked(logits, spec.k, spec.temperature, vocab_size,  # type: ignore[arg-type]
+                                            mask=rows_mask)
+    else:
+        bad = nonfinite_samples(logits, mask=rows_mask, vocab_size=vocab_size)  # (B,)
+        outputs = () if bool(bad.any()) else distribution_stats(logits, spec.temperature, vocab_size)
     if bool(bad.any()):
         return bad.nonzero().flatten().tolist(), []
-    if spec.kind != "topk":
-        return [], list(distribution_stats(logits, spec.temperature, vocab_size))  # (B, T) each
-    return [], list(topk_targets_with_stats(logits, spec.k, spec.temperature, vocab_size))  # type: ignore[arg-type]
+    return [], list(outputs)  # (B, T, ...) each
 
 
 def _reduce_batch(reducers: _Reducers | None, logits: torch.Tensor, rows_mask: torch.Tensor | None,

@@ -196,9 +196,53 @@ def test_two_stage_topk_keeps_exactly_the_top_k(vocab: int) -> None:
     x[0, -5:] += 40.0  # the winners in the partial last group
     x[1, :64] += 40.0  # all winners in one group
     x[2, ::700] += 40.0  # one winner per group
-    for k in (1, 16):
+    width = vocab // 64  # the first stage's groups are strided: group j holds columns j, j + width, ...
+    x[3, 5::width] += 40.0  # all winners in one group
+    x[4, 7 + 8 * width: 7 + 16 * width: width] += 40.0  # all winners in one subgroup of 8 of one group
+    x[5, :] = 0.0  # ties everywhere: any k columns of value 0 are right
+    x[6, 3] = 50.0  # a single winner, the rest of the top-k among ties below it
+    x[6, 4:] = -1.0
+    for k in (1, 16, 64):
         values, idx = _topk_rows(x, k)
         ref_values, ref_idx = torch.topk(x, k, dim=-1)
-        assert torch.equal(idx.sort(dim=-1).values, ref_idx.sort(dim=-1).values)
+        exact = [0, 1, 2, 3, 4, 7, 8]  # rows without ties at the k-th value
+        assert torch.equal(idx[exact].sort(dim=-1).values, ref_idx[exact].sort(dim=-1).values)
         assert torch.equal(values.sort(dim=-1).values, ref_values.sort(dim=-1).values)
         assert torch.equal(x.gather(1, idx), values)
+        assert all(len(set(row)) == k for row in idx.tolist())  # k distinct columns per row
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_top_k_pass_checks_finiteness_as_nonfinite_samples_does(temperature: float) -> None:
+    """`topk_targets_checked` flags the samples `nonfinite_samples` flags, from the top-k pass's own values."""
+    from mtkd_cache.precompute.extract import nonfinite_samples, topk_targets_checked
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(7, 5, 8 * 64 * 2 + 9, generator=g) * 4  # (B, T, V_padded), real vocabulary V - 9
+    vocab = logits.shape[-1] - 9
+    logits[:, :, vocab:] = float("nan")  # padded columns never count
+    logits[1, 2, 100] = float("nan")
+    logits[2, 0, 7] = float("inf")
+    logits[3, 4, vocab - 1] = float("-inf")  # only the entropy sees a lone -inf
+    logits[4, 1, :] = float("-inf")
+    logits[5, 3, 0], logits[5, 3, 1] = 3e38, -3e38  # finite, but the shifted logits overflow
+    logits[6, 4, 9] = float("nan")  # at a padding position
+    mask = torch.ones(7, 5, dtype=torch.long)
+    mask[6, 4] = 0
+    bad, outputs = topk_targets_checked(logits, 16, temperature, vocab, mask=mask)
+    want = nonfinite_samples(logits, mask=mask, vocab_size=vocab)
+    assert want.tolist() == [False, True, True, True, True, False, False]
+    assert torch.equal(bad, want)
+    clean = logits[[0, 5, 6]].clone()
+    clean[2, 4, 9] = 0.0  # the masked NaN changes its own row only
+    _, kept = topk_targets_checked(clean, 16, temperature, vocab)
+    for a, b in zip(kept, topk_targets_with_stats(clean, 16, temperature, vocab)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # the overflowed row's entropy is NaN
+    assert torch.equal(topk_targets_checked(logits, 16, temperature, vocab)[0], nonfinite_samples(logits, vocab_size=vocab))
+
+
+def test_the_top_k_pass_refuses_a_mask_of_the_wrong_shape() -> None:
+    from mtkd_cache.precompute.extract import topk_targets_checked
+
+    with pytest.raises(ValueError, match=r"mask of shape \(2, 3\) does not match logits \(2, 4, 8\)"):
+        topk_targets_checked(torch.zeros(2, 4, 8), 2, mask=torch.ones(2, 3))
