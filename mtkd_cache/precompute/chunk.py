@@ -74,12 +74,14 @@ class _Reducers:
 def _reduce(logits: torch.Tensor, rows_mask: torch.Tensor | None, spec: TargetSpec, vocab_size: int
             ) -> tuple[list[int], list[torch.Tensor]]:
     """(rows with non-finite logits, []) or ([], [indices, logp, tail] (top-k only) + [entropy, top1])."""
+    outputs: tuple[torch.Tensor, ...] = ()
     if spec.kind == "topk":  # the finiteness check rides on the top-k pass
         bad, outputs = topk_targets_checked(logits, spec.k, spec.temperature, vocab_size,  # type: ignore[arg-type]
                                             mask=rows_mask)
     else:
         bad = nonfinite_samples(logits, mask=rows_mask, vocab_size=vocab_size)  # (B,)
-        outputs = () if bool(bad.any()) else distribution_stats(logits, spec.temperature, vocab_size)
+        if not bool(bad.any()):
+            outputs = distribution_stats(logits, spec.temperature, vocab_size)
     if bool(bad.any()):
         return bad.nonzero().flatten().tolist(), []
     return [], list(outputs)  # (B, T, ...) each

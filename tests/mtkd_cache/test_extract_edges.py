@@ -187,8 +187,8 @@ def test_non_finite_error_says_how_to_fix_it() -> None:
 
 
 @pytest.mark.parametrize("vocab", [49_152, 49_152 + 37, 8 * 64 * 16])
-def test_two_stage_topk_keeps_exactly_the_top_k(vocab: int) -> None:
-    """`_topk_rows` ranks group maxima first; it must keep the same entries as torch.topk."""
+def test_staged_topk_keeps_exactly_the_top_k(vocab: int) -> None:
+    """`_topk_rows` ranks group and subgroup maxima first; it must keep the same entries as torch.topk."""
     from mtkd_cache.precompute.extract import _topk_rows
 
     g = torch.Generator().manual_seed(vocab)
