@@ -86,10 +86,10 @@ def reducer(module: ModuleType, logits: torch.Tensor, k: int) -> Callable[[], tu
 @click.option("--rounds", default=9, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
 def main(base_dir: Path, model_dir: Path, data: Path | None, k: int, rounds: int, out: Path) -> None:
-    import os
+    from examples.lm.students_cli import work  # the issue-13 work folder, $MTKD_LM_WORK
 
     torch.set_num_threads(1)
-    data = data or Path(os.environ.get("MTKD_LM_WORK", "/root/.cache/mtkd/lm")) / "data"
+    data = data or work() / "data"
     logits = teacher_logits(model_dir, data, rows=4, length=256)
     arms = {"base": reducer(load_base(base_dir), logits, k), "new": reducer(extract, logits, k)}
     equal = [bool(torch.equal(a, b)) for a, b in zip(arms["base"](), arms["new"]())]

@@ -13,10 +13,9 @@ Classifiers produce one row per sample (position 0).
 Cost: ``topk_targets[_with_stats|_checked]``, ``distribution_stats`` and ``check_finite`` (one row
 sum; ``topk_targets_checked`` needs none) are O(B T V) and work through the rows in blocks of
 about ``_BLOCK_ELEMENTS`` logits: each block is ranked, normalised into a float32 buffer and
-masked in place while it is still in cache,
-instead of streaming several (B, T, V) temporaries through memory (on a 2-core CPU with
-SmolLM2's 49k vocabulary, ~3x less CPU time than whole-tensor ops;
-``benchmarks/precompute_overhead.py``). Every reduction is per row, so the block size changes
+masked in place while it is still in cache, instead of streaming several (B, T, V) temporaries
+through memory (on a 2-core CPU with SmolLM2's 49k vocabulary, ~3x less CPU time than
+whole-tensor ops; ``benchmarks/precompute_overhead.py``). Every reduction is per row, so the block size changes
 results by float rounding at most. ``sample_targets`` softmaxes one row block at a time
 and draws ``n`` tokens per row in O(B T (V + n log n)), never (B T, V) float32 at once.
 """
@@ -299,9 +298,9 @@ def _topk_rows(x: torch.Tensor, k: int, best: torch.Tensor | None = None) -> tup
     those ``64 k`` candidates (plus the ``V mod 64`` columns in no group), then the same again
     with subgroups of 8 candidates, and take the top-k of the last ``8 k`` (plus fewer than 8 in
     no subgroup). On one CPU thread at V = 49,152, k = 64 this takes ~1.0 ms per 21 rows against
-    2.8 for ``torch.topk`` over all V and 1.5 for the two stages before session 10; ``torch.topk`` itself is
-    used when the groups are too few to gain. Ties may keep another of equal values than
-    ``torch.topk`` would.
+    2.8 for ``torch.topk`` over all V and 1.5 for the two stages before session 10;
+    ``torch.topk`` itself is used when the groups are too few to gain. Ties may keep another of
+    equal values than ``torch.topk`` would.
     """
     n, vocab = x.shape
     width = vocab // _GROUP
