@@ -112,7 +112,10 @@ def time_bare(teacher: LoadedTeacher, batches: list[dict[str, torch.Tensor]]) ->
 
 @contextlib.contextmanager
 def _timing(owner: Any, name: str, acc: dict[str, float], key: str, *, in_chunk: bool = False) -> Iterator[None]:
-    """Patch `owner.name` with a wrapper that adds its wall time to `acc[key]` (thread-safe).
+    """Patch `owner.name` with a wrapper that adds its wall time to `acc[key]` and the calling thread's
+    CPU time to `acc[key + "_cpu"]` (thread-safe). On the reduction workers the two differ: four
+    threads (two intra-op, two workers) share two cores, so a call's wall time counts the time its
+    thread waited for a core; only the CPU time is what the call costs.
 
     With `in_chunk`, only calls made while `_run_chunk` runs count (not the runner's set-up probe).
     """
@@ -123,13 +126,14 @@ def _timing(owner: Any, name: str, acc: dict[str, float], key: str, *, in_chunk:
         counted = not in_chunk or acc.get("_inside", 0.0) > 0
         if key == "run_chunk":
             acc["_inside"] = 1.0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return original(*args, **kwargs)
         finally:
             with lock:
                 if counted:
                     acc[key] = acc.get(key, 0.0) + time.perf_counter() - t0
+                    acc[key + "_cpu"] = acc.get(key + "_cpu", 0.0) + time.thread_time() - c0
                 if key == "run_chunk":
                     acc["_inside"] = 0.0
 
@@ -160,7 +164,8 @@ def time_run(cache: Path, cfg: RunConfig, *, stages: bool = False) -> dict[str, 
                        (CacheReader, "read_chunk", "read_inputs"), (chunk_mod, "forward_teacher", "forward"),
                        (chunk_mod, "nonfinite_samples", "check_finite"), (run_mod, "_commit", "writer_thread"),
                        (run_mod.TeacherWriter, "finish", "finish"), (chunk_mod, "_reduce_batch", "reductions"),
-                       (chunk_mod, "topk_targets_checked", "topk")]
+                       (chunk_mod, "topk_targets_checked", "topk"), (chunk_mod, "forward_body", "forward_body"),
+                       (chunk_mod, "reduce_by_head_blocks", "head_blocks")]
             for owner, name, key in targets:
                 # inputs are read before `run_chunk` is entered (its argument): counted on every call
                 patches.enter_context(_timing(owner, name, acc, key, in_chunk=key == "forward"))
@@ -176,29 +181,26 @@ def time_run(cache: Path, cfg: RunConfig, *, stages: bool = False) -> dict[str, 
 def stage_table(acc: dict[str, float]) -> dict[str, float]:
     """Stages of an instrumented run (seconds). The main-thread stages add up to `total`.
 
-    The reductions are the finiteness check, entropy/top-1 stats and top-k + tail (one pass since
-    session 10: `topk_targets_checked`). In the runner
-    without `_reduce_batch` (before the blocked reductions) the stats ran inline and are counted
-    under "other in-loop"; with it, the reductions run in worker threads and their per-function
-    times are thread-seconds, summed over workers.
+    A causal LM's forward is its body (`forward_body`), then the head per group of row blocks with
+    the reductions (`reduce_by_head_blocks`: the head's matmuls on this thread, the reductions on
+    the single-threaded workers, overlapped with the next group's head). Other teachers build
+    their full logits (`forward_teacher`), then `_reduce_batch` splits the batch over the workers.
+    The reductions (finiteness check, top-k + tail, entropy and top-1 in one pass since session 10)
+    are reported twice: the workers' CPU seconds, which is what they cost, and their wall seconds,
+    which also count the time a worker waited for one of the two cores (four threads share them).
     """
-    if "reductions" in acc:
-        reductions = acc["reductions"]
-        # top-k targets check finiteness in their own pass (`topk_targets_checked`); sampled ones apart
-        parts = {"  check_finite, sampled targets (thread-s)": acc.get("check_finite", 0.0),
-                 "  top-k + tail + entropy/top1 stats + finiteness (thread-s)": acc.get("topk", 0.0)}
-    else:
-        reductions = acc.get("check_finite", 0.0) + acc.get("topk", 0.0)
-        parts = {"  check_finite": acc.get("check_finite", 0.0), "  top-k + tail": acc.get("topk", 0.0)}
+    on_head = acc.get("head_blocks", 0.0) > 0
+    forward = acc.get("forward", 0.0) + acc.get("forward_body", 0.0)
+    waited = acc.get("head_blocks", 0.0) if on_head else acc.get("reductions", 0.0)  # main thread, after the body
     return {
         "load_teacher": acc["load"],
         "setup (tokenizer check, probe, claim)": acc["total"] - acc["load"] - acc["process"] - acc["finish"],
         "read inputs": acc["read_inputs"],
-        "forward": acc["forward"],
-        "reductions": reductions,
-        **parts,
-        "other in-loop (host copy, split; old: inline entropy stats)":
-            acc["run_chunk"] - acc["forward"] - reductions,
+        "forward (body, or full logits)": forward,
+        ("head per block group + waiting for the reductions" if on_head else "waiting for the reductions"): waited,
+        "reductions, worker CPU (thread-s)": acc.get("topk_cpu", 0.0) + acc.get("check_finite_cpu", 0.0),
+        "reductions, worker wall (thread-s)": acc.get("topk", 0.0) + acc.get("check_finite", 0.0),
+        "other in-loop (host copy, split)": acc["run_chunk"] - forward - waited,
         "wait for writer (last chunk's commit)": acc["process"] - acc["run_chunk"] - acc["read_inputs"],
         "finish (parquet, teacher.json, manifest)": acc["finish"],
         "writer thread, overlapped (encode+compress+checksum+write)": acc["writer_thread"],

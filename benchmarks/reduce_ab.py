@@ -13,7 +13,7 @@ top-k run does per batch after the forward, on one thread and in interleaved rou
 
 The logits are the teacher's on the first held-out segments of `--data` (4 x 256 tokens of
 Shakespeare, KJV and Python docs from the issue-13 data folder), float32. Outputs are compared
-for equality first. Reported: CPU ns per logit of each (median over rounds) and new / base.
+first (equal, or their largest absolute difference). Reported: CPU ns per logit of each (median over rounds) and new / base.
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def main(base_dir: Path, model_dir: Path, data: Path | None, k: int, rounds: int
     data = data or work() / "data"
     logits = teacher_logits(model_dir, data, rows=4, length=256)
     arms = {"base": reducer(load_base(base_dir), logits, k), "new": reducer(extract, logits, k)}
-    equal = [bool(torch.equal(a, b)) for a, b in zip(arms["base"](), arms["new"]())]
+    pairs = list(zip(arms["base"](), arms["new"]()))  # indices, log-probabilities, tail, entropy, top-1
+    equal = [bool(torch.equal(a, b)) for a, b in pairs]
+    diff = [float((a.double() - b.double()).abs().max()) for a, b in pairs]
     times: dict[str, list[float]] = {name: [] for name in arms}
     for r in range(rounds):
         for name in (("base", "new") if r % 2 == 0 else ("new", "base")):
@@ -100,11 +102,11 @@ def main(base_dir: Path, model_dir: Path, data: Path | None, k: int, rounds: int
             arms[name]()
             times[name].append((time.process_time() - start) / logits.numel() * 1e9)
     ns = {n: statistics.median(v) for n, v in times.items()}
-    result = {"logits": list(logits.shape), "k": k, "outputs_equal": equal, "ns_per_logit": ns, "rounds": times,
+    result = {"logits": list(logits.shape), "k": k, "outputs_equal": equal, "max_abs_diff": diff, "ns_per_logit": ns, "rounds": times,
               "new_over_base": ns["new"] / ns["base"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    click.echo(f"outputs equal: {equal}; CPU ns per logit: base {ns['base']:.2f}, new {ns['new']:.2f}; "
+    click.echo(f"outputs equal: {equal} (max abs differences {', '.join(f'{d:.1e}' for d in diff)}); CPU ns per logit: base {ns['base']:.2f}, new {ns['new']:.2f}; "
                f"new / base {ns['new'] / ns['base']:.3f}")
 
 

@@ -198,7 +198,7 @@ def test_staged_topk_keeps_exactly_the_top_k(vocab: int) -> None:
     x[2, ::700] += 40.0  # one winner per group
     width = vocab // 64  # the first stage's groups are strided: group j holds columns j, j + width, ...
     x[3, 5::width] += 40.0  # all winners in one group
-    x[4, 7 + 8 * width: 7 + 16 * width: width] += 40.0  # all winners in one subgroup of 8 of one group
+    x[4, 7 + 8 * width: 7 + 16 * width: width] += 40.0  # eight winners, consecutive members of one group
     x[5, :] = 0.0  # ties everywhere: any k columns of value 0 are right
     x[6, 3] = 50.0  # a single winner, the rest of the top-k among ties below it
     x[6, 4:] = -1.0
@@ -212,13 +212,26 @@ def test_staged_topk_keeps_exactly_the_top_k(vocab: int) -> None:
         assert all(len(set(row)) == k for row in idx.tolist())  # k distinct columns per row
 
 
+def test_staged_topk_matches_torch_topk_on_peaked_rows() -> None:
+    """Rows shaped like a language model's (a few large logits over a heavy tail) at every k."""
+    from mtkd_cache.precompute.extract import _topk_rows
+
+    g = torch.Generator().manual_seed(11)
+    x = -torch.log(-torch.log(torch.rand(64, 49_152 + 37, generator=g)))  # Gumbel noise
+    x += torch.randn(64, 1, generator=g) * 5 * (torch.rand(64, 49_152 + 37, generator=g) < 0.002)
+    for k in (1, 8, 64, 100, 200):
+        _, idx = _topk_rows(x, k)
+        assert torch.equal(idx.sort(dim=-1).values, torch.topk(x, k, dim=-1).indices.sort(dim=-1).values)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_the_top_k_pass_checks_finiteness_as_nonfinite_samples_does(temperature: float) -> None:
+@pytest.mark.parametrize("padded", [8 * 64 * 2 + 9, 8 * 64 * 9 + 9])  # the entropy's elementwise and per-row dots
+def test_the_top_k_pass_checks_finiteness_as_nonfinite_samples_does(temperature: float, padded: int) -> None:
     """`topk_targets_checked` flags the samples `nonfinite_samples` flags, from the top-k pass's own values."""
     from mtkd_cache.precompute.extract import nonfinite_samples, topk_targets_checked
 
     g = torch.Generator().manual_seed(3)
-    logits = torch.randn(7, 5, 8 * 64 * 2 + 9, generator=g) * 4  # (B, T, V_padded), real vocabulary V - 9
+    logits = torch.randn(7, 5, padded, generator=g) * 4  # (B, T, V_padded), real vocabulary V - 9
     vocab = logits.shape[-1] - 9
     logits[:, :, vocab:] = float("nan")  # padded columns never count
     logits[1, 2, 100] = float("nan")
@@ -246,3 +259,23 @@ def test_the_top_k_pass_refuses_a_mask_of_the_wrong_shape() -> None:
 
     with pytest.raises(ValueError, match=r"mask of shape \(2, 3\) does not match logits \(2, 4, 8\)"):
         topk_targets_checked(torch.zeros(2, 4, 8), 2, mask=torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("vocab", [1_000, 49_152])  # both ways `_row_dots` takes
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_the_top_k_pass_matches_a_float64_softmax(vocab: int, temperature: float) -> None:
+    """Log-probabilities, tail, entropy and top-1 of the one-pass reduction (the row sum taken as the
+    tail plus the kept mass) agree with float64 within float32 rounding, and the tail's relative
+    error stays small when the tail is tiny."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, 9, vocab, generator=g, dtype=torch.float64) * 3
+    logits[0, 0, :64] += 30.0  # the top 64 hold all but ~1e-9 (T = 1) or ~1e-18 of the mass: a tiny tail
+    k = 64
+    indices, logp, tail, entropy, top1 = topk_targets_with_stats(logits.float(), k, temperature)
+    ref = torch.log_softmax(logits.float().double() / temperature, dim=-1)
+    torch.testing.assert_close(logp.double(), ref.gather(-1, indices), rtol=0, atol=1e-5)
+    ref_tail = ref.exp().scatter(-1, indices, 0.0).sum(-1)
+    torch.testing.assert_close(tail.double(), ref_tail, rtol=1e-4, atol=0)
+    assert 0 < tail[0, 0] < 1e-8
+    torch.testing.assert_close(entropy.double(), -(ref.exp() * ref).sum(-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(top1.double(), ref.amax(-1).exp(), rtol=1e-6, atol=0)
