@@ -13,7 +13,10 @@ top-k run does per batch after the forward, on one thread and in interleaved rou
 
 The logits are the teacher's on the first held-out segments of `--data` (4 x 256 tokens of
 Shakespeare, KJV and Python docs from the issue-13 data folder), float32. Outputs are compared
-first (equal, or their largest absolute difference). Reported: CPU ns per logit of each (median over rounds) and new / base.
+first (equal, or their largest absolute difference). With `--in-run N`, whole `run_teacher` calls
+over N samples (two intra-op threads and two reduction workers, as a run on this machine) come first,
+with each checkout's `topk_targets_checked` swapped into the runner, interleaved: the workers' CPU
+seconds are the reductions' cost where they compete with the LM head for the cores. Reported: CPU ns per logit of each (median over rounds) and new / base.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import click
 import torch
@@ -75,6 +79,33 @@ def reducer(module: ModuleType, logits: torch.Tensor, k: int) -> Callable[[], tu
     return separate
 
 
+def in_run(base: ModuleType, model_dir: Path, samples: int, rounds: int) -> dict[str, Any]:
+    """Whole `run_teacher` calls (`precompute_overhead.time_run`, instrumented) with the top-k pass of each
+    checkout swapped in, interleaved: the reduction workers' CPU seconds, the main thread's head + wait, the run."""
+    from benchmarks import precompute_overhead as overhead
+    from mtkd_cache.precompute import chunk
+    from mtkd_cache.precompute.config import RunConfig
+
+    cache = overhead.prepare_cache(Path("/tmp/mtkd_reduce_ab"), model_dir, max_length=256, samples=samples,
+                                   chunk_samples=8)
+    cfg = RunConfig(teacher=overhead._RUN_NAME, model=str(model_dir), top_k=64, batch_size=8, device="cpu",
+                    dtype="fp32")
+    fns = {"base": base.topk_targets_checked, "new": extract.topk_targets_checked}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in fns}
+    try:
+        for r in range(rounds):
+            for name in (("base", "new") if r % 2 == 0 else ("new", "base")):
+                chunk.topk_targets_checked = fns[name]  # type: ignore[attr-defined]
+                acc = overhead.time_run(cache, cfg, stages=True)
+                runs[name].append({"worker_cpu_s": acc["topk_cpu"], "head_and_wait_s": acc["head_blocks"],
+                                   "pipeline_s": acc["pipeline"]})
+    finally:
+        chunk.topk_targets_checked = extract.topk_targets_checked  # type: ignore[attr-defined]
+    med = {name: {k: statistics.median(x[k] for x in v) for k in v[0]} for name, v in runs.items()}
+    return {"samples": samples, "median": med, "runs": runs,
+            "new_over_base": {k: med["new"][k] / med["base"][k] for k in med["new"]}}
+
+
 @click.command()
 @click.option("--base", "base_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
               help="Another mtkd checkout to compare with.")
@@ -84,14 +115,19 @@ def reducer(module: ModuleType, logits: torch.Tensor, k: int) -> Callable[[], tu
               help="Folder with {shakespeare,kjv,pydocs}.heldout.jsonl; default $MTKD_LM_WORK/data.")
 @click.option("--k", default=64, show_default=True)
 @click.option("--rounds", default=9, show_default=True)
+@click.option("--in-run", "in_run_samples", type=int, default=0, show_default=True,
+              help="Also time whole runs over this many 256-token samples (2 threads), each checkout's pass swapped in.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS, show_default=True)
-def main(base_dir: Path, model_dir: Path, data: Path | None, k: int, rounds: int, out: Path) -> None:
+def main(base_dir: Path, model_dir: Path, data: Path | None, k: int, rounds: int, in_run_samples: int,
+         out: Path) -> None:
     from examples.lm.students_cli import work  # the issue-13 work folder, $MTKD_LM_WORK
 
+    base = load_base(base_dir)
+    whole = in_run(base, model_dir, in_run_samples, rounds) if in_run_samples else None
     torch.set_num_threads(1)
     data = data or work() / "data"
     logits = teacher_logits(model_dir, data, rows=4, length=256)
-    arms = {"base": reducer(load_base(base_dir), logits, k), "new": reducer(extract, logits, k)}
+    arms = {"base": reducer(base, logits, k), "new": reducer(extract, logits, k)}
     pairs = list(zip(arms["base"](), arms["new"]()))  # indices, log-probabilities, tail, entropy, top-1
     equal = [bool(torch.equal(a, b)) for a, b in pairs]
     diff = [float((a.double() - b.double()).abs().max()) for a, b in pairs]
@@ -103,11 +139,13 @@ def main(base_dir: Path, model_dir: Path, data: Path | None, k: int, rounds: int
             times[name].append((time.process_time() - start) / logits.numel() * 1e9)
     ns = {n: statistics.median(v) for n, v in times.items()}
     result = {"logits": list(logits.shape), "k": k, "outputs_equal": equal, "max_abs_diff": diff, "ns_per_logit": ns, "rounds": times,
-              "new_over_base": ns["new"] / ns["base"]}
+              "new_over_base": ns["new"] / ns["base"], "in_run": whole}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     click.echo(f"outputs equal: {equal} (max abs differences {', '.join(f'{d:.1e}' for d in diff)}); CPU ns per logit: base {ns['base']:.2f}, new {ns['new']:.2f}; "
                f"new / base {ns['new'] / ns['base']:.3f}")
+    if whole is not None:
+        click.echo("in whole runs, new / base: " + ", ".join(f"{k} {v:.3f}" for k, v in whole["new_over_base"].items()))
 
 
 if __name__ == "__main__":
