@@ -162,9 +162,12 @@ def plot_curves(results: Sequence[Mapping[str, Any]], rows: Mapping[str, Mapping
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in results:
-        if r["seed"] == 0 and r.get("curve"):
-            a.plot([c["step"] for c in r["curve"]], [c["perplexity"] for c in r["curve"]], label=r["spec"]["name"])
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: the operators and curve points all differ
+    first = [r for r in results if r["seed"] == 0 and r.get("curve")]
+    for i, r in enumerate(sorted(first, key=lambda r: r["spec"]["name"])):
+        single = len(r["spec"]["teachers"]) < 2 or not r["spec"]["kd"]  # no KD and one teacher: dashed
+        a.plot([c["step"] for c in r["curve"]], [c["perplexity"] for c in r["curve"]], label=r["spec"]["name"],
+               color=colors[i % len(colors)], linestyle="--" if single else "-")
     a.set(xlabel="optimizer step", ylabel="held-out perplexity (curve cache)", yscale="log",
           title="student held-out perplexity while training")
     a.legend(fontsize=7)
@@ -173,6 +176,8 @@ def plot_curves(results: Sequence[Mapping[str, Any]], rows: Mapping[str, Mapping
         if pts:
             b.errorbar([i for i, _ in pts], [s["mean"] for _, s in pts], yerr=[s["std"] for _, s in pts],
                        marker="o", capsize=3, label=label)
+            for i, s in pts:
+                b.annotate(f"n={s['n']}", (i, s["mean"]), textcoords="offset points", xytext=(4, 6), fontsize=7)
     b.set(xlabel="teachers (mean)", ylabel="overall held-out perplexity", title="student perplexity vs teachers",
           xticks=[0, 1, 2, 3], xticklabels=["0 (no KD)", "1", "2", "3"])
     b.legend(fontsize=8)
