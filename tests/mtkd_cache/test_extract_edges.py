@@ -279,3 +279,14 @@ def test_the_top_k_pass_matches_a_float64_softmax(vocab: int, temperature: float
     assert 0 < tail[0, 0] < 1e-8
     torch.testing.assert_close(entropy.double(), -(ref.exp() * ref).sum(-1), rtol=0, atol=1e-5)
     torch.testing.assert_close(top1.double(), ref.amax(-1).exp(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_logits_are_tempered_in_float32(dtype: torch.dtype) -> None:
+    """Logits / T is taken in float32: in fp16, 100 / 0.001 overflows and bf16 would round the tempered values."""
+    g = torch.Generator().manual_seed(4)
+    logits = (torch.randn(2, 3, 5_000, generator=g) * 30).to(dtype)  # |x| / 0.001 > 65,504 for most entries
+    indices, logp, tail, entropy, _ = topk_targets_with_stats(logits, 8, 0.001)
+    ref = torch.log_softmax(logits.double() / 0.001, dim=-1)
+    torch.testing.assert_close(logp.double(), ref.gather(-1, indices), rtol=0, atol=1e-3)
+    assert torch.isfinite(tail).all() and torch.isfinite(entropy).all()
