@@ -13,10 +13,13 @@ top-k run does per batch after the forward, on one thread and in interleaved rou
 
 The logits are the teacher's on the first held-out segments of `--data` (4 x 256 tokens of
 Shakespeare, KJV and Python docs from the issue-13 data folder), float32. Outputs are compared
-first (equal, or their largest absolute difference). With `--in-run N`, whole `run_teacher` calls
-over N samples (two intra-op threads and two reduction workers, as a run on this machine) come first,
-with each checkout's `topk_targets_checked` swapped into the runner, interleaved: the workers' CPU
-seconds are the reductions' cost where they compete with the LM head for the cores. Reported: CPU ns per logit of each (median over rounds) and new / base.
+first (equal, or their largest absolute difference). Reported: CPU ns per logit of each (median
+over rounds) and new / base.
+
+With `--in-run N`, whole `run_teacher` calls over N samples (two intra-op threads and two reduction
+workers, as a run on this machine) come first, with each checkout's `topk_targets_checked` swapped
+into the runner, interleaved: the workers' CPU seconds are the reductions' cost where they compete
+with the LM head for the cores.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,7 +90,7 @@ def in_run(base: ModuleType, model_dir: Path, samples: int, rounds: int) -> dict
     from mtkd_cache.precompute import chunk
     from mtkd_cache.precompute.config import RunConfig
 
-    cache = overhead.prepare_cache(Path("/tmp/mtkd_reduce_ab"), model_dir, max_length=256, samples=samples,
+    cache = overhead.prepare_cache(Path(tempfile.gettempdir()) / "mtkd_reduce_ab", model_dir, max_length=256, samples=samples,
                                    chunk_samples=8)
     cfg = RunConfig(teacher=overhead._RUN_NAME, model=str(model_dir), top_k=64, batch_size=8, device="cpu",
                     dtype="fp32")
@@ -138,12 +142,12 @@ def main(base_dir: Path, model_dir: Path, data: Path | None, k: int, rounds: int
             arms[name]()
             times[name].append((time.process_time() - start) / logits.numel() * 1e9)
     ns = {n: statistics.median(v) for n, v in times.items()}
-    result = {"logits": list(logits.shape), "k": k, "outputs_equal": equal, "max_abs_diff": diff, "ns_per_logit": ns, "rounds": times,
-              "new_over_base": ns["new"] / ns["base"], "in_run": whole}
+    result = {"logits": list(logits.shape), "k": k, "outputs_equal": equal, "max_abs_diff": diff, "ns_per_logit": ns,
+              "rounds": times, "new_over_base": ns["new"] / ns["base"], "in_run": whole}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    click.echo(f"outputs equal: {equal} (max abs differences {', '.join(f'{d:.1e}' for d in diff)}); CPU ns per logit: base {ns['base']:.2f}, new {ns['new']:.2f}; "
-               f"new / base {ns['new'] / ns['base']:.3f}")
+    click.echo(f"outputs equal: {equal} (max abs differences {', '.join(f'{d:.1e}' for d in diff)}); "
+               f"CPU ns per logit: base {ns['base']:.2f}, new {ns['new']:.2f}; new / base {ns['new'] / ns['base']:.3f}")
     if whole is not None:
         click.echo("in whole runs, new / base: " + ", ".join(f"{k} {v:.3f}" for k, v in whole["new_over_base"].items()))
 

@@ -162,7 +162,8 @@ def plot_curves(results: Sequence[Mapping[str, Any]], rows: Mapping[str, Mapping
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: the operators and curve points all differ
+    tab20 = plt.get_cmap("tab20")
+    colors = [tab20(i) for i in range(tab20.N)]  # 20 distinct colours: the operators and curve points all differ
     first = [r for r in results if r["seed"] == 0 and r.get("curve")]
     for i, r in enumerate(sorted(first, key=lambda r: r["spec"]["name"])):
         single = len(r["spec"]["teachers"]) < 2 or not r["spec"]["kd"]  # no KD and one teacher: dashed

@@ -15,8 +15,8 @@ sum; ``topk_targets_checked`` needs none) are O(B T V) and work through the rows
 about ``_BLOCK_ELEMENTS`` logits: each block is ranked, normalised into a float32 buffer and
 masked in place while it is still in cache, instead of streaming several (B, T, V) temporaries
 through memory (on a 2-core CPU with SmolLM2's 49k vocabulary, ~3x less CPU time than
-whole-tensor ops; ``benchmarks/precompute_overhead.py``). Every reduction is per row, so the block size changes
-results by float rounding at most. ``sample_targets`` softmaxes one row block at a time
+whole-tensor ops; ``benchmarks/precompute_overhead.py``). Every reduction is per row, so the
+block size changes results by float rounding at most. ``sample_targets`` softmaxes one row block at a time
 and draws ``n`` tokens per row in O(B T (V + n log n)), never (B T, V) float32 at once.
 """
 
@@ -215,9 +215,10 @@ def _topk_blocks(
         n = rows.stop - rows.start
         shifted, unnorm = bufs[0, :n], bufs[1, :n]  # (n, V) each
         scaled = flat[rows]  # (n, V) the logits / T, in their dtype when T = 1
-        if temperature != 1.0:  # in float32: bf16/fp16 logits divided in their own dtype round (or overflow) first
-            scaled = shifted.copy_(scaled).div_(temperature) if scaled.dtype != torch.float32 else \
-                torch.div(scaled, temperature, out=shifted)
+        if temperature != 1.0 and scaled.dtype == torch.float32:
+            scaled = torch.div(scaled, temperature, out=shifted)
+        elif temperature != 1.0:  # bf16/fp16 divided in their own dtype would round (or overflow) first
+            scaled = shifted.copy_(scaled).div_(temperature)
         best = _group_maxima(scaled)  # (n, V // 64) or None for a small vocabulary
         row_max = _row_max(scaled, best)  # (n, 1) float32
         block_top, block_idx = _topk_rows(scaled, k, best)  # (n, k) each, unshifted
