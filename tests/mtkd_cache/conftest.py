@@ -213,3 +213,18 @@ def subprocess_env() -> dict[str, str]:
 def venv_bin() -> Path:
     """The folder of this interpreter's console scripts (mtkd-cache, torchrun)."""
     return Path(sys.executable).parent
+
+
+@pytest.fixture(params=["native", "eager"])
+def topk_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once with the compiled top-k kernel (`precompute/native.py`) and once with the torch path."""
+    from mtkd_cache.precompute import native
+
+    if request.param == "native":
+        if native._compiler() is None:
+            pytest.skip("no C++ compiler: the compiled top-k kernel cannot be built here")
+        if not native.available():
+            pytest.fail("the compiled top-k kernel did not build or failed its self-check")
+    else:
+        monkeypatch.setitem(native._STATE, "lib", None)
+    return str(request.param)

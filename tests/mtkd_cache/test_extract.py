@@ -19,6 +19,8 @@ from mtkd_cache.precompute.extract import (
     topk_targets,
 )
 
+pytestmark = pytest.mark.usefixtures("topk_kernel")  # every test: compiled kernel and torch path
+
 
 def _logits(*shape: int, seed: int = 0, spread: float = 3.0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)

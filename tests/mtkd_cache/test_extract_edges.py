@@ -21,6 +21,8 @@ from mtkd_cache.precompute.extract import (
     topk_targets_with_stats,
 )
 
+pytestmark = pytest.mark.usefixtures("topk_kernel")  # every test: compiled kernel and torch path
+
 
 @pytest.mark.parametrize("temperature", [None, 1.0, 2.0, 2.5])
 def test_distribution_stats_match_the_real_vocabulary_softmax(temperature: float | None) -> None:
