@@ -43,6 +43,7 @@ from mtkd_cache.errors import CacheExistsError
 from mtkd_cache.format.reader import CacheReader
 from mtkd_cache.format.store import CacheStore
 from mtkd_cache.precompute import chunk as chunk_mod
+from mtkd_cache.precompute import native
 from mtkd_cache.precompute import run as run_mod
 from mtkd_cache.precompute.batching import length_grouped_batches
 from mtkd_cache.precompute.config import RunConfig
@@ -261,7 +262,8 @@ def _machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "loadavg_at_start": os.getloadavg()}
+            "python": platform.python_version(), "loadavg_at_start": os.getloadavg(),
+            "topk_kernel": "compiled" if native.available() else "torch"}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
