@@ -1,11 +1,11 @@
-"""The O(V) reductions on the reduction workers: with two or more torch threads, the head runs per group
-of row blocks and the workers reduce the group's blocks at once; the stored arrays equal the one-thread
-full-logits path's. The
+"""The O(V) reductions on the reduction workers: with two or more torch threads, each worker runs the head of
+a group of row blocks and reduces them; the stored arrays equal the one-thread full-logits path's. The
 reductions' reused scratch buffer never leaks one call's values into the next."""
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -39,7 +39,7 @@ def test_blocks_on_the_workers_equal_the_full_logits_on_one_thread(
     two_threads: None,
 ) -> None:
     monkeypatch.setitem(extract._BLOCK_ELEMENTS, "cpu", 72 * 5)  # 5 rows per block: many blocks per batch
-    monkeypatch.setattr(headblocks, "GROUP_ELEMENTS", 72 * 5 * 2)  # 2 blocks per head call: many groups
+    monkeypatch.setattr(headblocks, "WORKER_GROUP_ELEMENTS", 72 * 5 * 2)  # 2 blocks per head call: many groups
     on_pool: list[bool] = []
     real = headblocks._block_results
 
@@ -48,9 +48,18 @@ def test_blocks_on_the_workers_equal_the_full_logits_on_one_thread(
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(headblocks, "_block_results", spy)
+    heads_on: set[str] = set()
+    real_head = headblocks.HeadSplit.logits
+
+    def head_spy(self: headblocks.HeadSplit, hidden: torch.Tensor) -> torch.Tensor:
+        heads_on.add(threading.current_thread().name.split("_")[0])
+        return real_head(self, hidden)
+
+    monkeypatch.setattr(headblocks.HeadSplit, "logits", head_spy)
     blocked = copy_cache(inputs_template, "blocked")
     run_teacher(blocked, RunConfig(teacher="t", model=str(lm_dir), batch_size=4, top_k=8), progress=False)
     assert on_pool and all(on_pool)  # every batch's blocks ran on the workers
+    assert "mtkd-reduce" in heads_on  # and so did their heads (the one-row split probe runs on the main thread)
 
     torch.set_num_threads(1)
     monkeypatch.setattr(chunk, "head_split", lambda teacher, batch: None)  # the full-logits path, no workers
