@@ -13,9 +13,8 @@ reductions already use (`extract._row_blocks`), so top-k, stats and the sampled 
 
 Not possible (full logits are built): classifiers (one row per sample: small anyway), factory
 teachers (their forward is opaque), and HF models whose check fails. Peak logits memory per batch
-drops from B·L·V to one group of `GROUP_ELEMENTS` logits (2^24) on one thread, one group of
-`WORKER_GROUP_ELEMENTS` (2^22) per reduction worker, and on a GPU one row block of
-`extract._BLOCK_ELEMENTS` = 2^26 logits, the group there.
+drops from B·L·V to two groups of about `GROUP_ELEMENTS` logits (2^24 each; on a GPU one row block of
+`extract._BLOCK_ELEMENTS` = 2^26 logits, the group there).
 """
 
 from __future__ import annotations
@@ -23,12 +22,13 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import torch
 
 from mtkd_cache.format.meta import TargetSpec
+from mtkd_cache.precompute import packed_head
 from mtkd_cache.precompute.extract import _row_blocks, sample_targets
 from mtkd_cache.precompute.forward import forward_teacher, teacher_inputs
 from mtkd_cache.precompute.models import LoadedTeacher
@@ -46,10 +46,11 @@ class HeadSplit:
     head: torch.nn.Module
     softcap: float | None
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(n, D) hidden rows -> (n, V_padded) logits."""
+    def logits(self, hidden: torch.Tensor, *, packed: bool = False) -> torch.Tensor:
+        """(n, D) hidden rows -> (n, V_padded) logits; `packed`: through MKL's packed weight where that gives
+        the same bits (`packed_head`: the per-group head calls of `reduce_by_head_blocks`)."""
         with torch.inference_mode():
-            out = self.head(hidden)
+            out = packed_head.linear(self.head, hidden) if packed else self.head(hidden)  # type: ignore[arg-type]
             if self.softcap:
                 out = torch.tanh(out / self.softcap) * self.softcap
         return out
@@ -106,7 +107,7 @@ def forward_body(teacher: LoadedTeacher, split: HeadSplit, batch: Mapping[str, t
 Reduce = Callable[[torch.Tensor, torch.Tensor | None], tuple[list[int], list[torch.Tensor]]]
 
 GROUP_ELEMENTS = 1 << 24
-"""Logits per head call on this thread (64 MiB of float32; the reduction workers use WORKER_GROUP_ELEMENTS): the head's
+"""Logits per head call (64 MiB of float32), with or without reduction workers: the head's
 matmul reads its whole ``(V, D)`` weight once per call, so a call per 4 MiB row block re-read it
 ~100 times per 2,048-position batch (a matmul of ~20 rows; ~3x the CPU time of the large one)."""
 
@@ -126,53 +127,38 @@ def _groups(blocks: list[slice], per_group: int) -> list[list[slice]]:
     return groups
 
 
-WORKER_GROUP_ELEMENTS = 1 << 22
-"""Logits per head call on a reduction worker (16 MiB of float32; 85 rows at V = 49,152): each worker's group
-stays in its cache from the matmul to the reduction, and the matmul's repacking of the weight per call is
-still amortised over tens of rows. On 2 single-threaded workers at V = 49,152, D = 256 the head + top-k of a
-2,048-row batch took 0.24 s in groups of 85 rows, 0.34 s in groups of 341 and 0.79 s in groups of 10
-(`python -m benchmarks.head_groups`; benchmarks/README.md). Peak logits memory: one group per worker."""
-
-
 def _block_results(split: HeadSplit, flat: torch.Tensor, mask: torch.Tensor | None, blocks: list[slice], vocab: int,
                    reduce: Reduce, pool: Executor | None
                    ) -> Iterator[tuple[slice, torch.Tensor | None, list[int], list[torch.Tensor]]]:
     """(rows, logits, bad rows, outputs) per block, in order.
 
-    The head runs once per group of blocks (:data:`GROUP_ELEMENTS` logits on this thread,
-    :data:`WORKER_GROUP_ELEMENTS` on a worker): its matmul reads the
-    whole ``(V, D)`` weight per call, so one call per cache-sized block (4 rows at V = 262,144)
-    would re-read 671 MB every 4 positions. Without `pool`: this thread runs each group's head and
-    reduces its blocks, and the logits are returned. With `pool` (single-threaded workers):
-    each worker runs the head of a whole group and reduces its blocks while they are
-    still in cache, so the cores split the rows and no thread waits on another. A head on this
-    thread's intra-op threads with reductions on the workers beside it oversubscribed the cores:
-    a matmul's static split waits for its slowest thread (benchmarks/README.md, session 13). The
-    logits are not returned (None); one group per worker is the peak logits memory.
+    The head runs once per group of blocks of about :data:`GROUP_ELEMENTS` logits: its matmul reads
+    the whole ``(V, D)`` weight per call, so one call per cache-sized block (4 rows at V = 262,144)
+    would re-read 671 MB every 4 positions. On the CPU the weight is packed for MKL's GEMM once
+    (`packed_head`, where that gives the same bits), not at every call. Without `pool`: each block
+    of the group is reduced on this thread, and its logits are returned. With `pool`: the single-threaded workers reduce the
+    group's blocks while this thread runs the next group's head; the logits are not returned
+    (None), and two groups' logits are the peak logits memory.
     """
     per_block = max(1, blocks[0].stop - blocks[0].start) if blocks else 1
-    per_group = max(1, (GROUP_ELEMENTS if pool is None else WORKER_GROUP_ELEMENTS) // max(1, per_block * vocab))
+    per_group = max(1, GROUP_ELEMENTS // max(1, per_block * vocab))  # blocks per head call
 
-    def reduced(logits: torch.Tensor, group: list[slice]) -> Iterator[tuple[slice, torch.Tensor, list[int],
-                                                                          list[torch.Tensor]]]:
+    def one(rows: slice, logits: torch.Tensor, first: int) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
+        part = logits[rows.start - first: rows.stop - first]  # one cache-sized block of the group
+        return (part, *reduce(part, None if mask is None else mask[rows].to(part.device)))
+
+    pending: list[tuple[slice, Future[tuple[torch.Tensor, list[int], list[torch.Tensor]]]]] = []
+    for group in _groups(blocks, per_group):
         first = group[0].start
-        for rows in group:  # one cache-sized block of the group at a time
-            part = logits[rows.start - first: rows.stop - first]
-            yield (rows, part, *reduce(part, None if mask is None else mask[rows].to(part.device)))
-
-    def head(group: list[slice]) -> torch.Tensor:
-        return split.logits(flat[group[0].start: group[-1].stop]).unsqueeze(1)  # (rows, 1, V_padded)
-
-    def on_worker(group: list[slice]) -> list[tuple[slice, None, list[int], list[torch.Tensor]]]:
-        return [(rows, None, bad, outs) for rows, _, bad, outs in reduced(head(group), group)]
-
-    groups = _groups(blocks, per_group)
-    if pool is None:
-        for group in groups:
-            yield from reduced(head(group), group)
-        return
-    for future in [pool.submit(on_worker, group) for group in groups]:  # the pool runs `workers` at once
-        yield from future.result()
+        logits = split.logits(flat[first: group[-1].stop], packed=True).unsqueeze(1)  # (rows, 1, V_padded)
+        if pool is None:
+            yield from ((rows, *one(rows, logits, first)) for rows in group)
+            continue
+        submitted = [(rows, pool.submit(one, rows, logits, first)) for rows in group]
+        # the previous group was reduced while this group's head ran: two groups' logits at most
+        yield from ((rows, None, *f.result()[1:]) for rows, f in pending)
+        pending = submitted
+    yield from ((rows, None, *f.result()[1:]) for rows, f in pending)
 
 
 def reduce_by_head_blocks(
@@ -186,8 +172,8 @@ def reduce_by_head_blocks(
         reduce: (logits (n, 1, V), mask (n, 1)) -> (bad rows, [outputs (n, 1, ...)]): `chunk._reduce_batch`
             bound to its reducers, or, with `pool`, the single-threaded `chunk._reduce`.
         generator: The chunk's generator on a device (created on first use).
-        pool: Single-threaded CPU workers, each running the head of one group of row blocks and reducing
-            them (top-k targets only: the sampled draws keep one generator's order, on this thread).
+        pool: Single-threaded CPU workers that reduce the row blocks of each group at once
+            (top-k targets only: the sampled draws keep one generator's order, on this thread).
 
     Returns:
         (bad sample indices, outputs reshaped to (B, L, ...)) like `chunk._reduce_batch`, with the
@@ -200,8 +186,8 @@ def reduce_by_head_blocks(
     outs: list[torch.Tensor] = []  # preallocated once: small results kept per block would fragment the heap
     device = next(iter(split.head.parameters())).device
     blocks = list(_row_blocks(flat.shape[0], vocab_size, device))
-    on_pool = pool if spec.kind == "topk" else None
-    for rows, logits, bad_rows, reduced in _block_results(split, flat, mask, blocks, vocab_size, reduce, on_pool):
+    for rows, logits, bad_rows, reduced in _block_results(split, flat, mask, blocks, vocab_size, reduce,
+                                                          pool if spec.kind == "topk" else None):
         bad.update((rows.start + r) // length for r in bad_rows)
         if bad:
             continue  # keep checking the other rows, to name every bad sample

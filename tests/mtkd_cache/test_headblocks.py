@@ -40,9 +40,9 @@ def test_blocked_head_equals_the_full_logits(
     rows_seen: list[int] = []
     real_logits = headblocks.HeadSplit.logits
 
-    def spy(self: headblocks.HeadSplit, hidden: torch.Tensor) -> torch.Tensor:
+    def spy(self: headblocks.HeadSplit, hidden: torch.Tensor, *, packed: bool = False) -> torch.Tensor:
         rows_seen.append(hidden.shape[0])
-        return real_logits(self, hidden)
+        return real_logits(self, hidden, packed=packed)
 
     monkeypatch.setattr(headblocks.HeadSplit, "logits", spy)
     blocked = copy_cache(inputs_template, "blocked")

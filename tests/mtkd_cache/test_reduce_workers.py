@@ -1,11 +1,11 @@
-"""The O(V) reductions on the reduction workers: with two or more torch threads, each worker runs the head of
-a group of row blocks and reduces them; the stored arrays equal the one-thread full-logits path's. The
+"""The O(V) reductions on the reduction workers: with two or more torch threads, the head runs per group
+of row blocks and the workers reduce the group's blocks at once; the stored arrays equal the one-thread
+full-logits path's. The
 reductions' reused scratch buffer never leaks one call's values into the next."""
 
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +18,7 @@ import mtkd_cache.precompute.chunk as chunk
 import mtkd_cache.precompute.extract as extract
 import mtkd_cache.precompute.headblocks as headblocks
 from mtkd_cache import RunConfig, run_teacher
+from mtkd_cache.precompute import packed_head
 
 
 def _arrays(cache: Path, name: str) -> dict[str, np.ndarray]:
@@ -34,12 +35,13 @@ def two_threads() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("group_rows", [10, 20])  # 20: at least packed_head.MIN_ROWS, so the packed head runs
 def test_blocks_on_the_workers_equal_the_full_logits_on_one_thread(
     copy_cache: Callable[..., Path], inputs_template: Path, lm_dir: Path, monkeypatch: pytest.MonkeyPatch,
-    two_threads: None,
+    two_threads: None, group_rows: int,
 ) -> None:
     monkeypatch.setitem(extract._BLOCK_ELEMENTS, "cpu", 72 * 5)  # 5 rows per block: many blocks per batch
-    monkeypatch.setattr(headblocks, "WORKER_GROUP_ELEMENTS", 72 * 5 * 2)  # 2 blocks per head call: many groups
+    monkeypatch.setattr(headblocks, "GROUP_ELEMENTS", 72 * group_rows)  # a few blocks per head call: many groups
     on_pool: list[bool] = []
     real = headblocks._block_results
 
@@ -48,18 +50,22 @@ def test_blocks_on_the_workers_equal_the_full_logits_on_one_thread(
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(headblocks, "_block_results", spy)
-    heads_on: set[str] = set()
-    real_head = headblocks.HeadSplit.logits
+    packings: list[bool] = []  # per (head, row count): did MKL's packed head give F.linear's bits?
+    real_pack = packed_head._pack
 
-    def head_spy(self: headblocks.HeadSplit, hidden: torch.Tensor) -> torch.Tensor:
-        heads_on.add(threading.current_thread().name.split("_")[0])
-        return real_head(self, hidden)
+    def pack_spy(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor | None:
+        packed = real_pack(head, hidden)
+        packings.append(packed is not None)
+        return packed
 
-    monkeypatch.setattr(headblocks.HeadSplit, "logits", head_spy)
+    monkeypatch.setattr(packed_head, "_pack", pack_spy)
     blocked = copy_cache(inputs_template, "blocked")
     run_teacher(blocked, RunConfig(teacher="t", model=str(lm_dir), batch_size=4, top_k=8), progress=False)
     assert on_pool and all(on_pool)  # every batch's blocks ran on the workers
-    assert "mtkd-reduce" in heads_on  # and so did their heads (the one-row split probe runs on the main thread)
+    if group_rows >= packed_head.MIN_ROWS and torch.backends.mkl.is_available():
+        assert any(packings)  # the packed head ran (and gave F.linear's bits on its first group)
+    else:
+        assert not packings
 
     torch.set_num_threads(1)
     monkeypatch.setattr(chunk, "head_split", lambda teacher, batch: None)  # the full-logits path, no workers

@@ -1,0 +1,74 @@
+"""The LM head's weight packed once for MKL's GEMM, for the per-group head calls of the precompute.
+
+`headblocks` runs the head on one group of rows at a time (a few hundred at V = 49,152). A plain
+``F.linear`` repacks the whole ``(V, D)`` weight into the GEMM's panel layout on every call; MKL's packed
+GEMM (``torch.ops.mkl._mkl_reorder_linear_weight`` / ``_mkl_linear``, what ``torch.compile``'s CPU
+freezing uses) packs it once per row count. On this repository's 2-core CPU at V = 49,152, D = 256 the
+head of a 2,048-row batch in groups of 341 rows took 0.125 s packed against 0.168 s plain, and
+`run_teacher` / bare forward of the 16.8M teacher fell from 1.50-1.52 to 1.42-1.44
+(``benchmarks/head_packing.py``, ``benchmarks/precompute_overhead.py``).
+
+A packed weight is used only where the result equals ``F.linear``'s bit for bit: checked once per
+(head, row count) on the first rows it is asked for; otherwise, and for float32-less, non-CPU, non-MKL
+heads, fewer than :data:`MIN_ROWS` rows or weights above :data:`MAX_BYTES`, the plain head runs. So the
+stored targets stay those of the full-logits path. The packed copy costs the weight's size once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["linear"]
+
+log = logging.getLogger(__name__)
+
+MIN_ROWS = 16
+"""Below this many rows MKL takes another kernel whose last bits differ from the large matmul's."""
+
+MAX_BYTES = 1 << 30
+"""No packed copy of a head weight larger than this (a 262,144 x 640 float32 head is 671 MB)."""
+
+_LOCK = threading.Lock()
+_PACKED: weakref.WeakKeyDictionary[torch.nn.Linear, dict[int, torch.Tensor | None]] = weakref.WeakKeyDictionary()
+
+
+def _eligible(head: torch.nn.Linear, hidden: torch.Tensor) -> bool:
+    w = head.weight
+    return (w.device.type == "cpu" and w.dtype == torch.float32 and hidden.dtype == torch.float32
+            and hidden.dim() == 2 and hidden.shape[0] >= MIN_ROWS and hidden.is_contiguous()
+            and w.numel() * w.element_size() <= MAX_BYTES and torch.backends.mkl.is_available())
+
+
+def _pack(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The weight packed for `hidden`'s row count if its GEMM equals ``F.linear`` on `hidden`, else None."""
+    rows = hidden.shape[0]
+    try:
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(head.weight, rows)
+        same = torch.equal(torch.ops.mkl._mkl_linear(hidden, packed, head.weight, head.bias, rows),
+                           F.linear(hidden, head.weight, head.bias))
+    except (AttributeError, RuntimeError, NotImplementedError):  # a torch without the MKL ops
+        return None
+    if not same:
+        log.info("the packed LM head differs from F.linear in the last bits at %d rows: the plain head runs", rows)
+    return packed if same else None
+
+
+def linear(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """``head(hidden)``, through the packed weight where it exists and was checked equal (thread-safe)."""
+    if not _eligible(head, hidden):
+        return head(hidden)
+    rows = hidden.shape[0]
+    with _LOCK:  # the first worker to need a row count packs it; the others wait for it once
+        per_rows = _PACKED.setdefault(head, {})
+        if rows not in per_rows:
+            with torch.inference_mode():
+                per_rows[rows] = _pack(head, hidden)
+        packed = per_rows[rows]
+    if packed is None:
+        return head(hidden)
+    return torch.ops.mkl._mkl_linear(hidden, packed, head.weight, head.bias, rows)
