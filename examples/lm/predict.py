@@ -20,7 +20,7 @@ from typing import Any
 
 from examples.lm.students import ALL, RunSpec
 
-__all__ = ["SKIP", "plot_points", "student_points", "target_config", "target_points"]
+__all__ = ["SKIP", "plot_points", "stored_targets", "student_points", "target_config", "target_points"]
 
 SKIP = ("gate",)
 """Operators whose target is not a function of the cache (the gate is a trained network)."""
@@ -65,6 +65,27 @@ def target_points(curve_cache: str, configs: Mapping[str, tuple[Sequence[str], s
         out[name] = {"aggregate": op, "aggregate_kwargs": kwargs, "teachers": list(used), "nll": row.nll,
                      "ece": row.ece, "accuracy": row.accuracy}
     return out, {"positions": data.num_positions, "aligned": data.aligned}
+
+
+def stored_targets(path: Path, configs: Mapping[str, tuple[Sequence[str], str, Mapping[str, Any]]]
+                   ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The target points of an earlier ``predict`` output (`path`), for `configs`, without the curve cache.
+
+    A target does not depend on the students' seeds, so adding seeds needs no rescoring. Each config
+    must be in `path` with the same teachers, operator and options (for ``auto``, the same choice);
+    otherwise the stored point is of another target and this raises.
+    """
+    data = json.loads(Path(path).read_text())
+    stored = data.get("points", {})
+    out = {}
+    for name, (used, op, kwargs) in configs.items():
+        p = stored.get(name)
+        if p is None or (p["teachers"], p["aggregate"], p["aggregate_kwargs"]) != (list(used), op, dict(kwargs)):
+            found = "missing" if p is None else f"{p['aggregate']} {p['aggregate_kwargs']} of {p['teachers']}"
+            raise ValueError(f"{path}: the stored target of {name} is {found}, not {op} {dict(kwargs)} of "
+                             f"{list(used)}; score it again (leave out --targets)")
+        out[name] = {k: p[k] for k in ("aggregate", "aggregate_kwargs", "teachers", "nll", "ece", "accuracy")}
+    return out, dict(data["curve_cache"])
 
 
 def student_points(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:

@@ -212,11 +212,20 @@ def _order_names(order: tuple[str, ...]) -> list[str]:
               help="The results folder of one recipe (printed by `students`).")
 @click.option("--max-positions", type=int, default=80_000, show_default=True,
               help="Held-out positions of the curve cache scored.")
+@click.option("--targets", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Reuse the target points of an earlier lm_predict*.json instead of scoring the curve cache "
+                   "(for more seeds of the same configs; a changed config is refused).")
 @SUFFIX
-def predict(root: Path, max_positions: int, suffix: str) -> None:
+def predict(root: Path, max_positions: int, targets: Path | None, suffix: str) -> None:
     """Spearman of each config's target NLL (held-out, before training) against its student's perplexity."""
     from benchmarks.quality.fmnist_auto import spearman
-    from examples.lm.predict import plot_points, student_points, target_config, target_points
+    from examples.lm.predict import (
+        plot_points,
+        stored_targets,
+        student_points,
+        target_config,
+        target_points,
+    )
     from examples.lm.report import load_results
 
     results = load_results(root)
@@ -230,8 +239,9 @@ def predict(root: Path, max_positions: int, suffix: str) -> None:
         s = r["spec"]
         spec = RunSpec(s["name"], tuple(s["teachers"]), s["aggregate"], s["aggregate_kwargs"], s["kd"])
         configs[name] = (spec.teachers, *target_config(spec, root / "runs" / f"{name}-s{r['seed']}", r))
-    targets, info = target_points(str(work() / "caches" / "curve"), configs, max_positions=max_positions)
-    points = {n: {**targets[n], **students_[n]} for n in configs}
+    scored, info = (stored_targets(targets, configs) if targets is not None
+                    else target_points(str(work() / "caches" / "curve"), configs, max_positions=max_positions))
+    points = {n: {**scored[n], **students_[n]} for n in configs}
     with_s0 = {n: p for n, p in points.items() if "student_nll_s0" in p}
     rho = {"seed0": spearman(with_s0, "nll", ("student_nll_s0",)),
            "seed_mean": spearman(points, "nll", ("student_nll_mean",)),
@@ -245,5 +255,6 @@ def predict(root: Path, max_positions: int, suffix: str) -> None:
     for k, r in rho.items():
         y = next(key for key in r if key.startswith("student"))
         click.echo(f"spearman {k} (n = {r['n']}): rho {r[y]['rho']}, p {r[y]['p']}")
-    _write(RESULTS / f"lm_predict{suffix}.json", {"root": str(root), "curve_cache": info, "points": points, "spearman": rho})
+    _write(RESULTS / f"lm_predict{suffix}.json", {"root": str(root), "curve_cache": info, "points": points, "spearman": rho,
+                                                  **({"targets_from": str(targets)} if targets else {})})
     plot_points(points, RESULTS / f"lm_predict{suffix}.png")

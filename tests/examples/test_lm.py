@@ -333,7 +333,7 @@ def test_goal_compares_the_best_multi_teacher_student_with_the_best_single_one(t
 
 # -- does scoring the target predict the student? (examples/lm/predict.py) -------------------------
 
-from examples.lm.predict import student_points, target_config, target_points  # noqa: E402
+from examples.lm.predict import stored_targets, student_points, target_config, target_points  # noqa: E402
 
 
 def test_target_config_reads_the_choice_auto_logged(tmp_path: Path) -> None:
@@ -377,6 +377,21 @@ def test_target_points_score_every_config_on_the_same_positions(tmp_path: Path) 
     assert pts["mean-ab"]["nll"] < (pts["a"]["nll"] + pts["b"]["nll"]) / 2  # -log is convex: the mixture wins
     assert pts["routing-ab"]["nll"] != pytest.approx(pts["mean-ab"]["nll"])
     assert min(pts["a"]["nll"], pts["b"]["nll"]) <= pts["routing-ab"]["nll"] <= max(pts["a"]["nll"], pts["b"]["nll"])
+
+
+def test_stored_targets_are_reused_only_for_the_same_target(tmp_path: Path) -> None:
+    point = {"aggregate": "routing", "aggregate_kwargs": {"domain_weights": {"a": [0.25, 0.75]}},
+             "teachers": ["a", "b"], "nll": 3.5, "ece": 0.02, "accuracy": 0.4, "student_nll_mean": 5.0, "seeds": 1}
+    path = tmp_path / "lm_predict.json"
+    path.write_text(json.dumps({"curve_cache": {"positions": 7, "aligned": 1.0}, "points": {"auto-ab": point}}))
+    same = {"auto-ab": (("a", "b"), "routing", {"domain_weights": {"a": [0.25, 0.75]}})}
+    pts, info = stored_targets(path, same)
+    assert info == {"positions": 7, "aligned": 1.0} and pts["auto-ab"]["nll"] == 3.5
+    assert "student_nll_mean" not in pts["auto-ab"]  # the students' side is recomputed from the runs
+    with pytest.raises(ValueError, match="auto-ab is routing .* not mean"):  # auto chose otherwise: rescore
+        stored_targets(path, {"auto-ab": (("a", "b"), "mean", {})})
+    with pytest.raises(ValueError, match="mean-ab is missing.*leave out --targets"):
+        stored_targets(path, {"mean-ab": (("a", "b"), "mean", {})})
 
 
 def test_last_change_measures_how_flat_a_run_ends() -> None:
