@@ -11,7 +11,9 @@ head of a 2,048-row batch in groups of 341 rows took 0.125 s packed against 0.16
 A packed weight is used only where the result equals ``F.linear``'s bit for bit: checked once per
 (head, row count) on the first rows it is asked for; otherwise, and for float32-less, non-CPU, non-MKL
 heads, fewer than :data:`MIN_ROWS` rows or weights above :data:`MAX_BYTES`, the plain head runs. So the
-stored targets stay those of the full-logits path. The packed copy costs the weight's size once.
+stored targets stay those of the full-logits path. The packed copy costs the weight's size once, and is
+made again if the weight is replaced or changed in place (its storage or version counter moves). Not used
+where autograd would need the product's backward.
 """
 
 from __future__ import annotations
@@ -35,11 +37,14 @@ MAX_BYTES = 1 << 30
 
 _LOCK = threading.Lock()
 _PACKED: weakref.WeakKeyDictionary[torch.nn.Linear, dict[int, torch.Tensor | None]] = weakref.WeakKeyDictionary()
+_STAMP: weakref.WeakKeyDictionary[torch.nn.Linear, tuple[int, int]] = weakref.WeakKeyDictionary()
+"""Per head, the weight (storage, in-place version) its packings were made from: a changed weight drops them."""
 
 
 def _eligible(head: torch.nn.Linear, hidden: torch.Tensor) -> bool:
     w = head.weight
-    return (w.device.type == "cpu" and w.dtype == torch.float32 and hidden.dtype == torch.float32
+    grad = torch.is_grad_enabled() and (w.requires_grad or hidden.requires_grad)  # the MKL op has no backward
+    return (not grad and w.device.type == "cpu" and w.dtype == torch.float32 and hidden.dtype == torch.float32
             and hidden.dim() == 2 and hidden.shape[0] >= MIN_ROWS and hidden.is_contiguous()
             and w.numel() * w.element_size() <= MAX_BYTES and torch.backends.mkl.is_available())
 
@@ -63,8 +68,11 @@ def linear(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     if not _eligible(head, hidden):
         return head(hidden)
     rows = hidden.shape[0]
+    stamp = (head.weight.data_ptr(), head.weight._version)
     with _LOCK:  # the first worker to need a row count packs it; the others wait for it once
-        per_rows = _PACKED.setdefault(head, {})
+        if _STAMP.get(head) != stamp:  # new, or its weight was replaced or changed in place since it was packed
+            _PACKED[head], _STAMP[head] = {}, stamp
+        per_rows = _PACKED[head]
         if rows not in per_rows:
             with torch.inference_mode():
                 per_rows[rows] = _pack(head, hidden)

@@ -81,3 +81,27 @@ def test_a_packing_that_differs_is_never_used(monkeypatch: pytest.MonkeyPatch) -
         second = packed_head.linear(head, x)
     assert packed_head._PACKED[head][40] is None and len(calls) == 1  # checked once, then never used
     assert torch.equal(first, F.linear(x, head.weight)) and torch.equal(second, first)
+
+
+@needs_mkl
+def test_a_changed_weight_is_packed_again() -> None:
+    head = _head()
+    x = torch.randn(32, 64)
+    with torch.inference_mode():
+        packed_head.linear(head, x)
+    with torch.no_grad():
+        head.weight.mul_(2.0)  # in place: same storage, new version
+    with torch.inference_mode():
+        got = packed_head.linear(head, x)
+    assert torch.equal(got, F.linear(x, head.weight))  # not the product with the old packed weight
+    head.weight = torch.nn.Parameter(torch.randn(3_000, 64), requires_grad=False)  # replaced
+    with torch.inference_mode():
+        assert torch.equal(packed_head.linear(head, x), F.linear(x, head.weight))
+
+
+def test_a_head_under_autograd_runs_plain() -> None:
+    head = _head().requires_grad_(True)
+    x = torch.randn(32, 64)
+    out = packed_head.linear(head, x)
+    out.sum().backward()  # the plain head: it has a backward
+    assert head not in packed_head._PACKED and head.weight.grad is not None
