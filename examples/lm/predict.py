@@ -64,28 +64,34 @@ def target_points(curve_cache: str, configs: Mapping[str, tuple[Sequence[str], s
         row = score_operator(sub, op, kwargs)
         out[name] = {"aggregate": op, "aggregate_kwargs": kwargs, "teachers": list(used), "nll": row.nll,
                      "ece": row.ece, "accuracy": row.accuracy}
-    return out, {"positions": data.num_positions, "aligned": data.aligned}
+    return out, {"positions": data.num_positions, "aligned": data.aligned, "max_positions": max_positions}
 
 
-def stored_targets(path: Path, configs: Mapping[str, tuple[Sequence[str], str, Mapping[str, Any]]]
-                   ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def stored_targets(path: Path, configs: Mapping[str, tuple[Sequence[str], str, Mapping[str, Any]]],
+                   max_positions: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The target points of an earlier ``predict`` output (`path`), for `configs`, without the curve cache.
 
     A target does not depend on the students' seeds, so adding seeds needs no rescoring. Each config
-    must be in `path` with the same teachers, operator and options (for ``auto``, the same choice);
-    otherwise the stored point is of another target and this raises.
+    must be in `path` with the same teachers, operator and options (for ``auto``, the same choice), and
+    scored with the same `max_positions`; otherwise the stored point is of another target and this raises.
     """
     data = json.loads(Path(path).read_text())
+    info = dict(data.get("curve_cache", {}))
+    scored_with = info.get("max_positions")
+    if (scored_with is not None and scored_with != max_positions) or info.get("positions", 0) > max_positions:
+        raise ValueError(f"{path} scored {info.get('positions')} positions (--max-positions {scored_with}), not "
+                         f"--max-positions {max_positions}; pass the same --max-positions or leave out --targets")
     stored = data.get("points", {})
     out = {}
     for name, (used, op, kwargs) in configs.items():
         p = stored.get(name)
-        if p is None or (p["teachers"], p["aggregate"], p["aggregate_kwargs"]) != (list(used), op, dict(kwargs)):
-            found = "missing" if p is None else f"{p['aggregate']} {p['aggregate_kwargs']} of {p['teachers']}"
+        key = None if p is None else (p.get("teachers"), p.get("aggregate"), p.get("aggregate_kwargs"))
+        if p is None or key != (list(used), op, dict(kwargs)):
+            found = "missing" if key is None else f"{key[1]} {key[2]} of {key[0]}"
             raise ValueError(f"{path}: the stored target of {name} is {found}, not {op} {dict(kwargs)} of "
                              f"{list(used)}; score it again (leave out --targets)")
         out[name] = {k: p[k] for k in ("aggregate", "aggregate_kwargs", "teachers", "nll", "ece", "accuracy")}
-    return out, dict(data["curve_cache"])
+    return out, info
 
 
 def student_points(results: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:

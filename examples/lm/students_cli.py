@@ -239,7 +239,7 @@ def predict(root: Path, max_positions: int, targets: Path | None, suffix: str) -
         s = r["spec"]
         spec = RunSpec(s["name"], tuple(s["teachers"]), s["aggregate"], s["aggregate_kwargs"], s["kd"])
         configs[name] = (spec.teachers, *target_config(spec, root / "runs" / f"{name}-s{r['seed']}", r))
-    scored, info = (stored_targets(targets, configs) if targets is not None
+    scored, info = (stored_targets(targets, configs, max_positions) if targets is not None
                     else target_points(str(work() / "caches" / "curve"), configs, max_positions=max_positions))
     points = {n: {**scored[n], **students_[n]} for n in configs}
     with_s0 = {n: p for n, p in points.items() if "student_nll_s0" in p}

@@ -17,7 +17,9 @@ entropy, non-finite flags); a library that disagrees is not used. ``MTKD_NATIVE`
 * ``0``: never build or use it.
 
 Nothing here runs code from a data folder: the only library loaded is the one built here from the
-package's own source.
+package's own source, from a kernel folder created private (mode 0700). A library, or a folder holding
+it, that another user owns or that others can write is refused before it is loaded (loading a shared
+library runs its constructors).
 """
 
 from __future__ import annotations
@@ -77,9 +79,9 @@ def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu_signature()]).encode())
     target = kernel_dir() / f"topk_rows-{key.hexdigest()[:16]}.so"
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # built aside, then renamed: atomic
         out = Path(scratch) / target.name
         done = subprocess.run([compiler, *flags, "-o", str(out), str(SOURCE)], capture_output=True, text=True,
@@ -87,11 +89,24 @@ def _build(compiler: str) -> Path:
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
             raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {first}")
+        os.chmod(out, 0o755)  # whatever the umask: a group-writable library would be refused by _check_owned
         os.replace(out, target)
     return target
 
 
+def _check_owned(path: Path) -> None:
+    """Refuse `path` and its folder unless this user owns them and no one else can write them (POSIX)."""
+    if not hasattr(os, "getuid"):
+        return
+    for p in (path.parent, path):
+        st = p.stat()
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise RuntimeError(f"{p} is owned by another user or writable by others, so the kernel there is not "
+                               f"loaded; point MTKD_KERNEL_DIR at a private folder (mode 0700)")
+
+
 def _load(path: Path) -> ctypes.CDLL:
+    _check_owned(path)
     lib = ctypes.CDLL(str(path))
     if lib.mtkd_topk_rows_version() != ABI_VERSION:
         raise RuntimeError(f"{path} has kernel version {lib.mtkd_topk_rows_version()}, expected {ABI_VERSION}; "
@@ -114,29 +129,40 @@ def _call(lib: ctypes.CDLL, x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]
 
 
 def _self_check(lib: ctypes.CDLL) -> None:
-    """Compare the library with float64 torch on random rows, including non-finite ones; raise on disagreement."""
+    """Compare the library with float64 torch, including non-finite rows; raise on disagreement.
+
+    Short rows at k = 64 (fewer groups than 2k: the exact path) and at k = 8, and long rows at k = 64
+    (the pruning by a bound on the k-th value that real vocabularies take).
+    """
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 5000, generator=gen) * 4
     x[1, 17] = float("nan")
     x[2, 4999] = float("inf")
     x[3, 0] = float("-inf")
     x[4] = 0.5  # every value tied
-    idx, logp, tail, entropy, top1, finite = _call(lib, x, 64)
+    long = torch.randn(3, 20_000, generator=gen) * 3
+    long[1, 123] = 40.0  # one peaked row
+    if not (_agrees(lib, x, 64) and _agrees(lib, x, 8) and _agrees(lib, long, 64)):
+        raise RuntimeError("the compiled top-k kernel disagrees with torch on its self-check")
+
+
+def _agrees(lib: ctypes.CDLL, x: torch.Tensor, k: int) -> bool:
+    vocab = x.shape[1]
+    idx, logp, tail, entropy, top1, finite = _call(lib, x, k)
     ref = torch.log_softmax(x.double(), dim=-1)
     want_finite = torch.isfinite(x).all(dim=-1)
     ok = bool((finite == want_finite).all())
     for r in want_finite.nonzero().flatten().tolist():
-        kth = torch.topk(x[r], 64).values[-1]
-        ok = ok and bool((x[r][idx[r]] >= kth).all()) and idx[r].unique().numel() == 64
+        kth = torch.topk(x[r], k).values[-1]
+        ok = ok and bool((x[r][idx[r]] >= kth).all()) and idx[r].unique().numel() == k
         ok = ok and bool(torch.allclose(logp[r].double(), ref[r][idx[r]], atol=1e-5))
-        kept = torch.zeros(5000, dtype=torch.bool)
+        kept = torch.zeros(vocab, dtype=torch.bool)
         kept[idx[r]] = True
         p = ref[r].exp()
         ok = ok and abs(float(tail[r]) - float(p[~kept].sum())) <= 1e-5 * max(1e-3, float(p[~kept].sum()))
         ok = ok and abs(float(entropy[r]) + float((p * ref[r]).sum())) <= 1e-4
         ok = ok and abs(float(top1[r]) - float(p.max())) <= 1e-6
-    if not ok:
-        raise RuntimeError("the compiled top-k kernel disagrees with torch on its self-check")
+    return ok
 
 
 def _library() -> ctypes.CDLL | None:
@@ -153,7 +179,8 @@ def _library() -> ctypes.CDLL | None:
                     raise RuntimeError("no C++ compiler found (install g++ or set CXX)")
                 lib = _load(_build(compiler))
                 _self_check(lib)
-            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            # AttributeError: a library at the kernel's name that lacks its symbols
+            except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
                 if mode == "1":
                     raise RuntimeError(f"MTKD_NATIVE=1 but the top-k kernel is unusable: {err}") from err
                 warnings.warn(f"mtkd: the compiled top-k kernel is not used ({err}); the torch path is "
@@ -176,6 +203,8 @@ def topk_rows(x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...] | None:
     """
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.ndim != 2 or x.stride(-1) != 1:
         return None
+    if not 1 <= k <= x.shape[1]:
+        raise ValueError(f"top-k of {k} from rows of {x.shape[1]}: k must be in 1..V")
     lib = _library()
     if lib is None:
         return None

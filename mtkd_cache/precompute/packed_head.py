@@ -11,9 +11,13 @@ head of a 2,048-row batch in groups of 341 rows took 0.125 s packed against 0.16
 A packed weight is used only where the result equals ``F.linear``'s bit for bit: checked once per
 (head, row count) on the first rows it is asked for; otherwise, and for float32-less, non-CPU, non-MKL
 heads, fewer than :data:`MIN_ROWS` rows or weights above :data:`MAX_BYTES`, the plain head runs. So the
-stored targets stay those of the full-logits path. The packed copy costs the weight's size once, and is
-made again if the weight is replaced or changed in place (its storage or version counter moves). Not used
-where autograd would need the product's backward.
+stored targets stay those of the full-logits path. Each packed copy costs the weight's size; at most
+:data:`MAX_PACKINGS` row counts are kept per head (the run's full group and its last, shorter one), the
+least recently used dropped first. The packings are made again when the weight is replaced (another tensor
+object) or changed in place (its version counter moves); an edit through ``weight.data`` bypasses the
+counter and is not seen, so edit a teacher's weights before its first precompute call. Not used for a
+weight made under ``torch.inference_mode`` (it has no version counter) or where autograd would need the
+product's backward.
 """
 
 from __future__ import annotations
@@ -37,14 +41,17 @@ MAX_BYTES = 1 << 30
 
 _LOCK = threading.Lock()
 _PACKED: weakref.WeakKeyDictionary[torch.nn.Linear, dict[int, torch.Tensor | None]] = weakref.WeakKeyDictionary()
-_STAMP: weakref.WeakKeyDictionary[torch.nn.Linear, tuple[int, int]] = weakref.WeakKeyDictionary()
-"""Per head, the weight (storage, in-place version) its packings were made from: a changed weight drops them."""
+_STAMP: weakref.WeakKeyDictionary[torch.nn.Linear, tuple[weakref.ref[torch.Tensor], int]] = weakref.WeakKeyDictionary()
+"""Per head, the weight (a weak reference, its in-place version) its packings were made from."""
+
+MAX_PACKINGS = 2
+"""Packed copies kept per head, one per row count."""
 
 
 def _eligible(head: torch.nn.Linear, hidden: torch.Tensor) -> bool:
     w = head.weight
     grad = torch.is_grad_enabled() and (w.requires_grad or hidden.requires_grad)  # the MKL op has no backward
-    return (not grad and w.device.type == "cpu" and w.dtype == torch.float32 and hidden.dtype == torch.float32
+    return (not grad and not w.is_inference() and w.device.type == "cpu" and w.dtype == torch.float32 and hidden.dtype == torch.float32
             and hidden.dim() == 2 and hidden.shape[0] >= MIN_ROWS and hidden.is_contiguous()
             and w.numel() * w.element_size() <= MAX_BYTES and torch.backends.mkl.is_available())
 
@@ -68,15 +75,19 @@ def linear(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     if not _eligible(head, hidden):
         return head(hidden)
     rows = hidden.shape[0]
-    stamp = (head.weight.data_ptr(), head.weight._version)
+    weight = head.weight
     with _LOCK:  # the first worker to need a row count packs it; the others wait for it once
-        if _STAMP.get(head) != stamp:  # new, or its weight was replaced or changed in place since it was packed
-            _PACKED[head], _STAMP[head] = {}, stamp
+        made_from = _STAMP.get(head)
+        if made_from is None or made_from[0]() is not weight or made_from[1] != weight._version:
+            _PACKED[head], _STAMP[head] = {}, (weakref.ref(weight), weight._version)  # new or changed weight
         per_rows = _PACKED[head]
         if rows not in per_rows:
+            while len(per_rows) >= MAX_PACKINGS:
+                del per_rows[next(iter(per_rows))]  # the least recently used
             with torch.inference_mode():
                 per_rows[rows] = _pack(head, hidden)
-        packed = per_rows[rows]
+        packed = per_rows.pop(rows)
+        per_rows[rows] = packed  # now the most recently used
     if packed is None:
         return head(hidden)
     return torch.ops.mkl._mkl_linear(hidden, packed, head.weight, head.bias, rows)

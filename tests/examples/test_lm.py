@@ -385,13 +385,18 @@ def test_stored_targets_are_reused_only_for_the_same_target(tmp_path: Path) -> N
     path = tmp_path / "lm_predict.json"
     path.write_text(json.dumps({"curve_cache": {"positions": 7, "aligned": 1.0}, "points": {"auto-ab": point}}))
     same = {"auto-ab": (("a", "b"), "routing", {"domain_weights": {"a": [0.25, 0.75]}})}
-    pts, info = stored_targets(path, same)
+    pts, info = stored_targets(path, same, 100)
     assert info == {"positions": 7, "aligned": 1.0} and pts["auto-ab"]["nll"] == 3.5
     assert "student_nll_mean" not in pts["auto-ab"]  # the students' side is recomputed from the runs
     with pytest.raises(ValueError, match="auto-ab is routing .* not mean"):  # auto chose otherwise: rescore
-        stored_targets(path, {"auto-ab": (("a", "b"), "mean", {})})
+        stored_targets(path, {"auto-ab": (("a", "b"), "mean", {})}, 100)
     with pytest.raises(ValueError, match="mean-ab is missing.*leave out --targets"):
-        stored_targets(path, {"mean-ab": (("a", "b"), "mean", {})})
+        stored_targets(path, {"mean-ab": (("a", "b"), "mean", {})}, 100)
+    with pytest.raises(ValueError, match="scored 7 positions .* not --max-positions 5; pass the same"):
+        stored_targets(path, same, 5)  # fewer positions asked for than were scored
+    path.write_text(json.dumps({"curve_cache": {"positions": 7, "max_positions": 80}, "points": {"auto-ab": point}}))
+    with pytest.raises(ValueError, match=r"\(--max-positions 80\), not --max-positions 100"):
+        stored_targets(path, same, 100)
 
 
 def test_last_change_measures_how_flat_a_run_ends() -> None:

@@ -145,3 +145,53 @@ def test_a_library_that_gets_wrong_answers_is_refused(fresh: Path, monkeypatch: 
     monkeypatch.setattr(native, "_call", off_by_a_little)
     with pytest.warns(UserWarning, match="disagrees with torch on its self-check"):
         assert not native.available()
+
+
+def test_a_library_wrong_only_on_long_rows_is_refused(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_call = native._call
+
+    def off_on_long_rows(lib: object, x: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+        out = list(real_call(lib, x, k))  # type: ignore[arg-type]
+        if x.shape[1] > 10_000:  # the pruned path real vocabularies take
+            out[1] = out[1] + 1e-3  # the log-probabilities
+        return tuple(out)
+
+    monkeypatch.setattr(native, "_call", off_on_long_rows)
+    with pytest.warns(UserWarning, match="disagrees with torch on its self-check"):
+        assert not native.available()
+
+
+def test_a_foreign_library_at_the_kernels_name_falls_back(fresh: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    compiler = native._compiler()
+    assert compiler is not None
+    built = native._build(compiler)  # the kernel's name, built but not loaded (a loaded path stays cached)
+    src = tmp_path / "other.cpp"
+    src.write_text('extern "C" int other() { return 1; }\n')
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(built), str(src)], check=True)
+    with pytest.warns(UserWarning, match="the compiled top-k kernel is not used .*mtkd_topk_rows_version"):
+        assert not native.available()
+
+
+@pytest.mark.parametrize("which", ["folder", "library"])
+def test_a_kernel_others_can_write_is_not_loaded(fresh: Path, which: str) -> None:
+    assert native.available()
+    (built,) = fresh.glob("topk_rows-*.so")
+    (fresh if which == "folder" else built).chmod(0o777)
+    native._STATE.clear()
+    with pytest.warns(UserWarning, match="writable by others, so the kernel there is not loaded; point MTKD_KERNEL_DIR"):
+        assert not native.available()
+
+
+def test_k_outside_1_to_v_is_refused() -> None:
+    with pytest.raises(ValueError, match="top-k of 0 from rows of 50: k must be in 1..V"):
+        native.topk_rows(torch.randn(2, 50), 0)
+    with pytest.raises(ValueError, match="k must be in 1..V"):
+        native.topk_rows(torch.randn(2, 50), 51)
+
+
+@pytest.mark.parametrize(("dtype", "temperature"), [(torch.bfloat16, 1.0), (torch.float32, 0.5)])
+def test_no_rows_give_empty_targets(topk_kernel: str, dtype: torch.dtype, temperature: float) -> None:
+    idx, logp, tail = extract.topk_targets(torch.empty(2, 0, 100, dtype=dtype), 4, temperature)
+    assert idx.shape == logp.shape == (2, 0, 4) and tail.shape == (2, 0)

@@ -40,6 +40,10 @@ def test_one_packing_per_row_count() -> None:
         for rows in (20, 20, 24):
             packed_head.linear(head, torch.randn(rows, 64))
     assert sorted(packed_head._PACKED[head]) == [20, 24]
+    with torch.inference_mode():
+        packed_head.linear(head, torch.randn(24, 64))
+        packed_head.linear(head, torch.randn(30, 64))  # a third row count: 20, the least recently used, goes
+    assert list(packed_head._PACKED[head]) == [24, 30]
 
 
 @pytest.mark.parametrize("case", ["few rows", "bf16", "strided", "too big"])
@@ -94,9 +98,19 @@ def test_a_changed_weight_is_packed_again() -> None:
     with torch.inference_mode():
         got = packed_head.linear(head, x)
     assert torch.equal(got, F.linear(x, head.weight))  # not the product with the old packed weight
-    head.weight = torch.nn.Parameter(torch.randn(3_000, 64), requires_grad=False)  # replaced
+    for _ in range(3):  # replaced, the old one freed first: often at its address, and with version 0 again
+        head.weight = None  # type: ignore[assignment]
+        head.weight = torch.nn.Parameter(torch.randn(3_000, 64), requires_grad=False)
+        with torch.inference_mode():
+            assert torch.equal(packed_head.linear(head, x), F.linear(x, head.weight))
+
+
+def test_an_inference_mode_weight_runs_plain() -> None:
     with torch.inference_mode():
+        head = _head()  # its weight is an inference tensor: no version counter to watch
+        x = torch.randn(32, 64)
         assert torch.equal(packed_head.linear(head, x), F.linear(x, head.weight))
+    assert head not in packed_head._PACKED
 
 
 def test_a_head_under_autograd_runs_plain() -> None:
