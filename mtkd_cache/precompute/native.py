@@ -28,6 +28,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -76,7 +77,8 @@ def _compiler() -> str | None:
 def _build(compiler: str) -> Path:
     """Compile the kernel (once per source, compiler and CPU) and return the library's path."""
     flags = [*_FLAGS, "-march=native"] if platform.machine() in ("x86_64", "AMD64") else _FLAGS
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    cmd = shlex.split(compiler)  # CXX may carry a wrapper or flags, e.g. "ccache g++"
+    version = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu_signature()]).encode())
     target = kernel_dir() / f"topk_rows-{key.hexdigest()[:16]}.so"
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -84,7 +86,7 @@ def _build(compiler: str) -> Path:
         return target
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # built aside, then renamed: atomic
         out = Path(scratch) / target.name
-        done = subprocess.run([compiler, *flags, "-o", str(out), str(SOURCE)], capture_output=True, text=True,
+        done = subprocess.run([*cmd, *flags, "-o", str(out), str(SOURCE)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]

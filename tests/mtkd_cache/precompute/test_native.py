@@ -195,3 +195,14 @@ def test_k_outside_1_to_v_is_refused() -> None:
 def test_no_rows_give_empty_targets(topk_kernel: str, dtype: torch.dtype, temperature: float) -> None:
     idx, logp, tail = extract.topk_targets(torch.empty(2, 0, 100, dtype=dtype), 4, temperature)
     assert idx.shape == logp.shape == (2, 0, 4) and tail.shape == (2, 0)
+
+
+def test_cxx_may_carry_a_wrapper(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    compiler = native._compiler()
+    env = shutil.which("env")
+    if env is None or compiler is None:
+        pytest.skip("no env(1) to wrap the compiler with")
+    monkeypatch.setenv("CXX", f"{env} LC_ALL=C {compiler}")  # a command with arguments, as "ccache g++"
+    assert native.available()
