@@ -105,7 +105,7 @@ def main() -> None:
 
     teachers = evaluate_teachers(open_cache(test_cache), TEACHERS)
     info = inspect_cache(train_cache)
-    report = {
+    report: dict[str, Any] = {
         "data": "Fashion-MNIST: teachers trained on 25,000 images; transfer set 30,000 (1,000 labelled); test 10,000",
         "teachers_test": teachers, "teacher_train_seconds": teacher_times,
         "student_kd_test": kd, "student_labels_only_test": ce,

@@ -164,6 +164,10 @@ class GapCNN(nn.Module):
 class StudentMLP(nn.Module):
     """784-hidden-10 MLP with dropout after the hidden layer (for MC-dropout)."""
 
+    num_labels: int
+    hidden_size: int
+    task: str
+
     def __init__(
         self, hidden: int = 128, dropout: float = 0.2, num_labels: int = NUM_LABELS
     ) -> None:
@@ -304,7 +308,7 @@ def build_teacher(config: TeacherConfig) -> nn.Module:
     """Build an untrained teacher; specialists come wrapped in ClassSubsetClassifier."""
     model = ARCHITECTURES[config.arch](**config.kwargs)
     model = ClassSubsetClassifier(model, config.classes) if config.is_specialist else model
-    model.num_labels = NUM_LABELS  # tells mtkd how many classes to trust
+    model.num_labels = NUM_LABELS  # type: ignore[assignment]  # tells mtkd how many classes to trust
     return model
 
 
