@@ -25,9 +25,10 @@
     hard-label step (HF forward with ``labels``, backward, AdamW), on batches held in memory
     (no loader: the loader is measured in ``train_loader``). Two students: a 2-layer width-64
     Llama at V = 49,152 with 8 x 64 tokens, and the ``train_step`` setting's 2-layer width-128
-    Llama at V = 8,192 with 4 x 128 tokens. ``fused_head_loader`` steps on the batch as the loader
-    hands it over, merged (``merge_in = loader``, the default on the CPU); the merge is the worker's CPU time,
-    stored as ``loader_merge_ms`` per batch. The other arms merge in the step.
+    Llama at V = 8,192 with 4 x 128 tokens. ``fused_head_loader`` and ``fused_loader`` step on the batch as
+    the loader hands it over, merged (``merge_in = loader``, the default on the CPU); the merge is the worker's
+    CPU time, stored as ``loader_merge_ms`` per batch. The other arms merge in the step. ``fused_loader`` against
+    ``fused_head_loader`` is the choice of ``--loss-impl`` for a trainer that merges in its loader.
 
 Targets are top-64 of teacher distributions ``softmax(4.5 * randn)``-like with a per-teacher scale,
 giving top-64 tails and entropies in the range of trained LMs (printed and stored). Clock: process
@@ -360,7 +361,7 @@ def _tax(vocab: int, width: int, layers: int, intermediate: int, b: int, length:
 
 
 def part_c(rounds: int, steps: int, vocabs: tuple[int, ...] = (8192, 49152)) -> dict[str, Any]:
-    arms = ("fused", "fused_head", "fused_head_loader", "fused_head_eager", "reference")
+    arms = ("fused", "fused_loader", "fused_head", "fused_head_loader", "fused_head_eager", "reference")
     out = {}
     if 49152 in vocabs:
         out["width64_V49152"] = _tax(49152, 64, 2, 256, 8, 64, rounds, steps, arms)
@@ -390,12 +391,12 @@ def plot(res: dict[str, Any], path: Path) -> None:
         ax_a.legend(fontsize=8)
     if "c_tax" in res:
         keys = list(res["c_tax"])
-        for i, arm in enumerate(("fused_head_loader", "fused_head", "fused", "reference")):
-            ax_c.bar([j + 0.2 * i for j in range(len(keys))],
-                     [res["c_tax"][k].get(f"tax {arm}", {"ratio": 0.0})["ratio"] for k in keys], width=0.2, label=arm)
+        for i, arm in enumerate(("fused_head_loader", "fused_loader", "fused_head", "fused", "reference")):
+            ax_c.bar([j + 0.16 * i for j in range(len(keys))],
+                     [res["c_tax"][k].get(f"tax {arm}", {"ratio": 0.0})["ratio"] for k in keys], width=0.16, label=arm)
         ax_c.axhline(0.85, color="k", ls="--", lw=1)
         ax_c.axhline(0.9, color="k", ls=":", lw=1)
-        ax_c.set_xticks([j + 0.3 for j in range(len(keys))], keys, fontsize=8)
+        ax_c.set_xticks([j + 0.32 for j in range(len(keys))], keys, fontsize=8)
         ax_c.set_ylabel("distilling / plain throughput")
         ax_c.set_title("(c) distillation tax (targets 0.85 / 0.9)")
         ax_c.legend(fontsize=8)
