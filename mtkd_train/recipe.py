@@ -42,6 +42,7 @@ from mtkd_train.data import CachedDistillDataset, validate_teachers
 from mtkd_train.data._align import check_alignment, student_meta
 from mtkd_train.evaluate import evaluate_student, evaluate_teachers
 from mtkd_train.lora import apply_lora, save_lora_student
+from mtkd_train.loss_path import choose_head_path
 from mtkd_train.losses import FeatureDistiller
 from mtkd_train.metrics import MetricLogger, write_error
 from mtkd_train.objective import Objective
@@ -88,6 +89,7 @@ class DistillRecipe:
         """True once `train` returned early on SIGTERM (on every rank): a checkpoint of that step exists."""
         self.metrics: MetricLogger | None = None
         self._resumed_from: int | None = None
+        self._resuming = False
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, resume: bool = False) -> DistillRecipe:
@@ -95,6 +97,10 @@ class DistillRecipe:
         self._setup_cache()
         fingerprint = json.dumps([self.reader.inputs.dataset_fingerprint, self.teacher_ids], sort_keys=True)
         check_shared(self.out, fingerprint, rank=self.rank, world=self.world, device=self.device)
+        if not resume and self.rank == 0 and latest_checkpoint(self.out / "checkpoints") is not None:
+            raise CheckpointError(f"{self.out} already holds checkpoints; pass --resume to continue that run or "
+                                  f"choose another --out")
+        self._resuming = resume
         self._setup_student()
         self._setup_objective()
         self._setup_optimizer()
@@ -102,9 +108,6 @@ class DistillRecipe:
         seed_all(self.cfg.seed + self.rank)  # per-rank dropout; model init above used `seed` on every rank
         if resume:
             self._resume()
-        elif self.rank == 0 and latest_checkpoint(self.out / "checkpoints") is not None:
-            raise CheckpointError(f"{self.out} already holds checkpoints; pass --resume to continue that run or "
-                                  f"choose another --out")
         return self
 
     def _setup_distributed(self) -> None:
@@ -232,8 +235,21 @@ class DistillRecipe:
             raise ConfigError(f"`loss_impl` (--loss-impl) fused_head needs a causal-LM student whose logits are its "
                               f"output embedding applied to its decoder's output; {self.cfg.student!r} is not; use fused")
         if impl == "auto":
-            return "reference" if self.cfg.loss != "forward_kl" else ("fused_head" if head_ok else "fused")
+            if self.cfg.loss != "forward_kl":
+                return "reference"
+            return self._head_path() if head_ok else "fused"
         return impl
+
+    def _head_path(self) -> str:
+        """`auto` with a fusable head: the faster fused path on this machine (`mtkd_train.loss_path`)."""
+        c = self.cfg
+        weight = self.student.module.get_output_embeddings().weight  # type: ignore[operator]
+        support = sum(m.target.k or m.target.draws or 0 for m in self.metas)
+        return choose_head_path(
+            self.out, resume=self._resuming, rank=self.rank, world=self.world, device=self.device,
+            positions=c.batch_size * self.reader.inputs.max_length, hidden_size=int(weight.shape[1]),
+            vocab=int(weight.shape[0]), support=support, alpha=c.alpha, temperature=c.temperature,
+            tail_mode=c.tail_mode, kernels=c.kernels)
 
     def _setup_optimizer(self) -> None:
         c = self.cfg
