@@ -94,12 +94,10 @@ class DistillRecipe:
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, resume: bool = False) -> DistillRecipe:
         self._setup_distributed()
+        self._check_checkpoints(resume)  # before anything is written to the run's folder
         self._setup_cache()
         fingerprint = json.dumps([self.reader.inputs.dataset_fingerprint, self.teacher_ids], sort_keys=True)
         check_shared(self.out, fingerprint, rank=self.rank, world=self.world, device=self.device)
-        if not resume and self.rank == 0 and latest_checkpoint(self.out / "checkpoints") is not None:
-            raise CheckpointError(f"{self.out} already holds checkpoints; pass --resume to continue that run or "
-                                  f"choose another --out")
         self._resuming = resume
         self._setup_student()
         self._setup_objective()
@@ -109,6 +107,14 @@ class DistillRecipe:
         if resume:
             self._resume()
         return self
+
+    def _check_checkpoints(self, resume: bool) -> None:
+        latest = latest_checkpoint(self.out / "checkpoints")
+        if resume and latest is None:
+            raise CheckpointError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; drop --resume to start")
+        if not resume and self.rank == 0 and latest is not None:
+            raise CheckpointError(f"{self.out} already holds checkpoints; pass --resume to continue that run or "
+                                  f"choose another --out")
 
     def _setup_distributed(self) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -244,12 +250,13 @@ class DistillRecipe:
         """`auto` with a fusable head: the faster fused path on this machine (`mtkd_train.loss_path`)."""
         c = self.cfg
         weight = self.student.module.get_output_embeddings().weight  # type: ignore[operator]
-        support = sum(m.target.k or m.target.draws or 0 for m in self.metas)
+        length = self.reader.inputs.max_length
         return choose_head_path(
             self.out, resume=self._resuming, rank=self.rank, world=self.world, device=self.device,
-            positions=c.batch_size * self.reader.inputs.max_length, hidden_size=int(weight.shape[1]),
-            vocab=int(weight.shape[0]), support=support, alpha=c.alpha, temperature=c.temperature,
-            tail_mode=c.tail_mode, kernels=c.kernels)
+            positions=c.batch_size * max(1, length - 1), seq_len=length, hidden_size=int(weight.shape[1]),
+            head_rows=int(weight.shape[0]), vocab=self.vocab_size, support=sum(m.target.width for m in self.metas),
+            alpha=c.alpha, temperature=c.temperature, target_temperature=c.temperature, tail_mode=c.tail_mode,
+            vocab_size=self.vocab_size, kernels=c.kernels)
 
     def _setup_optimizer(self) -> None:
         c = self.cfg
@@ -286,8 +293,7 @@ class DistillRecipe:
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.out / "checkpoints")
-        if path is None:
-            raise CheckpointError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; drop --resume to start")
+        assert path is not None  # setup checked it first
         state = load_checkpoint(path, self.cfg, self.teacher_ids)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

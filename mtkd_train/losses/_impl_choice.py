@@ -19,20 +19,22 @@ import math
 import time
 from dataclasses import dataclass
 from statistics import median
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from mtkd_train.losses._fused import fused_kd_ce_loss
 from mtkd_train.losses._fused_head import fused_linear_kd_ce_loss
+from mtkd_train.rows import take_rows
 from mtkd_train.targets import SparseTargets
 
 __all__ = ["MARGIN", "PROBE_LOGITS", "PathTiming", "time_fused_paths"]
 
 PROBE_LOGITS = (1 << 22, 1 << 28)
-"""Logits per batch (positions x vocabulary) for which the trainer times both paths. Below 4M the difference is
-a fraction of a millisecond; above 256M (1 GiB of float32 logits, plus their gradient) ``fused_head`` is kept."""
+"""Logits per batch (positions x head rows) for which the trainer times both paths. Below 4M the difference is a
+fraction of a millisecond. Above 256M ``fused_head`` is kept: ``fused`` would hold the batch's float32 logits
+(1 GiB there), the loss rows taken from them and the gradients of both."""
 
 MARGIN = 0.05
 """``fused`` must be this much faster than ``fused_head`` to be chosen."""
@@ -50,31 +52,52 @@ class PathTiming:
         return {"fused_ms": self.fused_ms, "fused_head_ms": self.fused_head_ms, "choice": self.choice}
 
 
-def _synthetic(positions: int, hidden_size: int, vocab: int, support: int, device: torch.device,
-               dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor, SparseTargets, torch.Tensor]:
-    """Hidden states, a head weight, a merged top-`support` target (tail 0.1) and labels of the run's sizes."""
+class _Inputs(NamedTuple):
+    hidden: torch.Tensor  # (B, T, H): every position of the batch, as the student's body returns them
+    rows: torch.Tensor  # (P,) flat index of the loss rows (all but each sequence's last position)
+    weight: torch.Tensor  # (V_head, H)
+    target: SparseTargets  # (P, support), indices below `vocab`
+    labels: torch.Tensor  # (P,)
+
+
+def _synthetic(rows: int, seq_len: int, hidden_size: int, head_rows: int, vocab: int, support: int,
+               device: torch.device, dtype: torch.dtype, seed: int) -> _Inputs:
+    """A batch of whole sequences with about `rows` loss rows, a head weight and a merged top-`support` target
+    (tail 0.1) of the run's sizes."""
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(positions, hidden_size, generator=g).to(device, dtype)
-    weight = (torch.randn(vocab, hidden_size, generator=g) / math.sqrt(hidden_size)).to(device, dtype)
+    seq_len = max(2, min(seq_len, rows + 1))  # a long context is cut: both paths cost about the same per row
+    batch = max(1, math.ceil(rows / (seq_len - 1)))
+    hidden = torch.randn(batch, seq_len, hidden_size, generator=g).to(device, dtype)
+    index = torch.arange(batch * seq_len).view(batch, seq_len)[:, :-1].reshape(-1).to(device)  # causal shift
+    p = index.numel()
+    weight = (torch.randn(head_rows, hidden_size, generator=g) / math.sqrt(hidden_size)).to(device, dtype)
     support = max(1, min(support, vocab))
-    indices = torch.stack([torch.randperm(vocab, generator=g)[:support] for _ in range(min(positions, 64))])
-    indices = indices.repeat((positions + indices.shape[0] - 1) // indices.shape[0], 1)[:positions]
-    logp = torch.log_softmax(2.0 * torch.randn(positions, support, generator=g), dim=1) + math.log(0.9)
-    target = SparseTargets(indices.to(device), logp.to(device), torch.full((positions,), 0.1, device=device))
-    labels = torch.randint(0, vocab, (positions,), generator=g).to(device)
-    return hidden, weight, target, labels
+    indices = torch.stack([torch.randperm(vocab, generator=g)[:support] for _ in range(min(p, 64))])
+    indices = indices.repeat((p + indices.shape[0] - 1) // indices.shape[0], 1)[:p]
+    logp = torch.log_softmax(2.0 * torch.randn(p, support, generator=g), dim=1) + math.log(0.9)
+    target = SparseTargets(indices.to(device), logp.to(device), torch.full((p,), 0.1, device=device))
+    labels = torch.randint(0, vocab, (p,), generator=g).to(device)
+    return _Inputs(hidden, index, weight, target, labels)
 
 
 def time_fused_paths(positions: int, hidden_size: int, vocab: int, *, support: int, alpha: float,
-                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, rounds: int = 3,
-                     seed: int = 0, **options: Any) -> PathTiming:
-    """Time ``fused`` (head matmul, then :func:`fused_kd_ce_loss`) against ``fused_head`` on synthetic inputs.
+                     seq_len: int | None = None, head_rows: int | None = None, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32, rounds: int = 3, seed: int = 0,
+                     **options: Any) -> PathTiming:
+    """Time ``fused`` against ``fused_head`` on synthetic inputs, each as the objective runs it in a step.
+
+    ``fused``: the head on every position of the batch (what the student's forward returns), the loss rows taken
+    from those logits, then :func:`fused_kd_ce_loss`. ``fused_head``: the loss rows taken from the hidden states,
+    then :func:`fused_linear_kd_ce_loss`. Backward of both reaches the hidden states and the head.
 
     Args:
-        positions: Rows of one batch (batch size x sequence length).
+        positions: Loss rows to time (whole sequences of ``seq_len`` are built around them).
         hidden_size: Width of the hidden states the head reads.
-        vocab: Rows of the head (the student's vocabulary).
+        vocab: The true vocabulary (targets and labels lie below it; pass it as ``vocab_size`` in ``options``
+            when the head is padded).
         support: Kept tokens per row of the merged target (the teachers' summed ``k``, at most ``vocab``).
+        seq_len: Positions per sequence (default: one sequence of ``positions + 1``).
+        head_rows: Rows of the head's weight (default ``vocab``).
         alpha: The KD weight of the run.
         device: Where to time (on CUDA each call is synchronised).
         rounds: Timed calls per path after one warm-up each (which also compiles the row kernels).
@@ -84,15 +107,18 @@ def time_fused_paths(positions: int, hidden_size: int, vocab: int, *, support: i
         The medians and ``choice``: ``"fused"`` if its median is at least :data:`MARGIN` below ``fused_head``'s.
     """
     device = torch.device(device)
-    hidden, weight, target, labels = _synthetic(positions, hidden_size, vocab, support, device, dtype, seed)
-    hidden.requires_grad_(True)
-    weight.requires_grad_(True)
+    x = _synthetic(positions, seq_len or positions + 1, hidden_size, head_rows or vocab, vocab, support, device,
+                   dtype, seed)
+    hidden, weight = x.hidden.requires_grad_(True), x.weight.requires_grad_(True)
 
     def fused() -> None:
-        fused_kd_ce_loss(F.linear(hidden, weight), target, labels, alpha=alpha, **options).loss.backward()
+        logits = F.linear(hidden, weight)  # (B, T, V_head), as the student's forward
+        z = take_rows(logits, x.rows)
+        fused_kd_ce_loss(z, x.target, x.labels, alpha=alpha, **options).loss.backward()
 
     def fused_head() -> None:
-        fused_linear_kd_ce_loss(hidden, weight, target, labels, alpha=alpha, **options).loss.backward()
+        h = take_rows(hidden, x.rows)
+        fused_linear_kd_ce_loss(h, weight, x.target, x.labels, alpha=alpha, **options).loss.backward()
 
     def clock(fn: Any) -> float:
         if device.type == "cuda":
