@@ -50,7 +50,8 @@ def choose_head_path(out: Path, *, resume: bool, rank: int, world: int, device: 
             file) used ``fused_head``.
         positions: Loss rows of one batch; seq_len: positions per sequence; head_rows, hidden_size: the head's
             shape; vocab: the true vocabulary; support: the teachers' summed ``k``.
-        options: :class:`~mtkd_train.losses.FusedOptions` of the run (``temperature``, ``kernels``, ...).
+        options: :class:`~mtkd_train.losses.FusedOptions` of the run (``temperature``, ``kernels``, ...) and
+            ``autocast``, the run's ``--amp`` dtype.
 
     Raises:
         ConfigError or RunWriteError on every rank when rank 0 cannot read, time or record the choice.

@@ -255,7 +255,7 @@ class DistillRecipe:
             self.out, resume=self._resuming, rank=self.rank, world=self.world, device=self.device,
             positions=c.batch_size * max(1, length - 1), seq_len=length, hidden_size=int(weight.shape[1]),
             head_rows=int(weight.shape[0]), vocab=self.vocab_size, support=sum(m.target.width for m in self.metas),
-            alpha=c.alpha, temperature=c.temperature, target_temperature=c.temperature, tail_mode=c.tail_mode,
+            autocast=self.amp_dtype, alpha=c.alpha, temperature=c.temperature, target_temperature=c.temperature, tail_mode=c.tail_mode,
             vocab_size=self.vocab_size, kernels=c.kernels)
 
     def _setup_optimizer(self) -> None:

@@ -82,8 +82,8 @@ def _synthetic(rows: int, seq_len: int, hidden_size: int, head_rows: int, vocab:
 
 def time_fused_paths(positions: int, hidden_size: int, vocab: int, *, support: int, alpha: float,
                      seq_len: int | None = None, head_rows: int | None = None, device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32, rounds: int = 3, seed: int = 0,
-                     **options: Any) -> PathTiming:
+                     dtype: torch.dtype = torch.float32, autocast: torch.dtype | None = None, rounds: int = 3,
+                     seed: int = 0, **options: Any) -> PathTiming:
     """Time ``fused`` against ``fused_head`` on synthetic inputs, each as the objective runs it in a step.
 
     ``fused``: the head on every position of the batch (what the student's forward returns), the loss rows taken
@@ -98,6 +98,7 @@ def time_fused_paths(positions: int, hidden_size: int, vocab: int, *, support: i
         support: Kept tokens per row of the merged target (the teachers' summed ``k``, at most ``vocab``).
         seq_len: Positions per sequence (default: one sequence of ``positions + 1``).
         head_rows: Rows of the head's weight (default ``vocab``).
+        autocast: The run's autocast dtype (``--amp``), or None; both paths run under it, as in a step.
         alpha: The KD weight of the run.
         device: Where to time (on CUDA each call is synchronised).
         rounds: Timed calls per path after one warm-up each (which also compiles the row kernels).
@@ -124,7 +125,8 @@ def time_fused_paths(positions: int, hidden_size: int, vocab: int, *, support: i
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        fn()
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         hidden.grad = weight.grad = None

@@ -15,9 +15,10 @@ from mtkd_train.losses._impl_choice import MARGIN, _synthetic, time_fused_paths
 from mtkd_train.rows import take_rows
 
 
-def test_both_paths_are_timed_on_a_padded_head() -> None:
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_both_paths_are_timed_on_a_padded_head(autocast: torch.dtype | None) -> None:
     t = time_fused_paths(96, 16, 700, support=40, alpha=0.5, seq_len=33, head_rows=712, rounds=2, kernels="eager",
-                         vocab_size=700)
+                         vocab_size=700, autocast=autocast)
     assert t.fused_ms > 0 and t.fused_head_ms > 0 and t.choice in ("fused", "fused_head")
     assert t.choice == ("fused" if t.fused_ms < (1 - MARGIN) * t.fused_head_ms else "fused_head")
 
