@@ -139,11 +139,9 @@ class TrainConfig:
     alpha: float = 0.5
     """loss = alpha * KD + (1 - alpha) * CE on hard labels."""
     loss_impl: str = "auto"
-    """How alpha * KD + (1 - alpha) * CE is computed: auto (forward_kl: if the student's head can be fused, the
-    faster of fused and fused_head, timed once at set-up on the CPU when a batch has 4M-256M logits and recorded in
-    <out>/loss_impl.json for --resume, else fused_head; a student without a fusable head: fused; other losses:
-    reference), fused (closed-form gradient in row chunks, forward_kl only), fused_head (also fused with the LM head:
-    the logits are never built; causal-LM students) or reference (autograd)."""
+    """How alpha * KD + (1 - alpha) * CE is computed: auto (forward_kl: fused_head if the student allows it, else
+    fused; other losses: reference), fused (closed-form gradient in row chunks, forward_kl only), fused_head (also
+    fused with the LM head: the logits are never built; causal-LM students) or reference (autograd)."""
     kernels: str = "auto"
     """The fused loss's two dense row loops at T = 1: compiled (torch.compile: C++ on the CPU, Triton on CUDA; the
     first step compiles), eager (PyTorch's kernels) or auto (compiled where torch.compile works, else eager with a

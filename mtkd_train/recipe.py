@@ -42,7 +42,6 @@ from mtkd_train.data import CachedDistillDataset, validate_teachers
 from mtkd_train.data._align import check_alignment, student_meta
 from mtkd_train.evaluate import evaluate_student, evaluate_teachers
 from mtkd_train.lora import apply_lora, save_lora_student
-from mtkd_train.loss_path import choose_head_path
 from mtkd_train.losses import FeatureDistiller
 from mtkd_train.metrics import MetricLogger, write_error
 from mtkd_train.objective import Objective
@@ -89,16 +88,14 @@ class DistillRecipe:
         """True once `train` returned early on SIGTERM (on every rank): a checkpoint of that step exists."""
         self.metrics: MetricLogger | None = None
         self._resumed_from: int | None = None
-        self._resuming = False
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, resume: bool = False) -> DistillRecipe:
         self._setup_distributed()
-        self._check_checkpoints(resume)  # before anything is written to the run's folder
+        self._check_checkpoints(resume)  # before anything is written to the run's folder (auto_aggregate.json)
         self._setup_cache()
         fingerprint = json.dumps([self.reader.inputs.dataset_fingerprint, self.teacher_ids], sort_keys=True)
         check_shared(self.out, fingerprint, rank=self.rank, world=self.world, device=self.device)
-        self._resuming = resume
         self._setup_student()
         self._setup_objective()
         self._setup_optimizer()
@@ -241,22 +238,8 @@ class DistillRecipe:
             raise ConfigError(f"`loss_impl` (--loss-impl) fused_head needs a causal-LM student whose logits are its "
                               f"output embedding applied to its decoder's output; {self.cfg.student!r} is not; use fused")
         if impl == "auto":
-            if self.cfg.loss != "forward_kl":
-                return "reference"
-            return self._head_path() if head_ok else "fused"
+            return "reference" if self.cfg.loss != "forward_kl" else ("fused_head" if head_ok else "fused")
         return impl
-
-    def _head_path(self) -> str:
-        """`auto` with a fusable head: the faster fused path on this machine (`mtkd_train.loss_path`)."""
-        c = self.cfg
-        weight = self.student.module.get_output_embeddings().weight  # type: ignore[operator]
-        length = self.reader.inputs.max_length
-        return choose_head_path(
-            self.out, resume=self._resuming, rank=self.rank, world=self.world, device=self.device,
-            positions=c.batch_size * max(1, length - 1), seq_len=length, hidden_size=int(weight.shape[1]),
-            head_rows=int(weight.shape[0]), vocab=self.vocab_size, support=sum(m.target.width for m in self.metas),
-            autocast=self.amp_dtype, alpha=c.alpha, temperature=c.temperature, target_temperature=c.temperature, tail_mode=c.tail_mode,
-            vocab_size=self.vocab_size, kernels=c.kernels)
 
     def _setup_optimizer(self) -> None:
         c = self.cfg

@@ -7,7 +7,9 @@
 * a --student folder with a factory.json never runs code without --trust-factory;
 * a full disk during a checkpoint write is one line naming the file, and leaves the last complete
   checkpoint as the latest (no temporary file left);
-* the CLI turns only mtkd's own errors into one line: a bug keeps its traceback.
+* the CLI turns only mtkd's own errors into one line: a bug keeps its traceback;
+* a fresh run into a folder that holds checkpoints, and a --resume with none, are refused before anything is
+  written there (not even `--aggregate auto`'s choice).
 """
 
 from __future__ import annotations
@@ -64,6 +66,19 @@ def test_resume_after_a_teacher_was_recached_is_refused(lm_cache: LMCache, tmp_p
     line = _one_error_line([*_args(cache, lm_cache, out, "--max-steps", "3"), "--resume"])
     assert "teacher 'b'" in line and "re-cached" in line and "k" in line, line
     assert sorted((out / "checkpoints").iterdir()) == checkpoints
+
+
+def test_a_run_folder_is_checked_for_checkpoints_before_anything_is_written(lm_cache: LMCache, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    line = _one_error_line([*_args(lm_cache.cache, lm_cache, out), "--resume"])
+    assert "--resume: no checkpoint under" in line and "drop --resume" in line, line
+    assert not out.exists() or list(out.iterdir()) == []
+    _ok(_args(lm_cache.cache, lm_cache, out))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    line = _one_error_line([*_args(lm_cache.cache, lm_cache, out), "--aggregate", "auto"])
+    assert "already holds checkpoints" in line and "--resume" in line, line
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    assert not (out / "auto_aggregate.json").exists()
 
 
 def test_resume_with_more_steps_continues_the_running_schedule(lm_cache: LMCache, tmp_path: Path) -> None:
