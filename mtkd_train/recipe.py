@@ -92,7 +92,7 @@ class DistillRecipe:
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, resume: bool = False) -> DistillRecipe:
         self._setup_distributed()
-        self._check_checkpoints(resume)  # before anything is written to the run's folder (auto_aggregate.json)
+        latest = self._check_checkpoints(resume)  # before anything is written to the folder (auto_aggregate.json)
         self._setup_cache()
         fingerprint = json.dumps([self.reader.inputs.dataset_fingerprint, self.teacher_ids], sort_keys=True)
         check_shared(self.out, fingerprint, rank=self.rank, world=self.world, device=self.device)
@@ -101,17 +101,19 @@ class DistillRecipe:
         self._setup_optimizer()
         self._setup_data()
         seed_all(self.cfg.seed + self.rank)  # per-rank dropout; model init above used `seed` on every rank
-        if resume:
-            self._resume()
+        if resume and latest is not None:  # checked above: a --resume has one
+            self._resume(latest)
         return self
 
-    def _check_checkpoints(self, resume: bool) -> None:
+    def _check_checkpoints(self, resume: bool) -> Path | None:
+        """The latest checkpoint; refuse a --resume without one, or a fresh run into a folder with one."""
         latest = latest_checkpoint(self.out / "checkpoints")
         if resume and latest is None:
             raise CheckpointError(f"--resume: no checkpoint under {self.out / 'checkpoints'}; drop --resume to start")
         if not resume and self.rank == 0 and latest is not None:
             raise CheckpointError(f"{self.out} already holds checkpoints; pass --resume to continue that run or "
                                   f"choose another --out")
+        return latest
 
     def _setup_distributed(self) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -274,9 +276,7 @@ class DistillRecipe:
                  "teachers": self.teacher_ids}
         return save_checkpoint(self.out / "checkpoints", self.step, state, self.cfg)
 
-    def _resume(self) -> None:
-        path = latest_checkpoint(self.out / "checkpoints")
-        assert path is not None  # setup checked it first
+    def _resume(self, path: Path) -> None:
         state = load_checkpoint(path, self.cfg, self.teacher_ids)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -264,8 +264,9 @@ def _topk_native(flat: torch.Tensor, k: int, temperature: float) -> tuple[torch.
     Float32 logits at T = 1 go to it as they are; otherwise each row block is first tempered in float32
     into a reused buffer (the same float32 steps as the torch path).
     """
-    if (flat.dtype == torch.float32 and temperature == 1.0 and flat.stride(-1) == 1) or flat.shape[0] == 0:
-        out = native.topk_rows(flat if flat.shape[0] else flat.new_empty(0, flat.shape[-1], dtype=torch.float32), k)
+    as_is = flat.dtype == torch.float32 and temperature == 1.0 and flat.stride(-1) == 1
+    if as_is or flat.shape[0] == 0:  # no rows: nothing to temper
+        out = native.topk_rows(flat if as_is else flat.float().contiguous(), k)
         assert out is not None  # available() was checked by the caller
         return out
     vocab = flat.shape[-1]
