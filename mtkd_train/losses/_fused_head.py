@@ -34,7 +34,27 @@ from mtkd_train.losses._fused_math import RowTargets, chunk_grad, chunk_stats, c
 from mtkd_train.losses._kd import LossConfigError
 from mtkd_train.targets import SparseTargets
 
-__all__ = ["fused_linear_kd_ce_loss"]
+__all__ = ["HEAD_CHUNK_ELEMENTS", "fused_linear_kd_ce_loss", "head_chunk_rows"]
+
+HEAD_CHUNK_ELEMENTS = 1 << 24
+"""Largest default ``(c, V)`` chunk of the head-fused loss (64 MiB of float32)."""
+ROWS_PER_HIDDEN = 4
+"""Default chunk rows per hidden unit, up to :data:`HEAD_CHUNK_ELEMENTS`."""
+
+
+def head_chunk_rows(num_rows: int, vocab: int, hidden: int, chunk: int | None) -> int:
+    """Rows per chunk of the head-fused loss: ``chunk`` if given, else about ``4 H`` rows (at most 64 MiB).
+
+    Each chunk reads the ``(V, H)`` head twice (its logits, ``dL/dh``) and reads and writes its ``(V, H)``
+    gradient once, so the head's traffic per position falls as ``1 / c``; with ``c = 4 H`` it is about a
+    quarter of the logits' own. Measured on one thread (P = 512, V = 49,152): at H = 64 chunks of 42 rows
+    (:func:`chunk_rows`' size) cost 250 ms, chunks of 256 rows 197 ms; at H = 576, 1,542 against 1,023 ms;
+    at V = 262,144, H = 64, 16 rows 1,461 ms and 64 rows 1,112 ms (``benchmarks/README.md``, session 16).
+    """
+    if chunk is not None:
+        return chunk_rows(num_rows, vocab, chunk)
+    wanted = max(chunk_rows(num_rows, vocab, None), min(ROWS_PER_HIDDEN * hidden, HEAD_CHUNK_ELEMENTS // max(vocab, 1)))
+    return max(1, min(max(num_rows, 1), wanted))
 
 
 class _Grads:
@@ -158,7 +178,7 @@ def fused_linear_kd_ce_loss(
     bias = None if bias is None else bias.to(hidden.dtype)
     h = hidden.reshape(-1, hidden.shape[-1])
     rt, w, tail, rows = _prepare(target, labels, tuple(hidden.shape[:-1]), vocab, alpha, opts, compute_dtype(h.dtype))
-    size = chunk_rows(h.shape[0], vocab, opts.chunk)
+    size = head_chunk_rows(h.shape[0], vocab, h.shape[1], opts.chunk)
     with torch.autocast(h.device.type, enabled=False):  # out= matmuls; the dtypes are already chosen
         total, cross, ce = _FusedLinearKDCE.apply(h, weight, bias, w, tail, rt, vocab, float(opts.temperature),
                                                   opts.tail_mode, size, opts.compiled(h.device))

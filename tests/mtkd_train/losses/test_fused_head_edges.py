@@ -128,3 +128,18 @@ def test_an_outer_autocast_does_not_change_the_head_fused_loss() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = fused_linear_kd_ce_loss(h, w, t, labels, bias=b, alpha=0.5).loss
     torch.testing.assert_close(got, want)
+
+
+def test_the_default_head_chunk_is_four_rows_per_hidden_unit_up_to_its_element_budget() -> None:
+    from mtkd_train.losses._fused import CHUNK_ELEMENTS, chunk_rows
+    from mtkd_train.losses._fused_head import HEAD_CHUNK_ELEMENTS, head_chunk_rows
+
+    assert head_chunk_rows(512, 49152, 64, None) == 256  # 4 H: the head's traffic a quarter of the logits'
+    assert head_chunk_rows(4096, 49152, 576, None) == HEAD_CHUNK_ELEMENTS // 49152  # the 64 MiB budget binds
+    assert head_chunk_rows(4096, 262144, 64, None) == HEAD_CHUNK_ELEMENTS // 262144
+    assert head_chunk_rows(10**6, 64, 4, None) == CHUNK_ELEMENTS // 64  # never smaller than the logits path's
+    assert head_chunk_rows(10**6, 10**8, 4, None) == chunk_rows(10**6, 10**8, None)
+    assert head_chunk_rows(100, 49152, 64, None) == 100 and head_chunk_rows(0, 10, 4, None) == 1
+    assert head_chunk_rows(512, 49152, 64, 3) == 3  # an explicit chunk wins, checked as on the logits path
+    with pytest.raises(Exception, match=r"^chunk_rows must be a positive int, got 0$"):
+        head_chunk_rows(512, 49152, 64, 0)
