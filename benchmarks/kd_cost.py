@@ -30,6 +30,10 @@
     CPU time, stored as ``loader_merge_ms`` per batch. The other arms merge in the step. ``fused_loader`` against
     ``fused_head_loader`` is the choice of ``--loss-impl`` for a trainer that merges in its loader.
 
+Kernels: arms without a suffix run the torch.compile row kernels (``kernels="compiled"``), ``*_eager`` arms
+PyTorch's eager kernels, ``*_native`` arms the C++ kernel (``mtkd_train/losses/_native.py``), which is what
+``kernels="auto"``, the default, runs for float32 CPU logits since session 16.
+
 Targets are top-64 of teacher distributions ``softmax(4.5 * randn)``-like with a per-teacher scale,
 giving top-64 tails and entropies in the range of trained LMs (printed and stored). Clock: process
 CPU time with torch on one thread (``--threads``); arms interleaved (A, B, C, A, B, C, ...),
@@ -100,8 +104,13 @@ def merged_target(ts: list[SparseTargets], labels: torch.Tensor, vocab: int) -> 
 
 
 def arm_kernels(arm: str) -> tuple[str, str]:
-    """``(arm without "_eager", its row kernels)``: an ``*_eager`` arm runs the eager ones (`losses/_kernels.py`)."""
-    return arm.removesuffix("_eager"), "eager" if arm.endswith("_eager") else "compiled"
+    """``(arm without its kernel suffix, its row kernels)``: an ``*_eager`` arm runs the eager ones, a ``*_native``
+    arm the C++ kernel (the CPU default, `losses/_native.py`), the others the torch.compile ones
+    (`losses/_kernels.py`)."""
+    for kind in ("eager", "native"):
+        if arm.endswith(f"_{kind}"):
+            return arm.removesuffix(f"_{kind}"), kind
+    return arm, "compiled"
 
 
 def loss_fn(arm: str, ts: list[SparseTargets], labels: torch.Tensor, vocab: int) -> Callable[[torch.Tensor], Any]:
@@ -140,8 +149,9 @@ def allocator() -> str:
     return "warm heap (" + ", ".join(f"{k}={v}" for k, v in set_.items()) + ")" if set_ else "glibc default"
 
 
-FUSED_ARMS = ("fused", "fused_eager", "fused_loss_only", "fused_loss_only_eager")
-"""Fused arms of part (a): with the aggregation or the merged target given, compiled or eager row kernels."""
+FUSED_ARMS = ("fused", "fused_eager", "fused_native", "fused_loss_only", "fused_loss_only_eager",
+              "fused_loss_only_native")
+"""Fused arms of part (a): with the aggregation or the merged target given; compiled, eager or C++ row kernels."""
 
 
 def part_a(rounds: int, vocabs: tuple[int, ...] = (8192, 49152, 262144)) -> dict[str, Any]:
@@ -361,7 +371,8 @@ def _tax(vocab: int, width: int, layers: int, intermediate: int, b: int, length:
 
 
 def part_c(rounds: int, steps: int, vocabs: tuple[int, ...] = (8192, 49152)) -> dict[str, Any]:
-    arms = ("fused", "fused_loader", "fused_head", "fused_head_loader", "fused_head_eager", "reference")
+    arms = ("fused", "fused_loader", "fused_native_loader", "fused_head", "fused_head_loader", "fused_head_eager",
+            "fused_head_native_loader", "reference")
     out = {}
     if 49152 in vocabs:
         out["width64_V49152"] = _tax(49152, 64, 2, 256, 8, 64, rounds, steps, arms)

@@ -143,9 +143,11 @@ class TrainConfig:
     fused; other losses: reference), fused (closed-form gradient in row chunks, forward_kl only), fused_head (also
     fused with the LM head: the logits are never built; causal-LM students) or reference (autograd)."""
     kernels: str = "auto"
-    """The fused loss's two dense row loops at T = 1: compiled (torch.compile: C++ on the CPU, Triton on CUDA; the
-    first step compiles), eager (PyTorch's kernels) or auto (compiled where torch.compile works, else eager with a
-    warning; $MTKD_KERNELS overrides auto). Same values up to summation order."""
+    """The fused loss's two dense row loops at T = 1: native (the package's C++ kernel for float32 CPU logits,
+    built on first use; other dtypes compiled), compiled (torch.compile: C++ on the CPU, Triton on CUDA; the first
+    step compiles), eager (PyTorch's kernels) or auto (native on the CPU where the C++ kernel builds, else compiled
+    where torch.compile works, else eager with a warning; $MTKD_KERNELS overrides auto, MTKD_NATIVE=0 turns the
+    C++ kernel off). Same values up to summation order."""
     temperature: float = 1.0
     """KD temperature T (loss scaled by T^2)."""
     features: Mapping[str, Any] = field(default_factory=dict)

@@ -40,9 +40,12 @@ import torch
 
 __all__ = ["available", "kernel_dir", "topk_rows"]
 
-SOURCE = Path(__file__).with_name("csrc") / "topk_rows.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "topk_rows.cpp"
+HEADERS = (CSRC / "simd.h",)
+"""Included by every kernel (``-I`` the csrc folder) and hashed into every kernel's name."""
 ABI_VERSION = 1
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno"]
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-pthread", f"-I{CSRC}"]
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -74,23 +77,28 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-def _build(compiler: str) -> Path:
-    """Compile the kernel (once per source, compiler and CPU) and return the library's path."""
+def _build(compiler: str, source: Path = SOURCE) -> Path:
+    """Compile a kernel (once per source, compiler and CPU) and return the library's path.
+
+    ``source`` is a C++ file of this package (the top-k kernel by default; ``mtkd_train``'s loss kernel
+    passes its own); it may include :data:`HEADERS`.
+    """
     flags = [*_FLAGS, "-march=native"] if platform.machine() in ("x86_64", "AMD64") else _FLAGS
     cmd = shlex.split(compiler)  # CXX may carry a wrapper or flags, e.g. "ccache g++"
     version = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu_signature()]).encode())
-    target = kernel_dir() / f"topk_rows-{key.hexdigest()[:16]}.so"
+    texts = [source.read_text(), *(h.read_text() for h in HEADERS)]
+    key = hashlib.sha256("\0".join([*texts, compiler, version, *flags, _cpu_signature()]).encode())
+    target = kernel_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if target.exists():
         return target
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # built aside, then renamed: atomic
         out = Path(scratch) / target.name
-        done = subprocess.run([*cmd, *flags, "-o", str(out), str(SOURCE)], capture_output=True, text=True,
+        done = subprocess.run([*cmd, *flags, "-o", str(out), str(source)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {first}")
+            raise RuntimeError(f"{compiler} could not build {source.name}: {first}")
         os.chmod(out, 0o755)  # whatever the umask: a group-writable library would be refused by _check_owned
         os.replace(out, target)
     return target

@@ -31,6 +31,7 @@ from mtkd_train.losses._fused_math import (
     chunk_grad,
     chunk_stats,
     chunk_terms,
+    native_stats,
     scaled_grad,
     t1_grad,
     t1_grad_compiled,
@@ -76,8 +77,9 @@ class FusedOptions(TypedDict, total=False):
             does not change.
         ignore_index: Label value left out of the CE (default -100).
         chunk: Rows per chunk (default: :func:`chunk_rows`).
-        kernels: ``"auto"`` (default: ``$MTKD_KERNELS``, else compiled where ``torch.compile`` works),
-            ``"compiled"`` or ``"eager"``: how the two dense row loops at ``T = 1`` run (:mod:`._kernels`).
+        kernels: ``"auto"`` (default: ``$MTKD_KERNELS``, else the C++ kernel on the CPU, compiled where
+            ``torch.compile`` works), ``"native"``, ``"compiled"`` or ``"eager"``: how the two dense row loops
+            at ``T = 1`` run (:mod:`._kernels`).
     """
 
     temperature: float
@@ -118,11 +120,11 @@ class Options:
                                   f"{width} logits / head rows; padded vocabulary columns beyond it are dropped")
         return opts, vocab
 
-    def compiled(self, device: torch.device) -> bool:
-        """Whether the compiled row kernels run (only ``T = 1`` has them)."""
+    def kernel(self, device: torch.device) -> str:
+        """Which row kernels run: ``"native"``, ``"compiled"`` or ``"eager"`` (only ``T = 1`` has the first two)."""
         try:
             kernels_choice(self.kernels)  # a bad value is refused at any temperature
-            return self.temperature == 1.0 and resolve_kernels(self.kernels, device)
+            return resolve_kernels(self.kernels, device) if self.temperature == 1.0 else "eager"
         except ValueError as err:
             raise LossConfigError(str(err)) from None
 
@@ -223,17 +225,21 @@ class _FusedKDCE(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, logits: torch.Tensor, w: torch.Tensor, tail: torch.Tensor, rt: RowTargets,
-        vocab: int, temperature: float, mode: str, chunk: int, compiled: bool,
+        vocab: int, temperature: float, mode: str, chunk: int, kernel: str,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x_all = logits.detach()
         cd = compute_dtype(logits.dtype)
         p = x_all.shape[0]
         need_ce = bool(rt.labelled.any())
-        x_kept = x_all.gather(1, rt.idx)  # (P, C)
-        if compiled:  # one read-only loop over all rows: no (chunk, V) buffer
+        native = native_stats(x_all[:, :vocab], rt, mode) if kernel == "native" else None
+        if native is not None:  # one C++ pass: statistics, the support's and the label's logits
+            stats, x_kept, z_label = list(native[0]), native[1], native[2]
+        elif kernel != "eager":  # one read-only loop over all rows: no (chunk, V) buffer
+            x_kept = x_all.gather(1, rt.idx)  # (P, C)
             stats = list(chunk_stats(x_all[:, :vocab], rt, None, temperature, mode, need_ce, x_kept, compiled=True,
                                      block=chunk))
         else:
+            x_kept = x_all.gather(1, rt.idx)
             buf = torch.empty((min(chunk, p), vocab), dtype=cd, device=logits.device)
             stats = [torch.empty(p, dtype=cd, device=logits.device) for _ in range(3)]
             for a in range(0, p, chunk):
@@ -242,18 +248,19 @@ class _FusedKDCE(torch.autograd.Function):
                                   x_kept[a:b])
                 for dst, src in zip(stats, got, strict=True):
                     dst[a:b] = src
-        s_kept = x_kept.to(cd) / temperature
-        z_label = x_all.gather(1, rt.labels.unsqueeze(1)).squeeze(1).to(cd)
+        if native is None:
+            z_label = x_all.gather(1, rt.labels.unsqueeze(1)).squeeze(1).to(cd)
+        s_kept = x_kept.to(cd) if temperature == 1.0 else x_kept.to(cd) / temperature
         terms = chunk_terms((stats[0], stats[1], stats[2]), s_kept, z_label, rt, temperature, mode)
         ctx.save_for_backward(logits, *terms, *stats, *rt)
-        ctx.meta = (vocab, temperature, chunk, len(terms), len(stats), compiled)
+        ctx.meta = (vocab, temperature, chunk, len(terms), len(stats), kernel)
         total = (rt.kd_row * terms.cross).sum() + (rt.ce_row * terms.ce).sum()
         ctx.mark_non_differentiable(terms.cross, terms.ce)
         return total, terms.cross, terms.ce
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor, *_: Any) -> tuple[Any, ...]:  # type: ignore[override]
-        vocab, temperature, chunk, n_terms, n_stats, compiled = ctx.meta
+        vocab, temperature, chunk, n_terms, n_stats, kernel = ctx.meta
         saved = ctx.saved_tensors
         logits = saved[0]
         terms = ChunkTerms(*saved[1 : 1 + n_terms])
@@ -261,7 +268,7 @@ class _FusedKDCE(torch.autograd.Function):
         rt = RowTargets(*saved[1 + n_terms + n_stats :])
         grad_logits = None
         if ctx.needs_input_grad[0]:
-            grad_logits = _logits_grad(logits, terms, stats, rt, vocab, temperature, chunk, g, compiled)
+            grad_logits = _logits_grad(logits, terms, stats, rt, vocab, temperature, chunk, g, kernel)
         grad_w = terms.grad_w * g if ctx.needs_input_grad[1] else None
         grad_tail = terms.grad_tail * g if ctx.needs_input_grad[2] else None
         return grad_logits, grad_w, grad_tail, None, None, None, None, None, None
@@ -269,7 +276,7 @@ class _FusedKDCE(torch.autograd.Function):
 
 def _logits_grad(
     logits: torch.Tensor, terms: ChunkTerms, stats: tuple[torch.Tensor, ...], rt: RowTargets,
-    vocab: int, temperature: float, chunk: int, g: torch.Tensor, compiled: bool,
+    vocab: int, temperature: float, chunk: int, g: torch.Tensor, kernel: str,
 ) -> torch.Tensor:
     """The gradient-writing pass (one compiled loop, or chunk by chunk); padded head columns get 0."""
     p, width = logits.shape
@@ -277,14 +284,14 @@ def _logits_grad(
     if width > vocab:
         grad[:, vocab:].zero_()
     cd = compute_dtype(logits.dtype)
-    if compiled:  # one dense loop over all rows, then the sparse parts chunk by chunk
-        t1_grad_compiled(logits[:, :vocab], grad[:, :vocab], stats[0], scaled_grad(terms, g.to(cd), grad.dtype, rt),
-                         rt, chunk)
+    if kernel != "eager":  # one dense loop over all rows, then the sparse parts chunk by chunk (or one C++ pass)
+        t1_grad_compiled(logits[:, :vocab], grad[:, :vocab], stats[0], scaled_grad(terms, g.to(cd), grad.dtype),
+                         rt, chunk, native=kernel == "native")
         return grad
     buf = torch.empty((min(chunk, p), vocab), dtype=cd, device=logits.device)
     scale = g.to(cd)
     if temperature == 1.0 and logits.dtype == cd:  # the per-row parts once, then softmax, scale, scatter per chunk
-        sg = scaled_grad(terms, scale, grad.dtype, rt)
+        sg = scaled_grad(terms, scale, grad.dtype)
         for a in range(0, p, chunk):
             b = min(a + chunk, p)
             t1_grad(logits[a:b, :vocab], grad[a:b, :vocab], buf[: b - a], sg.rows(a, b), rt.rows(a, b))
@@ -369,5 +376,5 @@ def fused_kd_ce_loss(
     rt, w, tail, rows = _prepare(target, labels, tuple(student_logits.shape[:-1]), vocab, alpha, opts, cd)
     size = chunk_rows(z.shape[0], vocab, opts.chunk)
     total, cross, ce = _FusedKDCE.apply(z, w, tail, rt, vocab, float(opts.temperature), opts.tail_mode, size,
-                                        opts.compiled(z.device))
+                                        opts.kernel(z.device))
     return finish(total, cross, ce, w, tail, rt, rows, alpha, opts)

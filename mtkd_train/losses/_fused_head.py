@@ -30,7 +30,13 @@ from mtkd_train.losses._fused import (
     compute_dtype,
     finish,
 )
-from mtkd_train.losses._fused_math import RowTargets, chunk_grad, chunk_stats, chunk_terms
+from mtkd_train.losses._fused_math import (
+    RowTargets,
+    chunk_grad,
+    chunk_stats,
+    chunk_terms,
+    native_stats,
+)
 from mtkd_train.losses._kd import LossConfigError
 from mtkd_train.targets import SparseTargets
 
@@ -75,23 +81,27 @@ class _Grads:
 
 def _chunk(
     h: torch.Tensor, head: torch.Tensor, bias: torch.Tensor | None, rt: RowTargets, logits: torch.Tensor,
-    buf: torch.Tensor | None, temperature: float, mode: str, grads: _Grads, a: int, need_ce: bool, compiled: bool,
+    buf: torch.Tensor | None, temperature: float, mode: str, grads: _Grads, a: int, need_ce: bool, kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk: logits, statistics, terms, then the gradient folded into the accumulators."""
     torch.mm(h, head.t(), out=logits)  # (c, V)
     if bias is not None:
         logits.add_(bias)
-    x_kept = logits.gather(1, rt.idx)  # (c, C)
-    stats = chunk_stats(logits, rt, buf, temperature, mode, need_ce, x_kept, compiled)
+    native = native_stats(logits, rt, mode) if kernel == "native" else None
+    if native is not None:  # one C++ pass: statistics, the support's and the label's logits
+        stats, x_kept, z_label = native
+    else:
+        x_kept = logits.gather(1, rt.idx)  # (c, C)
+        stats = chunk_stats(logits, rt, buf, temperature, mode, need_ce, x_kept, kernel != "eager")
+        z_label = logits.gather(1, rt.labels.unsqueeze(1)).squeeze(1).to(stats[0].dtype)
     cd = stats[0].dtype
-    s_kept = x_kept.to(cd) / temperature
-    z_label = logits.gather(1, rt.labels.unsqueeze(1)).squeeze(1).to(cd)
+    s_kept = x_kept.to(cd) if temperature == 1.0 else x_kept.to(cd) / temperature
     terms = chunk_terms(stats, s_kept, z_label, rt, temperature, mode)
     b = a + h.shape[0]
     grads.w[a:b], grads.tail[a:b] = terms.grad_w, terms.grad_tail
     if grads.any_model_grad:
         one = torch.ones((), dtype=cd, device=logits.device)
-        chunk_grad(logits, logits, buf, terms, stats, rt, temperature, one, compiled)  # logits := dL/dlogits
+        chunk_grad(logits, logits, buf, terms, stats, rt, temperature, one, kernel)  # logits := dL/dlogits
         if grads.h is not None:
             torch.mm(logits, head, out=grads.h[a:b])
         if grads.weight is not None:
@@ -107,7 +117,7 @@ class _FusedLinearKDCE(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w: torch.Tensor,
-        tail: torch.Tensor, rt: RowTargets, vocab: int, temperature: float, mode: str, chunk: int, compiled: bool,
+        tail: torch.Tensor, rt: RowTargets, vocab: int, temperature: float, mode: str, chunk: int, kernel: str,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = hidden.shape[0]
         cd = compute_dtype(hidden.dtype)
@@ -116,7 +126,7 @@ class _FusedLinearKDCE(torch.autograd.Function):
         grads = _Grads(hidden, weight, bias, p, rt.idx.shape[1], cd)
         size = min(chunk, max(p, 1))
         logits = torch.empty((size, vocab), dtype=hidden.dtype, device=hidden.device)
-        buf = None if compiled else torch.empty((size, vocab), dtype=cd, device=hidden.device)
+        buf = None if kernel != "eager" else torch.empty((size, vocab), dtype=cd, device=hidden.device)
         cross, ce = torch.empty(p, dtype=cd, device=hidden.device), torch.empty(p, dtype=cd, device=hidden.device)
         need_ce = bool(rt.labelled.any())
         h_all = hidden.detach()
@@ -124,7 +134,7 @@ class _FusedLinearKDCE(torch.autograd.Function):
             b = min(a + size, p)
             cross[a:b], ce[a:b] = _chunk(h_all[a:b], head, b_head, rt.rows(a, b), logits[: b - a],
                                          None if buf is None else buf[: b - a], temperature, mode, grads, a, need_ce,
-                                         compiled)
+                                         kernel)
         ctx.grads = grads
         total = (rt.kd_row * cross).sum() + (rt.ce_row * ce).sum()
         ctx.mark_non_differentiable(cross, ce)
@@ -181,5 +191,5 @@ def fused_linear_kd_ce_loss(
     size = head_chunk_rows(h.shape[0], vocab, h.shape[1], opts.chunk)
     with torch.autocast(h.device.type, enabled=False):  # out= matmuls; the dtypes are already chosen
         total, cross, ce = _FusedLinearKDCE.apply(h, weight, bias, w, tail, rt, vocab, float(opts.temperature),
-                                                  opts.tail_mode, size, opts.compiled(h.device))
+                                                  opts.tail_mode, size, opts.kernel(h.device))
     return finish(total, cross, ce, w, tail, rt, rows, alpha, opts)

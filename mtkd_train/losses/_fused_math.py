@@ -36,10 +36,11 @@ from typing import NamedTuple
 
 import torch
 
+from mtkd_train.losses import _native
 from mtkd_train.losses._kernels import row_stats, scaled_exp_
 
 __all__ = ["ChunkTerms", "RowTargets", "ScaledGrad", "add_sparse", "chunk_grad", "chunk_stats", "chunk_terms",
-           "scaled_grad", "t1_grad", "t1_grad_compiled"]
+           "native_stats", "scaled_grad", "t1_grad", "t1_grad_compiled"]
 
 
 class RowTargets(NamedTuple):
@@ -123,6 +124,18 @@ def chunk_stats(
     torch.sub(x, m, out=buf)
     buf.exp_()
     return lse_t, m.squeeze(1) + buf.sum(dim=1).log(), aux
+
+
+def native_stats(
+    x: torch.Tensor, rt: RowTargets, mode: str
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor] | None:
+    """:func:`chunk_stats` at ``T = 1`` by the C++ kernel (:mod:`._native`) with the gathers it saves:
+    ``((lse, lse, aux), x[idx], x[label])``, or None where the kernel does not take ``x`` (not float32 on
+    the CPU; the caller then runs the compiled kernels)."""
+    if not (_native.applies(x) and _native.ids_in_range(x.shape[1], rt.idx, rt.labels)):
+        return None
+    lse, x_kept, z_label, aux = _native.kd_stats(x, rt.idx, rt.kept, rt.labels, mode)
+    return (lse, lse, aux), x_kept, z_label
 
 
 RISKY_REST = 1e-2
@@ -263,21 +276,21 @@ def chunk_grad(
     rt: RowTargets,
     temperature: float,
     scale: torch.Tensor,
-    compiled: bool = False,
+    kernel: str = "eager",
 ) -> None:
     """Write ``scale * d total / d z`` for the chunk into ``out`` (``(c, V)``, any float dtype).
 
     ``out`` may be ``x`` itself (the head-fused path overwrites its logits chunk); ``buf`` is the
     compute-dtype scratch (it may be ``out`` when ``out`` has the compute dtype and is not ``x``), unused
-    with ``compiled`` (the row kernels of :mod:`._kernels`, at ``T = 1``).
+    with the ``"compiled"`` or ``"native"`` ``kernel`` (:mod:`._kernels`, at ``T = 1``).
     """
     lse_t, lse_1, _ = stats
-    if temperature == 1.0 and compiled:
-        t1_grad_compiled(x, out, lse_t, scaled_grad(terms, scale, out.dtype, rt), rt)
+    if temperature == 1.0 and kernel != "eager":
+        t1_grad_compiled(x, out, lse_t, scaled_grad(terms, scale, out.dtype), rt, native=kernel == "native")
         return
     assert buf is not None, "the eager path needs a (c, V) compute-dtype buffer"
     if temperature == 1.0 and x.dtype == buf.dtype:
-        t1_grad(x, out, buf, scaled_grad(terms, scale, out.dtype, rt), rt)
+        t1_grad(x, out, buf, scaled_grad(terms, scale, out.dtype), rt)
         return
     work = out if out.dtype == buf.dtype else buf
     if terms.coef_1.any() and work.data_ptr() != buf.data_ptr():
@@ -294,7 +307,7 @@ def chunk_grad(
         work.add_(one)
     elif bool(terms.coef_1.any()):  # work is buf: no room for a second softmax, add it in place
         work.add_(torch.exp(x.to(buf.dtype) - lse_1.unsqueeze(1)) * (terms.coef_1 * scale).unsqueeze(1))
-    add_sparse(work, scaled_grad(terms, scale, work.dtype, rt), rt)
+    add_sparse(work, scaled_grad(terms, scale, work.dtype), rt)
     if work.data_ptr() != out.data_ptr():
         out.copy_(work)
 
@@ -305,25 +318,19 @@ class ScaledGrad(NamedTuple):
 
     coef: torch.Tensor  # (c, 1) multiplies q (at T = 1, with the CE weight folded in)
     shift: torch.Tensor | None  # (c, 1) subtracted from every token (spread; compute dtype), None when all zero
-    support: torch.Tensor  # (c, C) the value on the support in the gradient's dtype; padding entries
-    #                        repeat the value of the kept token they point at, so a scatter writes it twice
-    empty: torch.Tensor | None  # (c,) rows with no kept token (their padding points at token 0), or None
+    support: torch.Tensor  # (c, C) the value on the support in the gradient's dtype (padding entries: anything)
     label: torch.Tensor  # (c, 1) added at the label
 
     def rows(self, a: int, b: int) -> ScaledGrad:
         return ScaledGrad(self.coef[a:b], None if self.shift is None else self.shift[a:b], self.support[a:b],
-                          None if self.empty is None else self.empty[a:b], self.label[a:b])
+                          self.label[a:b])
 
 
-def scaled_grad(terms: ChunkTerms, scale: torch.Tensor, dtype: torch.dtype, rt: RowTargets) -> ScaledGrad:
+def scaled_grad(terms: ChunkTerms, scale: torch.Tensor, dtype: torch.dtype) -> ScaledGrad:
     """:class:`ScaledGrad` of ``terms`` times ``scale``, the sparse parts in the gradient's ``dtype``."""
     # the shift stays in the compute dtype: subtracted before the result is rounded to `dtype`
     shift = (terms.shift * scale).unsqueeze(1) if bool(terms.shift.any()) else None
-    support = (terms.support * scale).to(dtype)
-    at_fill = torch.where(rt.kept, rt.idx, -1).argmax(dim=1, keepdim=True)  # the kept entry padding points at
-    support = torch.where(rt.kept, support, support.gather(1, at_fill))
-    empty = ~rt.kept.any(dim=1)
-    return ScaledGrad((terms.coef_t * scale).unsqueeze(1), shift, support, empty if bool(empty.any()) else None,
+    return ScaledGrad((terms.coef_t * scale).unsqueeze(1), shift, (terms.support * scale).to(dtype),
                       (terms.label_corr * scale).unsqueeze(1).to(dtype))
 
 
@@ -337,10 +344,14 @@ def t1_grad(x: torch.Tensor, out: torch.Tensor, buf: torch.Tensor, sg: ScaledGra
 
 
 def t1_grad_compiled(x: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sg: ScaledGrad, rt: RowTargets,
-                     block: int | None = None) -> None:
+                     block: int | None = None, native: bool = False) -> None:
     """:func:`t1_grad` by the compiled kernel: ``out := coef * exp(x - lse) - shift`` in one loop (``out`` may be
     ``x``; any float dtypes), then the sparse parts ``block`` rows at a time (a scatter into bf16/fp16 on the
-    CPU works on a float32 copy of what it is given)."""
+    CPU works on a float32 copy of what it is given). With ``native``, float32 CPU rows take the C++ kernel
+    (:mod:`._native`), which writes the sparse parts in the same row loop."""
+    if native and _native.applies(x, out) and _native.ids_in_range(x.shape[1], rt.idx, rt.labels):
+        _native.kd_grad(x, out, lse, sg.coef, sg.shift, rt.idx, rt.kept, sg.support, rt.labels, sg.label)
+        return
     scaled_exp_(out, x, lse, sg.coef, sg.shift)
     sparse = sg._replace(shift=None)
     step = max(1, block or out.shape[0])
@@ -350,12 +361,15 @@ def t1_grad_compiled(x: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sg: 
 
 
 def add_sparse(out: torch.Tensor, sg: ScaledGrad, rt: RowTargets) -> None:
-    """The per-row shift, the support's values (written; a row without a kept token writes back what its
-    padding entries point at) and the label's correction (added last: the label may lie on the support)."""
+    """The per-row shift, the support's values (written; padding entries repeat the value of the kept token
+    they point at, so the scatter writes it twice, and a row without a kept token writes back what its padding
+    entries point at) and the label's correction (added last: the label may lie on the support)."""
     if sg.shift is not None:
         out.sub_(sg.shift)
-    values = sg.support
-    if sg.empty is not None:
-        values = torch.where(sg.empty.unsqueeze(1), out.gather(1, rt.idx), values)
+    at_fill = torch.where(rt.kept, rt.idx, -1).argmax(dim=1, keepdim=True)  # the kept entry padding points at
+    values = torch.where(rt.kept, sg.support, sg.support.gather(1, at_fill))
+    empty = ~rt.kept.any(dim=1)
+    if bool(empty.any()):
+        values = torch.where(empty.unsqueeze(1), out.gather(1, rt.idx), values)
     out.scatter_(1, rt.idx, values)
     out.scatter_add_(1, rt.labels.unsqueeze(1), sg.label)

@@ -16,7 +16,11 @@ logits are read and upcast inside it instead of through a float32 copy.
 * ``"eager"``: PyTorch's kernels, nothing compiled;
 * ``"compiled"``: the compiled kernels; if ``torch.compile`` does not work on the device at all (a probe on a
   tiny float32 input, once per process and device type), that is an error that says how to fall back;
-* ``"auto"`` (default; the environment variable ``MTKD_KERNELS`` overrides it): compiled where
+* ``"native"`` (CPU): float32 logits take the package's own C++ kernel (:mod:`._native`), which also does the
+  support's gathers and scatters in the same row loops; other dtypes take the compiled kernels. An error
+  where the kernel cannot be built (the reason, and how to fall back);
+* ``"auto"`` (default; the environment variable ``MTKD_KERNELS`` overrides it): on the CPU ``"native"`` where
+  the C++ kernel builds and passes its check (``MTKD_NATIVE=0`` turns it off), else compiled where
   ``torch.compile`` works on the logits' device, else eager after one warning. The first call of a
   process compiles (seconds to a minute; Inductor caches the code on disk for the next process).
 
@@ -38,9 +42,11 @@ from typing import Any
 
 import torch
 
+from mtkd_train.losses import _native
+
 __all__ = ["KERNELS", "kernels_choice", "resolve_kernels", "row_stats", "scaled_exp_"]
 
-KERNELS = ("auto", "compiled", "eager")
+KERNELS = ("auto", "native", "compiled", "eager")
 ENV = "MTKD_KERNELS"
 log = logging.getLogger(__name__)
 
@@ -122,15 +128,23 @@ def kernels_choice(kernels: str | None) -> str:
     return choice
 
 
-def resolve_kernels(kernels: str | None, device: torch.device) -> bool:
-    """Whether the compiled kernels run for logits on ``device`` (``kernels`` as in the module doc).
+def resolve_kernels(kernels: str | None, device: torch.device) -> str:
+    """Which kernels run for logits on ``device``: ``"native"``, ``"compiled"`` or ``"eager"`` (``kernels`` as
+    in the module doc).
 
     Raises:
-        ValueError: an unknown ``kernels``, or ``"compiled"`` where ``torch.compile`` fails.
+        ValueError: an unknown ``kernels``, ``"native"`` off the CPU or where the C++ kernel is unusable, or
+            ``"compiled"`` where ``torch.compile`` fails.
     """
     choice = kernels_choice(kernels)
     if choice == "eager":
-        return False
+        return "eager"
+    if choice in ("native", "auto") and device.type == "cpu" and _native.available():
+        return "native"
+    if choice == "native":
+        why = "it runs on the CPU only" if device.type != "cpu" else _native.unavailable_reason()
+        raise ValueError(f"kernels='native' but the C++ KD kernel is not usable for {device.type} logits ({why}); "
+                         f"use kernels='auto' or 'compiled'")
     key = device.type
     if key not in _FAILED:
         log.info("compiling the fused loss's row kernels for %s (once per process; kernels='eager' skips it)", key)
@@ -141,7 +155,7 @@ def resolve_kernels(kernels: str | None, device: torch.device) -> bool:
             _FAILED[key] = _first_line(err)
     reason = _FAILED[key]
     if reason is None:
-        return True
+        return "compiled"
     if choice == "compiled":
         raise ValueError(f"kernels='compiled' but torch.compile fails on {key}: {reason}; install a C++ compiler "
                          f"(CPU) or Triton (CUDA), or use kernels='eager' ({ENV}=eager)")
@@ -149,7 +163,7 @@ def resolve_kernels(kernels: str | None, device: torch.device) -> bool:
         _WARNED.add(key)
         warnings.warn(f"torch.compile fails on {key} ({reason}); the fused loss runs PyTorch's eager kernels "
                       f"(set kernels='eager' or {ENV}=eager to skip the attempt)", RuntimeWarning, stacklevel=4)
-    return False
+    return "eager"
 
 
 def row_stats(x: torch.Tensor, cd: torch.dtype, want_sum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,7 +1,8 @@
 """Run a test module's fused-loss tests with both row kernels (``mtkd_train/losses/_kernels.py``).
 
 The suite defaults to ``MTKD_KERNELS=eager`` (tests/conftest.py: compiling in every test process would
-cost minutes); a module that imports :func:`row_kernels` runs each of its tests twice, eager and compiled.
+cost minutes); a module that imports :func:`row_kernels` runs each of its tests three times: eager, compiled
+(torch.compile) and native (the C++ kernel, for float32 CPU logits; other dtypes take the compiled kernels).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 
-@pytest.fixture(autouse=True, params=["eager", "compiled"])
+@pytest.fixture(autouse=True, params=["eager", "compiled", "native"])
 def row_kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("MTKD_KERNELS", request.param)
     yield request.param

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mtkd_train.config import ConfigError, TrainConfig
-from mtkd_train.losses import LossConfigError, fused_kd_ce_loss
+from mtkd_train.losses import LossConfigError, _native, fused_kd_ce_loss
 from mtkd_train.losses import _kernels as kernels
 from mtkd_train.targets import from_dense
 
@@ -72,6 +72,8 @@ def broken_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "_probe", fail)
     monkeypatch.setattr(kernels, "_FAILED", {})
     monkeypatch.setattr(kernels, "_WARNED", set())
+    monkeypatch.setattr(_native, "_STATE", {})  # and no C++ kernel either, so auto has only these two
+    monkeypatch.setenv("MTKD_NATIVE", "0")
 
 
 def test_auto_falls_back_to_eager_with_one_warning_when_compiling_fails(broken_compiler: None,
@@ -95,12 +97,12 @@ def test_compiled_where_compiling_fails_is_an_error_that_names_the_fallback(brok
 
 
 def test_unknown_choices_are_refused_naming_where_they_came_from(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(LossConfigError, match=r"kernels='fast' is not one of auto, compiled, eager"):
+    with pytest.raises(LossConfigError, match=r"kernels='fast' is not one of auto, native, compiled, eager"):
         _loss("fast")
     monkeypatch.setenv("MTKD_KERNELS", "triton")
     with pytest.raises(LossConfigError, match=r"environment variable MTKD_KERNELS='triton' is not one of"):
         _loss(None)
-    with pytest.raises(ConfigError, match=r"kernels.*'fast'; expected auto, compiled or eager"):
+    with pytest.raises(ConfigError, match=r"kernels.*'fast'; expected auto, native, compiled or eager"):
         TrainConfig(cache="c", teachers=("t",), student="s", out="o", kernels="fast")
 
 
