@@ -7,9 +7,9 @@
 // cost what they cost in cache, not a gather or a scatter over the whole (P, V) tensor.
 //
 //   mtkd_kd_stats: per row, lse = logsumexp(x); the logits at the support ids and at the label;
-//     bucket: log sum_{v not in S} exp(x_v), summed over the off-support ids themselves (a 0/1 mask of S)
-//     in the same pass as lse, so it needs no 1 - sum_S q (which loses every digit for a confident
-//     student); spread: sum_v x_v.
+//     bucket: log sum_{v not in S} exp(x_v) from r = 1 - sum_S exp(x_j - lse) in double, and where
+//     r < 1e-2 (a confident student) from a third, vectorised read that sums the off-support entries
+//     themselves (a 0/1 mask of S); spread: sum_v x_v.
 //   mtkd_kd_grad: per row, out := coef * exp(x - lse) - shift; then the support's values written over
 //     it at the kept entries (padding entries write nothing), then the label's value added. `out` may be `x`.
 //
@@ -30,12 +30,11 @@ namespace {
 
 using namespace mtkd_simd;
 
-// Read 1 of a row: its max, and whether a logit is NaN or +inf (then the row's lse is set as torch's is).
-// Read 2: sum(exp(x - max)) and, with a mask `keep` (1 off the support, 0 on it), the off-support part of that
-// sum, summed from the entries it describes: no 1 - sum_S q cancellation when a confident student leaves
-// little mass off the support. Returns lse; *masked gets log(off-support sum) + max (or -inf).
-template <bool Masked>
-float row_lse(const float* row, int64_t vocab, const float* keep, float* masked) {
+constexpr double kRiskyRest = 1e-2;  // _fused_math.RISKY_REST
+
+// Read 1 of a row: its max, and whether a logit is NaN or +inf (then lse is set as torch's is);
+// read 2: sum(exp(x - max)). Returns lse.
+float row_lse(const float* row, int64_t vocab) {
   const int64_t vectors = vocab / kLanes;
   vf m0 = splat(-INFINITY), m1 = m0, probe = vf{};
   int64_t t = 0;
@@ -63,35 +62,36 @@ float row_lse(const float* row, int64_t vocab, const float* keep, float* masked)
       nan = nan || std::isnan(row[j]);
       inf = inf || row[j] == INFINITY;
     }
-    if (nan || inf) {
-      if (Masked) *masked = NAN;
-      return nan ? NAN : INFINITY;
-    }
+    if (nan || inf) return nan ? NAN : INFINITY;
   }
-  if (m == -INFINITY) {  // every logit -inf: lse = -inf
-    if (Masked) *masked = -INFINITY;
-    return -INFINITY;
-  }
+  if (m == -INFINITY) return -INFINITY;  // every logit -inf
   const vf vm = splat(m);
-  double sum = 0.0, off = 0.0;
+  double sum = 0.0;
   for (int64_t start = 0; start < vectors; start += kSumBlock) {
-    vf acc = vf{}, acc_off = vf{};
+    vf acc = vf{};
     const int64_t stop = std::min(vectors, start + kSumBlock);
-    for (int64_t u = start; u < stop; ++u) {
-      vf e = vexp(load(row + u * kLanes) - vm);
-      acc += e;
-      if (Masked) acc_off += e * load(keep + u * kLanes);
-    }
+    for (int64_t u = start; u < stop; ++u) acc += vexp(load(row + u * kLanes) - vm);
     sum += hsum(acc);
-    if (Masked) off += hsum(acc_off);
   }
-  for (int64_t j = vectors * kLanes; j < vocab; ++j) {
-    const float e = std::exp(row[j] - m);
-    sum += e;
-    if (Masked) off += static_cast<double>(e * keep[j]);
-  }
-  if (Masked) *masked = static_cast<float>(m + std::log(off));
+  for (int64_t j = vectors * kLanes; j < vocab; ++j) sum += std::exp(row[j] - m);
   return static_cast<float>(m + std::log(sum));
+}
+
+// sum over v of exp(row[v] - lse) * keep[v] (keep: 1 off the support, 0 on it) in double, from float32 lanes
+// over 256 logits: the off-support mass summed from the entries it describes, so a confident row keeps its
+// digits. A third read of the row, for the rows where 1 - sum_S q < kRiskyRest only.
+double masked_mass(const float* row, const float* keep, int64_t vocab, float lse) {
+  const int64_t vectors = vocab / kLanes;
+  const vf vl = splat(lse);
+  double total = 0.0;
+  for (int64_t start = 0; start < vectors; start += kSumBlock) {
+    vf acc = vf{};
+    const int64_t stop = std::min(vectors, start + kSumBlock);
+    for (int64_t u = start; u < stop; ++u) acc += vexp(load(row + u * kLanes) - vl) * load(keep + u * kLanes);
+    total += hsum(acc);
+  }
+  for (int64_t j = vectors * kLanes; j < vocab; ++j) total += static_cast<double>(std::exp(row[j] - lse) * keep[j]);
+  return total;
 }
 
 double row_total(const float* row, int64_t vocab) {
@@ -118,28 +118,38 @@ struct StatsArgs {
 };
 
 void stats_rows(const StatsArgs& a, int64_t begin, int64_t end) {
-  std::vector<float> keep;  // 1 off the support, 0 on it: set per row, restored after it
-  if (a.mode == 0) keep.assign(a.vocab, 1.0f);
+  std::vector<float> keep;  // 1 off the support, 0 on it; built on the first risky row, restored after each
   for (int64_t r = begin; r < end; ++r) {
     const float* row = a.x + r * a.ld;
     const int64_t* ids = a.idx + r * a.width;
     const uint8_t* kept = a.kept + r * a.width;
+    const float lse = row_lse(row, a.vocab);
+    a.lse[r] = lse;
     for (int64_t c = 0; c < a.width; ++c) a.x_kept[r * a.width + c] = row[ids[c]];
     a.z_label[r] = row[a.labels[r]];
     if (a.mode == 1) {  // spread: the row's sum
-      a.lse[r] = row_lse<false>(row, a.vocab, nullptr, nullptr);
       a.aux[r] = static_cast<float>(row_total(row, a.vocab));
       continue;
     }
     bool any = false;
-    for (int64_t c = 0; c < a.width; ++c) any = any || kept[c];
+    double q_sum = 0.0;  // the support's mass, from the logits just gathered (in cache)
+    for (int64_t c = 0; c < a.width; ++c) {
+      if (!kept[c]) continue;
+      any = true;
+      q_sum += std::exp(static_cast<double>(row[ids[c]]) - static_cast<double>(lse));
+    }
     if (!any) {  // no support: the bucket is the whole row
-      a.lse[r] = a.aux[r] = row_lse<false>(row, a.vocab, nullptr, nullptr);
+      a.aux[r] = lse;
       continue;
     }
-    for (int64_t c = 0; c < a.width; ++c) keep[ids[c]] = 0.0f;  // padding points at a kept id
-    a.lse[r] = row_lse<true>(row, a.vocab, keep.data(), &a.aux[r]);
-    for (int64_t c = 0; c < a.width; ++c) keep[ids[c]] = 1.0f;
+    double rest = std::max(0.0, 1.0 - q_sum);
+    if (rest < kRiskyRest) {  // a confident row: the exact off-support sum, no cancellation
+      if (keep.empty()) keep.assign(a.vocab, 1.0f);
+      for (int64_t c = 0; c < a.width; ++c) keep[ids[c]] = 0.0f;  // padding points at a kept id
+      rest = masked_mass(row, keep.data(), a.vocab, lse);
+      for (int64_t c = 0; c < a.width; ++c) keep[ids[c]] = 1.0f;
+    }
+    a.aux[r] = static_cast<float>(std::log(rest)) + lse;
   }
 }
 
