@@ -126,6 +126,10 @@ def chunk_stats(
     return lse_t, m.squeeze(1) + buf.sum(dim=1).log(), aux
 
 
+RISKY_REST = 1e-2
+"""Below this off-support mass, ``r = 1 - sum_S q`` loses digits; such rows get the exact masked sum."""
+
+
 def native_stats(
     x: torch.Tensor, rt: RowTargets, mode: str
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor] | None:
@@ -134,12 +138,8 @@ def native_stats(
     the CPU; the caller then runs the compiled kernels)."""
     if not (_native.applies(x) and _native.ids_in_range(x.shape[1], rt.idx, rt.labels)):
         return None
-    lse, x_kept, z_label, aux = _native.kd_stats(x, rt.idx, rt.kept, rt.labels, mode)
+    lse, x_kept, z_label, aux = _native.kd_stats(x, rt.idx, rt.kept, rt.labels, mode, RISKY_REST, ids_checked=True)
     return (lse, lse, aux), x_kept, z_label
-
-
-RISKY_REST = 1e-2
-"""Below this off-support mass, ``r = 1 - sum_S q`` loses digits; such rows get the exact masked sum."""
 
 
 def _stats_t1(
@@ -350,7 +350,8 @@ def t1_grad_compiled(x: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sg: 
     CPU works on a float32 copy of what it is given). With ``native``, float32 CPU rows take the C++ kernel
     (:mod:`._native`), which writes the sparse parts in the same row loop."""
     if native and _native.applies(x, out) and _native.ids_in_range(x.shape[1], rt.idx, rt.labels):
-        _native.kd_grad(x, out, lse, sg.coef, sg.shift, rt.idx, rt.kept, sg.support, rt.labels, sg.label)
+        _native.kd_grad(x, out, lse, sg.coef, sg.shift, rt.idx, rt.kept, sg.support, rt.labels, sg.label,
+                        ids_checked=True)
         return
     scaled_exp_(out, x, lse, sg.coef, sg.shift)
     sparse = sg._replace(shift=None)

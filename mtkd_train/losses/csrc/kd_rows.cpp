@@ -8,9 +8,11 @@
 //
 //   mtkd_kd_stats: per row, lse = logsumexp(x); the logits at the support ids and at the label;
 //     bucket: log sum_{v not in S} exp(x_v) from r = 1 - sum_S exp(x_j - lse) in double, and where
-//     r < 1e-2 (a confident student) from a third, vectorised read that sums the off-support entries
-//     themselves (a 0/1 mask of S); spread: sum_v x_v.
-//   mtkd_kd_grad: per row, out := coef * exp(x - lse) - shift; then the support's values written over
+//     r < 1e-2 (a confident student) as a log-sum-exp of the off-support entries themselves around their
+//     own max (a 0/1 mask of S; two more reads of such a row): no cancellation and no underflow;
+//     spread: sum_v x_v.
+//   mtkd_kd_grad: per row, out := coef * exp(x - lse) - shift (as sign(coef) * exp(x - lse + log|coef|), so a
+//     confident row's huge t / r and tiny q meet in the exponent); then the support's values written over
 //     it at the kept entries (padding entries write nothing), then the label's value added. `out` may be `x`.
 //
 // These are the quantities of `_fused_math._stats_t1` and `t1_grad_compiled`, in the same dtypes. Rows with
@@ -29,8 +31,6 @@
 namespace {
 
 using namespace mtkd_simd;
-
-constexpr double kRiskyRest = 1e-2;  // _fused_math.RISKY_REST
 
 // Read 1 of a row: its max, and whether a logit is NaN or +inf (then lse is set as torch's is);
 // read 2: sum(exp(x - max)). Returns lse.
@@ -77,21 +77,31 @@ float row_lse(const float* row, int64_t vocab) {
   return static_cast<float>(m + std::log(sum));
 }
 
-// sum over v of exp(row[v] - lse) * keep[v] (keep: 1 off the support, 0 on it) in double, from float32 lanes
-// over 256 logits: the off-support mass summed from the entries it describes, so a confident row keeps its
-// digits. A third read of the row, for the rows where 1 - sum_S q < kRiskyRest only.
-double masked_mass(const float* row, const float* keep, int64_t vocab, float lse) {
+// log sum_{v not in S} exp(row[v]), as m_off + log sum exp(row[v] - m_off) around the off-support max m_off
+// (keep: 1 off the support, 0 on it): the off-support mass summed from the entries it describes, with no
+// term underflowing however far below the support they lie (a confident student). Two more reads of the
+// row, for the rows where 1 - sum_S q < risky only.
+float masked_log_mass(const float* row, const float* keep, int64_t vocab) {
   const int64_t vectors = vocab / kLanes;
-  const vf vl = splat(lse);
+  const vf none = splat(-INFINITY);
+  vf vm = none;
+  for (int64_t u = 0; u < vectors; ++u) {
+    vf v = load(row + u * kLanes);
+    vm = vmax2(vm, load(keep + u * kLanes) > 0.0f ? v : none);
+  }
+  float m = vectors ? hmax(vm) : -INFINITY;
+  for (int64_t j = vectors * kLanes; j < vocab; ++j) m = keep[j] > 0.0f && row[j] > m ? row[j] : m;
+  if (!std::isfinite(m)) return m;  // nothing off the support (or only -inf there): log 0
+  const vf vmo = splat(m);
   double total = 0.0;
   for (int64_t start = 0; start < vectors; start += kSumBlock) {
     vf acc = vf{};
     const int64_t stop = std::min(vectors, start + kSumBlock);
-    for (int64_t u = start; u < stop; ++u) acc += vexp(load(row + u * kLanes) - vl) * load(keep + u * kLanes);
+    for (int64_t u = start; u < stop; ++u) acc += vexp(load(row + u * kLanes) - vmo) * load(keep + u * kLanes);
     total += hsum(acc);
   }
-  for (int64_t j = vectors * kLanes; j < vocab; ++j) total += static_cast<double>(std::exp(row[j] - lse) * keep[j]);
-  return total;
+  for (int64_t j = vectors * kLanes; j < vocab; ++j) total += static_cast<double>(std::exp(row[j] - m) * keep[j]);
+  return static_cast<float>(m + std::log(total));
 }
 
 double row_total(const float* row, int64_t vocab) {
@@ -113,7 +123,8 @@ struct StatsArgs {
   const int64_t* idx;
   const uint8_t* kept;
   const int64_t* labels;
-  int mode;  // 0 bucket, 1 spread
+  int mode;      // 0 bucket, 1 spread
+  double risky;  // _fused_math.RISKY_REST: below this 1 - sum_S q, the off-support mass is summed exactly
   float *lse, *x_kept, *z_label, *aux;
 };
 
@@ -142,14 +153,16 @@ void stats_rows(const StatsArgs& a, int64_t begin, int64_t end) {
       a.aux[r] = lse;
       continue;
     }
-    double rest = std::max(0.0, 1.0 - q_sum);
-    if (rest < kRiskyRest) {  // a confident row: the exact off-support sum, no cancellation
-      if (keep.empty()) keep.assign(a.vocab, 1.0f);
-      for (int64_t c = 0; c < a.width; ++c) keep[ids[c]] = 0.0f;  // padding points at a kept id
-      rest = masked_mass(row, keep.data(), a.vocab, lse);
-      for (int64_t c = 0; c < a.width; ++c) keep[ids[c]] = 1.0f;
+    const double rest = std::max(0.0, 1.0 - q_sum);
+    if (!(rest < a.risky)) {
+      a.aux[r] = static_cast<float>(std::log(rest)) + lse;
+      continue;
     }
-    a.aux[r] = static_cast<float>(std::log(rest)) + lse;
+    // a confident row: the exact off-support log-mass, no cancellation and no underflow
+    if (keep.empty()) keep.assign(a.vocab, 1.0f);
+    for (int64_t c = 0; c < a.width; ++c) keep[ids[c]] = 0.0f;  // padding points at a kept id
+    a.aux[r] = masked_log_mass(row, keep.data(), a.vocab);
+    for (int64_t c = 0; c < a.width; ++c) keep[ids[c]] = 1.0f;
   }
 }
 
@@ -171,14 +184,19 @@ void grad_rows(const GradArgs& a, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     const float* row = a.x + r * a.ldx;
     float* dst = a.out + r * a.ldo;
-    const vf vl = splat(a.lse[r]), vc = splat(a.coef[r]);
+    // coef * exp(x - lse) = sign * exp(x - (lse - log|coef|)): a huge coef (t / r of a confident row) meets
+    // a tiny q inside the exponent, so neither underflows to 0 nor overflows to inf before they meet
+    const float coef = a.coef[r];
+    const float sign = coef < 0.0f ? -1.0f : 1.0f;
+    const float shifted = static_cast<float>(static_cast<double>(a.lse[r]) - std::log(std::fabs(static_cast<double>(coef))));
+    const float base = std::isnan(coef) ? NAN : shifted;  // coef 0: base +inf, every term exp(-inf) = 0
     const float shift = a.shift ? a.shift[r] : 0.0f;
-    const vf vs = splat(shift);
+    const vf vb = splat(base), vsign = splat(sign), vs = splat(shift);
     for (int64_t u = 0; u < vectors; ++u) {
-      vf g = vc * vexp(load(row + u * kLanes) - vl) - vs;
+      vf g = vsign * vexp(load(row + u * kLanes) - vb) - vs;
       std::memcpy(dst + u * kLanes, &g, sizeof g);
     }
-    for (int64_t j = vectors * kLanes; j < a.vocab; ++j) dst[j] = a.coef[r] * std::exp(row[j] - a.lse[r]) - shift;
+    for (int64_t j = vectors * kLanes; j < a.vocab; ++j) dst[j] = sign * std::exp(row[j] - base) - shift;
     const int64_t* ids = a.idx + r * a.width;
     const uint8_t* kept = a.kept + r * a.width;
     const float* values = a.support + r * a.width;
@@ -189,20 +207,24 @@ void grad_rows(const GradArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+// Rows split over up to `threads` threads (this one included). A thread that cannot be started leaves its
+// rows to this thread; every started thread is joined.
 template <typename Args>
 void parallel_rows(void (*fn)(const Args&, int64_t, int64_t), const Args& args, int64_t rows, int64_t threads) {
   threads = std::max<int64_t>(1, std::min<int64_t>(threads, rows / 8));  // a thread for fewer rows costs more
-  if (threads == 1) {
-    fn(args, 0, rows);
-    return;
-  }
-  std::vector<std::thread> pool;
   const int64_t step = (rows + threads - 1) / threads;
-  for (int64_t t = 1; t < threads; ++t) {
-    const int64_t begin = std::min(rows, t * step), end = std::min(rows, (t + 1) * step);
-    pool.emplace_back(fn, std::cref(args), begin, end);
+  std::vector<std::thread> pool;
+  int64_t started = 1;  // ranges [0, started) are this thread's first range and the started threads'
+  try {
+    pool.reserve(threads - 1);
+    for (; started < threads; ++started) {
+      const int64_t begin = std::min(rows, started * step), end = std::min(rows, (started + 1) * step);
+      pool.emplace_back(fn, std::cref(args), begin, end);
+    }
+  } catch (...) {  // no more threads: the rest runs here
   }
   fn(args, 0, std::min(rows, step));
+  if (started < threads) fn(args, std::min(rows, started * step), rows);
   for (auto& th : pool) th.join();
 }
 
@@ -211,26 +233,38 @@ void parallel_rows(void (*fn)(const Args&, int64_t, int64_t), const Args& args, 
 extern "C" {
 
 // ABI version: `_native.py` refuses a library whose version differs from the one it expects.
-int mtkd_kd_rows_version() { return 1; }
+int mtkd_kd_rows_version() { return 2; }
 
 // x: rows x vocab float32 logits (row r at x + r * ld); idx / kept: (rows, width) int64 ids in [0, vocab) and
-// uint8 flags; labels: (rows,) int64 ids in [0, vocab); mode 0 bucket, 1 spread. Outputs: lse, z_label, aux
-// (rows,) and x_kept (rows, width), float32.
-void mtkd_kd_stats(const float* x, int64_t rows, int64_t vocab, int64_t ld, const int64_t* idx, const uint8_t* kept,
-                   int64_t width, const int64_t* labels, int64_t mode, float* lse, float* x_kept, float* z_label,
-                   float* aux, int64_t threads) {
-  const StatsArgs args{x, vocab, ld, width, idx, kept, labels, static_cast<int>(mode), lse, x_kept, z_label, aux};
-  parallel_rows(stats_rows, args, rows, threads);
+// uint8 flags; labels: (rows,) int64 ids in [0, vocab); mode 0 bucket, 1 spread; risky: the threshold on
+// 1 - sum_S q below which the off-support mass is summed exactly. Outputs: lse, z_label, aux (rows,) and
+// x_kept (rows, width), float32. Returns 0, or 1 when the kernel failed (out of memory): outputs undefined.
+int mtkd_kd_stats(const float* x, int64_t rows, int64_t vocab, int64_t ld, const int64_t* idx, const uint8_t* kept,
+                  int64_t width, const int64_t* labels, int64_t mode, double risky, float* lse, float* x_kept,
+                  float* z_label, float* aux, int64_t threads) {
+  try {
+    const StatsArgs args{x, vocab, ld, width, idx, kept, labels, static_cast<int>(mode), risky, lse, x_kept,
+                         z_label, aux};
+    parallel_rows(stats_rows, args, rows, threads);
+    return 0;
+  } catch (...) {
+    return 1;
+  }
 }
 
 // out (row r at out + r * ldo) := coef * exp(x - lse) - shift, then out[idx] := support where kept, then
-// out[label] += label_value. `out` may equal `x` (same ld). shift may be null.
-void mtkd_kd_grad(const float* x, int64_t ldx, float* out, int64_t ldo, int64_t rows, int64_t vocab,
-                  const float* lse, const float* coef, const float* shift, const int64_t* idx, const uint8_t* kept,
-                  int64_t width, const float* support, const int64_t* labels, const float* label_value,
-                  int64_t threads) {
-  const GradArgs args{x, ldx, out, ldo, vocab, width, lse, coef, shift, idx, kept, support, labels, label_value};
-  parallel_rows(grad_rows, args, rows, threads);
+// out[label] += label_value. `out` may equal `x` (same ld). shift may be null. Returns 0, or 1 on failure.
+int mtkd_kd_grad(const float* x, int64_t ldx, float* out, int64_t ldo, int64_t rows, int64_t vocab,
+                 const float* lse, const float* coef, const float* shift, const int64_t* idx, const uint8_t* kept,
+                 int64_t width, const float* support, const int64_t* labels, const float* label_value,
+                 int64_t threads) {
+  try {
+    const GradArgs args{x, ldx, out, ldo, vocab, width, lse, coef, shift, idx, kept, support, labels, label_value};
+    parallel_rows(grad_rows, args, rows, threads);
+    return 0;
+  } catch (...) {
+    return 1;
+  }
 }
 
 }  // extern "C"

@@ -3,6 +3,7 @@ how `kernels` chooses it. The fused losses run every test with it too (tests/hel
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -11,9 +12,10 @@ import torch
 
 from mtkd_cache.precompute import native as builder
 from mtkd_train.losses import LossConfigError, _native, fused_kd_ce_loss
+from mtkd_train.losses._fused_math import RISKY_REST as RISKY
 from mtkd_train.losses._fused_math import native_stats
 from mtkd_train.losses._kernels import resolve_kernels
-from mtkd_train.targets import from_dense
+from mtkd_train.targets import SparseTargets, from_dense
 
 pytestmark = pytest.mark.skipif(builder._compiler() is None, reason="no C++ compiler to build the kernel")
 CPU = torch.device("cpu")
@@ -50,29 +52,42 @@ def test_statistics_equal_float64_in_both_tail_modes(fresh: None, vocab: int) ->
     x, idx, kept, labels = _rows(40, vocab, min(4, vocab))
     x[7, idx[7, 0]] = 60.0  # a confident row: r ~ e^-60, only the exact off-support sum keeps its digits
     kept[9], idx[9] = False, 0  # a row with no kept id
-    lse, x_kept, z_label, aux = _native.kd_stats(x, idx, kept, labels, "bucket")
+    lse, x_kept, z_label, aux = _native.kd_stats(x, idx, kept, labels, "bucket", RISKY)
     torch.testing.assert_close(lse.double(), torch.logsumexp(x.double(), dim=1), rtol=1e-6, atol=1e-5)
     assert torch.equal(x_kept, x.gather(1, idx)) and torch.equal(z_label, x[torch.arange(40), labels])
     want = _off_support_lse(x, idx, kept)
     torch.testing.assert_close(aux.double(), want, rtol=1e-6, atol=1e-4)
-    assert float(aux[7]) < float(lse[7]) - 40  # r < e^-40: 1 - sum_S q would have kept no digit of it
-    *_, total = _native.kd_stats(x, idx, kept, labels, "spread")
+    assert bool(torch.isfinite(aux).all())  # 1 - sum_S q would have rounded row 7's mass to 0: log 0 = -inf
+    assert float(aux[7]) < float(lse[7]) - 40  # r < e^-40
+    *_, total = _native.kd_stats(x, idx, kept, labels, "spread", RISKY)
     torch.testing.assert_close(total.double(), x.double().sum(dim=1), rtol=1e-6, atol=1e-3)
 
 
 def test_strided_rows_int32_ids_and_threads_give_the_same_bits(fresh: None) -> None:
     x, idx, kept, labels = _rows(64, 300, 6)
     wide = torch.cat([x, torch.full((64, 20), 1e4)], dim=1)  # padded vocabulary columns: never read
-    one = _native.kd_stats(x, idx, kept, labels, "bucket")
-    strided = _native.kd_stats(wide[:, :300], idx.int(), kept, labels.int(), "bucket")
+    one = _native.kd_stats(x, idx, kept, labels, "bucket", RISKY)
+    strided = _native.kd_stats(wide[:, :300], idx.int(), kept, labels.int(), "bucket", RISKY)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        threaded = _native.kd_stats(x, idx, kept, labels, "bucket")
+        threaded = _native.kd_stats(x, idx, kept, labels, "bucket", RISKY)
     finally:
         torch.set_num_threads(before)
     for a, b, c in zip(one, strided, threaded, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
+    lse = one[0]
+    coef, support, label = torch.rand(64), torch.randn(64, 6), -torch.rand(64)
+    grads = []
+    for threads in (1, 2):
+        out = torch.empty_like(x)
+        try:
+            torch.set_num_threads(threads)
+            _native.kd_grad(x, out, lse, coef, None, idx, kept, support, labels, label)
+        finally:
+            torch.set_num_threads(before)
+        grads.append(out)
+    assert torch.equal(grads[0], grads[1])
 
 
 def test_non_finite_rows_follow_the_compiled_kernel(fresh: None) -> None:
@@ -81,7 +96,7 @@ def test_non_finite_rows_follow_the_compiled_kernel(fresh: None) -> None:
     x[1, 6] = float("inf")
     x[2] = -torch.inf
     x[3, 7] = -torch.inf  # an ordinary row with one impossible token
-    lse, *_ = _native.kd_stats(x, idx, kept, labels, "bucket")
+    lse, *_ = _native.kd_stats(x, idx, kept, labels, "bucket", RISKY)
     assert torch.isnan(lse[0]) and lse[1] == torch.inf and lse[2] == -torch.inf
     torch.testing.assert_close(lse[3].double(), torch.logsumexp(x[3].double(), dim=0), rtol=1e-6, atol=1e-6)
 
@@ -124,6 +139,68 @@ def test_ids_outside_the_vocabulary_never_reach_the_kernel(fresh: None) -> None:
     assert native_stats(x, rt._replace(idx=negative), "bucket") is None
     assert native_stats(x.double(), rt, "bucket") is None  # and dtypes it does not take
     assert not _native.ids_in_range(10, torch.tensor([10])) and _native.ids_in_range(10, torch.empty(0))
+
+
+def test_bad_inputs_are_refused_before_the_kernel_reads_them(fresh: None) -> None:
+    x, idx, kept, labels = _rows(6, 50, 3)
+    with pytest.raises(ValueError, match=r"^labels \(6 for 6 rows\) and ids must lie in \[0, 50\)$"):
+        _native.kd_stats(x, idx + 50, kept, labels, "bucket", RISKY)
+    with pytest.raises(ValueError, match=r"^idx \(1, 3\) and kept \(1, 3\) torch.bool must both be \(6, C\)"):
+        _native.kd_stats(x, idx[:1], kept[:1], labels, "bucket", RISKY)
+    with pytest.raises(ValueError, match=r"^labels \(2 for 6 rows\)"):
+        _native.kd_stats(x, idx, kept, labels[:2], "bucket", RISKY)
+    with pytest.raises(ValueError, match=r"^the KD kernel takes 2-D float32 CPU rows"):
+        _native.kd_stats(x.t(), idx, kept, labels, "bucket", RISKY)
+    lse = torch.zeros(6)
+    with pytest.raises(ValueError, match=r"^support \(6, 2\) must have idx's shape \(6, 3\)$"):
+        _native.kd_grad(x, x.clone(), lse, lse, None, idx, kept, torch.zeros(6, 2), labels, lse)
+    with pytest.raises(ValueError, match=r"^coef has 5 values for 6 rows$"):
+        _native.kd_grad(x, x.clone(), lse, lse[:5], None, idx, kept, torch.zeros(6, 3), labels, lse)
+    with pytest.raises(ValueError, match=r"^out must be float32 CPU rows of x's shape \(6, 50\)"):
+        _native.kd_grad(x, x[:3].clone(), lse, lse, None, idx, kept, torch.zeros(6, 3), labels, lse)
+
+
+def _confident_case(gap: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and logits gradient where the student gives every off-support token a logit `gap` below the
+    support: off-support probabilities of e^-gap, below float32's normal range from gap ~87 on."""
+    rows, vocab = 4, 1001
+    z = torch.full((rows, vocab), -gap, dtype=torch.float64)
+    z[:, 0] = 0.0
+    z = z.to(dtype).requires_grad_(True)
+    t = SparseTargets(torch.zeros(rows, 1, dtype=torch.int64), torch.full((rows, 1), math.log(0.9)),
+                      torch.full((rows,), 0.1))
+    loss = fused_kd_ce_loss(z, t, torch.zeros(rows, dtype=torch.int64), alpha=1.0,
+                            kernels="native" if dtype == torch.float32 else "eager").loss
+    return loss.detach().double(), torch.autograd.grad(loss, z)[0].double()
+
+
+@pytest.mark.parametrize("gap", [40.0, 90.0, 95.0])
+def test_a_very_confident_student_gets_the_float64_loss_and_gradient(fresh: None, gap: float) -> None:
+    """The bucket term t log r with r ~ 1000 e^-gap, and its gradient -(t / r) q_v off the support."""
+    loss, grad = _confident_case(gap, torch.float32)
+    want_loss, want_grad = _confident_case(gap, torch.float64)
+    assert bool(torch.isfinite(grad).all())
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-9)
+    assert float(grad[0, 5]) < 0.0  # the bucket's pull on an off-support token is not flushed to 0
+
+
+def test_zero_rows_and_labels_beyond_the_vocabulary_behave_as_on_the_torch_path(fresh: None) -> None:
+    z = torch.zeros(0, 50, requires_grad=True)
+    t = from_dense(torch.softmax(torch.randn(3, 50), dim=1), 4)
+    empty = SparseTargets(t.indices[:0], t.logp[:0], t.tail[:0])
+    for kernels in ("native", "eager"):
+        out = fused_kd_ce_loss(z, empty, torch.zeros(0, dtype=torch.int64), alpha=0.5, kernels=kernels)
+        assert float(out.loss.detach()) == 0.0 and torch.autograd.grad(out.loss, z)[0].shape == (0, 50)
+    wide = torch.randn(3, 60, requires_grad=True)
+    labels = torch.tensor([1, 55, 2])  # 55 is a padded column: never handed to the kernel
+    errors = []
+    for kernels in ("native", "eager"):
+        with pytest.raises(RuntimeError) as err:
+            out = fused_kd_ce_loss(wide, t, labels, alpha=0.5, vocab_size=50, kernels=kernels)
+            torch.autograd.grad(out.loss, wide)
+        errors.append(type(err.value))
+    assert errors[0] is errors[1]
 
 
 def _loss(kernels: str) -> tuple[torch.Tensor, torch.Tensor]:
