@@ -109,8 +109,18 @@ def _grad_call(lib: ctypes.CDLL, x: torch.Tensor, out: torch.Tensor, lse: torch.
 def _self_check(lib: ctypes.CDLL) -> None:
     """Compare the library with float64 torch on random rows (both tail modes, a confident row whose
     off-support mass needs the exact sum, one whose off-support probabilities are all below float32's
-    normal range, a row with no kept id, an odd vocabulary); raise on disagreement."""
+    normal range, a row with no kept id, an odd vocabulary, and long rows whose sums span many 256-logit
+    blocks); raise on disagreement."""
     gen = torch.Generator().manual_seed(0)
+    long = torch.randn(3, 20_011, generator=gen) * 3
+    ids = torch.stack([torch.randperm(20_011, generator=gen)[:64] for _ in range(3)])
+    long[1, ids[1]] += 30.0  # confident: the exact off-support pass over a long row
+    yes = torch.ones(3, 64, dtype=torch.bool)
+    lse, _, _, aux = _stats_call(lib, long, ids, yes, ids[:, 0], "bucket", 1e-2)
+    want = torch.logsumexp(long.double().scatter(1, ids, -torch.inf), dim=1)
+    if not (torch.allclose(lse.double(), torch.logsumexp(long.double(), dim=1), atol=1e-5)
+            and torch.allclose(aux.double(), want, atol=1e-4, rtol=1e-5)):
+        raise RuntimeError("the compiled KD kernel disagrees with torch on its self-check (long rows)")
     rows, vocab, width = 24, 1003, 9
     x = torch.randn(rows, vocab, generator=gen) * 3
     idx = torch.stack([torch.randperm(vocab, generator=gen)[:width] for _ in range(rows)])
