@@ -237,7 +237,7 @@ def test_a_kernel_that_gets_wrong_answers_is_refused_with_one_warning(
 
     monkeypatch.setattr(_native, "_stats_call", off)
     with pytest.warns(UserWarning, match=r"the compiled KD loss kernel is not used \(the compiled KD kernel "
-                                         r"disagrees with torch on its self-check \(bucket statistics\)\)"):
+                                         r"disagrees with torch on its self-check \(long rows\)\)"):
         assert not _native.available()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process
