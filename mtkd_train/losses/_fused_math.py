@@ -356,21 +356,23 @@ def t1_grad_compiled(x: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sg: 
     scaled_exp_(out, x, lse, sg.coef, sg.shift)
     sparse = sg._replace(shift=None)
     step = max(1, block or out.shape[0])
+    has_empty = bool((~rt.kept.any(dim=1)).any())  # one device sync, not one per block
     for a in range(0, out.shape[0], step):
         b = min(a + step, out.shape[0])
-        add_sparse(out[a:b], sparse.rows(a, b), rt.rows(a, b))
+        add_sparse(out[a:b], sparse.rows(a, b), rt.rows(a, b), has_empty)
 
 
-def add_sparse(out: torch.Tensor, sg: ScaledGrad, rt: RowTargets) -> None:
+def add_sparse(out: torch.Tensor, sg: ScaledGrad, rt: RowTargets, has_empty: bool | None = None) -> None:
     """The per-row shift, the support's values (written; padding entries repeat the value of the kept token
     they point at, so the scatter writes it twice, and a row without a kept token writes back what its padding
-    entries point at) and the label's correction (added last: the label may lie on the support)."""
+    entries point at) and the label's correction (added last: the label may lie on the support).
+    ``has_empty``: whether any row of ``rt`` has no kept token, when the caller knows (no device sync here)."""
     if sg.shift is not None:
         out.sub_(sg.shift)
     at_fill = torch.where(rt.kept, rt.idx, -1).argmax(dim=1, keepdim=True)  # the kept entry padding points at
     values = torch.where(rt.kept, sg.support, sg.support.gather(1, at_fill))
     empty = ~rt.kept.any(dim=1)
-    if bool(empty.any()):
+    if has_empty if has_empty is not None else bool(empty.any()):
         values = torch.where(empty.unsqueeze(1), out.gather(1, rt.idx), values)
     out.scatter_(1, rt.idx, values)
     out.scatter_add_(1, rt.labels.unsqueeze(1), sg.label)
