@@ -232,6 +232,7 @@ class _FusedKDCE(torch.autograd.Function):
         p = x_all.shape[0]
         need_ce = bool(rt.labelled.any())
         native = native_stats(x_all[:, :vocab], rt, mode) if kernel == "native" else None
+        kernel = "compiled" if kernel == "native" and native is None else kernel  # rows it does not take
         if native is not None:  # one C++ pass: statistics, the support's and the label's logits
             stats, x_kept, z_label = list(native[0]), native[1], native[2]
         elif kernel != "eager":  # one read-only loop over all rows: no (chunk, V) buffer

@@ -88,6 +88,7 @@ def _chunk(
     if bias is not None:
         logits.add_(bias)
     native = native_stats(logits, rt, mode) if kernel == "native" else None
+    kernel = "compiled" if kernel == "native" and native is None else kernel  # rows it does not take
     if native is not None:  # one C++ pass: statistics, the support's and the label's logits
         stats, x_kept, z_label = native
     else:

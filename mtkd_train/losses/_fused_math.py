@@ -347,9 +347,10 @@ def t1_grad_compiled(x: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sg: 
                      block: int | None = None, native: bool = False) -> None:
     """:func:`t1_grad` by the compiled kernel: ``out := coef * exp(x - lse) - shift`` in one loop (``out`` may be
     ``x``; any float dtypes), then the sparse parts ``block`` rows at a time (a scatter into bf16/fp16 on the
-    CPU works on a float32 copy of what it is given). With ``native``, float32 CPU rows take the C++ kernel
-    (:mod:`._native`), which writes the sparse parts in the same row loop."""
-    if native and _native.applies(x, out) and _native.ids_in_range(x.shape[1], rt.idx, rt.labels):
+    CPU works on a float32 copy of what it is given). With ``native`` (only where :func:`native_stats` took
+    these rows in the forward, which checked their ids), float32 CPU rows take the C++ kernel (:mod:`._native`),
+    which writes the sparse parts in the same row loop."""
+    if native and _native.applies(x, out):
         _native.kd_grad(x, out, lse, sg.coef, sg.shift, rt.idx, rt.kept, sg.support, rt.labels, sg.label,
                         ids_checked=True)
         return
