@@ -6,14 +6,14 @@ Linear, plus Gemma's `final_logit_softcapping`) and checks once per model, on a 
 the first batch, that `head(body(x))` equals the model's own logits bit for bit; a model with
 any other post-processing (a logit scale, a custom forward) fails that check and keeps the
 full-logits path. `reduce_by_head_blocks` then applies the head to one group of row blocks of the
-flattened `(B·L, D)` hidden states at a time (about `GROUP_ELEMENTS` logits; never fewer than 4 rows
+flattened `(B·L, D)` hidden states at a time (at most `GROUP_ELEMENTS` logits; never fewer than 4 rows
 unless the batch has fewer), inside the reduction loop: the blocks are exactly the row blocks the
 reductions already use (`extract._row_blocks`), so top-k, stats and the sampled draws (same rows per
 `multinomial` call, same generator) equal the unblocked path's.
 
 Not possible (full logits are built): classifiers (one row per sample: small anyway), factory
 teachers (their forward is opaque), and HF models whose check fails. Peak logits memory per batch
-drops from B·L·V to two groups of about `GROUP_ELEMENTS` logits (2^24 each; on a GPU one row block of
+drops from B·L·V to one group of at most `GROUP_ELEMENTS` logits (2^27; on a GPU one row block of
 `extract._BLOCK_ELEMENTS` = 2^26 logits, the group there).
 """
 
@@ -22,13 +22,12 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
 
 from mtkd_cache.format.meta import TargetSpec
-from mtkd_cache.precompute import packed_head
 from mtkd_cache.precompute.extract import _row_blocks, sample_targets
 from mtkd_cache.precompute.forward import forward_teacher, teacher_inputs
 from mtkd_cache.precompute.models import LoadedTeacher
@@ -46,11 +45,10 @@ class HeadSplit:
     head: torch.nn.Module
     softcap: float | None
 
-    def logits(self, hidden: torch.Tensor, *, packed: bool = False) -> torch.Tensor:
-        """(n, D) hidden rows -> (n, V_padded) logits; `packed`: through MKL's packed weight where that gives
-        the same bits (`packed_head`: the per-group head calls of `reduce_by_head_blocks`)."""
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, D) hidden rows -> (n, V_padded) logits."""
         with torch.inference_mode():
-            out = packed_head.linear(self.head, hidden) if packed else self.head(hidden)  # type: ignore[arg-type]
+            out = self.head(hidden)
             if self.softcap:
                 out = torch.tanh(out / self.softcap) * self.softcap
         return out
@@ -106,10 +104,14 @@ def forward_body(teacher: LoadedTeacher, split: HeadSplit, batch: Mapping[str, t
 
 Reduce = Callable[[torch.Tensor, torch.Tensor | None], tuple[list[int], list[torch.Tensor]]]
 
-GROUP_ELEMENTS = 1 << 24
-"""Logits per head call (64 MiB of float32), with or without reduction workers: the head's
-matmul reads its whole ``(V, D)`` weight once per call, so a call per 4 MiB row block re-read it
-~100 times per 2,048-position batch (a matmul of ~20 rows; ~3x the CPU time of the large one)."""
+GROUP_ELEMENTS = 1 << 27
+"""At most this many logits per head call (512 MiB of float32; 2,730 rows at V = 49,152, 512 at 262,144):
+the row blocks are split into the fewest groups of equal size under it. The head's matmul reads its whole
+``(V, D)`` weight and repacks it for the GEMM on every call, so small groups lose to the one-call head of
+the full-logits path: on 2 cores at V = 49,152, D = 256 the head of a 2,048-row batch took 0.38 s in groups
+of 341 rows (2^24 logits) and 0.31-0.32 s in groups of 1,024 rows or whole, and the tiny teacher's run ÷ bare
+forward was ~1.26 in groups of 2^26 logits against ~1.18 in one group per batch (session 17,
+benchmarks/README.md)."""
 
 
 MIN_GROUP_ROWS = 4
@@ -117,9 +119,11 @@ MIN_GROUP_ROWS = 4
 matmul's; a trailing group that small joins the previous one, so the logits equal the full-logits path's."""
 
 
-def _groups(blocks: list[slice], per_group: int) -> list[list[slice]]:
-    """`per_group` consecutive row blocks per head call; a last group of fewer than MIN_GROUP_ROWS rows joins
-    the one before it."""
+def _groups(blocks: list[slice], most: int) -> list[list[slice]]:
+    """The fewest runs of at most `most` consecutive row blocks, of equal size but the last; a last group of
+    fewer than MIN_GROUP_ROWS rows joins the one before it."""
+    count = -(-len(blocks) // max(1, most))  # the fewest groups
+    per_group = -(-len(blocks) // max(1, count))  # their size
     groups = [blocks[g: g + per_group] for g in range(0, len(blocks), per_group)]
     if len(groups) > 1 and groups[-1][-1].stop - groups[-1][0].start < MIN_GROUP_ROWS:
         tail = groups.pop()
@@ -132,33 +136,27 @@ def _block_results(split: HeadSplit, flat: torch.Tensor, mask: torch.Tensor | No
                    ) -> Iterator[tuple[slice, torch.Tensor | None, list[int], list[torch.Tensor]]]:
     """(rows, logits, bad rows, outputs) per block, in order.
 
-    The head runs once per group of blocks of about :data:`GROUP_ELEMENTS` logits: its matmul reads
-    the whole ``(V, D)`` weight per call, so one call per cache-sized block (4 rows at V = 262,144)
-    would re-read 671 MB every 4 positions. On the CPU the weight is packed for MKL's GEMM once
-    (`packed_head`, where that gives the same bits), not at every call. Without `pool`: each block
-    of the group is reduced on this thread, and its logits are returned. With `pool`: the single-threaded workers reduce the
-    group's blocks while this thread runs the next group's head; the logits are not returned
-    (None), and two groups' logits are the peak logits memory.
+    The head runs once per group of blocks (:data:`GROUP_ELEMENTS`) on this thread's torch threads,
+    then the group's blocks are reduced: on this thread, with the logits returned (no `pool`), or all
+    at once on the single-threaded workers of `pool`, with None for the logits, while this thread
+    waits. One group's logits are the peak logits memory. The head is not overlapped with the
+    previous group's reductions: beside the workers it oversubscribes the cores, and its GEMM's
+    static split waits for its slowest thread (benchmarks/README.md, session 17).
     """
     per_block = max(1, blocks[0].stop - blocks[0].start) if blocks else 1
-    per_group = max(1, GROUP_ELEMENTS // max(1, per_block * vocab))  # blocks per head call
 
     def one(rows: slice, logits: torch.Tensor, first: int) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
         part = logits[rows.start - first: rows.stop - first]  # one cache-sized block of the group
         return (part, *reduce(part, None if mask is None else mask[rows].to(part.device)))
 
-    pending: list[tuple[slice, Future[tuple[torch.Tensor, list[int], list[torch.Tensor]]]]] = []
-    for group in _groups(blocks, per_group):
+    for group in _groups(blocks, GROUP_ELEMENTS // max(1, per_block * vocab)):
         first = group[0].start
-        logits = split.logits(flat[first: group[-1].stop], packed=True).unsqueeze(1)  # (rows, 1, V_padded)
+        logits = split.logits(flat[first: group[-1].stop]).unsqueeze(1)  # (rows, 1, V_padded)
         if pool is None:
             yield from ((rows, *one(rows, logits, first)) for rows in group)
             continue
-        submitted = [(rows, pool.submit(one, rows, logits, first)) for rows in group]
-        # the previous group was reduced while this group's head ran: two groups' logits at most
-        yield from ((rows, None, *f.result()[1:]) for rows, f in pending)
-        pending = submitted
-    yield from ((rows, None, *f.result()[1:]) for rows, f in pending)
+        futures = [(rows, pool.submit(one, rows, logits, first)) for rows in group]
+        yield from ((rows, None, *f.result()[1:]) for rows, f in futures)
 
 
 def reduce_by_head_blocks(

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +42,16 @@ def test_blocked_head_equals_the_full_logits(
     rows_seen: list[int] = []
     real_logits = headblocks.HeadSplit.logits
 
-    def spy(self: headblocks.HeadSplit, hidden: torch.Tensor, *, packed: bool = False) -> torch.Tensor:
+    def spy(self: headblocks.HeadSplit, hidden: torch.Tensor) -> torch.Tensor:
         rows_seen.append(hidden.shape[0])
-        return real_logits(self, hidden, packed=packed)
+        return real_logits(self, hidden)
 
     monkeypatch.setattr(headblocks.HeadSplit, "logits", spy)
     blocked = copy_cache(inputs_template, "blocked")
     run_teacher(blocked, RunConfig(teacher="t", model=str(lm_dir), batch_size=4, **kind), progress=False)
-    # the probe's 8 tokens, then groups of 3 blocks: one head call per group, never per block nor B·L rows
+    # the probe's 8 tokens, then groups of up to 3 blocks: one head call per group, never per block nor B·L rows
     # (a last group under 4 rows joins the one before it)
-    assert rows_seen and max(rows_seen) < 15 + headblocks.MIN_GROUP_ROWS and 15 in rows_seen
+    assert rows_seen and max(rows_seen) < 15 + headblocks.MIN_GROUP_ROWS and any(r > 5 for r in rows_seen[1:])
 
     monkeypatch.setattr(chunk, "head_split", lambda teacher, batch: None)  # the full-logits path
     full = copy_cache(inputs_template, "full")
@@ -104,11 +106,45 @@ def test_run_plans_batches_with_the_vocabulary_budget(
     assert budgets and set(budgets) == ({20} if full else {64})
 
 
+def test_each_group_is_reduced_before_the_next_groups_head_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the workers, a group's reductions never share the cores with the next group's head (its GEMM's static
+    split would wait for its slowest thread)."""
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
+    flat = torch.randn(40, 8)
+    events: list[str] = []
+    monkeypatch.setattr(headblocks, "GROUP_ELEMENTS", 4 * 5 * 50)  # 4 blocks of 5 rows per head call
+
+    class Spy(headblocks.HeadSplit):
+        def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+            events.append("head")
+            return super().logits(hidden)
+
+    def reduce(logits: torch.Tensor, mask: torch.Tensor | None) -> tuple[list[int], list[torch.Tensor]]:
+        time.sleep(0.01)  # slower than a head call: an overlapped head would come first
+        events.append("reduced")
+        return [], [logits.amax(-1)]
+
+    blocks = [slice(a, a + 5) for a in range(0, 40, 5)]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(headblocks._block_results(Spy(torch.nn.Identity(), head, None), flat, None, blocks, 50, reduce, pool))
+    assert events == ["head", "reduced", "reduced", "reduced", "reduced"] * 2
+    assert [rows for rows, *_ in got] == blocks and all(logits is None for _, logits, *_ in got)
+    torch.testing.assert_close(torch.cat([out[0] for *_, out in got]), head(flat).amax(-1, keepdim=True))
+
+
+def test_the_blocks_go_in_the_fewest_groups_of_equal_size() -> None:
+    blocks = [slice(a, min(a + 21, 2048)) for a in range(0, 2048, 21)]  # V = 49,152: 98 blocks of 21 rows
+    groups = headblocks._groups(blocks, 65)  # at most 65 blocks per head call
+    assert [len(g) for g in groups] == [49, 49] and [b for g in groups for b in g] == blocks
+    assert [len(g) for g in headblocks._groups(blocks, 40)] == [33, 33, 32]
+    assert [len(g) for g in headblocks._groups(blocks, 98)] == [98] and headblocks._groups(blocks[:1], 0) == [blocks[:1]]
+
+
 def test_a_trailing_group_under_four_rows_joins_the_previous_one() -> None:
     """The CPU matmul's kernel for 1-3 rows rounds differently from the large one's: no head call that small."""
-    blocks = [slice(a, min(a + 21, 337)) for a in range(0, 337, 21)]  # V = 49,152: 21-row blocks, 337 rows
-    groups = headblocks._groups(blocks, 16)  # 16 blocks (336 rows) per group would leave 1 row
-    assert len(groups) == 1 and groups[0][-1] == slice(336, 337)
-    groups = headblocks._groups(blocks[:-1] + [slice(336, 340)], 16)  # 4 rows: a group of its own
-    assert [g[-1].stop - g[0].start for g in groups] == [336, 4]
+    blocks = [slice(a, min(a + 21, 85)) for a in range(0, 85, 21)]  # 21-row blocks, then a 1-row block
+    groups = headblocks._groups(blocks, 2)  # groups of 2, 2 and the last 1-row block
+    assert [g[-1].stop - g[0].start for g in groups] == [42, 43] and groups[-1][-1] == slice(84, 85)
+    groups = headblocks._groups(blocks[:-1] + [slice(84, 88)], 2)  # 4 rows: a group of its own
+    assert [g[-1].stop - g[0].start for g in groups] == [42, 42, 4]
     assert headblocks._groups(blocks[:1], 16) == [blocks[:1]] and headblocks._groups([slice(0, 2)], 16) == [[slice(0, 2)]]

@@ -18,7 +18,6 @@ import mtkd_cache.precompute.chunk as chunk
 import mtkd_cache.precompute.extract as extract
 import mtkd_cache.precompute.headblocks as headblocks
 from mtkd_cache import RunConfig, run_teacher
-from mtkd_cache.precompute import packed_head
 
 
 def _arrays(cache: Path, name: str) -> dict[str, np.ndarray]:
@@ -35,7 +34,7 @@ def two_threads() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("group_rows", [10, 20])  # 20: at least packed_head.MIN_ROWS, so the packed head runs
+@pytest.mark.parametrize("group_rows", [10, 20])
 def test_blocks_on_the_workers_equal_the_full_logits_on_one_thread(
     copy_cache: Callable[..., Path], inputs_template: Path, lm_dir: Path, monkeypatch: pytest.MonkeyPatch,
     two_threads: None, group_rows: int,
@@ -50,23 +49,9 @@ def test_blocks_on_the_workers_equal_the_full_logits_on_one_thread(
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(headblocks, "_block_results", spy)
-    packings: list[bool] = []  # per (head, row count): did MKL's packed head give F.linear's bits?
-    real_pack = packed_head._pack
-
-    def pack_spy(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor | None:
-        packed = real_pack(head, hidden)
-        packings.append(packed is not None)
-        return packed
-
-    monkeypatch.setattr(packed_head, "_pack", pack_spy)
     blocked = copy_cache(inputs_template, "blocked")
     run_teacher(blocked, RunConfig(teacher="t", model=str(lm_dir), batch_size=4, top_k=8), progress=False)
     assert on_pool and all(on_pool)  # every batch's blocks ran on the workers
-    if group_rows >= packed_head.MIN_ROWS and torch.backends.mkl.is_available():
-        assert any(packings)  # the packed head ran (and gave F.linear's bits on its first group)
-    else:
-        assert not packings
-
     torch.set_num_threads(1)
     monkeypatch.setattr(chunk, "head_split", lambda teacher, batch: None)  # the full-logits path, no workers
     full = copy_cache(inputs_template, "full")
