@@ -2,8 +2,9 @@
 
 A batch of B samples is filled chunk by chunk (`BatchBuilder.add`), so assembling it holds at
 most one decoded chunk beyond the cache's own. Token inputs are right-padded to L (the longest
-sample, or a fixed length); token-grid targets and per-position features are scattered to the
-same (B, L) grid with one vectorised gather per array. Cost: O(B * L * K) copies per teacher.
+sample, or a fixed length); token-grid targets and per-position features go to the same (B, L)
+grid, one slice copy per sample and array (a sample's positions are contiguous in its chunk).
+Cost: O(B * L * K) copies per teacher, each element written once.
 
 Padding values: input ids `pad_id`; top-k `indices` 0, `logp` -inf, `tail` 1.0 (so a padding row
 is a valid "all mass unknown" distribution, tail = 1 - sum(exp(logp))); sampled `counts` 0;
@@ -49,6 +50,11 @@ class BatchSpec:
 class BatchBuilder:
     """Fills the arrays of one batch of `size` samples whose longest token sample has `length`.
 
+    Arrays are allocated uninitialised on first use and every element is written once: a token sample's
+    positions are one slice copy per array (a sample's rows are contiguous in its chunk), its padding one
+    fill; slots no `add` wrote get the fill in `finish`. A (B, L, K) fill before the scatter wrote each
+    element twice and was most of the assembly's time.
+
     Args:
         spec: What the batch holds.
         size: Samples in the batch (B).
@@ -58,12 +64,42 @@ class BatchBuilder:
     def __init__(self, spec: BatchSpec, size: int, length: int):
         self.spec, self.size = spec, size
         self.length = spec.pad_to if (spec.pad_to is not None and spec.token_inputs) else length
-        self._arrays: dict[str, np.ndarray] = {"sample_ids": np.full(size, -1, dtype=np.int64)}
+        self._arrays: dict[str, np.ndarray] = {}
         self._targets: dict[str, dict[str, np.ndarray]] = {t: {} for t in spec.target_grids}
         self._features: dict[str, dict[str, np.ndarray]] = {t: {} for t in spec.feature_grids}
+        self._unset: list[tuple[np.ndarray, np.ndarray, Any]] = []  # (array, slots not written yet, fill)
+        self._new(self._arrays, "sample_ids", (size,), np.int64, -1)
         if spec.token_inputs:
-            self._arrays["input_ids"] = np.full((size, self.length), spec.pad_id, dtype=np.int64)
-            self._arrays["position_mask"] = np.zeros((size, self.length), dtype=bool)
+            self._new(self._arrays, "input_ids", (size, self.length), np.int64, spec.pad_id)
+            self._new(self._arrays, "position_mask", (size, self.length), bool, False)
+
+    def _new(self, store: dict[str, np.ndarray], key: str, shape: tuple[int, ...], dtype: Any, fill: Any) -> np.ndarray:
+        if key not in store:
+            store[key] = np.empty(shape, dtype=dtype)
+            self._unset.append((store[key], np.ones(self.size, dtype=bool), fill))
+        return store[key]
+
+    def _written(self, array: np.ndarray, slots: np.ndarray) -> None:
+        for arr, unset, _ in self._unset:
+            if arr is array:
+                unset[slots] = False
+                return
+
+    def _rows(self, store: dict[str, np.ndarray], key: str, shape: tuple[int, ...], dtype: Any, fill: Any,
+              spans: list[tuple[int, int, int]], values: np.ndarray) -> None:
+        """Per (slot, start, n) of `spans`: values[start:start + n] to slot's first n positions, `fill` after."""
+        out = self._new(store, key, shape, dtype, fill)
+        for slot, start, n in spans:
+            out[slot, :n] = values[start: start + n]
+            out[slot, n:] = fill
+        self._written(out, np.fromiter((slot for slot, _, _ in spans), dtype=np.int64, count=len(spans)))
+
+    def _slots(self, store: dict[str, np.ndarray], key: str, shape: tuple[int, ...], dtype: Any, fill: Any,
+               dst: tuple[np.ndarray, ...], values: np.ndarray) -> None:
+        """`values` (one row per slot) to `dst` = (slots,) or (slots, zeros)."""
+        out = self._new(store, key, shape, dtype, fill)
+        out[dst] = values
+        self._written(out, dst[0])
 
     def add(self, data: ChunkData, rows: np.ndarray, slots: np.ndarray) -> None:
         """Copy samples `rows` (indices into `data`'s samples) to batch rows `slots`.
@@ -73,82 +109,59 @@ class BatchBuilder:
             rows: (b,) int64 sample indices within the chunk.
             slots: (b,) int64 destinations in the batch.
         """
-        self._arrays["sample_ids"][slots] = data.sample_ids[rows]
-        token_dst: tuple[np.ndarray, ...]  # where per-position rows go: (slot, t), or (slot,)
+        self._slots(self._arrays, "sample_ids", (self.size,), np.int64, -1, (slots,), data.sample_ids[rows])
+        spans: list[tuple[int, int, int]] = []  # token samples: (slot, first chunk row, positions kept)
         if self.spec.token_inputs:
-            mask = np.arange(self.length)[None, :] < data.lengths[rows][:, None]  # (b, L)
-            bi, ti = np.nonzero(mask)
-            flat = data.offsets[rows][bi] + ti  # chunk position rows, in (b, L) row-major order
-            token_src, token_dst = flat, (slots[bi], ti)
-            self._arrays["input_ids"][token_dst] = data.inputs["token_ids"][flat]
-            self._arrays["position_mask"][token_dst] = True
+            kept = np.minimum(data.lengths[rows], self.length)
+            spans = list(zip(slots.tolist(), data.offsets[rows].tolist(), kept.tolist()))
+            shape = (self.size, self.length)
+            self._rows(self._arrays, "input_ids", shape, np.int64, self.spec.pad_id, spans, data.inputs["token_ids"])
+            mask = self._arrays["position_mask"]
+            for slot, _, n in spans:
+                mask[slot, :n], mask[slot, n:] = True, False
+            self._written(mask, slots)
             for key in ("loss_mask", "doc_start"):  # instruction data / packed inputs (mtkd_train.rows)
                 if key in data.inputs:
-                    _put(self._arrays, key, (self.size, self.length), bool, False, token_dst, data.inputs[key][flat])
+                    self._rows(self._arrays, key, shape, bool, False, spans, data.inputs[key])
         else:
-            token_src, token_dst = rows, (slots,)
             for name, arr in data.inputs.items():
-                _put(
-                    self._arrays,
-                    name,
-                    (self.size, *arr.shape[1:]),
-                    arr.dtype,
-                    0,
-                    (slots,),
-                    arr[rows],
-                )
+                self._slots(self._arrays, name, (self.size, *arr.shape[1:]), arr.dtype, 0, (slots,), arr[rows])
         for key, values in (("labels", data.labels), ("domains", data.domains)):
             if values is not None:
-                _put(
-                    self._arrays,
-                    key,
-                    (self.size,),
-                    np.int64,
-                    -100 if key == "labels" else -1,
-                    (slots,),
-                    values[rows],
-                )
-        sample_dst = (slots, np.zeros_like(slots))
+                self._slots(self._arrays, key, (self.size,), np.int64, -100 if key == "labels" else -1, (slots,),
+                            values[rows])
+        per_sample = (slots, np.zeros_like(slots))
         for name, grid in self.spec.target_grids.items():
-            src, dst, t = (
-                (token_src, token_dst, self.length) if grid == "token" else (rows, sample_dst, 1)
-            )
             for key, arr in data.targets[name]._asdict().items():
-                _put(
-                    self._targets[name],
-                    key,
-                    (self.size, t, *arr.shape[1:]),
-                    _TARGET_DTYPES[key],
-                    _TARGET_FILL[key],
-                    dst,
-                    arr[src],
-                )
+                dtype, fill = _TARGET_DTYPES[key], _TARGET_FILL[key]
+                if grid == "token" and self.spec.token_inputs:
+                    self._rows(self._targets[name], key, (self.size, self.length, *arr.shape[1:]), dtype, fill, spans,
+                               arr)
+                elif grid == "token":  # array inputs: one position per sample
+                    self._slots(self._targets[name], key, (self.size, self.length, *arr.shape[1:]), dtype, fill,
+                                per_sample, arr[rows])
+                else:
+                    self._slots(self._targets[name], key, (self.size, 1, *arr.shape[1:]), dtype, fill, per_sample,
+                                arr[rows])
         for name, grids in self.spec.feature_grids.items():
             for key, grid in grids.items():
                 arr = data.features[name][key]
-                if grid == "token":
-                    _put(
-                        self._features[name],
-                        key,
-                        (self.size, self.length, arr.shape[-1]),
-                        np.float32,
-                        0.0,
-                        token_dst,
-                        arr[token_src],
-                    )
+                if grid == "token" and self.spec.token_inputs:
+                    self._rows(self._features[name], key, (self.size, self.length, arr.shape[-1]), np.float32, 0.0,
+                               spans, arr)
+                elif grid == "token":
+                    self._slots(self._features[name], key, (self.size, self.length, arr.shape[-1]), np.float32, 0.0,
+                                per_sample, arr[rows])
                 else:
-                    _put(
-                        self._features[name],
-                        key,
-                        (self.size, arr.shape[-1]),
-                        np.float32,
-                        0.0,
-                        (slots,),
-                        arr[rows],
-                    )
+                    self._slots(self._features[name], key, (self.size, arr.shape[-1]), np.float32, 0.0, (slots,),
+                                arr[rows])
 
     def finish(self) -> dict[str, Any]:
         """The batch as tensors (see `CachedDistillDataset` for the keys and shapes)."""
+        for arr, unset, fill in self._unset:  # slots that no `add` wrote: padding
+            if unset.any():
+                arr[unset] = fill
+        self._unset = []
         out: dict[str, Any] = {k: torch.from_numpy(v) for k, v in self._arrays.items()}
         if self.spec.token_inputs:
             out["attention_mask"] = out["position_mask"].long()
@@ -159,18 +172,3 @@ class BatchBuilder:
             t: {k: torch.from_numpy(v) for k, v in d.items()} for t, d in self._features.items()
         }
         return out
-
-
-def _put(
-    store: dict[str, np.ndarray],
-    key: str,
-    shape: tuple[int, ...],
-    dtype: Any,
-    fill: Any,
-    dst: tuple[np.ndarray, ...],
-    values: np.ndarray,
-) -> None:
-    """Write `values` at `dst` of `store[key]`, allocating it (filled with `fill`) on first use."""
-    if key not in store:
-        store[key] = np.full(shape, fill, dtype=dtype)
-    store[key][dst] = values

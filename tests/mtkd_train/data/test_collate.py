@@ -101,3 +101,49 @@ def test_array_inputs_keep_their_shape_and_fixed_padding_length_is_ignored() -> 
     assert out["targets"]["v"]["logp"].shape == (2, 1, 3)
     assert out["features"]["v"]["layer_m1"].tolist() == [[6.0, 7.0], [2.0, 3.0]]
     assert "input_ids" not in out and "domains" not in out
+
+
+def _reference(spec: BatchSpec, size: int, length: int, adds: list[tuple[ChunkData, np.ndarray, np.ndarray]]) -> dict:
+    """The batch by its definition, one position at a time (padding everywhere first)."""
+    ref = {"sample_ids": np.full(size, -1), "input_ids": np.full((size, length), spec.pad_id),
+           "position_mask": np.zeros((size, length), bool), "loss_mask": np.zeros((size, length), bool),
+           "indices": np.zeros((size, length, 2)), "logp": np.full((size, length, 2), -np.inf),
+           "tail": np.ones((size, length)), "layer_1": np.zeros((size, length, 3)), "c": np.zeros((size, 1, 2))}
+    for data, rows, slots in adds:
+        for row, slot in zip(rows, slots):
+            ref["sample_ids"][slot] = data.sample_ids[row]
+            ref["c"][slot, 0] = data.targets["c"].indices[row]
+            for t in range(min(int(data.lengths[row]), length)):
+                src = data.offsets[row] + t
+                ref["input_ids"][slot, t] = data.inputs["token_ids"][src]
+                ref["position_mask"][slot, t] = True
+                if "loss_mask" in data.inputs:
+                    ref["loss_mask"][slot, t] = data.inputs["loss_mask"][src]
+                top = data.targets["t"]
+                ref["indices"][slot, t], ref["logp"][slot, t], ref["tail"][slot, t] = top.indices[src], top.logp[src], top.tail[src]
+                ref["layer_1"][slot, t] = data.features["t"]["layer_1"][src]
+    return ref
+
+
+def test_every_element_is_the_chunks_or_padding_never_left_uninitialised() -> None:
+    """Arrays are allocated uninitialised: samples truncated by pad_to, slots from several chunks, a slot no chunk
+    fills and an input only one chunk has (loss_mask) must all come out as the definition says."""
+    rng = np.random.default_rng(0)
+    np.full((1 << 20,), 12345.0).sum()  # leave garbage in the allocator's free memory
+    spec = BatchSpec(token_inputs=True, pad_id=7, target_grids={"t": "token", "c": "sample"},
+                     feature_grids={"t": {"layer_1": "token"}}, pad_to=5)
+    c0, c1 = _token_chunk(0, [3, 7, 1, 5]), _token_chunk(1, [6, 2, 4])
+    c1.inputs["loss_mask"] = rng.random(int(c1.lengths.sum())) < 0.5
+    adds = [(c1, np.array([0, 2]), np.array([4, 1])), (c0, np.array([1, 2, 3]), np.array([0, 5, 2]))]  # slot 3: none
+    b = BatchBuilder(spec, size=6, length=7)
+    for data, rows, slots in adds:
+        b.add(data, rows, slots)
+    out = b.finish()
+    ref = _reference(spec, 6, 5, adds)
+    t, f = out["targets"]["t"], out["features"]["t"]["layer_1"]
+    got = {"sample_ids": out["sample_ids"], "input_ids": out["input_ids"], "position_mask": out["position_mask"],
+           "loss_mask": out["loss_mask"], "indices": t["indices"], "logp": t["logp"], "tail": t["tail"],
+           "layer_1": f, "c": out["targets"]["c"]["indices"]}
+    for key, want in ref.items():
+        np.testing.assert_array_equal(got[key].numpy(), want, err_msg=key)
+    assert out["sample_ids"][3] == -1 and not out["position_mask"][3].any() and torch.isinf(t["logp"][3]).all()
