@@ -105,7 +105,8 @@ def forward_body(teacher: LoadedTeacher, split: HeadSplit, batch: Mapping[str, t
 Reduce = Callable[[torch.Tensor, torch.Tensor | None], tuple[list[int], list[torch.Tensor]]]
 
 GROUP_ELEMENTS = 1 << 27
-"""At most this many logits per head call (512 MiB of float32; 2,730 rows at V = 49,152, 512 at 262,144):
+"""At most this many logits per head call on the CPU (512 MiB of float32; 2,730 rows at V = 49,152, 512 at 262,144;
+on a GPU one row block of ``extract._BLOCK_ELEMENTS`` per call):
 the row blocks are split into the fewest groups of equal size under it. The head's matmul reads its whole
 ``(V, D)`` weight and repacks it for the GEMM on every call, so small groups lose to the one-call head of
 the full-logits path: on 2 cores at V = 49,152, D = 256 the head of a 2,048-row batch took 0.38 s in groups
@@ -136,7 +137,7 @@ def _block_results(split: HeadSplit, flat: torch.Tensor, mask: torch.Tensor | No
                    ) -> Iterator[tuple[slice, torch.Tensor | None, list[int], list[torch.Tensor]]]:
     """(rows, logits, bad rows, outputs) per block, in order.
 
-    The head runs once per group of blocks (:data:`GROUP_ELEMENTS`) on this thread's torch threads,
+    The head runs once per group of blocks (:data:`GROUP_ELEMENTS` on the CPU, one block on a GPU) on this thread's torch threads,
     then the group's blocks are reduced: on this thread, with the logits returned (no `pool`), or all
     at once on the single-threaded workers of `pool`, with None for the logits, while this thread
     waits. One group's logits are the peak logits memory. The head is not overlapped with the
@@ -149,7 +150,9 @@ def _block_results(split: HeadSplit, flat: torch.Tensor, mask: torch.Tensor | No
         part = logits[rows.start - first: rows.stop - first]  # one cache-sized block of the group
         return (part, *reduce(part, None if mask is None else mask[rows].to(part.device)))
 
-    for group in _groups(blocks, GROUP_ELEMENTS // max(1, per_block * vocab)):
+    # on a GPU a row block is already 2^26 logits (extract._BLOCK_ELEMENTS): one per head call keeps its memory
+    most = GROUP_ELEMENTS // max(1, per_block * vocab) if flat.device.type == "cpu" else 1
+    for group in _groups(blocks, most):
         first = group[0].start
         logits = split.logits(flat[first: group[-1].stop]).unsqueeze(1)  # (rows, 1, V_padded)
         if pool is None:

@@ -132,6 +132,23 @@ def test_each_group_is_reduced_before_the_next_groups_head_runs(monkeypatch: pyt
     torch.testing.assert_close(torch.cat([out[0] for *_, out in got]), head(flat).amax(-1, keepdim=True))
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: a device other than the CPU (as a GPU)
+def test_the_cpu_groups_blocks_per_head_call_and_other_devices_take_one_block(device: str) -> None:
+    head = torch.nn.Linear(8, 50, bias=False, device=device).requires_grad_(False)
+    calls: list[int] = []
+
+    class Spy(headblocks.HeadSplit):
+        def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+            calls.append(hidden.shape[0])
+            return super().logits(hidden)
+
+    blocks = [slice(a, a + 5) for a in range(0, 40, 5)]
+    got = list(headblocks._block_results(Spy(torch.nn.Identity(), head, None), torch.zeros(40, 8, device=device), None,
+                                         blocks, 50, lambda logits, mask: ([], [logits.sum(-1)]), None))
+    assert [rows for rows, *_ in got] == blocks
+    assert calls == ([40] if device == "cpu" else [5] * 8)  # 2^27 logits per call on the CPU; a GPU's block is 2^26
+
+
 def test_the_blocks_go_in_the_fewest_groups_of_equal_size() -> None:
     blocks = [slice(a, min(a + 21, 2048)) for a in range(0, 2048, 21)]  # V = 49,152: 98 blocks of 21 rows
     groups = headblocks._groups(blocks, 65)  # at most 65 blocks per head call
