@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -77,6 +78,24 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
+BUILD_PREFIX = ".mtkd-build-"
+"""The name of every build folder `_build` makes in the kernel folder (it deletes no other)."""
+
+STALE_BUILD_SECONDS = 3600.0
+"""A build folder this old was left by a killed build (a live one is younger: the compiler's timeout is 300 s)."""
+
+
+def _sweep_stale_builds(folder: Path) -> None:
+    """Delete the build folders of killed builds (:data:`BUILD_PREFIX`, older than :data:`STALE_BUILD_SECONDS`)."""
+    now = time.time()
+    for path in folder.glob(BUILD_PREFIX + "*"):
+        try:
+            if path.is_dir() and not path.is_symlink() and now - path.lstat().st_mtime > STALE_BUILD_SECONDS:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # gone meanwhile (another process swept it)
+            continue
+
+
 def _build(compiler: str, source: Path = SOURCE) -> Path:
     """Compile a kernel (once per source, compiler and CPU) and return the library's path.
 
@@ -90,9 +109,10 @@ def _build(compiler: str, source: Path = SOURCE) -> Path:
     key = hashlib.sha256("\0".join([*texts, compiler, version, *flags, _cpu_signature()]).encode())
     target = kernel_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _sweep_stale_builds(target.parent)
     if target.exists():
         return target
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:  # built aside, then renamed: atomic
+    with tempfile.TemporaryDirectory(prefix=BUILD_PREFIX, dir=target.parent) as scratch:  # built aside, renamed: atomic
         out = Path(scratch) / target.name
         done = subprocess.run([*cmd, *flags, "-o", str(out), str(source)], capture_output=True, text=True,
                               timeout=300)

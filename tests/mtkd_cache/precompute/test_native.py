@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,23 @@ def test_the_library_is_built_once_and_reused(fresh: Path) -> None:
     native._STATE.clear()
     assert native.available()
     assert [p.stat().st_mtime_ns for p in fresh.glob("topk_rows-*.so")] == [stamp]
-    assert not list(fresh.glob("tmp*"))  # the build folder is gone
+    assert not list(fresh.glob(native.BUILD_PREFIX + "*"))  # the build folder is gone
+
+
+def test_a_killed_builds_folder_is_swept_and_nothing_else(fresh: Path) -> None:
+    """SIGKILL during a build leaves its folder; the next build deletes it once it is stale, and only folders it
+    names itself (MTKD_KERNEL_DIR may be shared)."""
+    fresh.mkdir(parents=True)
+    stale, live = fresh / (native.BUILD_PREFIX + "old"), fresh / (native.BUILD_PREFIX + "live")
+    foreign = fresh / "tmpabc"  # someone else's folder, however old
+    for folder in (stale, live, foreign):
+        folder.mkdir()
+        (folder / "topk_rows-x.so").write_bytes(b"half a library")
+    old = native.time.time() - native.STALE_BUILD_SECONDS - 60
+    for folder in (stale, foreign):
+        os.utime(folder, (old, old))
+    assert native.available()
+    assert not stale.exists() and live.is_dir() and (foreign / "topk_rows-x.so").exists()
 
 
 def test_mtkd_native_0_never_builds(fresh: Path, monkeypatch: pytest.MonkeyPatch) -> None:
