@@ -106,7 +106,8 @@ Reduce = Callable[[torch.Tensor, torch.Tensor | None], tuple[list[int], list[tor
 
 GROUP_ELEMENTS = 1 << 27
 """At most this many logits per head call on the CPU (512 MiB of float32; 2,730 rows at V = 49,152, 512 at 262,144;
-on a GPU one row block of ``extract._BLOCK_ELEMENTS`` per call):
+plus a trailing group under MIN_GROUP_ROWS rows, which joins the last; on a GPU one row block of
+``extract._BLOCK_ELEMENTS`` per call):
 the row blocks are split into the fewest groups of equal size under it. The head's matmul reads its whole
 ``(V, D)`` weight and repacks it for the GEMM on every call, so small groups lose to the one-call head of
 the full-logits path: on 2 cores at V = 49,152, D = 256 the head of a 2,048-row batch took 0.38 s in groups
@@ -150,8 +151,10 @@ def _block_results(split: HeadSplit, flat: torch.Tensor, mask: torch.Tensor | No
         part = logits[rows.start - first: rows.stop - first]  # one cache-sized block of the group
         return (part, *reduce(part, None if mask is None else mask[rows].to(part.device)))
 
-    # on a GPU a row block is already 2^26 logits (extract._BLOCK_ELEMENTS): one per head call keeps its memory
-    most = GROUP_ELEMENTS // max(1, per_block * vocab) if flat.device.type == "cpu" else 1
+    # the logits are on the head's device; on a GPU a row block is already 2^26 logits (extract._BLOCK_ELEMENTS):
+    # one per head call keeps its memory
+    on_cpu = next(split.head.parameters(), flat).device.type == "cpu"
+    most = GROUP_ELEMENTS // max(1, per_block * vocab) if on_cpu else 1
     for group in _groups(blocks, most):
         first = group[0].start
         logits = split.logits(flat[first: group[-1].stop]).unsqueeze(1)  # (rows, 1, V_padded)
@@ -159,7 +162,11 @@ def _block_results(split: HeadSplit, flat: torch.Tensor, mask: torch.Tensor | No
             yield from ((rows, *one(rows, logits, first)) for rows in group)
             continue
         futures = [(rows, pool.submit(one, rows, logits, first)) for rows in group]
-        yield from ((rows, None, *f.result()[1:]) for rows, f in futures)
+        try:
+            yield from ((rows, None, *f.result()[1:]) for rows, f in futures)
+        finally:  # a consumer that stops early (an error) leaves no queued reduction holding the group's logits
+            for _, f in futures:
+                f.cancel()
 
 
 def reduce_by_head_blocks(

@@ -58,12 +58,13 @@ class BatchBuilder:
     Args:
         spec: What the batch holds.
         size: Samples in the batch (B).
-        length: Longest sample in positions (ignored for array inputs).
+        length: Longest sample in positions (ignored for array inputs: they have one position per sample).
     """
 
     def __init__(self, spec: BatchSpec, size: int, length: int):
         self.spec, self.size = spec, size
-        self.length = spec.pad_to if (spec.pad_to is not None and spec.token_inputs) else length
+        # array inputs: one position per sample, so token-grid targets and features are (B, 1, ...)
+        self.length = (spec.pad_to if spec.pad_to is not None else length) if spec.token_inputs else 1
         self._arrays: dict[str, np.ndarray] = {}
         self._targets: dict[str, dict[str, np.ndarray]] = {t: {} for t in spec.target_grids}
         self._features: dict[str, dict[str, np.ndarray]] = {t: {} for t in spec.feature_grids}

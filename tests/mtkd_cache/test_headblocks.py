@@ -149,6 +149,24 @@ def test_the_cpu_groups_blocks_per_head_call_and_other_devices_take_one_block(de
     assert calls == ([40] if device == "cpu" else [5] * 8)  # 2^27 logits per call on the CPU; a GPU's block is 2^26
 
 
+def test_a_consumer_that_stops_leaves_no_queued_reduction() -> None:
+    head = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
+    ran: list[int] = []
+
+    def reduce(logits: torch.Tensor, mask: torch.Tensor | None) -> tuple[list[int], list[torch.Tensor]]:
+        time.sleep(0.05)
+        ran.append(logits.shape[0])
+        return [], [logits.amax(-1)]
+
+    blocks = [slice(a, a + 5) for a in range(0, 40, 5)]  # one group of 8 blocks on one worker
+    with ThreadPoolExecutor(1) as pool:
+        results = headblocks._block_results(headblocks.HeadSplit(torch.nn.Identity(), head, None), torch.randn(40, 8),
+                                            None, blocks, 50, reduce, pool)
+        next(results)
+        results.close()  # as when the caller raises
+    assert 1 <= len(ran) <= 3  # the first, at most the one running and one more; not all 8
+
+
 def test_the_blocks_go_in_the_fewest_groups_of_equal_size() -> None:
     blocks = [slice(a, min(a + 21, 2048)) for a in range(0, 2048, 21)]  # V = 49,152: 98 blocks of 21 rows
     groups = headblocks._groups(blocks, 65)  # at most 65 blocks per head call

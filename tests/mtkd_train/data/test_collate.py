@@ -147,3 +147,17 @@ def test_every_element_is_the_chunks_or_padding_never_left_uninitialised() -> No
     for key, want in ref.items():
         np.testing.assert_array_equal(got[key].numpy(), want, err_msg=key)
     assert out["sample_ids"][3] == -1 and not out["position_mask"][3].any() and torch.isinf(t["logp"][3]).all()
+
+
+def test_array_inputs_have_one_position_per_sample_whatever_the_length_asked() -> None:
+    chunk = ChunkData(chunk=0, sample_ids=np.arange(2), offsets=np.arange(2), lengths=np.ones(2, np.int64),
+                      inputs={"pixel_values": np.zeros((2, 4), np.float32)}, labels=None, domains=None,
+                      targets={"v": TopkBlock(np.ones((2, 3), np.int64), np.full((2, 3), -0.5, np.float32),
+                                              np.full(2, 0.25, np.float32))},
+                      features={"v": {"layer_1": np.ones((2, 5), np.float32)}})
+    spec = BatchSpec(token_inputs=False, target_grids={"v": "token"}, feature_grids={"v": {"layer_1": "token"}})
+    b = BatchBuilder(spec, size=2, length=3)  # a token grid over array inputs: never 3 positions
+    b.add(chunk, rows=np.array([1, 0]), slots=np.array([0, 1]))
+    out = b.finish()
+    assert out["targets"]["v"]["logp"].tolist() == [[[-0.5] * 3]] * 2 and out["targets"]["v"]["tail"].tolist() == [[0.25]] * 2
+    assert out["features"]["v"]["layer_1"].shape == (2, 1, 5)
