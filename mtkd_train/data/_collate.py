@@ -68,7 +68,7 @@ class BatchBuilder:
         self._arrays: dict[str, np.ndarray] = {}
         self._targets: dict[str, dict[str, np.ndarray]] = {t: {} for t in spec.target_grids}
         self._features: dict[str, dict[str, np.ndarray]] = {t: {} for t in spec.feature_grids}
-        self._unset: list[tuple[np.ndarray, np.ndarray, Any]] = []  # (array, slots not written yet, fill)
+        self._unset: dict[int, tuple[np.ndarray, np.ndarray, Any]] = {}  # id(array): (array, slots not written, fill)
         self._new(self._arrays, "sample_ids", (size,), np.int64, -1)
         if spec.token_inputs:
             self._new(self._arrays, "input_ids", (size, self.length), np.int64, spec.pad_id)
@@ -77,23 +77,21 @@ class BatchBuilder:
     def _new(self, store: dict[str, np.ndarray], key: str, shape: tuple[int, ...], dtype: Any, fill: Any) -> np.ndarray:
         if key not in store:
             store[key] = np.empty(shape, dtype=dtype)
-            self._unset.append((store[key], np.ones(self.size, dtype=bool), fill))
+            self._unset[id(store[key])] = (store[key], np.ones(self.size, dtype=bool), fill)
         return store[key]
 
     def _written(self, array: np.ndarray, slots: np.ndarray) -> None:
-        for arr, unset, _ in self._unset:
-            if arr is array:
-                unset[slots] = False
-                return
+        self._unset[id(array)][1][slots] = False
 
     def _rows(self, store: dict[str, np.ndarray], key: str, shape: tuple[int, ...], dtype: Any, fill: Any,
-              spans: list[tuple[int, int, int]], values: np.ndarray) -> None:
-        """Per (slot, start, n) of `spans`: values[start:start + n] to slot's first n positions, `fill` after."""
+              spans: list[tuple[int, int, int]], slots: np.ndarray, values: np.ndarray) -> None:
+        """Per (slot, start, n) of `spans` (`slots`: their slots): values[start:start + n] to slot's first n
+        positions, `fill` after."""
         out = self._new(store, key, shape, dtype, fill)
         for slot, start, n in spans:
             out[slot, :n] = values[start: start + n]
             out[slot, n:] = fill
-        self._written(out, np.fromiter((slot for slot, _, _ in spans), dtype=np.int64, count=len(spans)))
+        self._written(out, slots)
 
     def _slots(self, store: dict[str, np.ndarray], key: str, shape: tuple[int, ...], dtype: Any, fill: Any,
                dst: tuple[np.ndarray, ...], values: np.ndarray) -> None:
@@ -116,14 +114,14 @@ class BatchBuilder:
             kept = np.minimum(data.lengths[rows], self.length)
             spans = list(zip(slots.tolist(), data.offsets[rows].tolist(), kept.tolist()))
             shape = (self.size, self.length)
-            self._rows(self._arrays, "input_ids", shape, np.int64, self.spec.pad_id, spans, data.inputs["token_ids"])
+            self._rows(self._arrays, "input_ids", shape, np.int64, self.spec.pad_id, spans, slots, data.inputs["token_ids"])
             mask = self._arrays["position_mask"]
             for slot, _, n in spans:
                 mask[slot, :n], mask[slot, n:] = True, False
             self._written(mask, slots)
             for key in ("loss_mask", "doc_start"):  # instruction data / packed inputs (mtkd_train.rows)
                 if key in data.inputs:
-                    self._rows(self._arrays, key, shape, bool, False, spans, data.inputs[key])
+                    self._rows(self._arrays, key, shape, bool, False, spans, slots, data.inputs[key])
         else:
             for name, arr in data.inputs.items():
                 self._slots(self._arrays, name, (self.size, *arr.shape[1:]), arr.dtype, 0, (slots,), arr[rows])
@@ -137,7 +135,7 @@ class BatchBuilder:
                 dtype, fill = _TARGET_DTYPES[key], _TARGET_FILL[key]
                 if grid == "token" and self.spec.token_inputs:
                     self._rows(self._targets[name], key, (self.size, self.length, *arr.shape[1:]), dtype, fill, spans,
-                               arr)
+                               slots, arr)
                 elif grid == "token":  # array inputs: one position per sample
                     self._slots(self._targets[name], key, (self.size, self.length, *arr.shape[1:]), dtype, fill,
                                 per_sample, arr[rows])
@@ -149,7 +147,7 @@ class BatchBuilder:
                 arr = data.features[name][key]
                 if grid == "token" and self.spec.token_inputs:
                     self._rows(self._features[name], key, (self.size, self.length, arr.shape[-1]), np.float32, 0.0,
-                               spans, arr)
+                               spans, slots, arr)
                 elif grid == "token":
                     self._slots(self._features[name], key, (self.size, self.length, arr.shape[-1]), np.float32, 0.0,
                                 per_sample, arr[rows])
@@ -159,10 +157,10 @@ class BatchBuilder:
 
     def finish(self) -> dict[str, Any]:
         """The batch as tensors (see `CachedDistillDataset` for the keys and shapes)."""
-        for arr, unset, fill in self._unset:  # slots that no `add` wrote: padding
+        for arr, unset, fill in self._unset.values():  # slots that no `add` wrote: padding
             if unset.any():
                 arr[unset] = fill
-        self._unset = []
+        self._unset = {}
         out: dict[str, Any] = {k: torch.from_numpy(v) for k, v in self._arrays.items()}
         if self.spec.token_inputs:
             out["attention_mask"] = out["position_mask"].long()

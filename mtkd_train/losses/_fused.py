@@ -31,7 +31,7 @@ from mtkd_train.losses._fused_math import (
     chunk_grad,
     chunk_stats,
     chunk_terms,
-    native_stats,
+    native_stats_or,
     scaled_grad,
     t1_grad,
     t1_grad_compiled,
@@ -231,8 +231,7 @@ class _FusedKDCE(torch.autograd.Function):
         cd = compute_dtype(logits.dtype)
         p = x_all.shape[0]
         need_ce = bool(rt.labelled.any())
-        native = native_stats(x_all[:, :vocab], rt, mode) if kernel == "native" else None
-        kernel = "compiled" if kernel == "native" and native is None else kernel  # rows it does not take
+        native, kernel = native_stats_or(x_all[:, :vocab], rt, mode, kernel)
         if native is not None:  # one C++ pass: statistics, the support's and the label's logits
             stats, x_kept, z_label = list(native[0]), native[1], native[2]
         elif kernel != "eager":  # one read-only loop over all rows: no (chunk, V) buffer

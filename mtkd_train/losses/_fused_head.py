@@ -35,7 +35,7 @@ from mtkd_train.losses._fused_math import (
     chunk_grad,
     chunk_stats,
     chunk_terms,
-    native_stats,
+    native_stats_or,
 )
 from mtkd_train.losses._kd import LossConfigError
 from mtkd_train.targets import SparseTargets
@@ -87,8 +87,7 @@ def _chunk(
     torch.mm(h, head.t(), out=logits)  # (c, V)
     if bias is not None:
         logits.add_(bias)
-    native = native_stats(logits, rt, mode) if kernel == "native" else None
-    kernel = "compiled" if kernel == "native" and native is None else kernel  # rows it does not take
+    native, kernel = native_stats_or(logits, rt, mode, kernel)
     if native is not None:  # one C++ pass: statistics, the support's and the label's logits
         stats, x_kept, z_label = native
     else:

@@ -40,7 +40,7 @@ from mtkd_train.losses import _native
 from mtkd_train.losses._kernels import row_stats, scaled_exp_
 
 __all__ = ["ChunkTerms", "RowTargets", "ScaledGrad", "add_sparse", "chunk_grad", "chunk_stats", "chunk_terms",
-           "native_stats", "scaled_grad", "t1_grad", "t1_grad_compiled"]
+           "native_stats", "native_stats_or", "scaled_grad", "t1_grad", "t1_grad_compiled"]
 
 
 class RowTargets(NamedTuple):
@@ -140,6 +140,17 @@ def native_stats(
         return None
     lse, x_kept, z_label, aux = _native.kd_stats(x, rt.idx, rt.kept, rt.labels, mode, RISKY_REST, ids_checked=True)
     return (lse, lse, aux), x_kept, z_label
+
+
+def native_stats_or(
+    x: torch.Tensor, rt: RowTargets, mode: str, kernel: str
+) -> tuple[tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor] | None, str]:
+    """:func:`native_stats` when ``kernel`` is "native", and the kernel the rest of the chunk runs: "compiled"
+    for rows the C++ kernel does not take (its backward then runs compiled too), else ``kernel``."""
+    if kernel != "native":
+        return None, kernel
+    native = native_stats(x, rt, mode)
+    return native, "native" if native is not None else "compiled"
 
 
 def _stats_t1(
